@@ -1,0 +1,21 @@
+"""keras-goodinit: initializers, weight normalization and LSUV that make deep Keras nets train."""
+
+try:
+    import tensorflow  # noqa: F401
+except ImportError as error:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "keras-goodinit needs TensorFlow, which comes through an extra: "
+        "`pip install keras-goodinit[tf]` (or `[tf-cpu]` for the CPU-only build; "
+        "`tensorflow[and-cuda]` for GPUs)."
+    ) from error
+
+from keras_goodinit.initializers import GoodInit
+from keras_goodinit.weight_norm import WeightNormalization, bake_weight_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GoodInit",
+    "WeightNormalization",
+    "bake_weight_norm",
+]

@@ -1,0 +1,60 @@
+"""Kernel layouts: which axes hold one output unit's fan-in vector.
+
+Shared by the initializers, the weight-norm wrapper and the sweeps, so the
+table in science.md §1 lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+LAYOUTS = ("default", "conv_transpose", "depthwise")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"Invalid value for argument `layout`. Expected one of {LAYOUTS}. "
+            f"Received: layout={layout!r}"
+        )
+    return layout
+
+
+def norm_axes(rank: int, layout: str) -> tuple[int, ...]:
+    """Axes summed over to get the norm of each unit's fan-in vector."""
+    if layout == "default":
+        return tuple(range(rank - 1))
+    if layout == "conv_transpose":
+        return tuple(range(rank - 2)) + (rank - 1,)
+    return tuple(range(rank - 2))  # depthwise: spatial axes only
+
+
+def unit_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """Shape of a per-unit quantity (such as `g`), the kernel with norm axes removed."""
+    axes = set(norm_axes(len(shape), layout))
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def channel_fans(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """(C_in, C_out) for the fan ratio of science.md; the kernel size cancels."""
+    if layout == "default":
+        return shape[-2], shape[-1]
+    if layout == "conv_transpose":
+        return shape[-1], shape[-2]
+    return shape[-2], shape[-2] * shape[-1]  # depthwise: C_out = C_in * multiplier
+
+
+def layout_of(layer) -> str:
+    """The layout of a Keras layer's kernel, or raise for unsupported layers."""
+    from keras import layers
+
+    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose,
+                          layers.Conv3DTranspose)):
+        return "conv_transpose"
+    if isinstance(layer, (layers.DepthwiseConv1D, layers.DepthwiseConv2D)):
+        return "depthwise"
+    if isinstance(layer, (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D)):
+        return "default"
+    raise ValueError(
+        f"Unsupported layer type {type(layer).__name__}. Supported: Dense, "
+        "Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D. "
+        f"Received: layer={layer!r}"
+    )

@@ -10,12 +10,18 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     ) from error
 
 from keras_goodinit.initializers import GoodInit
+from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
+from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import WeightNormalization, bake_weight_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GoodInit",
+    "InitReport",
+    "LayerRecord",
     "WeightNormalization",
     "bake_weight_norm",
+    "lsuv_init",
+    "weightnorm_data_init",
 ]

@@ -1,0 +1,60 @@
+"""Turning the `data` argument of the init functions into model inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import keras
+import numpy as np
+
+
+def _inputs_of(element):
+    # Keras convention: a tuple is (x, y[, sample_weight]); a list or dict is x.
+    if isinstance(element, tuple):
+        if not element:
+            raise ValueError("Argument `data` yielded an empty tuple. Received: data=()")
+        return element[0]
+    return element
+
+
+def batches(data) -> Iterator:
+    """Yields model inputs: the batch itself, or successive batches of a dataset."""
+    import tensorflow as tf
+
+    if isinstance(data, tf.data.Dataset):
+        for element in data:
+            yield _inputs_of(element)
+    elif isinstance(data, keras.utils.PyDataset):
+        for index in range(len(data)):
+            yield _inputs_of(data[index])
+    elif data is None or isinstance(data, (str, bytes)):
+        raise ValueError(
+            "Argument `data` must be a batch (array, tensor, (x, y) tuple or dict of inputs), "
+            f"a tf.data.Dataset or a keras.utils.PyDataset. Received: data={data!r}"
+        )
+    else:
+        while True:
+            yield _inputs_of(data)
+
+
+def first_batch(data):
+    for x in batches(data):
+        return x
+    raise ValueError(f"Argument `data` yielded no batch. Received: data={data!r}")
+
+
+def check_batch(x) -> None:
+    """Rejects batches whose statistics would be meaningless: empty, NaN or Inf."""
+    for leaf in keras.tree.flatten(x):
+        array = keras.ops.convert_to_numpy(leaf)
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise ValueError(
+                "Argument `data` must hold a non-empty batch. "
+                f"Received: a batch of shape {array.shape}"
+            )
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise ValueError(
+                "Argument `data` contains NaN or Inf, so no statistic of it is meaningful. "
+                f"Received: a batch of shape {array.shape} with "
+                f"{int(np.size(array) - np.isfinite(array).sum())} non-finite values"
+            )

@@ -1,0 +1,222 @@
+"""The graph sweep shared by LSUV, data-dependent WN init and the diagnostics.
+
+One forward pass of the unmodified model, with every target layer's
+activation replaced by a hook. The hook receives the layer's pre-activation
+output, hands it to a policy (which may measure it and return a rescaled
+version), then applies the real activation. So layers are met in execution
+order, through nested and subclassed models alike, each target is evaluated
+once, and the downstream layers see the rescaled signal without re-running
+anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import keras
+from keras import layers as klayers
+from keras import ops
+
+from keras_goodinit import _layouts
+from keras_goodinit.weight_norm import WeightNormalization, kernel_variable
+
+_LINEAR_TYPES = (
+    klayers.Dense, klayers.EinsumDense,
+    klayers.Conv1D, klayers.Conv2D, klayers.Conv3D,
+    klayers.Conv1DTranspose, klayers.Conv2DTranspose, klayers.Conv3DTranspose,
+    klayers.DepthwiseConv1D, klayers.DepthwiseConv2D,
+    klayers.SeparableConv1D, klayers.SeparableConv2D,
+)
+
+
+@dataclasses.dataclass(eq=False)
+class Target:
+    """A layer that applies a kernel linearly, and the variables that scale it."""
+
+    layer: keras.layers.Layer
+    inner: keras.layers.Layer  # the layer that owns the activation and the bias
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    @property
+    def class_name(self) -> str:
+        if self.is_weight_normalized:
+            return f"WeightNormalization({type(self.inner).__name__})"
+        return type(self.layer).__name__
+
+    @property
+    def is_weight_normalized(self) -> bool:
+        return isinstance(self.layer, WeightNormalization)
+
+    @property
+    def direction_variable(self) -> keras.Variable:
+        """The kernel that sets the layer's directions (`v` under weight norm)."""
+        if isinstance(self.inner, (klayers.SeparableConv1D, klayers.SeparableConv2D)):
+            return self.inner.pointwise_kernel
+        return kernel_variable(self.inner)
+
+    @property
+    def scale_variable(self) -> keras.Variable:
+        """Multiplying this variable by c multiplies the pre-bias output by c."""
+        return self.layer.g if self.is_weight_normalized else self.direction_variable
+
+    @property
+    def kernel_layout(self) -> str:
+        if isinstance(self.inner, (klayers.EinsumDense, klayers.SeparableConv1D,
+                                   klayers.SeparableConv2D)):
+            return "default"
+        return _layouts.layout_of(self.inner)
+
+    @property
+    def bias(self) -> keras.Variable | None:
+        return getattr(self.inner, "bias", None)
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if getattr(self.inner, "data_format", None) == "channels_first" else -1
+
+    def bias_like(self, y):
+        """The bias, in float32, shaped to broadcast against the output `y`."""
+        if self.bias is None:
+            return None
+        bias = ops.cast(self.bias, "float32")
+        if self.channel_axis == 1:
+            bias = ops.reshape(bias, (-1,) + (1,) * (len(y.shape) - 2))
+        return bias
+
+    def variables(self) -> list[keras.Variable]:
+        """Every variable an init policy may write."""
+        found = [self.direction_variable, self.scale_variable, self.bias]
+        return [v for i, v in enumerate(found)
+                if v is not None and all(v is not w for w in found[:i])]
+
+
+def find_targets(model: keras.layers.Layer,
+                 layers: Sequence[keras.layers.Layer | str] | None = None) -> list[Target]:
+    """All linear-kernel layers under `model`, recursively, in registration order.
+
+    A layer wrapped in `WeightNormalization` is represented by its wrapper.
+    `layers` filters by layer object or name; unknown names raise.
+    """
+    found = []
+    wrapped = set()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, WeightNormalization):
+            found.append(Target(layer, layer.layer))
+            wrapped.add(id(layer.layer))
+        elif isinstance(layer, _LINEAR_TYPES):
+            found.append(Target(layer, layer))
+    found = [t for t in found if not (t.layer is t.inner and id(t.layer) in wrapped)]
+    if layers is None:
+        return found
+    if isinstance(layers, (str, keras.layers.Layer)):
+        raise ValueError(
+            f"Argument `layers` must be a list of layers or layer names. Received: layers={layers!r}"
+        )
+    wanted, chosen = list(layers), []
+    for item in wanted:
+        match = [t for t in found if (t.name == item if isinstance(item, str)
+                                      else item is t.layer or item is t.inner)]
+        if not match:
+            raise ValueError(
+                "Every entry of `layers` must be a linear-kernel layer of the model "
+                f"(Dense, EinsumDense, Conv*, WeightNormalization...). Received: layers entry "
+                f"{item if isinstance(item, str) else item.name!r}; targets are "
+                f"{[t.name for t in found]}"
+            )
+        chosen.extend(t for t in match if t not in chosen)
+    return chosen
+
+
+# A policy maps (target, pre-activation output, activation, state) to (output, state).
+# `state` is None on a target's first call; a layer called again gets its first
+# call's state back, so it is transformed the same way and measured once.
+Policy = Callable[[Target, Any, Callable, dict | None], tuple[Any, dict]]
+
+
+@dataclasses.dataclass
+class SweepResult:
+    order: list[Target]  # targets in execution order
+    states: dict[int, dict]  # id(target) -> state of its first call
+    calls: dict[int, int]  # id(target) -> number of calls
+
+
+@contextlib.contextmanager
+def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
+    patched = []
+
+    def make_hook(target, activation):
+        def hook(y):
+            key = id(target)
+            count = result.calls.get(key, 0)
+            result.calls[key] = count + 1
+            if count == 0:
+                result.order.append(target)
+            out, state = policy(target, y, activation, result.states.get(key))
+            result.states.setdefault(key, state)
+            return out
+        return hook
+
+    try:
+        for target in targets:
+            activation = target.inner.activation or keras.activations.linear
+            patched.append((target.inner, target.inner.activation))
+            target.inner.activation = make_hook(target, activation)
+        yield
+    finally:
+        for layer, activation in patched:
+            layer.activation = activation
+
+
+def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
+          *, compiled: bool = False) -> SweepResult:
+    """One forward pass of `model` on `x` in inference mode, with `policy` at each target.
+
+    With `compiled=True` the pass is traced once by `tf.function`; the
+    states then hold graph outputs evaluated on `x`.
+    """
+    result = SweepResult(order=[], states={}, calls={})
+    with _hooked(targets, policy, result):
+        if not compiled:
+            model(x, training=False)
+            return result
+        import tensorflow as tf
+
+        def body(inputs):
+            result.order.clear(), result.states.clear(), result.calls.clear()
+            model(inputs, training=False)
+            return [result.states[id(t)] for t in result.order]
+
+        states = tf.function(body, reduce_retracing=True)(x)
+    result.states = {id(t): s for t, s in zip(result.order, states)}
+    return result
+
+
+def float32(y):
+    return ops.cast(y, "float32")
+
+
+def snapshot(variables: Iterable[keras.Variable]) -> list[tuple[keras.Variable, Any]]:
+    """Copies of the variables' values, to restore on failure."""
+    return [(v, ops.convert_to_numpy(v.value)) for v in variables]
+
+
+def restore(saved: list[tuple[keras.Variable, Any]]) -> None:
+    for variable, value in saved:
+        variable.assign(value)
+
+
+@contextlib.contextmanager
+def atomic(variables: Iterable[keras.Variable]):
+    """Restore every variable exactly as it was if the block raises."""
+    saved = snapshot(variables)
+    try:
+        yield
+    except BaseException:
+        restore(saved)
+        raise

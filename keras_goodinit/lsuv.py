@@ -1,0 +1,404 @@
+"""LSUV (Mishkin & Matas, 2016) and data-dependent WN init: two policies, one sweep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_goodinit import _data, _sweep
+from keras_goodinit.initializers import GoodInit
+from keras_goodinit.report import InitReport, LayerRecord
+from keras_goodinit.weight_norm import unit_norms
+
+MEASURES = ("pre_activation", "post_activation")
+PRE_INITS = ("orthogonal", None)
+# Bounds one step's scale factor, so a near-dead layer is not blown up in one go.
+MAX_STEP = 100.0
+
+_OK, _MAX_ITER, _NON_FINITE, _DEAD = 0, 1, 2, 3
+_STATUS = {_OK: ("ok", ""), _MAX_ITER: ("max_iter", "reached max_iter"),
+           _NON_FINITE: ("skipped", "non-finite variance"),
+           _DEAD: ("skipped", "variance below epsilon (dead or constant output)")}
+
+
+def _variance_floor(dtype: str) -> float:
+    # Below this the output is constant up to rounding in its own dtype.
+    return float(np.finfo(keras.backend.standardize_dtype(dtype)).eps) ** 2
+
+
+def _whole_variance(y):
+    mean = ops.mean(y)
+    return ops.mean(ops.square(y - mean))
+
+
+def _bad_variance_code(var, floor: float):
+    finite = ops.isfinite(var)
+    return ops.where(finite, ops.where(var > floor, _OK, _DEAD), _NON_FINITE)
+
+
+def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str):
+    """Per layer: scale the output by c until its variance is within tol of target_var."""
+
+    def policy(target, y, activation, state):
+        y32 = _sweep.float32(y)
+        bias = target.bias_like(y32)
+        z = y32 if bias is None else y32 - bias  # c scales the kernel: c * z + bias
+
+        def rescaled(c):
+            out = c * z if bias is None else c * z + bias
+            return activation(out) if measure == "post_activation" else out
+
+        if state is None:
+            var_before = _whole_variance(rescaled(1.0))
+            code = _bad_variance_code(var_before, _variance_floor(y.dtype))
+            valid = ops.equal(code, _OK)
+            c = ops.ones((), "float32")
+            var = var_before
+            iterations = ops.zeros((), "int32")
+            for _ in range(max_iter):
+                active = ops.logical_and(valid, ops.abs(var - target_var) >= tol)
+                step = ops.clip(ops.sqrt(target_var / ops.where(valid, var, 1.0)),
+                                1.0 / MAX_STEP, MAX_STEP)
+                c = ops.where(active, c * step, c)
+                iterations = iterations + ops.cast(active, "int32")
+                var = ops.where(active, _whole_variance(rescaled(c)), var)
+            capped = ops.logical_and(valid, ops.abs(var - target_var) >= tol)
+            state = {"scale": c, "var_before": var_before, "var_after": var,
+                     "iterations": iterations,
+                     "code": ops.where(capped, _MAX_ITER, code)}
+        out = rescaled(state["scale"])
+        if measure == "pre_activation":
+            out = activation(out)
+        return ops.cast(out, y.dtype), state
+
+    return policy
+
+
+def _data_init_policy():
+    """Per unit of a WN layer: g = 1/sigma, b = -mu/sigma of the normalized-v output."""
+
+    def policy(target, y, activation, state):
+        y32 = _sweep.float32(y)
+        shape = [1] * len(y32.shape)
+        shape[target.channel_axis] = -1
+        bias = target.bias_like(y32)
+        z = y32 if bias is None else y32 - bias
+        first = state is None
+        if first:
+            state = _unit_statistics(target, z, shape)
+        # The output with the new g and b: z is g * (x . v/||v||), rescaled per unit.
+        out = z * ops.reshape(state["scale"], shape) + ops.reshape(state["bias"], shape)
+        if first:
+            state["var_before"] = _whole_variance(y32)
+            state["var_after"] = _whole_variance(out)
+        return ops.cast(activation(out), y.dtype), state
+
+    return policy
+
+
+def _unit_statistics(target, z, shape):
+    """New g, bias and per-unit output scale; units without a usable sigma keep theirs."""
+    n_units = z.shape[target.channel_axis]
+    old_bias = (ops.zeros((n_units,), "float32") if target.bias is None
+                else ops.cast(target.bias, "float32"))
+    if not target.is_weight_normalized:
+        ones = ops.ones((n_units,), "float32")
+        return {"scale": ones, "bias": old_bias, "g": ones,
+                "valid": ops.zeros((n_units,), "bool")}
+    axis = target.channel_axis % len(z.shape)
+    reduce_axes = tuple(i for i in range(len(z.shape)) if i != axis)
+    g = ops.reshape(ops.cast(target.layer.g, "float32"), (-1,))
+    safe_g = ops.where(ops.equal(g, 0.0), 1.0, g)
+    # Statistics of x . v/||v||, the normalized v: undo the current g.
+    normalized = z / ops.reshape(safe_g, shape)
+    mu = ops.mean(normalized, axis=reduce_axes)
+    sigma = ops.sqrt(ops.mean(ops.square(normalized - ops.reshape(mu, shape)),
+                              axis=reduce_axes))
+    floor = math.sqrt(_variance_floor(z.dtype))
+    valid = ops.logical_and(ops.logical_and(ops.isfinite(sigma), sigma > floor),
+                            ops.not_equal(g, 0.0))
+    safe_sigma = ops.where(valid, sigma, 1.0)
+    new_g = ops.where(valid, 1.0 / safe_sigma, g)
+    new_bias = old_bias if target.bias is None else ops.where(valid, -mu / safe_sigma, old_bias)
+    return {"scale": ops.where(valid, new_g / safe_g, 1.0), "bias": new_bias, "g": new_g,
+            "valid": valid}
+
+
+def _check_common(model, verbose) -> None:
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(f"Argument `model` must be a Keras model or layer. Received: model={model!r}")
+    if verbose not in (0, 1, 2, True, False):
+        raise ValueError(f"Argument `verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
+
+
+def _prepare(model, data, layers):
+    """First batch, checked; the model built on it; its targets."""
+    x = _data.first_batch(data)
+    _data.check_batch(x)
+    if not model.built:
+        model(x, training=False)  # creates the variables eagerly, before any tracing
+    targets = _sweep.find_targets(model, layers)
+    if not targets:
+        raise ValueError(
+            "The model has no layer with a kernel to initialize (Dense, EinsumDense, "
+            f"Conv*, WeightNormalization...). Received: model={model.name!r}"
+        )
+    return x, targets
+
+
+def _progbar(total: int, verbose, label: str):
+    return keras.utils.Progbar(total, verbose=verbose, unit_name=label) if verbose else None
+
+
+def _reached(targets, result):
+    """Targets in execution order; those the pass never reached are reported last."""
+    missed = [t for t in targets if id(t) not in result.states]
+    return result.order, missed
+
+
+def _not_called(target) -> LayerRecord:
+    return LayerRecord(target.name, target.class_name, math.nan, math.nan, 0, 1.0, "skipped",
+                       "not called in the forward pass")
+
+
+def _shared_note(result, target) -> str:
+    calls = result.calls.get(id(target), 0)
+    return f"called {calls} times; measured at its first call" if calls > 1 else ""
+
+
+def lsuv_init(
+    model: keras.Model,
+    data,
+    tol: float = 0.1,
+    max_iter: int = 10,
+    target_var: float = 1.0,
+    pre_init: str | None = "orthogonal",
+    measure: str = "pre_activation",
+    layers: Sequence[keras.layers.Layer | str] | None = None,
+    new_batch_per_trial: bool = False,
+    verbose: int = 1,
+) -> InitReport:
+    """Layer-sequential unit-variance init: rescales every kernel so its output has unit variance.
+
+    Every layer that applies a kernel linearly (Dense, EinsumDense, Conv*,
+    Conv*Transpose, DepthwiseConv*, SeparableConv* via the pointwise kernel,
+    and `WeightNormalization`-wrapped layers via `g`) is visited in execution
+    order, through nested and subclassed models. On a fixed batch each layer is
+    evaluated once: scaling a kernel by c turns its output y into
+    `c * (y - b) + b` exactly, so the iterations reuse y and the next layer
+    sees the rescaled signal. The whole sweep costs about one forward pass,
+    runs with `training=False`, and computes statistics in float32.
+
+    A layer whose variance is not finite or is below a dtype-aware epsilon
+    (dead or constant) is skipped and keeps its (pre-initialized) weights.
+    If anything raises, every weight is restored exactly.
+
+    Examples:
+
+    >>> model = keras.Sequential([keras.Input((16,)),
+    ...                           keras.layers.Dense(32, activation="relu"),
+    ...                           keras.layers.Dense(4)])
+    >>> x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
+    >>> report = lsuv_init(model, x, verbose=0)
+    >>> [row.status for row in report.rows]
+    ['ok', 'ok']
+
+    Args:
+        model: A Keras model (Sequential, functional or subclassed).
+        data: A batch (array, tensor, `(x, y[, w])` tuple or dict of inputs),
+            a `tf.data.Dataset` or a `keras.utils.PyDataset` (its first batch).
+        tol: Stop when `|var - target_var| < tol`.
+        max_iter: Most scale steps per layer; reaching it is reported.
+        target_var: The variance to reach.
+        pre_init: `"orthogonal"` re-draws every target kernel with orthonormal
+            directions first (as in the paper), or `None` to keep the kernels.
+        measure: `"pre_activation"` (before a fused activation, as in the
+            paper) or `"post_activation"`.
+        layers: Only these layers (objects or names); default all targets.
+        new_batch_per_trial: Each trial draws the next batch of `data`, as in
+            the reference implementation: each trial is one sweep that takes
+            one scale step at every layer that has not converged.
+        verbose: 0 silent, 1 progress bar.
+
+    Returns:
+        An `InitReport` with one row per target layer, in execution order.
+
+    Reference:
+        - [Mishkin & Matas, 2016](https://arxiv.org/abs/1511.06422)
+    """
+    _check_common(model, verbose)
+    _check_positive("tol", tol)
+    _check_positive("target_var", target_var)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"Argument `max_iter` must be a positive int. Received: max_iter={max_iter!r}")
+    if pre_init not in PRE_INITS:
+        raise ValueError(f"Argument `pre_init` must be one of {PRE_INITS}. Received: pre_init={pre_init!r}")
+    if measure not in MEASURES:
+        raise ValueError(f"Argument `measure` must be one of {MEASURES}. Received: measure={measure!r}")
+    x, targets = _prepare(model, data, layers)
+    variables = [v for t in targets for v in t.variables()]
+    with _sweep.atomic(variables):
+        if pre_init == "orthogonal":
+            _orthogonal_pre_init(targets)
+        if not new_batch_per_trial:
+            policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=max_iter,
+                                  measure=measure)
+            result = _sweep.sweep(model, x, targets, policy)
+            rows = _commit_lsuv(result, targets, verbose)
+            return InitReport("lsuv", rows)
+        return _lsuv_trials(model, data, targets, target_var=target_var, tol=tol,
+                            max_iter=max_iter, measure=measure, verbose=verbose)
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"Argument `{name}` must be a positive number. Received: {name}={value!r}")
+
+
+def _orthogonal_pre_init(targets) -> None:
+    for index, target in enumerate(targets):
+        variable = target.direction_variable
+        init = GoodInit("wn_relu_backward", gamma=1.0, layout=target.kernel_layout)
+        variable.assign(init(variable.shape, variable.dtype))
+        if target.is_weight_normalized:  # keep the wrapper's output equal to the new kernel's
+            g = target.layer.g
+            g.assign(ops.reshape(unit_norms(variable.value, target.kernel_layout), g.shape))
+
+
+def _lsuv_rows(result, targets, progbar=None):
+    """Report rows, and the scale to apply per target, from a sweep's states."""
+    order, missed = _reached(targets, result)
+    rows, scales = [], []
+    for target in order:
+        state = {k: ops.convert_to_numpy(v) for k, v in result.states[id(target)].items()}
+        status, reason = _STATUS[int(state["code"])]
+        note = _shared_note(result, target)
+        rows.append(LayerRecord(target.name, target.class_name, float(state["var_before"]),
+                                float(state["var_after"]), int(state["iterations"]),
+                                float(state["scale"]), status,
+                                "; ".join(r for r in (reason, note) if r)))
+        scales.append((target, float(state["scale"])))
+        if progbar is not None:
+            progbar.add(1)
+    return rows + [_not_called(t) for t in missed], scales
+
+
+def _apply_scales(scales) -> None:
+    for target, scale in scales:
+        if scale != 1.0:
+            variable = target.scale_variable
+            variable.assign(variable.value * ops.cast(scale, variable.dtype))
+
+
+def _commit_lsuv(result, targets, verbose):
+    rows, scales = _lsuv_rows(result, targets, _progbar(len(targets), verbose, "layer"))
+    _apply_scales(scales)
+    return rows
+
+
+def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, verbose):
+    """One sweep per trial, each on the next batch, each taking one scale step per layer."""
+    policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=1, measure=measure)
+    progbar = _progbar(max_iter, verbose, "trial")
+    first_var, scales, steps, rows = {}, {}, {}, []
+    for trial, x in enumerate(_data.batches(data)):
+        _data.check_batch(x)
+        result = _sweep.sweep(model, x, targets, policy)
+        rows, trial_scales = _lsuv_rows(result, targets)
+        _apply_scales(trial_scales)
+        for row in rows:
+            first_var.setdefault(row.name, row.var_before)
+            scales[row.name] = scales.get(row.name, 1.0) * row.scale
+            steps[row.name] = steps.get(row.name, 0) + row.iterations
+        if progbar is not None:
+            progbar.add(1)
+        converged = all(row.iterations == 0 for row in rows)
+        if converged or trial + 1 == max_iter:
+            break
+    for row in rows:
+        row.var_before = first_var.get(row.name, row.var_before)
+        row.scale, row.iterations = scales.get(row.name, 1.0), steps.get(row.name, 0)
+        if converged and row.status == "max_iter":
+            row.status, row.reason = "ok", ""
+    return InitReport("lsuv", rows, batches=trial + 1)
+
+
+def weightnorm_data_init(
+    model: keras.Model,
+    data,
+    layers: Sequence[keras.layers.Layer | str] | None = None,
+    verbose: int = 1,
+) -> InitReport:
+    """Data-dependent init of weight-normalized layers (Salimans & Kingma, 2016).
+
+    Layer by layer in execution order, on one batch, each
+    `WeightNormalization` layer's output with `g = 1, b = 0` (that is,
+    `x . v/||v||`) has per-unit mean mu and std sigma; the init sets
+    `g = 1/sigma` and `b = -mu/sigma`, so every unit starts with zero mean
+    and unit variance on the batch, before its activation. It shares LSUV's
+    sweep: one forward pass, statistics in float32, `training=False`.
+    Units with a non-finite or (near-)zero sigma keep their weights; layers
+    that are not weight-normalized are reported as skipped.
+
+    Examples:
+
+    >>> from keras_goodinit import WeightNormalization
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)),
+    ...     WeightNormalization(keras.layers.Dense(32, activation="relu")),
+    ...     keras.layers.Dense(4)])
+    >>> x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
+    >>> report = weightnorm_data_init(model, x, verbose=0)
+
+    Args:
+        model: A Keras model with `WeightNormalization` layers.
+        data: As for `lsuv_init`; the first batch is used.
+        layers: Only these layers (objects or names); default all targets.
+        verbose: 0 silent, 1 progress bar.
+
+    Returns:
+        An `InitReport`; `scale` is the mean over units of the factor applied.
+
+    Reference:
+        - [Salimans & Kingma, 2016](https://arxiv.org/abs/1602.07868)
+    """
+    _check_common(model, verbose)
+    x, targets = _prepare(model, data, layers)
+    variables = [v for t in targets for v in t.variables()]
+    with _sweep.atomic(variables):
+        result = _sweep.sweep(model, x, targets, _data_init_policy())
+        order, missed = _reached(targets, result)
+        progbar = _progbar(len(targets), verbose, "layer")
+        rows = []
+        for target in order:
+            state = {k: ops.convert_to_numpy(v) for k, v in result.states[id(target)].items()}
+            rows.append(_data_init_row(target, state, _shared_note(result, target)))
+            if target.is_weight_normalized and state["valid"].any():
+                g = target.layer.g
+                g.assign(np.reshape(state["g"], g.shape).astype(g.dtype))
+                if target.bias is not None:
+                    target.bias.assign(state["bias"].astype(target.bias.dtype))
+            if progbar is not None:
+                progbar.add(1)
+        return InitReport("weightnorm_data_init", rows + [_not_called(t) for t in missed])
+
+
+def _data_init_row(target, state, note) -> LayerRecord:
+    valid = state["valid"]
+    if not target.is_weight_normalized:
+        status, reason = "skipped", "not weight-normalized"
+    elif not valid.any():
+        status, reason = "skipped", "every unit has a non-finite or zero std (dead layer)"
+    else:
+        status = "ok"
+        dead = int((~valid).sum())
+        reason = f"{dead} of {valid.size} units dead, kept as they were" if dead else ""
+    reason = "; ".join(r for r in (reason, note) if r)
+    return LayerRecord(target.name, target.class_name, float(state["var_before"]),
+                       float(state["var_after"]), 1 if status == "ok" else 0,
+                       float(np.mean(state["scale"])), status, reason)

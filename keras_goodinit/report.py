@@ -1,0 +1,100 @@
+"""What an init sweep did to each layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+STATUSES = ("ok", "skipped", "max_iter")
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """One target layer's outcome.
+
+    Attributes:
+        name: The layer's name.
+        class_name: Its class, e.g. `"Dense"` or `"WeightNormalization(Conv2D)"`.
+        var_before: Variance of its output (whole tensor) before the init.
+        var_after: Variance after the init, on the same batch.
+        iterations: Scale steps taken.
+        scale: Factor the layer's output was multiplied by (mean over units
+            for per-unit inits).
+        status: `"ok"`, `"skipped"` (left as it was, see `reason`) or
+            `"max_iter"` (stopped at the iteration cap).
+        reason: Why a layer was skipped or capped, or a note; empty if none.
+    """
+
+    name: str
+    class_name: str
+    var_before: float
+    var_after: float
+    iterations: int
+    scale: float
+    status: str
+    reason: str = ""
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+@dataclasses.dataclass
+class InitReport:
+    """The per-layer outcome of `lsuv_init` or `weightnorm_data_init`.
+
+    Attributes:
+        method: `"lsuv"` or `"weightnorm_data_init"`.
+        rows: One `LayerRecord` per target layer, in execution order.
+        batches: Number of batches the sweep used.
+    """
+
+    method: str
+    rows: list[LayerRecord]
+    batches: int = 1
+
+    def __getitem__(self, name: str) -> LayerRecord:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    @property
+    def ok(self) -> bool:
+        """True if every layer reached its target."""
+        return all(row.status == "ok" for row in self.rows)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict (non-finite floats become strings)."""
+        return {
+            "method": self.method,
+            "batches": self.batches,
+            "rows": [
+                {k: _json_float(v) if isinstance(v, float) else v
+                 for k, v in dataclasses.asdict(row).items()}
+                for row in self.rows
+            ],
+        }
+
+    def table(self) -> str:
+        header = ("layer", "class", "var before", "var after", "iters", "scale", "status")
+        lines = [(r.name, r.class_name, f"{r.var_before:.4g}", f"{r.var_after:.4g}",
+                  str(r.iterations), f"{r.scale:.4g}",
+                  r.status + (f" ({r.reason})" if r.reason else "")) for r in self.rows]
+        widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
+        widths[-1] = len(header[-1])
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES}
+        footer = f"{self.method}: {len(self.rows)} layers, " + ", ".join(
+            f"{n} {s}" for s, n in counts.items())
+        return "\n".join([fmt.format(*header), rule, *(fmt.format(*line) for line in lines),
+                          rule, footer])
+
+    def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
+        """Prints the per-layer table."""
+        (print_fn or print)(self.table())
+
+    def __str__(self) -> str:
+        return self.table()

@@ -9,6 +9,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
         "`tensorflow[and-cuda]` for GPUs)."
     ) from error
 
+from keras_goodinit.callbacks import LSUVCallback
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
 from keras_goodinit.report import InitReport, LayerRecord
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GoodInit",
     "InitReport",
+    "LSUVCallback",
     "LayerRecord",
     "WeightNormalization",
     "bake_weight_norm",

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import layers as klayers
 from keras import ops
 
@@ -80,14 +82,20 @@ class Target:
     def channel_axis(self) -> int:
         return 1 if getattr(self.inner, "data_format", None) == "channels_first" else -1
 
-    def bias_like(self, y):
-        """The bias, in float32, shaped to broadcast against the output `y`."""
+    def cell_axes(self, rank: int) -> tuple[int, ...]:
+        """Output axes along which the bias is constant: statistics per cell suffice."""
+        bias = self.bias
+        if bias is not None and isinstance(self.inner, klayers.EinsumDense):
+            shape = (1,) * (rank - len(bias.shape)) + tuple(bias.shape)
+            return tuple(i for i, d in enumerate(shape) if d == 1)
+        channel = self.channel_axis % rank
+        return tuple(i for i in range(rank) if i != channel)
+
+    def bias_cells(self, cell_shape: tuple[int, ...]) -> np.ndarray:
+        """The bias as float64, in the keepdims shape of per-cell statistics."""
         if self.bias is None:
-            return None
-        bias = ops.cast(self.bias, "float32")
-        if self.channel_axis == 1:
-            bias = ops.reshape(bias, (-1,) + (1,) * (len(y.shape) - 2))
-        return bias
+            return np.zeros(cell_shape)
+        return np.reshape(ops.convert_to_numpy(self.bias).astype("float64"), cell_shape)
 
     def variables(self) -> list[keras.Variable]:
         """Every variable an init policy may write."""
@@ -173,32 +181,40 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
             layer.activation = activation
 
 
-def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
-          *, compiled: bool = False) -> SweepResult:
-    """One forward pass of `model` on `x` in inference mode, with `policy` at each target.
+def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy) -> SweepResult:
+    """One eager forward pass of `model` on `x` in inference mode, `policy` at each target.
 
-    With `compiled=True` the pass is traced once by `tf.function`; the
-    states then hold graph outputs evaluated on `x`.
+    Eager, because the policies decide on host-side numbers between layers;
+    the heavy per-layer statistics are compiled functions of the policies.
     """
     result = SweepResult(order=[], states={}, calls={})
     with _hooked(targets, policy, result):
-        if not compiled:
-            model(x, training=False)
-            return result
-        import tensorflow as tf
-
-        def body(inputs):
-            result.order.clear(), result.states.clear(), result.calls.clear()
-            model(inputs, training=False)
-            return [result.states[id(t)] for t in result.order]
-
-        states = tf.function(body, reduce_retracing=True)(x)
-    result.states = {id(t): s for t, s in zip(result.order, states)}
+        model(x, training=False)
     return result
 
 
-def float32(y):
-    return ops.cast(y, "float32")
+# Compiled per output shape: one dispatch per layer instead of a dozen eager ops.
+@tf.function
+def _cell_moments(y, axes):
+    return tf.nn.moments(tf.cast(y, tf.float32), axes, keepdims=True)
+
+
+def cell_moments(y, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell mean and (centered) variance, computed in float32, returned as float64."""
+    mean, var = _cell_moments(y, axes)
+    return (ops.convert_to_numpy(mean).astype("float64"),
+            ops.convert_to_numpy(var).astype("float64"))
+
+
+@tf.function
+def _affine(y, scale, shift):
+    return tf.cast(tf.cast(y, tf.float32) * scale + shift, y.dtype)
+
+
+def affine(y, scale, shift):
+    """`y * scale + shift` computed in float32, returned in `y`'s dtype."""
+    # Arrays, not Python floats, so that tf.function does not retrace per value.
+    return _affine(y, np.asarray(scale, "float32"), np.asarray(shift, "float32"))
 
 
 def snapshot(variables: Iterable[keras.Variable]) -> list[tuple[keras.Variable, Any]]:

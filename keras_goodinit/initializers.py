@@ -135,6 +135,14 @@ class GoodInit(keras.initializers.Initializer):
         return math.sqrt(self.gamma * fan_in / fan_out)
 
     def __call__(self, shape, dtype=None):
+        return self.draw(shape, dtype)
+
+    def draw(self, shape, dtype=None, *, count: int | None = None):
+        """Like calling the initializer; with `count`, that many kernels stacked on axis 0.
+
+        The stacked kernels come from one batched factorization, which is much
+        faster than `count` calls when many layers share a kernel shape.
+        """
         shape = tuple(int(d) for d in shape)
         if len(shape) < 2:
             raise ValueError(
@@ -151,6 +159,9 @@ class GoodInit(keras.initializers.Initializer):
             raise ValueError(f"GoodInit only makes float kernels. Received: dtype={dtype}")
         if any(d <= 0 for d in shape):
             raise ValueError(f"Every dimension of `shape` must be positive. Received: shape={shape}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                  or count < 1):
+            raise ValueError(f"Argument `count` must be a positive int. Received: count={count!r}")
 
         axes = _layouts.norm_axes(len(shape), self.layout)
         units = [i for i in range(len(shape)) if i not in axes]
@@ -159,24 +170,27 @@ class GoodInit(keras.initializers.Initializer):
         moved = [shape[i] for i in perm]
         fan_in = math.prod(moved[: len(axes)])
         n_units = math.prod(moved[len(axes):])
+        lead = () if count is None else (count,)
         # Draw and factor in float32 at least: QR in half precision is inaccurate.
         work_dtype = "float64" if dtype == "float64" else "float32"
-        matrix = self._directions(fan_in, n_units, work_dtype)
-        norms = ops.sqrt(ops.sum(ops.square(matrix), axis=0, keepdims=True))
+        matrix = self._directions(lead, fan_in, n_units, work_dtype)
+        norms = ops.sqrt(ops.sum(ops.square(matrix), axis=-2, keepdims=True))
         matrix = matrix * (self.unit_norm(shape) / norms)
-        kernel = ops.transpose(ops.reshape(matrix, moved), _inverse(perm))
+        offset = len(lead)
+        kernel = ops.transpose(ops.reshape(matrix, lead + tuple(moved)),
+                               list(range(offset)) + [offset + i for i in _inverse(perm)])
         return ops.cast(kernel, dtype)
 
-    def _directions(self, fan_in: int, n_units: int, dtype: str):
+    def _directions(self, lead: tuple[int, ...], fan_in: int, n_units: int, dtype: str):
         if self.distribution == "normal":
-            return keras.random.normal((fan_in, n_units), dtype=dtype, seed=self.seed)
+            return keras.random.normal(lead + (fan_in, n_units), dtype=dtype, seed=self.seed)
         tall = fan_in >= n_units
-        sample = keras.random.normal((max(fan_in, n_units), min(fan_in, n_units)),
+        sample = keras.random.normal(lead + (max(fan_in, n_units), min(fan_in, n_units)),
                                      dtype=dtype, seed=self.seed)
         q, r = ops.qr(sample)
         # The sign fix makes Q Haar-distributed rather than biased by QR's convention.
-        q = q * ops.sign(ops.diagonal(r))
-        return q if tall else ops.transpose(q)
+        q = q * ops.expand_dims(ops.sign(ops.diagonal(r, axis1=-2, axis2=-1)), -2)
+        return q if tall else ops.swapaxes(q, -1, -2)
 
     def get_config(self) -> dict:
         return {

@@ -25,55 +25,63 @@ _STATUS = {_OK: ("ok", ""), _MAX_ITER: ("max_iter", "reached max_iter"),
            _DEAD: ("skipped", "variance below epsilon (dead or constant output)")}
 
 
-def _variance_floor(dtype: str) -> float:
+def _variance_floor(dtype) -> float:
     # Below this the output is constant up to rounding in its own dtype.
     return float(np.finfo(keras.backend.standardize_dtype(dtype)).eps) ** 2
 
 
-def _whole_variance(y):
-    mean = ops.mean(y)
-    return ops.mean(ops.square(y - mean))
+def _cells(target, y):
+    """Per-cell means, variances (float64, keepdims) and the bias in the same cells."""
+    mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)))
+    return mean, var, target.bias_cells(mean.shape)
 
 
-def _bad_variance_code(var, floor: float):
-    finite = ops.isfinite(var)
-    return ops.where(finite, ops.where(var > floor, _OK, _DEAD), _NON_FINITE)
+def _total_variance(mean, var) -> float:
+    # Law of total variance over equal-sized cells.
+    return float(np.mean(var) + np.var(mean))
+
+
+def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, floor: float):
+    """The LSUV iteration on a variance function of the kernel scale c (host floats)."""
+    var_before = variance(1.0)
+    if not math.isfinite(var_before):
+        return 1.0, var_before, var_before, 0, _NON_FINITE
+    if var_before <= floor:
+        return 1.0, var_before, var_before, 0, _DEAD
+    scale, var, iterations = 1.0, var_before, 0
+    while abs(var - target_var) >= tol and iterations < max_iter:
+        scale *= min(max(math.sqrt(target_var / var), 1.0 / MAX_STEP), MAX_STEP)
+        var = variance(scale)
+        iterations += 1
+    code = _OK if abs(var - target_var) < tol else _MAX_ITER
+    return scale, var_before, var, iterations, code
 
 
 def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str):
-    """Per layer: scale the output by c until its variance is within tol of target_var."""
+    """Per layer: scale the kernel by c until the output variance is within tol of target_var.
+
+    Scaling the kernel by c turns the output y into c * y + (1 - c) * b exactly.
+    """
 
     def policy(target, y, activation, state):
-        y32 = _sweep.float32(y)
-        bias = target.bias_like(y32)
-        z = y32 if bias is None else y32 - bias  # c scales the kernel: c * z + bias
-
-        def rescaled(c):
-            out = c * z if bias is None else c * z + bias
-            return activation(out) if measure == "post_activation" else out
-
         if state is None:
-            var_before = _whole_variance(rescaled(1.0))
-            code = _bad_variance_code(var_before, _variance_floor(y.dtype))
-            valid = ops.equal(code, _OK)
-            c = ops.ones((), "float32")
-            var = var_before
-            iterations = ops.zeros((), "int32")
-            for _ in range(max_iter):
-                active = ops.logical_and(valid, ops.abs(var - target_var) >= tol)
-                step = ops.clip(ops.sqrt(target_var / ops.where(valid, var, 1.0)),
-                                1.0 / MAX_STEP, MAX_STEP)
-                c = ops.where(active, c * step, c)
-                iterations = iterations + ops.cast(active, "int32")
-                var = ops.where(active, _whole_variance(rescaled(c)), var)
-            capped = ops.logical_and(valid, ops.abs(var - target_var) >= tol)
-            state = {"scale": c, "var_before": var_before, "var_after": var,
-                     "iterations": iterations,
-                     "code": ops.where(capped, _MAX_ITER, code)}
-        out = rescaled(state["scale"])
-        if measure == "pre_activation":
-            out = activation(out)
-        return ops.cast(out, y.dtype), state
+            mean, var, bias = _cells(target, y)
+            if measure == "pre_activation":
+                def variance(c):
+                    return _total_variance(c * mean + (1.0 - c) * bias, c * c * var)
+            else:
+                def variance(c):
+                    out = activation(_sweep.affine(y, c, (1.0 - c) * bias))
+                    return _total_variance(*_sweep.cell_moments(out, tuple(range(len(y.shape)))))
+            scale, before, after, iterations, code = _solve_scale(
+                variance, target_var=target_var, tol=tol, max_iter=max_iter,
+                floor=_variance_floor(y.dtype))
+            state = {"scale": scale, "var_before": before, "var_after": after,
+                     "iterations": iterations, "code": code,
+                     "shift": (1.0 - scale) * bias}
+        if state["scale"] != 1.0:
+            y = _sweep.affine(y, state["scale"], state["shift"])
+        return activation(y), state
 
     return policy
 
@@ -82,50 +90,37 @@ def _data_init_policy():
     """Per unit of a WN layer: g = 1/sigma, b = -mu/sigma of the normalized-v output."""
 
     def policy(target, y, activation, state):
-        y32 = _sweep.float32(y)
-        shape = [1] * len(y32.shape)
-        shape[target.channel_axis] = -1
-        bias = target.bias_like(y32)
-        z = y32 if bias is None else y32 - bias
-        first = state is None
-        if first:
-            state = _unit_statistics(target, z, shape)
-        # The output with the new g and b: z is g * (x . v/||v||), rescaled per unit.
-        out = z * ops.reshape(state["scale"], shape) + ops.reshape(state["bias"], shape)
-        if first:
-            state["var_before"] = _whole_variance(y32)
-            state["var_after"] = _whole_variance(out)
-        return ops.cast(activation(out), y.dtype), state
+        if state is None:
+            mean, var, bias = _cells(target, y)
+            state = _unit_init(target, mean, var, bias, _variance_floor(y.dtype))
+        if target.is_weight_normalized and state["valid"].any():
+            y = _sweep.affine(y, state["scale"], state["shift"])
+        return activation(y), state
 
     return policy
 
 
-def _unit_statistics(target, z, shape):
-    """New g, bias and per-unit output scale; units without a usable sigma keep theirs."""
-    n_units = z.shape[target.channel_axis]
-    old_bias = (ops.zeros((n_units,), "float32") if target.bias is None
-                else ops.cast(target.bias, "float32"))
+def _unit_init(target, mean, var, bias, floor: float) -> dict:
+    """New g and b per unit, and the output's per-unit affine map; dead units keep theirs."""
+    before = _total_variance(mean, var)
     if not target.is_weight_normalized:
-        ones = ops.ones((n_units,), "float32")
-        return {"scale": ones, "bias": old_bias, "g": ones,
-                "valid": ops.zeros((n_units,), "bool")}
-    axis = target.channel_axis % len(z.shape)
-    reduce_axes = tuple(i for i in range(len(z.shape)) if i != axis)
-    g = ops.reshape(ops.cast(target.layer.g, "float32"), (-1,))
-    safe_g = ops.where(ops.equal(g, 0.0), 1.0, g)
-    # Statistics of x . v/||v||, the normalized v: undo the current g.
-    normalized = z / ops.reshape(safe_g, shape)
-    mu = ops.mean(normalized, axis=reduce_axes)
-    sigma = ops.sqrt(ops.mean(ops.square(normalized - ops.reshape(mu, shape)),
-                              axis=reduce_axes))
-    floor = math.sqrt(_variance_floor(z.dtype))
-    valid = ops.logical_and(ops.logical_and(ops.isfinite(sigma), sigma > floor),
-                            ops.not_equal(g, 0.0))
-    safe_sigma = ops.where(valid, sigma, 1.0)
-    new_g = ops.where(valid, 1.0 / safe_sigma, g)
-    new_bias = old_bias if target.bias is None else ops.where(valid, -mu / safe_sigma, old_bias)
-    return {"scale": ops.where(valid, new_g / safe_g, 1.0), "bias": new_bias, "g": new_g,
-            "valid": valid}
+        return {"var_before": before, "var_after": before, "valid": np.zeros(mean.size, bool),
+                "scale": np.ones(mean.shape)}
+    g = np.reshape(ops.convert_to_numpy(target.layer.g).astype("float64"), mean.shape)
+    # The statistics of x . v/||v|| (the normalized v): undo the current g.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = (mean - bias) / g
+        sigma = np.sqrt(var) / np.abs(g)
+    valid = np.isfinite(sigma) & np.isfinite(mu) & (sigma * np.abs(g) > math.sqrt(floor))
+    safe_sigma = np.where(valid, sigma, 1.0)
+    new_g = np.where(valid, 1.0 / safe_sigma, g)
+    new_bias = np.where(valid, -mu / safe_sigma, bias) if target.bias is not None else bias
+    # y = g * n + b becomes new_g * n + new_b, i.e. y * (new_g / g) + (new_b - b * new_g / g).
+    scale = np.where(valid, new_g / np.where(valid, g, 1.0), 1.0)
+    shift = new_bias - bias * scale
+    after = _total_variance(mean * scale + shift, var * scale**2)
+    return {"var_before": before, "var_after": after, "valid": valid.ravel(),
+            "g": new_g, "bias": new_bias.ravel(), "scale": scale, "shift": shift}
 
 
 def _check_common(model, verbose) -> None:
@@ -261,13 +256,20 @@ def _check_positive(name, value):
 
 
 def _orthogonal_pre_init(targets) -> None:
-    for index, target in enumerate(targets):
+    """Orthonormal directions with unit-norm fan-in vectors, in each kernel's own layout."""
+    groups = {}
+    for target in targets:
         variable = target.direction_variable
-        init = GoodInit("wn_relu_backward", gamma=1.0, layout=target.kernel_layout)
-        variable.assign(init(variable.shape, variable.dtype))
-        if target.is_weight_normalized:  # keep the wrapper's output equal to the new kernel's
-            g = target.layer.g
-            g.assign(ops.reshape(unit_norms(variable.value, target.kernel_layout), g.shape))
+        key = (tuple(variable.shape), variable.dtype, target.kernel_layout)
+        groups.setdefault(key, []).append(target)
+    for (shape, dtype, layout), members in groups.items():
+        init = GoodInit("wn_relu_backward", gamma=1.0, layout=layout)
+        kernels = init.draw(shape, dtype, count=len(members))  # one batched QR per shape
+        for target, kernel in zip(members, ops.unstack(kernels)):
+            target.direction_variable.assign(kernel)
+            if target.is_weight_normalized:  # the wrapper then computes the new kernel
+                g = target.layer.g
+                g.assign(ops.reshape(unit_norms(kernel, layout), g.shape))
 
 
 def _lsuv_rows(result, targets, progbar=None):
@@ -275,8 +277,8 @@ def _lsuv_rows(result, targets, progbar=None):
     order, missed = _reached(targets, result)
     rows, scales = [], []
     for target in order:
-        state = {k: ops.convert_to_numpy(v) for k, v in result.states[id(target)].items()}
-        status, reason = _STATUS[int(state["code"])]
+        state = result.states[id(target)]
+        status, reason = _STATUS[state["code"]]
         note = _shared_note(result, target)
         rows.append(LayerRecord(target.name, target.class_name, float(state["var_before"]),
                                 float(state["var_after"]), int(state["iterations"]),
@@ -376,7 +378,7 @@ def weightnorm_data_init(
         progbar = _progbar(len(targets), verbose, "layer")
         rows = []
         for target in order:
-            state = {k: ops.convert_to_numpy(v) for k, v in result.states[id(target)].items()}
+            state = result.states[id(target)]
             rows.append(_data_init_row(target, state, _shared_note(result, target)))
             if target.is_weight_normalized and state["valid"].any():
                 g = target.layer.g

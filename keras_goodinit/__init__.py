@@ -10,6 +10,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     ) from error
 
 from keras_goodinit.callbacks import LSUVCallback
+from keras_goodinit.diagnostics import LayerSignal, SignalReport, signal_report
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
 from keras_goodinit.report import InitReport, LayerRecord
@@ -21,9 +22,12 @@ __all__ = [
     "GoodInit",
     "InitReport",
     "LSUVCallback",
+    "LayerSignal",
+    "SignalReport",
     "LayerRecord",
     "WeightNormalization",
     "bake_weight_norm",
     "lsuv_init",
+    "signal_report",
     "weightnorm_data_init",
 ]

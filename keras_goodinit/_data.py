@@ -8,25 +8,25 @@ import keras
 import numpy as np
 
 
-def _inputs_of(element):
+def split(element) -> tuple:
+    """(x, y) of a batch; y is None when there are no targets."""
     # Keras convention: a tuple is (x, y[, sample_weight]); a list or dict is x.
     if isinstance(element, tuple):
         if not element:
             raise ValueError("Argument `data` yielded an empty tuple. Received: data=()")
-        return element[0]
-    return element
+        return element[0], (element[1] if len(element) > 1 else None)
+    return element, None
 
 
-def batches(data) -> Iterator:
-    """Yields model inputs: the batch itself, or successive batches of a dataset."""
+def elements(data) -> Iterator:
+    """Yields the batch itself (forever), or successive elements of a dataset."""
     import tensorflow as tf
 
     if isinstance(data, tf.data.Dataset):
-        for element in data:
-            yield _inputs_of(element)
+        yield from data
     elif isinstance(data, keras.utils.PyDataset):
         for index in range(len(data)):
-            yield _inputs_of(data[index])
+            yield data[index]
     elif data is None or isinstance(data, (str, bytes)):
         raise ValueError(
             "Argument `data` must be a batch (array, tensor, (x, y) tuple or dict of inputs), "
@@ -34,13 +34,24 @@ def batches(data) -> Iterator:
         )
     else:
         while True:
-            yield _inputs_of(data)
+            yield data
+
+
+def batches(data) -> Iterator:
+    """Yields model inputs: the batch itself, or successive batches of a dataset."""
+    for element in elements(data):
+        yield split(element)[0]
+
+
+def first_element(data) -> tuple:
+    """(x, y) of the first batch of `data`."""
+    for element in elements(data):
+        return split(element)
+    raise ValueError(f"Argument `data` yielded no batch. Received: data={data!r}")
 
 
 def first_batch(data):
-    for x in batches(data):
-        return x
-    raise ValueError(f"Argument `data` yielded no batch. Received: data={data!r}")
+    return first_element(data)[0]
 
 
 def check_batch(x) -> None:

@@ -141,6 +141,20 @@ def find_targets(model: keras.layers.Layer,
     return chosen
 
 
+def prepare(model: keras.layers.Layer, x,
+            layers: Sequence[keras.layers.Layer | str] | None = None) -> list[Target]:
+    """Builds `model` on `x` if needed, and returns its targets; raises if there are none."""
+    if not model.built:
+        model(x, training=False)  # creates the variables eagerly, before anything is hooked
+    targets = find_targets(model, layers)
+    if not targets:
+        raise ValueError(
+            "The model has no layer with a kernel (Dense, EinsumDense, Conv*, "
+            f"WeightNormalization...). Received: model={model.name!r}"
+        )
+    return targets
+
+
 # A policy maps (target, pre-activation output, activation, state) to (output, state).
 # `state` is None on a target's first call; a layer called again gets its first
 # call's state back, so it is transformed the same way and measured once.
@@ -152,6 +166,7 @@ class SweepResult:
     order: list[Target]  # targets in execution order
     states: dict[int, dict]  # id(target) -> state of its first call
     calls: dict[int, int]  # id(target) -> number of calls
+    outputs: Any = None  # the model's outputs on the batch
 
 
 @contextlib.contextmanager
@@ -189,7 +204,7 @@ def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Polic
     """
     result = SweepResult(order=[], states={}, calls={})
     with _hooked(targets, policy, result):
-        model(x, training=False)
+        result.outputs = model(x, training=False)
     return result
 
 

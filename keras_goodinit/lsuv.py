@@ -131,18 +131,10 @@ def _check_common(model, verbose) -> None:
 
 
 def _prepare(model, data, layers):
-    """First batch, checked; the model built on it; its targets."""
+    """First batch, checked; the model's targets."""
     x = _data.first_batch(data)
     _data.check_batch(x)
-    if not model.built:
-        model(x, training=False)  # creates the variables eagerly, before any tracing
-    targets = _sweep.find_targets(model, layers)
-    if not targets:
-        raise ValueError(
-            "The model has no layer with a kernel to initialize (Dense, EinsumDense, "
-            f"Conv*, WeightNormalization...). Received: model={model.name!r}"
-        )
-    return x, targets
+    return x, _sweep.prepare(model, x, layers)
 
 
 def _progbar(total: int, verbose, label: str):

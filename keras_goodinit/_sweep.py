@@ -124,7 +124,8 @@ def find_targets(model: keras.layers.Layer,
         return found
     if isinstance(layers, (str, keras.layers.Layer)):
         raise ValueError(
-            f"Argument `layers` must be a list of layers or layer names. Received: layers={layers!r}"
+            "Argument `layers` must be a list of layers or layer names. "
+            f"Received: layers={layers!r}"
         )
     wanted, chosen = list(layers), []
     for item in wanted:

@@ -212,11 +212,13 @@ def signal_report(
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(f"Argument `model` must be a Keras model. Received: model={model!r}")
     if loss is not None and not callable(loss) and not isinstance(loss, str):
-        raise ValueError(f"Argument `loss` must be a callable or a loss name. Received: loss={loss!r}")
+        raise ValueError(
+            f"Argument `loss` must be a callable or a loss name. Received: loss={loss!r}")
     x, labels = _data.first_element(data)
     _data.check_batch(x)
     if loss is not None and labels is None:
-        raise ValueError("A given `loss` needs labels: pass `data=(x, y)`. Received: data without y")
+        raise ValueError(
+            "A given `loss` needs labels: pass `data=(x, y)`. Received: data without y")
     targets = _sweep.prepare(model, x, layers)
 
     def record(target, y, activation, state):

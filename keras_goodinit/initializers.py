@@ -158,7 +158,8 @@ class GoodInit(keras.initializers.Initializer):
         if not keras.backend.is_float_dtype(dtype):
             raise ValueError(f"GoodInit only makes float kernels. Received: dtype={dtype}")
         if any(d <= 0 for d in shape):
-            raise ValueError(f"Every dimension of `shape` must be positive. Received: shape={shape}")
+            raise ValueError(
+                f"Every dimension of `shape` must be positive. Received: shape={shape}")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int)
                                   or count < 1):
             raise ValueError(f"Argument `count` must be a positive int. Received: count={count!r}")

@@ -125,7 +125,8 @@ def _unit_init(target, mean, var, bias, floor: float) -> dict:
 
 def _check_common(model, verbose) -> None:
     if not isinstance(model, keras.layers.Layer):
-        raise ValueError(f"Argument `model` must be a Keras model or layer. Received: model={model!r}")
+        raise ValueError(
+            f"Argument `model` must be a Keras model or layer. Received: model={model!r}")
     if verbose not in (0, 1, 2, True, False):
         raise ValueError(f"Argument `verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
 
@@ -168,6 +169,7 @@ def lsuv_init(
     layers: Sequence[keras.layers.Layer | str] | None = None,
     new_batch_per_trial: bool = False,
     verbose: int = 1,
+    seed: int | None = None,
 ) -> InitReport:
     """Layer-sequential unit-variance init: rescales every kernel so its output has unit variance.
 
@@ -210,6 +212,8 @@ def lsuv_init(
             the reference implementation: each trial is one sweep that takes
             one scale step at every layer that has not converged.
         verbose: 0 silent, 1 progress bar.
+        seed: Makes the orthogonal pre-init reproducible; `None` draws from
+            Keras' global seed generator (`keras.utils.set_random_seed`).
 
     Returns:
         An `InitReport` with one row per target layer, in execution order.
@@ -221,16 +225,21 @@ def lsuv_init(
     _check_positive("tol", tol)
     _check_positive("target_var", target_var)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"Argument `max_iter` must be a positive int. Received: max_iter={max_iter!r}")
+        raise ValueError(
+            f"Argument `max_iter` must be a positive int. Received: max_iter={max_iter!r}")
     if pre_init not in PRE_INITS:
-        raise ValueError(f"Argument `pre_init` must be one of {PRE_INITS}. Received: pre_init={pre_init!r}")
+        raise ValueError(
+            f"Argument `pre_init` must be one of {PRE_INITS}. Received: pre_init={pre_init!r}")
     if measure not in MEASURES:
-        raise ValueError(f"Argument `measure` must be one of {MEASURES}. Received: measure={measure!r}")
+        raise ValueError(
+            f"Argument `measure` must be one of {MEASURES}. Received: measure={measure!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"Argument `seed` must be an int or None. Received: seed={seed!r}")
     x, targets = _prepare(model, data, layers)
     variables = [v for t in targets for v in t.variables()]
     with _sweep.atomic(variables):
         if pre_init == "orthogonal":
-            _orthogonal_pre_init(targets)
+            _orthogonal_pre_init(targets, seed)
         if not new_batch_per_trial:
             policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=max_iter,
                                   measure=measure)
@@ -247,15 +256,16 @@ def _check_positive(name, value):
         raise ValueError(f"Argument `{name}` must be a positive number. Received: {name}={value!r}")
 
 
-def _orthogonal_pre_init(targets) -> None:
+def _orthogonal_pre_init(targets, seed: int | None) -> None:
     """Orthonormal directions with unit-norm fan-in vectors, in each kernel's own layout."""
     groups = {}
     for target in targets:
         variable = target.direction_variable
         key = (tuple(variable.shape), variable.dtype, target.kernel_layout)
         groups.setdefault(key, []).append(target)
-    for (shape, dtype, layout), members in groups.items():
-        init = GoodInit("wn_relu_backward", gamma=1.0, layout=layout)
+    for index, ((shape, dtype, layout), members) in enumerate(groups.items()):
+        group_seed = None if seed is None else seed + index
+        init = GoodInit("wn_relu_backward", gamma=1.0, layout=layout, seed=group_seed)
         kernels = init.draw(shape, dtype, count=len(members))  # one batched QR per shape
         for target, kernel in zip(members, ops.unstack(kernels)):
             target.direction_variable.assign(kernel)

@@ -90,7 +90,8 @@ class WeightNormalization(keras.layers.Wrapper):
     def __init__(self, layer: keras.layers.Layer, **kwargs):
         if not isinstance(layer, keras.layers.Layer):
             raise ValueError(
-                f"Argument `layer` must be a Keras layer. Received: layer={layer!r}"
+                "Argument `layer` must be a Keras layer. Supported: Dense, Conv1D/2D/3D, "
+                f"Conv1D/2D/3DTranspose, DepthwiseConv1D/2D. Received: layer={layer!r}"
             )
         self.layout = _layouts.layout_of(layer)
         super().__init__(layer, **kwargs)

@@ -1,0 +1,235 @@
+"""Signal propagation at initialization: the networks and measurements of Figure 1.
+
+Arpit, Campos & Bengio (2019) check their initialization by pushing Gaussian
+inputs through deep, untrained, weight-normalized networks and watching how
+the norms of the activations (forward) and of the gradients with respect to
+them (backward) change with depth. This module builds those networks from the
+package's own layers and measures the two norm ratios, so that the example
+`examples/signal_propagation.py` and the tests share one implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
+from keras_goodinit.weight_norm import WeightNormalization
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(
+            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def _check_common(proposed, distribution, seed) -> None:
+    if not isinstance(proposed, bool):
+        raise ValueError(f"Argument `proposed` must be a bool. Received: proposed={proposed!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"Invalid value for argument `distribution`. Expected one of {DISTRIBUTIONS}. "
+            f"Received: distribution={distribution!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"Argument `seed` must be a non-negative integer. Received: seed={seed!r}")
+
+
+def _layer_seeds(seed: int, count: int) -> list[int]:
+    # SeedSequence spreads one seed into independent streams: every layer gets
+    # its own kernel, and the proposed and g = 1 networks built from the same
+    # seed share their directions (they differ only in the scales g).
+    state = np.random.SeedSequence(int(seed)).generate_state(count)
+    return [int(s >> 1) for s in state]  # fit a signed 32-bit seed
+
+
+def _initializer(scheme: str, proposed: bool, distribution: str, seed: int, **kwargs) -> GoodInit:
+    if not proposed:
+        # g = 1: unit-norm fan-in vectors whatever the fans.
+        return GoodInit("wn_relu_backward", gamma=1.0, distribution=distribution, seed=seed)
+    return GoodInit(scheme, distribution=distribution, seed=seed, **kwargs)
+
+
+def _dense(units: int, init: GoodInit, activation: str | None, name: str) -> keras.layers.Layer:
+    return WeightNormalization(
+        keras.layers.Dense(units, activation=activation, use_bias=False, kernel_initializer=init),
+        name=name,
+    )
+
+
+def mlp_chain(
+    widths: Sequence[int],
+    *,
+    proposed: bool = True,
+    distribution: str = "orthogonal",
+    seed: int = 0,
+) -> keras.Model:
+    """A bias-free, weight-normalized ReLU MLP that outputs every layer's activation.
+
+    Layer `l` computes `h_l = relu(W_l h_{l-1})` with `W_l` a
+    `WeightNormalization(Dense(widths[l], use_bias=False))` whose kernel comes
+    from `GoodInit`.
+
+    Examples:
+
+    >>> model = mlp_chain([500] + [200] * 20)
+    >>> activations = model(np.random.normal(size=(8, 500)))  # 20 tensors
+
+    Args:
+        widths: The input width followed by the width of every layer, e.g.
+            `[500] + [200] * 20` for 20 layers.
+        proposed: `True` for the scales of Arpit et al. (`GoodInit("wn_relu")`,
+            `g = sqrt(2 fan_in / fan_out)`), `False` for `g = 1`.
+        distribution: Directions of the kernels, `"orthogonal"` or
+            `"normal"` (He-like).
+        seed: Non-negative int; each layer gets its own seed derived from it.
+
+    Returns:
+        A functional `keras.Model` mapping `(batch, widths[0])` inputs to the
+        list `[h_1, ..., h_L]`.
+    """
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or len(widths) < 2:
+        raise ValueError(
+            "Argument `widths` must be a sequence of at least two widths (the input's, then "
+            f"one per layer). Received: widths={widths!r}"
+        )
+    for width in widths:
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width <= 0:
+            raise ValueError(
+                f"Every entry of `widths` must be a positive integer. Received: widths={widths!r}"
+            )
+    _check_common(proposed, distribution, seed)
+    seeds = _layer_seeds(seed, len(widths) - 1)
+    inputs = keras.Input((int(widths[0]),), name="x")
+    h = inputs
+    activations = []
+    for index, (units, layer_seed) in enumerate(zip(widths[1:], seeds, strict=True), start=1):
+        init = _initializer("wn_relu", proposed, distribution, layer_seed)
+        h = _dense(int(units), init, "relu", f"layer_{index}")(h)
+        activations.append(h)
+    return keras.Model(inputs, activations, name="mlp_chain")
+
+
+def residual_chain(
+    width: int,
+    branch_width: int,
+    num_blocks: int,
+    *,
+    proposed: bool = True,
+    distribution: str = "orthogonal",
+    seed: int = 0,
+) -> keras.Model:
+    """A bias-free, weight-normalized ResNet that outputs the stream after every block.
+
+    Block `b` computes `h_b = h_{b-1} + W1 relu(W0 h_{b-1})`, with `W0` of
+    shape `(width, branch_width)` and `W1` of shape `(branch_width, width)`,
+    both `WeightNormalization(Dense(..., use_bias=False))`. There is no ReLU
+    after the addition.
+
+    Examples:
+
+    >>> model = residual_chain(500, 200, 40)
+    >>> streams = model(np.random.normal(size=(8, 500)))  # 40 tensors
+
+    Args:
+        width: Width of the residual stream (and of the input).
+        branch_width: Width `m` of the hidden layer of each branch.
+        num_blocks: Number of residual blocks `N`.
+        proposed: `True` for the scales of Arpit et al.: `W0` gets
+            `GoodInit("wn_relu")` (`g0 = sqrt(2 width / m)`) and `W1` gets
+            `GoodInit("wn_residual", num_blocks=N)`
+            (`g1 = sqrt(m / (N width))`); `False` for `g = 1` everywhere.
+        distribution: Directions of the kernels, `"orthogonal"` or
+            `"normal"` (He-like).
+        seed: Non-negative int; each layer gets its own seed derived from it.
+
+    Returns:
+        A functional `keras.Model` mapping `(batch, width)` inputs to the list
+        `[h_1, ..., h_N]`.
+    """
+    width = _check_positive_int("width", width)
+    branch_width = _check_positive_int("branch_width", branch_width)
+    num_blocks = _check_positive_int("num_blocks", num_blocks)
+    _check_common(proposed, distribution, seed)
+    seeds = _layer_seeds(seed, 2 * num_blocks)
+    inputs = keras.Input((width,), name="x")
+    h = inputs
+    streams = []
+    for block in range(1, num_blocks + 1):
+        first = _initializer("wn_relu", proposed, distribution, seeds[2 * block - 2])
+        last = _initializer("wn_residual", proposed, distribution, seeds[2 * block - 1],
+                            num_blocks=num_blocks)
+        branch = _dense(branch_width, first, "relu", f"block_{block}_in")(h)
+        branch = _dense(width, last, None, f"block_{block}_out")(branch)
+        h = keras.layers.Add(name=f"block_{block}_add")([h, branch])
+        streams.append(h)
+    return keras.Model(inputs, streams, name="residual_chain")
+
+
+def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward norm ratios of a model that outputs its per-layer activations.
+
+    With `h_0 = x` and `[h_1, ..., h_L] = model(x)`, and norms taken over the
+    whole batch (Frobenius):
+
+    - `forward[l] = ||h_l|| / ||x||`,
+    - `backward[l] = ||dh_l|| / ||dh_L||`, where `dh_l` is the gradient of
+      `sum(h_L * r)` with respect to `h_l` and `r` is a fixed standard
+      Gaussian probe (so `dh_L = r`, independent of the network).
+
+    Both come from one forward pass under one `tf.GradientTape`.
+
+    Examples:
+
+    >>> x = np.random.default_rng(0).normal(size=(1000, 500)).astype("float32")
+    >>> forward, backward = norm_ratios(mlp_chain([500] + [200] * 20), x)
+
+    Args:
+        model: A model whose output is the list of per-layer activations, such
+            as `mlp_chain` or `residual_chain` return.
+        x: Inputs of shape `(batch, input_width)`.
+        seed: Seed of the Gaussian probe `r`.
+
+    Returns:
+        Two float64 arrays of length `L + 1`, indexed by layer `l = 0..L`
+        (`forward[0] = 1`, `backward[L] = 1`).
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"Argument `model` must be a keras.Model. Received: model={model!r}")
+    x = tf.convert_to_tensor(x, dtype="float32")
+    if x.shape.rank != 2 or x.shape[0] == 0:
+        raise ValueError(
+            f"Argument `x` must be a non-empty batch of shape (batch, width). "
+            f"Received: x with shape {tuple(x.shape)}"
+        )
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        activations = model(x, training=False)
+        if tf.is_tensor(activations):  # Keras unwraps a one-layer list
+            activations = [activations]
+        if (not isinstance(activations, (list, tuple)) or not activations
+                or not all(tf.is_tensor(h) for h in activations)):
+            raise ValueError(
+                "Argument `model` must output the list of its per-layer activations. "
+                f"Received: model={model.name!r} with output {type(activations).__name__}"
+            )
+        activations = list(activations)
+        top = activations[-1]
+        probe = np.random.default_rng(seed).standard_normal(tuple(top.shape))
+        loss = tf.reduce_sum(tf.cast(top, "float32") * probe.astype("float32"))
+    # The activations are the very tensors the next layer consumed, so the tape
+    # can differentiate with respect to them.
+    gradients = tape.gradient(loss, [x, *activations])
+    if any(g is None for g in gradients):
+        raise ValueError(
+            "Every activation output by `model` must feed the last one. "
+            f"Received: model={model.name!r}"
+        )
+    forward = [float(tf.norm(tf.cast(h, "float32"))) for h in [x, *activations]]
+    backward = [float(tf.norm(tf.cast(g, "float32"))) for g in gradients]
+    return np.asarray(forward) / forward[0], np.asarray(backward) / backward[-1]

@@ -1,0 +1,268 @@
+"""GoodInit: scheme gains, exact per-unit norms for every kernel layout, seeds, config, errors."""
+
+import math
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from keras_goodinit import GoodInit
+from keras_goodinit.initializers import SCHEMES, scheme_gamma
+
+# scheme -> (extra constructor arguments, gamma of science.md §1)
+SCHEME_GAMMAS = {
+    "wn_relu": ({}, 2.0),
+    "wn_linear": ({}, 1.0),
+    "wn_residual": ({"num_blocks": 9}, 1.0 / 9),
+    "wn_hanin": ({"block_index": 3}, 0.81**3),
+    "wn_relu_backward": ({}, 2.0),
+}
+
+# (layout, kernel shape, axes one unit's fan-in vector spans, C_in, C_out)
+LAYOUT_CASES = [
+    ("default", (64, 32), (0,), 64, 32),  # Dense, more fan-in than units
+    ("default", (16, 48), (0,), 16, 48),  # Dense, more units than fan-in
+    ("default", (3, 8, 16), (0, 1), 8, 16),  # Conv1D
+    ("default", (3, 3, 8, 16), (0, 1, 2), 8, 16),  # Conv2D
+    ("default", (2, 2, 2, 4, 6), (0, 1, 2, 3), 4, 6),  # Conv3D
+    ("conv_transpose", (3, 3, 16, 8), (0, 1, 3), 8, 16),  # (k, k, out, in)
+    ("conv_transpose", (3, 4, 6), (0, 2), 6, 4),  # Conv1DTranspose
+    ("depthwise", (3, 3, 8, 2), (0, 1), 8, 16),  # (k, k, in, mult): C_out = in * mult
+    ("depthwise", (5, 4, 3), (0,), 4, 12),  # DepthwiseConv1D
+]
+LAYOUT_IDS = [f"{case[0]}-{'x'.join(map(str, case[1]))}" for case in LAYOUT_CASES]
+
+
+def unit_norms(kernel, axes):
+    kernel = np.asarray(kernel, dtype="float64")
+    return np.sqrt(np.sum(np.square(kernel), axis=axes))
+
+
+def as_matrix(kernel, axes):
+    """(fan_in, units) view of a kernel: the fan-in axes first, flattened."""
+    kernel = np.asarray(kernel, dtype="float64")
+    units = [i for i in range(kernel.ndim) if i not in axes]
+    moved = np.transpose(kernel, list(axes) + units)
+    fan_in = math.prod(kernel.shape[i] for i in axes)
+    return moved.reshape(fan_in, -1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_scheme_has_the_gamma_of_the_table(scheme):
+    kwargs, gamma = SCHEME_GAMMAS[scheme]
+    assert GoodInit(scheme, **kwargs).gamma == pytest.approx(gamma, rel=1e-12)
+    assert scheme_gamma(scheme, **kwargs) == pytest.approx(gamma, rel=1e-12)
+
+
+@pytest.mark.parametrize("distribution", ["orthogonal", "normal"])
+@pytest.mark.parametrize("scheme", ["wn_relu", "wn_linear", "wn_residual", "wn_hanin"])
+@pytest.mark.parametrize(("layout", "shape", "axes", "c_in", "c_out"), LAYOUT_CASES,
+                         ids=LAYOUT_IDS)
+def test_every_unit_gets_the_exact_norm(layout, shape, axes, c_in, c_out, scheme, distribution):
+    kwargs, gamma = SCHEME_GAMMAS[scheme]
+    init = GoodInit(scheme, layout=layout, distribution=distribution, seed=1, **kwargs)
+    kernel = keras.ops.convert_to_numpy(init(shape))
+    assert kernel.shape == shape and kernel.dtype == np.float32
+    expected = math.sqrt(gamma * c_in / c_out)
+    assert init.unit_norm(shape) == pytest.approx(expected, rel=1e-12)
+    norms = unit_norms(kernel, axes)
+    assert norms.shape == tuple(d for i, d in enumerate(shape) if i not in axes)
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("layout", "shape", "axes", "c_in", "c_out"), LAYOUT_CASES,
+                         ids=LAYOUT_IDS)
+def test_relu_backward_gives_sqrt_gamma_whatever_the_fans(layout, shape, axes, c_in, c_out):
+    for gamma, expected in ((None, math.sqrt(2.0)), (1.0, 1.0), (0.3, math.sqrt(0.3))):
+        init = GoodInit("wn_relu_backward", gamma=gamma, layout=layout, seed=2)
+        np.testing.assert_allclose(unit_norms(init(shape), axes), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("scheme", "kwargs"), [("wn_relu", {}),
+                                                ("wn_residual", {"num_blocks": 4}),
+                                                ("wn_hanin", {"block_index": 2})])
+def test_explicit_gamma_overrides_the_scheme(scheme, kwargs):
+    init = GoodInit(scheme, gamma=0.5, seed=3, **kwargs)
+    assert init.gamma == 0.5
+    np.testing.assert_allclose(unit_norms(init((40, 10)), (0,)), math.sqrt(0.5 * 40 / 10),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize(("layout", "shape", "axes"), [
+    ("default", (64, 32), (0,)),
+    ("default", (32, 32), (0,)),
+    ("default", (3, 3, 8, 16), (0, 1, 2)),
+    ("conv_transpose", (3, 3, 16, 8), (0, 1, 3)),
+    ("depthwise", (3, 3, 4, 2), (0, 1)),
+])
+def test_orthogonal_directions_are_orthonormal_across_units(layout, shape, axes):
+    init = GoodInit("wn_relu", layout=layout, seed=4)
+    matrix = as_matrix(init(shape), axes)
+    assert matrix.shape[1] <= matrix.shape[0]
+    g = init.unit_norm(shape)
+    # K^T K = g^2 I, up to float32 rounding.
+    np.testing.assert_allclose(matrix.T @ matrix, g**2 * np.eye(matrix.shape[1]),
+                               atol=1e-5 * g**2)
+
+
+def test_normal_directions_are_not_orthogonal_but_have_exact_norms():
+    init = GoodInit("wn_relu", distribution="normal", seed=5)
+    kernel = np.asarray(init((256, 64)), dtype="float64")
+    g = init.unit_norm((256, 64))
+    np.testing.assert_allclose(unit_norms(kernel, (0,)), g, rtol=1e-5)
+    cosines = (kernel.T @ kernel) / g**2 - np.eye(64)
+    # Random directions in 256 dims: cosines have sd 1/16, so some pair exceeds 0.1.
+    assert np.abs(cosines).max() > 0.1
+    # Directions are Gaussian: entries have mean ~0 and variance g^2 / fan_in.
+    assert abs(kernel.mean()) < 4 * g / math.sqrt(kernel.size * 256)
+    assert kernel.var() == pytest.approx(g**2 / 256, rel=0.05)
+
+
+def test_int_seed_is_reproducible():
+    first = keras.ops.convert_to_numpy(GoodInit("wn_relu", seed=11)((20, 30)))
+    np.testing.assert_array_equal(first, GoodInit("wn_relu", seed=11)((20, 30)))
+    init = GoodInit("wn_relu", seed=11)
+    np.testing.assert_array_equal(init((20, 30)), init((20, 30)))
+    assert not np.allclose(first, GoodInit("wn_relu", seed=12)((20, 30)))
+
+
+@pytest.mark.parametrize("seed", [None, "generator"])
+def test_unseeded_and_generator_seeds_give_fresh_kernels(seed):
+    if seed == "generator":
+        seed = keras.random.SeedGenerator(13)
+    init = GoodInit("wn_relu", seed=seed)
+    a, b = np.asarray(init((20, 30))), np.asarray(init((20, 30)))
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(unit_norms(b, (0,)), math.sqrt(2 * 20 / 30), rtol=1e-5)
+
+
+def test_two_layers_sharing_an_instance_get_different_kernels():
+    for seed in (None, keras.random.SeedGenerator(14)):
+        init = GoodInit("wn_relu", seed=seed)
+        layers = [keras.layers.Dense(16, kernel_initializer=init) for _ in range(2)]
+        for layer in layers:
+            layer.build((None, 16))
+        assert not np.allclose(np.asarray(layers[0].kernel), np.asarray(layers[1].kernel))
+
+
+CONFIG_CASES = [
+    dict(scheme="wn_relu"),
+    dict(scheme="wn_linear", distribution="normal"),
+    dict(scheme="wn_residual", num_blocks=5, layout="conv_transpose", seed=3),
+    dict(scheme="wn_hanin", block_index=2, layout="depthwise", seed=None),
+    dict(scheme="wn_relu_backward", gamma=1.0, seed=21),
+    dict(scheme="wn_relu", gamma=0.7, distribution="normal", layout="default", seed=0),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONFIG_CASES)
+def test_config_round_trip_keeps_every_argument(kwargs):
+    init = GoodInit(**kwargs)
+    config = init.get_config()
+    for key, value in kwargs.items():
+        assert config[key] == value, key
+    clone = GoodInit.from_config(config)
+    assert clone.get_config() == config
+    assert clone.gamma == init.gamma
+    restored = keras.initializers.deserialize(keras.initializers.serialize(init))
+    assert isinstance(restored, GoodInit) and restored.get_config() == config
+    if isinstance(kwargs.get("seed"), int):
+        shape = (3, 3, 4, 2)
+        np.testing.assert_array_equal(init(shape), clone(shape))
+
+
+def test_config_round_trip_keeps_a_seed_generator():
+    init = GoodInit("wn_relu", seed=keras.random.SeedGenerator(99))
+    clone = GoodInit.from_config(init.get_config())
+    assert isinstance(clone.seed, keras.random.SeedGenerator)
+    assert clone.get_config() == init.get_config()
+    # The restored generator starts from the same seed: its first draw is a fresh
+    # generator's first draw.
+    fresh = GoodInit("wn_relu", seed=keras.random.SeedGenerator(99))
+    np.testing.assert_array_equal(clone((8, 4)), fresh((8, 4)))
+
+
+def test_model_with_goodinit_survives_keras_save_and_load(tmp_path):
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(4, 3, activation="relu",
+                            kernel_initializer=GoodInit("wn_relu", seed=1)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(5, kernel_initializer=GoodInit("wn_residual", num_blocks=3,
+                                                          distribution="normal")),
+    ])
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    path = tmp_path / "x.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    for old, new in zip(model.layers, loaded.layers, strict=True):
+        if hasattr(old, "kernel_initializer"):
+            assert isinstance(new.kernel_initializer, GoodInit)
+            assert new.kernel_initializer.get_config() == old.kernel_initializer.get_config()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_other_float_dtypes_keep_the_norms(dtype):
+    init = GoodInit("wn_relu", seed=6)
+    kernel = init((3, 3, 8, 16), dtype=dtype)
+    assert keras.backend.standardize_dtype(kernel.dtype) == dtype
+    # Rounding each entry to the nearest representable value changes it by at most
+    # eps/2 relative, so the norm too; eps covers that and the float32 computation.
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float64": 1e-12}[dtype]
+    values = keras.ops.convert_to_numpy(keras.ops.cast(kernel, "float64"))
+    np.testing.assert_allclose(unit_norms(values, (0, 1, 2)), math.sqrt(2 * 8 / 16), rtol=eps)
+
+
+def _raises(match, **kwargs):
+    return pytest.raises(ValueError, match=re.escape(match), **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(scheme="bogus"), "Received: scheme='bogus'"),
+    (dict(scheme="wn_residual"), "Received: num_blocks=None"),
+    (dict(scheme="wn_residual", num_blocks=0), "Received: num_blocks=0"),
+    (dict(scheme="wn_residual", num_blocks=-2), "Received: num_blocks=-2"),
+    (dict(scheme="wn_residual", num_blocks=2.5), "Received: num_blocks=2.5"),
+    (dict(scheme="wn_residual", num_blocks=True), "Received: num_blocks=True"),
+    (dict(scheme="wn_hanin"), "Received: block_index=None"),
+    (dict(scheme="wn_hanin", block_index=0), "Received: block_index=0"),
+    (dict(gamma=0.0), "Received: gamma=0.0"),
+    (dict(gamma=-1), "Received: gamma=-1"),
+    (dict(gamma=float("nan")), "Received: gamma=nan"),
+    (dict(gamma=float("inf")), "Received: gamma=inf"),
+    (dict(gamma="2"), "Received: gamma='2'"),
+    (dict(distribution="uniform"), "Received: distribution='uniform'"),
+    (dict(layout="channels_first"), "Received: layout='channels_first'"),
+    (dict(seed="abc"), "Received: seed='abc'"),
+    (dict(seed=1.5), "Received: seed=1.5"),
+])
+def test_bad_arguments_raise_naming_argument_and_value(kwargs, message):
+    with _raises(message):
+        GoodInit(**kwargs)
+
+
+def test_unknown_scheme_lists_the_valid_ones():
+    with pytest.raises(ValueError) as info:
+        GoodInit("relu")
+    for scheme in SCHEMES:
+        assert scheme in str(info.value)
+    assert "scheme" in str(info.value)
+
+
+@pytest.mark.parametrize(("shape", "kwargs", "message"), [
+    ((5,), {}, "Received: shape=(5,)"),
+    ((), {}, "Received: shape=()"),
+    ((4, 0), {}, "Received: shape=(4, 0)"),
+    ((4, 3), {"dtype": "int32"}, "Received: dtype=int32"),
+    ((4, 3), {"dtype": "bool"}, "Received: dtype=bool"),
+])
+def test_bad_call_arguments_raise_naming_argument_and_value(shape, kwargs, message):
+    with _raises(message):
+        GoodInit("wn_relu", seed=0)(shape, **kwargs)
+
+
+def test_depthwise_layout_needs_rank_three():
+    with _raises("Received: shape=(4, 3)"):
+        GoodInit("wn_relu", layout="depthwise")((4, 3))

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_goodinit import _data, _sweep
+from keras_goodinit import _data, _distribute, _sweep
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import unit_norms
@@ -240,14 +240,16 @@ def lsuv_init(
     with _sweep.atomic(variables):
         if pre_init == "orthogonal":
             _orthogonal_pre_init(targets, seed)
-        if not new_batch_per_trial:
+        if new_batch_per_trial:
+            report = _lsuv_trials(model, data, targets, target_var=target_var, tol=tol,
+                                  max_iter=max_iter, measure=measure, verbose=verbose)
+        else:
             policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=max_iter,
                                   measure=measure)
             result = _sweep.sweep(model, x, targets, policy)
-            rows = _commit_lsuv(result, targets, verbose)
-            return InitReport("lsuv", rows)
-        return _lsuv_trials(model, data, targets, target_var=target_var, tol=tol,
-                            max_iter=max_iter, measure=measure, verbose=verbose)
+            report = InitReport("lsuv", _commit_lsuv(result, targets, verbose))
+        _distribute.broadcast_from_chief(variables)
+        return report
 
 
 def _check_positive(name, value):
@@ -389,6 +391,7 @@ def weightnorm_data_init(
                     target.bias.assign(state["bias"].astype(target.bias.dtype))
             if progbar is not None:
                 progbar.add(1)
+        _distribute.broadcast_from_chief(variables)
         return InitReport("weightnorm_data_init", rows + [_not_called(t) for t in missed])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import keras
+from keras.src.utils.io_utils import print_msg
 
 from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
 
@@ -85,11 +86,11 @@ class LSUVCallback(keras.callbacks.Callback):
                 reason = "its optimizer has already taken steps (trained or restored weights)"
             if reason:
                 if self.verbose:
-                    keras.utils.io_utils.print_msg(
+                    print_msg(
                         f"LSUVCallback: not re-initializing {model.name!r}: {reason}. "
                         "Pass force=True to override.")
                 return
         self.report = METHODS[self.method](model, self.data, verbose=self.verbose, **self.kwargs)
         setattr(model, _DONE, True)
         if self.verbose:
-            self.report.summary(print_fn=keras.utils.io_utils.print_msg)
+            self.report.summary(print_fn=print_msg)

@@ -17,15 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
+from keras_goodinit.models import _positive_int
 from keras_goodinit.weight_norm import WeightNormalization
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def _check_common(proposed, distribution, seed) -> None:
@@ -152,9 +145,9 @@ def residual_chain(
         A functional `keras.Model` mapping `(batch, width)` inputs to the list
         `[h_1, ..., h_N]`.
     """
-    width = _check_positive_int("width", width)
-    branch_width = _check_positive_int("branch_width", branch_width)
-    num_blocks = _check_positive_int("num_blocks", num_blocks)
+    width = _positive_int("width", width)
+    branch_width = _positive_int("branch_width", branch_width)
+    num_blocks = _positive_int("num_blocks", num_blocks)
     _check_common(proposed, distribution, seed)
     seeds = _layer_seeds(seed, 2 * num_blocks)
     inputs = keras.Input((width,), name="x")

@@ -22,6 +22,12 @@ def elements(data) -> Iterator:
     """Yields the batch itself (forever), or successive elements of a dataset."""
     import tensorflow as tf
 
+    if isinstance(data, tf.distribute.DistributedDataset):
+        raise ValueError(
+            "Argument `data` must not be a distributed dataset: its elements are per-replica "
+            "parts of a batch, and the init needs the global batch. Pass the tf.data.Dataset "
+            f"itself (the sweep runs in cross-replica context). Received: data={data!r}"
+        )
     if isinstance(data, tf.data.Dataset):
         yield from data
     elif isinstance(data, keras.utils.PyDataset):

@@ -24,9 +24,18 @@ def broadcast_from_chief(variables: Sequence[keras.Variable]) -> None:
     draws, so the first replica's result is all-reduced to everyone. Every
     worker must call this, in the same order, as collectives require.
     """
-    strategy = tf.distribute.get_strategy()
-    if not variables or _worker_count(strategy) < 2:
+    if not variables:
         return
+    # Callbacks run outside `strategy.scope()`: the variables know their strategy.
+    strategy = getattr(variables[0].value, "distribute_strategy", None)
+    strategy = strategy or tf.distribute.get_strategy()
+    if _worker_count(strategy) < 2:
+        return
+    with strategy.scope():
+        _broadcast(strategy, variables)
+
+
+def _broadcast(strategy: tf.distribute.Strategy, variables: Sequence[keras.Variable]) -> None:
     values = [tf.convert_to_tensor(v.value) for v in variables]
 
     def keep_first(*local):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -149,6 +150,19 @@ def _flat_norm(tensors) -> float:
     return math.sqrt(total)
 
 
+def _standing_in(targets, kernels: dict, enabled: bool):
+    """Within the block, each target's kernel variable reads as `kernels[id(target)]`."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return keras.StatelessScope(
+        state_mapping=[(t.direction_variable, kernels[id(t)]) for t in targets])
+
+
+def _ratio(norm: float, reference: float) -> float:
+    """`norm / reference`; NaN when the reference is zero (an all-zero batch), not a crash."""
+    return norm / reference if reference > 0 else math.nan
+
+
 def _default_loss(outputs, labels, seed: int):
     """Cross-entropy from logits, against the batch's labels or seeded random ones."""
     if len(keras.tree.flatten(outputs)) != 1:
@@ -225,7 +239,13 @@ def signal_report(
         out = activation(y)
         return out, state or {"output": out}
 
-    with tf.GradientTape() as tape:
+    # The kernel gradients are taken with respect to tensors that stand in for the kernel
+    # variables during the pass: a variable mirrored by a tf.distribute strategy cannot be
+    # watched in cross-replica context, where the sweep runs.
+    kernels = ({id(t): tf.convert_to_tensor(t.direction_variable.value) for t in targets}
+               if gradients else {})
+    with tf.GradientTape() as tape, _standing_in(targets, kernels, gradients):
+        tape.watch(list(kernels.values()))
         result = _sweep.sweep(model, x, targets, record)
         if gradients:
             if loss is None:
@@ -240,14 +260,14 @@ def signal_report(
     for target, out in zip(result.order, outputs):
         values = ops.convert_to_numpy(ops.cast(out, "float32")).ravel()
         rows.append(LayerSignal(target.name, target.class_name, float(values.mean()),
-                                float(values.std()), float(np.linalg.norm(values)) / input_norm))
+                                float(values.std()), _ratio(float(np.linalg.norm(values)),
+                                                            input_norm)))
         take = min(values.size, _HISTOGRAM_SAMPLES)
         samples[target.name] = rng.choice(values, take, replace=False)
     report = SignalReport(rows, input_norm, samples=samples)
     if not gradients:
         return report
-    kernels = [t.direction_variable for t in result.order]
-    grads = tape.gradient(loss_value, outputs + kernels)
+    grads = tape.gradient(loss_value, outputs + [kernels[id(t)] for t in result.order])
     output_grads, kernel_grads = grads[:len(outputs)], grads[len(outputs):]
     norms = [_flat_norm(g) if g is not None else math.nan for g in output_grads]
     last = norms[-1] if norms and norms[-1] > 0 else math.nan

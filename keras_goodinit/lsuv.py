@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import keras
+import ml_dtypes
 import numpy as np
 from keras import ops
 
@@ -25,9 +26,15 @@ _STATUS = {_OK: ("ok", ""), _MAX_ITER: ("max_iter", "reached max_iter"),
            _DEAD: ("skipped", "variance below epsilon (dead or constant output)")}
 
 
-def _variance_floor(dtype) -> float:
-    # Below this the output is constant up to rounding in its own dtype.
-    return float(np.finfo(keras.backend.standardize_dtype(dtype)).eps) ** 2
+def _relative_floor(dtype) -> float:
+    """Variance, relative to the mean square, that rounding alone can make.
+
+    That of the output's own dtype, plus that of float32 sums over many terms
+    (tree reductions: the error grows like log2 of the count, under 64 eps).
+    A variance this small says the layer is dead or constant, not small.
+    """
+    eps = float(ml_dtypes.finfo(keras.backend.standardize_dtype(dtype)).eps)
+    return eps**2 + (64 * float(ml_dtypes.finfo("float32").eps)) ** 2
 
 
 def _cells(target, y):
@@ -41,12 +48,12 @@ def _total_variance(mean, var) -> float:
     return float(np.mean(var) + np.var(mean))
 
 
-def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, floor: float):
+def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead: bool):
     """The LSUV iteration on a variance function of the kernel scale c (host floats)."""
     var_before = variance(1.0)
     if not math.isfinite(var_before):
         return 1.0, var_before, var_before, 0, _NON_FINITE
-    if var_before <= floor:
+    if dead:
         return 1.0, var_before, var_before, 0, _DEAD
     scale, var, iterations = 1.0, var_before, 0
     while abs(var - target_var) >= tol and iterations < max_iter:
@@ -66,6 +73,10 @@ def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str):
     def policy(target, y, activation, state):
         if state is None:
             mean, var, bias = _cells(target, y)
+            # Only the kernel's part y - b scales; if it is rounding noise, so is any scale.
+            kernel_var = _total_variance(mean - bias, var)
+            power = float(np.mean(var) + np.mean(np.square(mean)))
+            dead = kernel_var <= _relative_floor(y.dtype) * power
             if measure == "pre_activation":
                 def variance(c):
                     return _total_variance(c * mean + (1.0 - c) * bias, c * c * var)
@@ -75,7 +86,7 @@ def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str):
                     return _total_variance(*_sweep.cell_moments(out, tuple(range(len(y.shape)))))
             scale, before, after, iterations, code = _solve_scale(
                 variance, target_var=target_var, tol=tol, max_iter=max_iter,
-                floor=_variance_floor(y.dtype))
+                dead=dead)
             state = {"scale": scale, "var_before": before, "var_after": after,
                      "iterations": iterations, "code": code,
                      "shift": (1.0 - scale) * bias}
@@ -92,7 +103,7 @@ def _data_init_policy():
     def policy(target, y, activation, state):
         if state is None:
             mean, var, bias = _cells(target, y)
-            state = _unit_init(target, mean, var, bias, _variance_floor(y.dtype))
+            state = _unit_init(target, mean, var, bias, _relative_floor(y.dtype))
         if target.is_weight_normalized and state["valid"].any():
             y = _sweep.affine(y, state["scale"], state["shift"])
         return activation(y), state
@@ -100,7 +111,7 @@ def _data_init_policy():
     return policy
 
 
-def _unit_init(target, mean, var, bias, floor: float) -> dict:
+def _unit_init(target, mean, var, bias, relative_floor: float) -> dict:
     """New g and b per unit, and the output's per-unit affine map; dead units keep theirs."""
     before = _total_variance(mean, var)
     if not target.is_weight_normalized:
@@ -111,7 +122,7 @@ def _unit_init(target, mean, var, bias, floor: float) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         mu = (mean - bias) / g
         sigma = np.sqrt(var) / np.abs(g)
-    valid = np.isfinite(sigma) & np.isfinite(mu) & (sigma * np.abs(g) > math.sqrt(floor))
+    valid = np.isfinite(sigma) & np.isfinite(mu) & (var > relative_floor * (var + np.square(mean)))
     safe_sigma = np.where(valid, sigma, 1.0)
     new_g = np.where(valid, 1.0 / safe_sigma, g)
     new_bias = np.where(valid, -mu / safe_sigma, bias) if target.bias is not None else bias

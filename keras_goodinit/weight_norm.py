@@ -164,7 +164,7 @@ def bake_weight_norm(model: keras.Model) -> keras.Model:
 
     def clone(layer):
         source = layer.layer if isinstance(layer, WeightNormalization) else layer
-        new = source.__class__.from_config(source.get_config())
+        new = source.__class__.from_config(_without_package_objects(source.get_config()))
         copies.append((layer, new))
         return new
 
@@ -184,3 +184,17 @@ def bake_weight_norm(model: keras.Model) -> keras.Model:
             values = old.get_weights()
         new.set_weights(values)
     return baked
+
+
+def _without_package_objects(config: dict) -> dict:
+    """The layer config minus this package's objects (GoodInit initializers).
+
+    The baked weights are set right after cloning, so an initializer only
+    matters for re-initialization; dropping ours (the layer's default takes
+    over) lets the baked model load where keras-goodinit is not installed.
+    """
+    def ours(value) -> bool:
+        return (isinstance(value, dict)
+                and str(value.get("registered_name") or "").startswith("keras_goodinit>"))
+
+    return {key: value for key, value in config.items() if not ours(value)}

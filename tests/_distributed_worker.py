@@ -1,0 +1,424 @@
+"""Scenarios run in their own processes by tests/test_distributed.py (not collected: no test_).
+
+    python _distributed_worker.py mirrored OUT.json
+        One process, the CPU split into two logical devices, MirroredStrategy.
+    python _distributed_worker.py multiworker OUT.json
+        One worker of a MultiWorkerMirroredStrategy cluster; TF_CONFIG says which.
+
+Each scenario records plain facts (digests, max differences, statuses) in a
+JSON file; the test process makes the assertions. A scenario that raises is
+recorded with its error and the others still run, so one failure does not
+hide the rest of the matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf  # noqa: E402
+
+MODE, OUT = sys.argv[1], sys.argv[2]
+if MODE == "mirrored":
+    # Only possible before TensorFlow initializes its devices.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers as L  # noqa: E402
+
+from keras_goodinit import (  # noqa: E402
+    GoodInit,
+    LSUVCallback,
+    WeightNormalization,
+    lsuv_init,
+    signal_report,
+    weightnorm_data_init,
+)
+
+RESULTS: dict = {}
+
+
+def scenario(function):
+    """Runs `function()` now and records its dict, or the error it raised."""
+    try:
+        RESULTS[function.__name__] = function()
+    except Exception as error:  # noqa: BLE001 - recorded for the test to report
+        RESULTS[function.__name__] = {
+            "error": f"{type(error).__name__}: {error}"[:1000],
+            "traceback": "".join(traceback.format_tb(error.__traceback__))[-4000:]}
+    with open(OUT, "w") as handle:
+        json.dump(RESULTS, handle, indent=1, default=str)
+    return function
+
+
+def build(wn_everywhere=False):
+    """Conv, weight-normalized conv, depthwise, Dense: GoodInit with int, None, generator seeds."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv",
+                 kernel_initializer=GoodInit("wn_relu"))(inputs)
+    x = WeightNormalization(L.Conv2D(8, 3, padding="same", activation="relu",
+                                     kernel_initializer=GoodInit("wn_relu", seed=3)),
+                            name="wn_conv")(x)
+    depthwise = L.DepthwiseConv2D(3, padding="same", activation="relu", name="depthwise",
+                                  depthwise_initializer=GoodInit(
+                                      "wn_relu", layout="depthwise",
+                                      seed=keras.random.SeedGenerator(5)))
+    x = (WeightNormalization(depthwise, name="wn_depthwise") if wn_everywhere else depthwise)(x)
+    x = L.GlobalAveragePooling2D()(x)
+    x = WeightNormalization(L.Dense(16, activation="relu", kernel_initializer=GoodInit(
+        "wn_relu")), name="wn_dense")(x)
+    return keras.Model(inputs, L.Dense(2, name="out")(x))
+
+
+def compiled(model):
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse", jit_compile=False)
+    return model
+
+
+def local(variable):
+    """This process's copies of a (mirrored) variable: one array per local replica."""
+    value = variable.value
+    copies = getattr(value, "values", None) or (value,)
+    return [np.array(c.numpy()) for c in copies]
+
+
+def first_copies(model):
+    return [local(v)[0] for v in model.weights]
+
+
+def replicas_identical(model) -> bool:
+    return all(all(np.array_equal(c[0], other) for other in c[1:])
+               for c in (local(v) for v in model.weights))
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for array in first_copies(model):
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def max_diff(arrays, other) -> float:
+    return max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(arrays, other))
+
+
+def report_diff(report, single) -> float:
+    fields = ("var_before", "var_after", "scale")
+    assert [r.name for r in report.rows] == [r.name for r in single.rows]
+    return max(abs(getattr(a, f) - getattr(b, f)) for a, b in zip(report.rows, single.rows)
+               for f in fields if np.isfinite(getattr(b, f)))
+
+
+class Snapshot(keras.callbacks.Callback):
+    """Replica values at train begin (after the init callback) and at the end of training."""
+
+    def on_train_begin(self, logs=None):
+        self.begin_identical = replicas_identical(self.model)
+        self.begin = first_copies(self.model)
+        self.begin_digest = digest(self.model)
+
+
+# ----------------------------------------------------------------------------
+# MirroredStrategy: two logical CPUs in this process.
+
+
+def mirrored():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32") * 2.0
+    y = rng.normal(size=(32, 2)).astype("float32")
+    half = x[:16]  # what one replica would see if statistics were per replica
+
+    @scenario
+    def replicas():
+        return {"count": strategy.num_replicas_in_sync}
+
+    @scenario
+    def goodinit_and_weight_norm_fit():
+        keras.utils.set_random_seed(1)
+        with strategy.scope():
+            model = compiled(build(wn_everywhere=True))
+        built_identical = replicas_identical(model)
+        start = first_copies(model)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        return {"built_identical": built_identical, "fit_identical": replicas_identical(model),
+                "steps": int(model.optimizer.iterations.numpy()),
+                "moved": max_diff(first_copies(model), start)}
+
+    @scenario
+    def lsuv_init_in_scope():
+        keras.utils.set_random_seed(2)
+        with strategy.scope():
+            model = build()
+        start = first_copies(model)
+        single, half_single = build(), build()
+        single.set_weights(start)
+        half_single.set_weights(start)
+        with strategy.scope():
+            report = lsuv_init(model, x, pre_init=None, verbose=0)
+        single_report = lsuv_init(single, x, pre_init=None, verbose=0)
+        half_report = lsuv_init(half_single, half, pre_init=None, verbose=0)
+        return {"identical": replicas_identical(model), "ok": report.ok,
+                "changed": max_diff(first_copies(model), start) > 0,
+                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
+                "stats_vs_single": report_diff(report, single_report),
+                "weights_vs_half_batch": max_diff(first_copies(model),
+                                                  half_single.get_weights()),
+                "stats_vs_half_batch": report_diff(report, half_report)}
+
+    @scenario
+    def lsuv_init_outside_scope():
+        # Variables created under the strategy, init called after leaving its scope.
+        keras.utils.set_random_seed(3)
+        with strategy.scope():
+            model = build()
+        single = build()
+        single.set_weights(first_copies(model))
+        report = lsuv_init(model, x, pre_init=None, verbose=0)
+        single_report = lsuv_init(single, x, pre_init=None, verbose=0)
+        return {"identical": replicas_identical(model), "ok": report.ok,
+                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
+                "stats_vs_single": report_diff(report, single_report)}
+
+    @scenario
+    def lsuv_init_orthogonal_and_trials():
+        # Orthogonal pre-init drawn once and written to every replica; a dataset of batches.
+        keras.utils.set_random_seed(4)
+        batches = tf.data.Dataset.from_tensor_slices(np.concatenate([x, x * 0.5, x * 2])
+                                                     ).batch(32)
+        with strategy.scope():
+            model = build()
+            report = lsuv_init(model, batches, new_batch_per_trial=True, seed=9, verbose=0)
+        return {"identical": replicas_identical(model),
+                "statuses": sorted({r.status for r in report.rows}),
+                "batches": report.batches}
+
+    @scenario
+    def weightnorm_data_init_in_scope():
+        keras.utils.set_random_seed(5)
+        with strategy.scope():
+            model = build(wn_everywhere=True)
+        single, half_single = build(True), build(True)
+        single.set_weights(first_copies(model))
+        half_single.set_weights(first_copies(model))
+        with strategy.scope():
+            report = weightnorm_data_init(model, x, verbose=0)
+        single_report = weightnorm_data_init(single, x, verbose=0)
+        half_report = weightnorm_data_init(half_single, half, verbose=0)
+        return {"identical": replicas_identical(model),
+                "statuses": [r.status for r in report.rows],
+                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
+                "stats_vs_single": report_diff(report, single_report),
+                "weights_vs_half_batch": max_diff(first_copies(model),
+                                                  half_single.get_weights()),
+                "stats_vs_half_batch": report_diff(report, half_report)}
+
+    @scenario
+    def weightnorm_data_init_outside_scope():
+        keras.utils.set_random_seed(5)
+        with strategy.scope():
+            model = build(wn_everywhere=True)
+        single = build(True)
+        single.set_weights(first_copies(model))
+        report = weightnorm_data_init(model, x, verbose=0)
+        single_report = weightnorm_data_init(single, x, verbose=0)
+        return {"identical": replicas_identical(model),
+                "statuses": [r.status for r in report.rows],
+                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
+                "stats_vs_single": report_diff(report, single_report)}
+
+    def callback_scenario(method, wn_everywhere, data):
+        keras.utils.set_random_seed(6)
+        with strategy.scope():
+            model = compiled(build(wn_everywhere))
+        single = build(wn_everywhere)
+        single.set_weights(first_copies(model))
+        kwargs = {"pre_init": None} if method == "lsuv" else {}
+        callback, snapshot = LSUVCallback(data, method=method, verbose=0, **kwargs), Snapshot()
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[callback, snapshot])
+        single_report = (lsuv_init if method == "lsuv" else weightnorm_data_init)(
+            single, x, verbose=0, **kwargs)
+        return {"init_identical": snapshot.begin_identical,
+                "fit_identical": replicas_identical(model),
+                "statuses": [r.status for r in callback.report.rows],
+                "weights_vs_single": max_diff(snapshot.begin, single.get_weights()),
+                "stats_vs_single": report_diff(callback.report, single_report),
+                "steps": int(model.optimizer.iterations.numpy())}
+
+    @scenario
+    def callback_weightnorm_data_init():
+        return callback_scenario("weightnorm_data_init", True, x)
+
+    @scenario
+    def callback_lsuv_dataset():
+        return callback_scenario("lsuv", False, tf.data.Dataset.from_tensor_slices(x).batch(32))
+
+    @scenario
+    def signal_report_mirrored():
+        keras.utils.set_random_seed(7)
+        with strategy.scope():
+            model = build(True)
+        single = build(True)
+        single.set_weights(first_copies(model))
+        with strategy.scope():
+            report = signal_report(model, (x, y), loss="mse")
+        outside = signal_report(model, (x, y), loss="mse")  # after leaving the scope
+        ref = signal_report(single, (x, y), loss="mse")
+        fields = ("mean", "std", "norm_ratio", "grad_norm_ratio", "weight_grad_std")
+        return {"names_match": [r.name for r in report.rows] == [r.name for r in ref.rows],
+                "stats_vs_single": max(abs(getattr(a, f) - getattr(b, f)) for got in
+                                       (report, outside) for a, b in zip(got.rows, ref.rows)
+                                       for f in fields),
+                "loss_vs_single": max(abs(report.loss - ref.loss), abs(outside.loss - ref.loss)),
+                "identical": replicas_identical(model)}
+
+    @scenario
+    def distributed_dataset_as_data():
+        # A per-replica dataset cannot give the global batch: the call must fail cleanly.
+        keras.utils.set_random_seed(8)
+        with strategy.scope():
+            model = build()
+        before = first_copies(model)
+        distributed = strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(x).batch(32))
+        try:
+            with strategy.scope():
+                lsuv_init(model, distributed, verbose=0)
+            error = None
+        except Exception as caught:  # noqa: BLE001
+            error = f"{type(caught).__name__}: {caught}"[:500]
+        return {"error": None, "raised": error,
+                "unchanged": max_diff(first_copies(model), before) == 0.0,
+                "identical": replicas_identical(model)}
+
+
+# ----------------------------------------------------------------------------
+# MultiWorkerMirroredStrategy: this process is one worker.
+
+
+def train_steps(strategy, model, x, y, batch_size=16):
+    """A few synchronous SGD steps in a custom loop (see `keras_fit_with_callback`)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).with_options(options)
+    optimizer = model.optimizer
+
+    @tf.function
+    def step(xb, yb):
+        def replica_step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
+                loss = loss / strategy.num_replicas_in_sync
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+        return strategy.run(replica_step, args=(xb, yb))
+
+    for xb, yb in strategy.experimental_distribute_dataset(dataset):
+        step(xb, yb)
+    return int(optimizer.iterations.numpy())
+
+
+def multiworker():
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # Every worker its own global seed and its own data: identical results can only come
+    # from synchronization.
+    keras.utils.set_random_seed(100 + task)
+    rng = np.random.default_rng(1000 + task)
+    x = (rng.normal(size=(32, 8, 8, 3)) * (1.0 + task)).astype("float32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+
+    @scenario
+    def worker():
+        return {"task": task, "replicas": strategy.num_replicas_in_sync}
+
+    @scenario
+    def goodinit_build():
+        with strategy.scope():
+            model = build(wn_everywhere=True)
+        return {"digest": digest(model)}
+
+    def init_run(function, wn_everywhere, in_scope):
+        with strategy.scope():
+            model = build(wn_everywhere)
+        built = digest(model)
+        if in_scope:
+            with strategy.scope():
+                report = function(model, x, verbose=0)  # lsuv: seed=None, this worker's draws
+        else:
+            report = function(model, x, verbose=0)
+        return {"built": built, "digest": digest(model),
+                "statuses": [r.status for r in report.rows],
+                "var_before": [r.var_before for r in report.rows]}
+
+    @scenario
+    def lsuv_init_in_scope():
+        return init_run(lsuv_init, False, True)
+
+    @scenario
+    def lsuv_init_outside_scope():
+        return init_run(lsuv_init, False, False)
+
+    @scenario
+    def weightnorm_data_init_in_scope():
+        return init_run(weightnorm_data_init, True, True)
+
+    @scenario
+    def weightnorm_data_init_outside_scope():
+        return init_run(weightnorm_data_init, True, False)
+
+    def callback_run(method):
+        with strategy.scope():
+            model = compiled(build(wn_everywhere=True))
+            model.optimizer.build(model.trainable_variables)
+        callback = LSUVCallback(x, method=method, verbose=0)
+        # What model.fit does with a callback: set_model, then on_train_begin, outside the
+        # strategy's scope (Keras 3's TF trainer does not enter it for callbacks).
+        callback.set_model(model)
+        callback.on_train_begin()
+        init_digest = digest(model)
+        steps = train_steps(strategy, model, x, y)
+        return {"init_digest": init_digest, "fit_digest": digest(model), "steps": steps,
+                "statuses": [r.status for r in callback.report.rows],
+                "var_before": [r.var_before for r in callback.report.rows]}
+
+    @scenario
+    def callback_lsuv():
+        return callback_run("lsuv")
+
+    @scenario
+    def callback_weightnorm_data_init():
+        return callback_run("weightnorm_data_init")
+
+    @scenario
+    def signal_report_multiworker():
+        with strategy.scope():
+            model = build(wn_everywhere=True)
+            built = digest(model)
+            inside = signal_report(model, (x, y), loss="mse")
+        outside = signal_report(model, (x, y), loss="mse")
+        return {"built": built, "digest": digest(model), "rows": len(inside.rows),
+                "finite": bool(np.isfinite(np.concatenate([inside.column("std"),
+                                                           outside.column("std")])).all())}
+
+    @scenario
+    def keras_fit_with_callback():
+        # Last: if Keras' fit fails on one worker only, later collectives could hang.
+        with strategy.scope():
+            model = compiled(build(wn_everywhere=True))
+        callback = LSUVCallback(x, verbose=0)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+        return {"init_ran": callback.report is not None, "fit_digest": digest(model)}
+
+
+if __name__ == "__main__":
+    {"mirrored": mirrored, "multiworker": multiworker}[MODE]()
+    print("DONE")

@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_goodinit import _data, _sweep
+from keras_goodinit.report import format_table, json_safe
 
 # Values kept per layer for the optional histograms.
 _HISTOGRAM_SAMPLES = 4096
@@ -65,21 +66,15 @@ class SignalReport:
 
     def to_dict(self) -> dict:
         """A JSON-safe dict (non-finite floats become strings); samples are left out."""
-        def safe(value):
-            return value if not isinstance(value, float) or math.isfinite(value) else str(value)
-
-        return {"input_norm": safe(self.input_norm), "loss": safe(self.loss),
-                "rows": [{k: safe(v) for k, v in dataclasses.asdict(row).items()}
+        return {"input_norm": json_safe(self.input_norm), "loss": json_safe(self.loss),
+                "rows": [{k: json_safe(v) for k, v in dataclasses.asdict(row).items()}
                          for row in self.rows]}
 
     def table(self) -> str:
         header = ("layer", "class", "mean", "std", "||h||/||x||", "grad ratio", "dW std")
         lines = [(r.name, r.class_name, f"{r.mean:.3g}", f"{r.std:.3g}", f"{r.norm_ratio:.4g}",
                   f"{r.grad_norm_ratio:.4g}", f"{r.weight_grad_std:.3g}") for r in self.rows]
-        widths = [max(len(c) for c in column) for column in zip(header, *lines)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-        return "\n".join([fmt.format(*header), rule, *(fmt.format(*line) for line in lines)])
+        return format_table(header, lines)
 
     def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
         """Prints the per-layer table."""

@@ -36,8 +36,20 @@ class LayerRecord:
     reason: str = ""
 
 
-def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else str(value)
+def json_safe(value):
+    """A float JSON can hold: non-finite floats become strings."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def format_table(header: tuple[str, ...], lines: list[tuple[str, ...]],
+                 footer: str | None = None) -> str:
+    """Left-aligned columns under a header; the last column is not padded."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    widths[-1] = 0
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    rule = "-" * max(len(fmt.format(*line).rstrip()) for line in [header, *lines])
+    rows = [fmt.format(*header).rstrip(), rule, *(fmt.format(*line).rstrip() for line in lines)]
+    return "\n".join(rows + ([rule, footer] if footer else []))
 
 
 @dataclasses.dataclass
@@ -71,8 +83,7 @@ class InitReport:
             "method": self.method,
             "batches": self.batches,
             "rows": [
-                {k: _json_float(v) if isinstance(v, float) else v
-                 for k, v in dataclasses.asdict(row).items()}
+                {k: json_safe(v) for k, v in dataclasses.asdict(row).items()}
                 for row in self.rows
             ],
         }
@@ -82,15 +93,10 @@ class InitReport:
         lines = [(r.name, r.class_name, f"{r.var_before:.4g}", f"{r.var_after:.4g}",
                   str(r.iterations), f"{r.scale:.4g}",
                   r.status + (f" ({r.reason})" if r.reason else "")) for r in self.rows]
-        widths = [max(len(str(c)) for c in column) for column in zip(header, *lines)]
-        widths[-1] = len(header[-1])
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES}
         footer = f"{self.method}: {len(self.rows)} layers, " + ", ".join(
             f"{n} {s}" for s, n in counts.items())
-        return "\n".join([fmt.format(*header), rule, *(fmt.format(*line) for line in lines),
-                          rule, footer])
+        return format_table(header, lines, footer)
 
     def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
         """Prints the per-layer table."""

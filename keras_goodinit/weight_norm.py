@@ -52,11 +52,11 @@ def kernel_variable(layer) -> keras.Variable:
     return kernel
 
 
-def unit_norms(kernel, layout: str, keepdims: bool = False):
+def unit_norms(kernel, layout: str):
     """L2 norm of every output unit's fan-in vector (science.md §1's table)."""
     kernel = ops.convert_to_tensor(kernel)
     axes = _layouts.norm_axes(len(kernel.shape), layout)
-    return ops.sqrt(ops.sum(ops.square(kernel), axis=axes, keepdims=keepdims))
+    return ops.sqrt(ops.sum(ops.square(kernel), axis=axes))
 
 
 @keras.saving.register_keras_serializable(package="keras_goodinit")

@@ -1,0 +1,95 @@
+"""Tests of examples/compare_inits.py: the --quick smoke run, end to end, in a subprocess."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_SCRIPT = _ROOT / "examples" / "compare_inits.py"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_DEFAULT_INITS = ("orthogonal", "orthogonal_datadep", "he_proposed", "orthogonal_proposed",
+                  "lsuv")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """Runs the script as a user does. A subprocess: importing it here would define
+    train.py's absl flags a second time next to tests/test_train_example.py's copy."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, str(_SCRIPT), *args], cwd=_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run of the script as a user runs it: (stdout, output directory)."""
+    out = tmp_path_factory.mktemp("compare")
+    completed = _run("--quick", f"--output={out / 'curves.png'}")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed.stdout, out
+
+
+def test_quick_run_writes_png_and_json(quick_run):
+    _, out = quick_run
+    assert (out / "curves.png").read_bytes()[:8] == _PNG_MAGIC
+    report = json.loads((out / "curves.json").read_text())
+    config = report["config"]
+    assert config["quick"] is True and config["depth"] == 10 and config["epochs"] == 2
+    results = report["results"]
+    assert [r["init"] for r in results] == list(_DEFAULT_INITS)
+    for result in results:
+        assert isinstance(result["diverged"], bool)
+        for key in ("final_train_accuracy", "final_test_accuracy", "best_test_accuracy"):
+            assert 0.0 <= result[key] <= 1.0, (result["init"], key, result[key])
+        assert result["best_test_accuracy"] >= result["final_test_accuracy"]
+        assert result["seconds"] > 0
+        if result["diverged"]:
+            assert isinstance(result["diverged_at_step"], int) and result["diverged_at_step"] >= 1
+        else:
+            assert result["diverged_at_step"] is None
+            assert result["epochs_run"] == 2
+            assert len(result["history"]["val_accuracy"]) == 2
+        # One signal row per hidden layer, plus the classifier.
+        assert len(result["signal"]["norm_ratio"]) == 11
+
+
+def test_quick_run_prints_the_table(quick_run):
+    stdout, _ = quick_run
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert table[0] == ("| init | final train acc | final test acc | best test acc "
+                        "| diverged | max epoch loss | h_L/x at init | seconds |")
+    rows = table[2:]
+    assert len(rows) == len(_DEFAULT_INITS)
+    for init, row in zip(_DEFAULT_INITS, rows):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert f"(`{init}`)" in cells[0]
+        assert all(0.0 <= float(value) <= 1.0 for value in cells[1:4])
+        assert cells[4] == "no" or cells[4].startswith("yes, step ")
+    # At depth 10 the proposed init learns within 2 epochs (chance is 0.1).
+    report = json.loads((quick_run[1] / "curves.json").read_text())
+    proposed = next(r for r in report["results"] if r["init"] == "orthogonal_proposed")
+    assert proposed["final_test_accuracy"] > 0.3 and not proposed["diverged"]
+
+
+def test_divergence_is_recorded_with_its_step(tmp_path):
+    completed = _run("--quick", "--inits=orthogonal_proposed", "--epochs=1", "--lr=1e4",
+                     f"--output={tmp_path / 'diverged.png'}")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((tmp_path / "diverged.json").read_text())
+    assert report["config"]["epochs"] == 1  # an explicit flag wins over --quick
+    (result,) = report["results"]
+    assert result["diverged"] is True and result["epochs_run"] == 1
+    step = result["diverged_at_step"]
+    assert isinstance(step, int) and 1 <= step <= report["config"]["steps_per_epoch"]
+    assert f"| yes, step {step} |" in completed.stdout
+    assert (tmp_path / "diverged.png").read_bytes()[:8] == _PNG_MAGIC
+
+
+def test_rejects_unknown_init(tmp_path):
+    completed = _run("--inits=orthogonal,xavier", f"--output={tmp_path / 'x.png'}")
+    assert completed.returncode == 2
+    assert "--inits must be a comma-separated list" in completed.stderr
+    assert not (tmp_path / "x.png").exists()

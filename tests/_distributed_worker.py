@@ -13,6 +13,7 @@ hide the rest of the matrix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -152,40 +153,47 @@ def mirrored():
                 "steps": int(model.optimizer.iterations.numpy()),
                 "moved": max_diff(first_copies(model), start)}
 
+    def against_single_device(init, seed, *, wn_everywhere, in_scope):
+        """`init` on a mirrored model, and on single-device twins with the same start.
+
+        The twin on the whole batch must match (global-batch statistics); with
+        `in_scope`, a twin on one replica's half of the batch must not.
+        """
+        keras.utils.set_random_seed(seed)
+        with strategy.scope():
+            model = build(wn_everywhere=wn_everywhere)
+        start = first_copies(model)
+        batches = {"single": x, "half_batch": half} if in_scope else {"single": x}
+        twins = {}
+        for label, batch in batches.items():
+            twin = build(wn_everywhere=wn_everywhere)
+            twin.set_weights(start)
+            twins[label] = (twin, batch)
+        scope = strategy.scope() if in_scope else contextlib.nullcontext()
+        with scope:
+            report = init(model, x, verbose=0)
+        result = {"identical": replicas_identical(model), "ok": report.ok,
+                  "statuses": [r.status for r in report.rows],
+                  "changed": max_diff(first_copies(model), start) > 0}
+        for label, (twin, batch) in twins.items():
+            twin_report = init(twin, batch, verbose=0)
+            result[f"weights_vs_{label}"] = max_diff(first_copies(model), twin.get_weights())
+            result[f"stats_vs_{label}"] = report_diff(report, twin_report)
+        return result
+
+    def lsuv_without_pre_init(model, data, verbose):
+        return lsuv_init(model, data, pre_init=None, verbose=verbose)
+
     @scenario
     def lsuv_init_in_scope():
-        keras.utils.set_random_seed(2)
-        with strategy.scope():
-            model = build()
-        start = first_copies(model)
-        single, half_single = build(), build()
-        single.set_weights(start)
-        half_single.set_weights(start)
-        with strategy.scope():
-            report = lsuv_init(model, x, pre_init=None, verbose=0)
-        single_report = lsuv_init(single, x, pre_init=None, verbose=0)
-        half_report = lsuv_init(half_single, half, pre_init=None, verbose=0)
-        return {"identical": replicas_identical(model), "ok": report.ok,
-                "changed": max_diff(first_copies(model), start) > 0,
-                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
-                "stats_vs_single": report_diff(report, single_report),
-                "weights_vs_half_batch": max_diff(first_copies(model),
-                                                  half_single.get_weights()),
-                "stats_vs_half_batch": report_diff(report, half_report)}
+        return against_single_device(lsuv_without_pre_init, 2, wn_everywhere=False,
+                                     in_scope=True)
 
     @scenario
     def lsuv_init_outside_scope():
         # Variables created under the strategy, init called after leaving its scope.
-        keras.utils.set_random_seed(3)
-        with strategy.scope():
-            model = build()
-        single = build()
-        single.set_weights(first_copies(model))
-        report = lsuv_init(model, x, pre_init=None, verbose=0)
-        single_report = lsuv_init(single, x, pre_init=None, verbose=0)
-        return {"identical": replicas_identical(model), "ok": report.ok,
-                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
-                "stats_vs_single": report_diff(report, single_report)}
+        return against_single_device(lsuv_without_pre_init, 3, wn_everywhere=False,
+                                     in_scope=False)
 
     @scenario
     def lsuv_init_orthogonal_and_trials():
@@ -202,37 +210,13 @@ def mirrored():
 
     @scenario
     def weightnorm_data_init_in_scope():
-        keras.utils.set_random_seed(5)
-        with strategy.scope():
-            model = build(wn_everywhere=True)
-        single, half_single = build(True), build(True)
-        single.set_weights(first_copies(model))
-        half_single.set_weights(first_copies(model))
-        with strategy.scope():
-            report = weightnorm_data_init(model, x, verbose=0)
-        single_report = weightnorm_data_init(single, x, verbose=0)
-        half_report = weightnorm_data_init(half_single, half, verbose=0)
-        return {"identical": replicas_identical(model),
-                "statuses": [r.status for r in report.rows],
-                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
-                "stats_vs_single": report_diff(report, single_report),
-                "weights_vs_half_batch": max_diff(first_copies(model),
-                                                  half_single.get_weights()),
-                "stats_vs_half_batch": report_diff(report, half_report)}
+        return against_single_device(weightnorm_data_init, 5, wn_everywhere=True,
+                                     in_scope=True)
 
     @scenario
     def weightnorm_data_init_outside_scope():
-        keras.utils.set_random_seed(5)
-        with strategy.scope():
-            model = build(wn_everywhere=True)
-        single = build(True)
-        single.set_weights(first_copies(model))
-        report = weightnorm_data_init(model, x, verbose=0)
-        single_report = weightnorm_data_init(single, x, verbose=0)
-        return {"identical": replicas_identical(model),
-                "statuses": [r.status for r in report.rows],
-                "weights_vs_single": max_diff(first_copies(model), single.get_weights()),
-                "stats_vs_single": report_diff(report, single_report)}
+        return against_single_device(weightnorm_data_init, 5, wn_everywhere=True,
+                                     in_scope=False)
 
     def callback_scenario(method, wn_everywhere, data):
         keras.utils.set_random_seed(6)

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
-from keras_goodinit.models import _positive_int
+from keras_goodinit.models import _kernel_initializer, _positive_int
 from keras_goodinit.weight_norm import WeightNormalization
 
 
@@ -41,11 +41,12 @@ def _layer_seeds(seed: int, count: int) -> list[int]:
     return [int(s >> 1) for s in state]  # fit a signed 32-bit seed
 
 
-def _initializer(scheme: str, proposed: bool, distribution: str, seed: int, **kwargs) -> GoodInit:
-    if not proposed:
-        # g = 1: unit-norm fan-in vectors whatever the fans.
-        return GoodInit("wn_relu_backward", gamma=1.0, distribution=distribution, seed=seed)
-    return GoodInit(scheme, distribution=distribution, seed=seed, **kwargs)
+def _initializer(role: str, proposed: bool, distribution: str, seed: int,
+                 num_blocks: int | None = None):
+    # The builders' mapping, for weight-normalized layers: the proposed g, or g = 1.
+    init = {"orthogonal": "orthogonal", "normal": "he"}[distribution]
+    return _kernel_initializer(f"{init}_proposed" if proposed else init, role, wrapped=True,
+                               num_blocks=num_blocks, seed=seed)
 
 
 def _dense(units: int, init: GoodInit, activation: str | None, name: str) -> keras.layers.Layer:
@@ -102,7 +103,7 @@ def mlp_chain(
     h = inputs
     activations = []
     for index, (units, layer_seed) in enumerate(zip(widths[1:], seeds, strict=True), start=1):
-        init = _initializer("wn_relu", proposed, distribution, layer_seed)
+        init = _initializer("relu", proposed, distribution, layer_seed)
         h = _dense(int(units), init, "relu", f"layer_{index}")(h)
         activations.append(h)
     return keras.Model(inputs, activations, name="mlp_chain")
@@ -154,8 +155,8 @@ def residual_chain(
     h = inputs
     streams = []
     for block in range(1, num_blocks + 1):
-        first = _initializer("wn_relu", proposed, distribution, seeds[2 * block - 2])
-        last = _initializer("wn_residual", proposed, distribution, seeds[2 * block - 1],
+        first = _initializer("relu", proposed, distribution, seeds[2 * block - 2])
+        last = _initializer("residual", proposed, distribution, seeds[2 * block - 1],
                             num_blocks=num_blocks)
         branch = _dense(branch_width, first, "relu", f"block_{block}_in")(h)
         branch = _dense(width, last, None, f"block_{block}_out")(branch)

@@ -220,6 +220,10 @@ def signal_report(
     """
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(f"Argument `model` must be a Keras model. Received: model={model!r}")
+    if not isinstance(gradients, bool):
+        raise ValueError(f"Argument `gradients` must be a bool. Received: gradients={gradients!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"Argument `seed` must be an int. Received: seed={seed!r}")
     if loss is not None and not callable(loss) and not isinstance(loss, str):
         raise ValueError(
             f"Argument `loss` must be a callable or a loss name. Received: loss={loss!r}")

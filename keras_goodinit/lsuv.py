@@ -244,6 +244,9 @@ def lsuv_init(
     if measure not in MEASURES:
         raise ValueError(
             f"Argument `measure` must be one of {MEASURES}. Received: measure={measure!r}")
+    if not isinstance(new_batch_per_trial, bool):
+        raise ValueError("Argument `new_batch_per_trial` must be a bool. "
+                         f"Received: new_batch_per_trial={new_batch_per_trial!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"Argument `seed` must be an int or None. Received: seed={seed!r}")
     x, targets = _prepare(model, data, layers)

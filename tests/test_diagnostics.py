@@ -132,3 +132,11 @@ def test_bad_input(batch):
         signal_report(model, np.full((4, 8), np.nan, "float32"))
     with pytest.raises(ValueError, match="non-empty"):
         signal_report(model, np.zeros((0, 8), "float32"))
+
+
+def test_bad_flags_name_the_argument(batch):
+    model = _linear_chain([1.0])
+    with pytest.raises(ValueError, match="gradients='yes'"):
+        signal_report(model, batch, gradients="yes")
+    with pytest.raises(ValueError, match="seed=1.5"):
+        signal_report(model, batch, seed=1.5)

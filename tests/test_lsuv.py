@@ -639,6 +639,7 @@ def test_report_rows_dict_and_summary(capsys):
     ({"data": np.zeros((0, 16), "float32")}, "data"),
     ({"data": np.full((4, 16), np.nan, "float32")}, "data"),
     ({"layers": []}, "model"), ({"verbose": 7}, "verbose"),
+    ({"new_batch_per_trial": "yes"}, "new_batch_per_trial"), ({"seed": 1.5}, "seed"),
 ])
 def test_bad_arguments_raise_and_change_nothing(kwargs, argument):
     model = mlp(depth=1)

@@ -157,7 +157,20 @@ class Shuffled(keras.Model):
         return self.head(self.second(self.first(self.third(x))))
 
 
-def image_zoo():
+def channels_first_conv_runs() -> bool:
+    """Whether this TensorFlow build has a channels_first Conv2D kernel on this device.
+
+    Some CPU builds (without oneDNN) implement only NHWC; that is a property of
+    the build, not of the package, so only the op itself is probed.
+    """
+    try:
+        L.Conv2D(2, 3, data_format="channels_first")(np.ones((1, 2, 4, 4), "float32"))
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+    return True
+
+
+def image_zoo(channels_first=False):
     inputs = keras.Input((8, 8, 3))
     x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)
     x = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, activation="relu",
@@ -165,10 +178,11 @@ def image_zoo():
     x = L.SeparableConv2D(8, 3, padding="same", activation="relu", name="separable")(x)
     x = L.Conv2DTranspose(6, 3, strides=2, padding="same", activation="relu",
                           name="transpose")(x)
-    x = L.Permute((3, 1, 2))(x)
-    x = L.Conv2D(5, 3, padding="same", data_format="channels_first", activation="relu",
-                 name="conv_cf")(x)
-    x = L.Permute((2, 3, 1))(x)
+    if channels_first:
+        x = L.Permute((3, 1, 2))(x)
+        x = L.Conv2D(5, 3, padding="same", data_format="channels_first", activation="relu",
+                     name="conv_cf")(x)
+        x = L.Permute((2, 3, 1))(x)
     x = WeightNormalization(L.Conv2D(6, 3, padding="same", activation="relu"), name="wn_conv")(x)
     x = WeightNormalization(L.DepthwiseConv2D(3, padding="same", activation="relu"),
                             name="wn_depthwise")(x)
@@ -267,6 +281,46 @@ def test_every_kernel_layer_type(build, shape):
     report = lsuv_init(model, x, verbose=0)
     assert len(report.rows) == len(kernel_layers(model))
     assert_unit_variance(model, x, report)
+
+
+def test_channels_first_conv2d_where_the_build_runs_it():
+    if not channels_first_conv_runs():
+        pytest.skip("this TensorFlow build has no channels_first Conv2D kernel on this device")
+    model = image_zoo(channels_first=True)
+    x = normal((32, 8, 8, 3), 3)
+    report = lsuv_init(model, x, verbose=0)
+    assert "conv_cf" in [r.name for r in report.rows]
+    assert_unit_variance(model, x, report)
+
+
+def test_channels_first_statistics_on_layers_every_build_runs():
+    # Depthwise and separable 1D convs run channels_first on every CPU build
+    # (Keras transposes around the NWC op), so channel axis 1 is exercised here.
+    inputs = keras.Input((10, 4))
+    x = L.Permute((2, 1))(inputs)
+    x = L.DepthwiseConv1D(3, padding="same", depth_multiplier=2, data_format="channels_first",
+                          activation="relu", name="depthwise_cf")(x)
+    x = L.SeparableConv1D(6, 3, padding="same", data_format="channels_first",
+                          name="separable_cf")(x)
+    model = keras.Model(inputs, L.Permute((2, 1))(x))
+    x = normal((32, 10, 4), 3, scale=2.0)
+    report = lsuv_init(model, x, verbose=0)
+    assert [r.name for r in report.rows] == ["depthwise_cf", "separable_cf"]
+    assert_unit_variance(model, x, report)
+
+
+def test_channels_first_cells_are_per_channel_on_axis_1():
+    # Tensor-level: no convolution runs, so no build can make this skip.
+    layer = L.Conv2D(3, 1, data_format="channels_first")
+    layer.build((None, 2, 4, 5))
+    layer.bias.assign(np.array([1.0, -2.0, 3.0], "float32"))
+    target = _sweep.Target(layer, layer)
+    assert target.channel_axis == 1 and target.cell_axes(4) == (0, 2, 3)
+    y = np.random.default_rng(0).normal(size=(6, 3, 4, 5)) * np.array([1, 2, 3])[:, None, None]
+    mean, var = _sweep.cell_moments(y.astype("float32"), target.cell_axes(4))
+    assert mean.shape == (1, 3, 1, 1)
+    np.testing.assert_allclose(var.ravel(), y.var(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_array_equal(target.bias_cells(mean.shape).ravel(), [1.0, -2.0, 3.0])
 
 
 def test_lsuv_scales_g_of_weight_normalized_layers_and_leaves_v_alone():

@@ -7,6 +7,7 @@ import inspect
 import keras
 from keras.src.utils.io_utils import print_msg
 
+from keras_goodinit import _freshness, _validate
 from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
 
 METHODS = {"lsuv": lsuv_init, "weightnorm_data_init": weightnorm_data_init}
@@ -19,15 +20,50 @@ def _optimizer_steps(model) -> int:
     return 0 if iterations is None else int(keras.ops.convert_to_numpy(iterations))
 
 
+def _stand_down_reason(model: keras.Model) -> str | None:
+    """Why `LSUVCallback` must not initialize `model`, or None if its weights are fresh."""
+    if getattr(model, _DONE, False):
+        return "it was already initialized by keras-goodinit"
+    if _optimizer_steps(model) > 0:
+        return "its optimizer has already taken steps (trained or restored weights)"
+    # Last, as it is the only check that costs a re-draw of the weights.
+    changed, _ = _freshness.first_changed(model)
+    if changed is not None:
+        return (f"its weight {changed!r} is not what its initializer drew when the model was "
+                "built, so the weights were trained, set (set_weights), loaded (load_weights, "
+                "load_model) or initialized since")
+    return None
+
+
 class LSUVCallback(keras.callbacks.Callback):
     """Runs `lsuv_init` (or `weightnorm_data_init`) once, at the start of training.
 
-    It never re-initializes trained weights: if the optimizer has already
-    taken steps (a resumed run, a `BackupAndRestore` restore, a loaded
-    checkpoint) or this package already initialized the model (a second
-    `fit`), it does nothing unless `force=True`. Under a
+    It never re-initializes weights that were trained, set or loaded. At the
+    start of `fit` it stands down, unless `force=True`, when:
+
+    1. this package already initialized the model (a second `fit`);
+    2. the optimizer has already taken steps (a resumed run, a
+       `BackupAndRestore` restore, a `.keras` file saved with its optimizer);
+    3. a weight is not what its own initializer drew when the model was
+       built. Keras' built-in initializers re-draw the same values when
+       called again, so the callback calls each layer's initializer once more
+       and compares: weights given by `set_weights`, `load_weights` or
+       `load_model` (including after `clone_model`, `compile=False` or a
+       custom training loop) or trained in any way do not match.
+
+    Weights whose initializer draws new values on every call
+    (`GoodInit(seed=None)`, a `SeedGenerator` seed, a custom initializer)
+    cannot be checked and count neither way; with the usual zero biases, or
+    `WeightNormalization`'s `g` (which starts as `||v||`), a model is still
+    checked. A model with no checkable weight at all is judged by rules 1
+    and 2 only. The check re-draws each checkable weight once, which costs
+    about what building the weights cost, and nothing is stored in the
+    model, so its weights and checkpoints are unchanged. Under a
     `tf.distribute` strategy the sweep runs in cross-replica context on the
     whole batch, and the resulting weights are written to every replica.
+
+    After `fit`, `report` holds the `InitReport` (None if it stood down) and
+    `reason` says why it stood down (None if it ran).
 
     Examples:
 
@@ -42,11 +78,23 @@ class LSUVCallback(keras.callbacks.Callback):
     >>> callback.report.rows[0].status
     'ok'
 
+    The same weights set into a new model are recognized as not fresh:
+
+    >>> twin = keras.models.clone_model(model)
+    >>> twin.set_weights(model.get_weights())
+    >>> twin.compile("sgd", "mse")
+    >>> again = LSUVCallback(x[:32], verbose=0)
+    >>> history = twin.fit(x, y, epochs=1, verbose=0, callbacks=[again])
+    >>> again.report is None
+    True
+
     Args:
         data: The batch (or dataset) to initialize on; see `lsuv_init`.
         method: `"lsuv"` (default) or `"weightnorm_data_init"`.
-        force: Initialize even if the model was trained or initialized before.
-        verbose: 0 silent, 1 progress bar and the report's table.
+        force: Initialize even if the weights were trained, set, loaded or
+            initialized before.
+        verbose: 0 silent, 1 or 2 a progress bar, the report's table and
+            why the callback stood down.
         **lsuv_kwargs: Passed to `lsuv_init` (`tol`, `max_iter`, ...);
             `weightnorm_data_init` takes only `layers`.
 
@@ -57,10 +105,9 @@ class LSUVCallback(keras.callbacks.Callback):
     def __init__(self, data, method: str = "lsuv", force: bool = False, verbose: int = 1,
                  **lsuv_kwargs):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(
-                f"Argument `method` must be one of {tuple(METHODS)}. Received: method={method!r}"
-            )
+        method = _validate.one_of("method", method, tuple(METHODS))
+        force = _validate.boolean("force", force)
+        verbose = _validate.verbose(verbose)
         accepted = set(inspect.signature(METHODS[method]).parameters) - {"model", "data",
                                                                           "verbose"}
         unknown = sorted(set(lsuv_kwargs) - accepted)
@@ -71,25 +118,20 @@ class LSUVCallback(keras.callbacks.Callback):
             )
         self.data = data
         self.method = method
-        self.force = bool(force)
+        self.force = force
         self.verbose = verbose
         self.kwargs = lsuv_kwargs
         self.report = None
+        self.reason = None
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if not self.force:
-            reason = None
-            if getattr(model, _DONE, False):
-                reason = "it was already initialized by keras-goodinit"
-            elif _optimizer_steps(model) > 0:
-                reason = "its optimizer has already taken steps (trained or restored weights)"
-            if reason:
-                if self.verbose:
-                    print_msg(
-                        f"LSUVCallback: not re-initializing {model.name!r}: {reason}. "
-                        "Pass force=True to override.")
-                return
+        self.reason = None if self.force else _stand_down_reason(model)
+        if self.reason:
+            if self.verbose:
+                print_msg(f"LSUVCallback: not re-initializing {model.name!r}: {self.reason}. "
+                          "Pass force=True to initialize anyway.")
+            return
         self.report = METHODS[self.method](model, self.data, verbose=self.verbose, **self.kwargs)
         setattr(model, _DONE, True)
         if self.verbose:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_goodinit import _data, _sweep
+from keras_goodinit import _data, _sweep, _validate
 from keras_goodinit.report import format_table, json_safe
 
 # Values kept per layer for the optional histograms.
@@ -29,10 +29,14 @@ class LayerSignal:
         mean: Mean of its output (after its activation) over the batch.
         std: Standard deviation of its output.
         norm_ratio: `||h_l|| / ||x||`, the output's norm over the input's.
-        grad_norm_ratio: `||dL/dh_l|| / ||dL/dh_L||`, relative to the last
-            target layer (NaN without gradients).
+        grad_norm_ratio: `||dL/dh_l|| / ||dL/dh_R||`, relative to the
+            reference layer `R` (`SignalReport.grad_reference`): the last
+            target, in execution order, whose output reaches the loss. NaN
+            without gradients, and for a layer whose output does not reach
+            the loss.
         weight_grad_std: Standard deviation of `dL/dkernel` (`dL/dv` for
-            weight-normalized layers); NaN without gradients.
+            weight-normalized layers); NaN without gradients, and for a
+            layer whose output does not reach the loss.
     """
 
     name: str
@@ -52,12 +56,23 @@ class SignalReport:
         rows: One `LayerSignal` per target layer.
         input_norm: `||x||` of the batch.
         loss: The loss the gradients are of (NaN without gradients).
+        training: The mode of the forward pass: `True` for training mode
+            (batch statistics in BatchNormalization, active dropout),
+            `False` for inference mode.
+        loss_name: What `loss` is: per model output, the loss and what it
+            was measured against; terms of a multi-output model are summed.
+            Empty without gradients.
+        grad_reference: The layer the backward ratios are relative to (None
+            without gradients, or when no target's output reaches the loss).
         samples: Per layer, a sample of output values for histograms.
     """
 
     rows: list[LayerSignal]
     input_norm: float
     loss: float = math.nan
+    training: bool = False
+    loss_name: str = ""
+    grad_reference: str | None = None
     samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
     def column(self, field: str) -> np.ndarray:
@@ -67,17 +82,27 @@ class SignalReport:
     def to_dict(self) -> dict:
         """A JSON-safe dict (non-finite floats become strings); samples are left out."""
         return {"input_norm": json_safe(self.input_norm), "loss": json_safe(self.loss),
+                "training": self.training, "loss_name": self.loss_name,
+                "grad_reference": self.grad_reference,
                 "rows": [{k: json_safe(v) for k, v in dataclasses.asdict(row).items()}
                          for row in self.rows]}
 
     def table(self) -> str:
+        """The per-layer table, with the mode, the loss and the gradient reference below it."""
         header = ("layer", "class", "mean", "std", "||h||/||x||", "grad ratio", "dW std")
         lines = [(r.name, r.class_name, f"{r.mean:.3g}", f"{r.std:.3g}", f"{r.norm_ratio:.4g}",
                   f"{r.grad_norm_ratio:.4g}", f"{r.weight_grad_std:.3g}") for r in self.rows]
-        return format_table(header, lines)
+        mode = "training" if self.training else "inference"
+        footer = f"training={self.training} ({mode} mode)"
+        if self.loss_name:
+            footer += (f"; loss {self.loss:.4g} = {self.loss_name}; grad ratio relative to "
+                       f"{self.grad_reference or 'nothing (no output reaches the loss)'}")
+        else:
+            footer += "; no backward pass"
+        return format_table(header, lines, footer)
 
     def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
-        """Prints the per-layer table."""
+        """Prints `table()`: the per-layer table, the mode and the loss."""
         (print_fn or print)(self.table())
 
     def __str__(self) -> str:
@@ -158,20 +183,137 @@ def _ratio(norm: float, reference: float) -> float:
     return norm / reference if reference > 0 else math.nan
 
 
-def _default_loss(outputs, labels, seed: int):
-    """Cross-entropy from logits, against the batch's labels or seeded random ones."""
-    if len(keras.tree.flatten(outputs)) != 1:
+def _restore_changed(saved) -> None:
+    """Puts back, bit for bit, every variable whose value differs from its snapshot."""
+    for variable, value in saved:
+        now = ops.convert_to_numpy(variable.value)
+        # Bytes, not ==: NaN weights and integer seed states compare exactly too.
+        if now.shape != value.shape or now.tobytes() != value.tobytes():
+            variable.assign(value)
+
+
+# Relative rounding of one value in the output's dtype, for the "sums to 1" test.
+_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def _sums_to_one(values: np.ndarray, dtype: str) -> bool:
+    """Whether every row along the last axis is a probability distribution."""
+    # A sum of k values, each rounded to relative eps, is off by at most eps * (sum = 1).
+    tolerance = max(1e-3, 4 * _EPS.get(dtype, 2.0**-23))
+    return bool(np.all(values >= 0)
+                and np.all(np.abs(values.sum(axis=-1) - 1.0) <= tolerance))
+
+
+def _labels_array(y, name: str) -> np.ndarray:
+    array = np.asarray(ops.convert_to_numpy(y))
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(
-            "signal_report's default cross-entropy needs a single-output model; pass `loss=`. "
-            f"Received: {len(keras.tree.flatten(outputs))} outputs"
-        )
-    logits = ops.cast(keras.tree.flatten(outputs)[0], "float32")
+            f"The default loss needs numeric labels{name}: pass `loss=`. "
+            f"Received: y of dtype {array.dtype}")
+    return array
+
+
+def _default_term(pred, y, rng: np.random.Generator, name: str):
+    """The default loss of one output and what it is: see `signal_report`."""
+    dtype = keras.backend.standardize_dtype(pred.dtype)
+    pred = ops.cast(pred, "float32")
+    shape = tuple(pred.shape)
+    units = shape[-1] if len(shape) >= 2 else 1
+    if units < 2:
+        # Cross-entropy over one unit is identically 0 (softmax of one logit is 1).
+        if y is None:
+            target = rng.standard_normal(shape).astype("float32")
+            return (keras.losses.mean_squared_error(target, pred),
+                    "mean_squared_error vs seeded N(0, 1) targets")
+        target = _labels_array(y, name)
+        if target.size != int(np.prod(shape)):
+            raise ValueError(
+                f"The default loss pairs y{name} with an output of shape {shape}: they must have "
+                f"as many values. Received: y of shape {target.shape}")
+        target = target.reshape(shape).astype("float32")
+        return keras.losses.mean_squared_error(target, pred), "mean_squared_error vs y"
+    probabilities = _sums_to_one(ops.convert_to_numpy(pred), dtype)
+    kind = "probabilities" if probabilities else "logits"
+    if y is None:
+        labels = rng.integers(0, units, shape[:-1])
+        return (keras.losses.sparse_categorical_crossentropy(
+            labels, pred, from_logits=not probabilities),
+            f"sparse_categorical_crossentropy from {kind} vs seeded labels")
+    labels = _labels_array(y, name)
+    if labels.shape == shape and _sums_to_one(labels.astype("float64"), "float64"):
+        return (keras.losses.categorical_crossentropy(
+            labels.astype("float32"), pred, from_logits=not probabilities),
+            f"categorical_crossentropy from {kind} vs y")
+    if labels.shape in (shape[:-1], shape[:-1] + (1,)):
+        if not (np.all(np.mod(labels, 1) == 0) and np.all(labels >= 0)
+                and np.all(labels < units)):
+            raise ValueError(
+                f"The default loss reads y{name} as class indices of an output with {units} "
+                f"units: they must be integers in [0, {units}). Pass `loss=` otherwise. "
+                f"Received: y with values in [{labels.min()}, {labels.max()}]")
+        return (keras.losses.sparse_categorical_crossentropy(
+            labels.reshape(shape[:-1]).astype("int64"), pred, from_logits=not probabilities),
+            f"sparse_categorical_crossentropy from {kind} vs y")
+    if labels.shape == shape:  # same shape, not distributions: regression targets
+        return (keras.losses.mean_squared_error(labels.astype("float32"), pred),
+                "mean_squared_error vs y")
+    raise ValueError(
+        f"The default loss cannot pair y{name} with an output of shape {shape}: y must be class "
+        "indices, one-hot rows or targets of the output's shape. Pass `loss=` otherwise. "
+        f"Received: y of shape {labels.shape}")
+
+
+def _paired(model, outputs, labels) -> list[tuple[str, object, object]]:
+    """(name, output, its labels or None) for each model output, Keras' pairing."""
+    if isinstance(outputs, dict):
+        names, preds = list(outputs), list(outputs.values())
+    else:
+        preds = keras.tree.flatten(outputs)
+        names = list(getattr(model, "output_names", None) or [])
+        if len(names) != len(preds):
+            names = [f"output {index}" for index in range(len(preds))]
+    if len(preds) == 1:
+        if isinstance(labels, (list, tuple, dict)) and len(labels) == 1:
+            labels = next(iter(labels.values())) if isinstance(labels, dict) else labels[0]
+        return [("", preds[0], labels)]
     if labels is None:
-        labels = np.random.default_rng(seed).integers(0, logits.shape[-1], logits.shape[:-1])
-    labels = ops.convert_to_tensor(labels)
-    if len(labels.shape) == len(logits.shape) and labels.shape[-1] == logits.shape[-1]:
-        return ops.mean(keras.losses.categorical_crossentropy(labels, logits, from_logits=True))
-    return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        return [(n, p, None) for n, p in zip(names, preds)]
+    if isinstance(outputs, dict) and isinstance(labels, dict) and set(labels) == set(outputs):
+        return [(n, p, labels[n]) for n, p in zip(names, preds)]
+    if (not isinstance(outputs, dict) and isinstance(labels, (list, tuple))
+            and len(labels) == len(preds)):
+        return list(zip(names, preds, labels))
+    what = (f"a dict with keys {sorted(labels)}" if isinstance(labels, dict) else
+            f"a {type(labels).__name__} of length {len(labels)}"
+            if isinstance(labels, (list, tuple)) else f"one array of shape {np.shape(labels)}")
+    expected = (f"a dict with keys {sorted(outputs)}" if isinstance(outputs, dict)
+                else f"a list or tuple of {len(preds)} arrays")
+    raise ValueError(
+        f"The model has {len(preds)} outputs, so `y` must be {expected}, one entry per output. "
+        f"Received: y={what}")
+
+
+def _loss_name(loss) -> str:
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
+def _total_loss(model, outputs, labels, loss, seed: int):
+    """The loss summed over the model's outputs, and what each term is."""
+    rng = np.random.default_rng(seed)
+    loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+    total, parts = None, []
+    for name, pred, y in _paired(model, outputs, labels):
+        where = f" of {name!r}" if name else ""
+        if loss is None:
+            values, what = _default_term(pred, y, rng, where)
+        else:
+            values, what = loss_fn(y, pred), f"{_loss_name(loss)} vs y"
+        term = ops.mean(ops.cast(values, "float32"))
+        total = term if total is None else total + term
+        parts.append(f"{name}: {what}" if name else what)
+    return total, " + ".join(parts)
 
 
 def signal_report(
@@ -180,37 +322,73 @@ def signal_report(
     *,
     gradients: bool = True,
     loss: Callable | str | None = None,
-    layers=None,
+    layers: Sequence[keras.layers.Layer | str] | None = None,
     seed: int = 0,
+    training: bool = False,
 ) -> SignalReport:
     """Measures the signal through every target layer: one forward, one backward pass.
 
     For every layer with a kernel (the targets of `lsuv_init`), in execution
     order: the mean and std of its output, the norm ratio `||h_l|| / ||x||`
-    and, with `gradients=True`, the backward ratio `||dL/dh_l|| / ||dL/dh_L||`
+    and, with `gradients=True`, the backward ratio `||dL/dh_l|| / ||dL/dh_R||`
     and the std of the kernel's gradient. This is what Figure 1 of Arpit et
     al. plots: a well-initialized deep net keeps both ratios near 1.
+
+    The reference layer `R` is the last target, in execution order, whose
+    output reaches the loss: the last layer of a plain network, and never a
+    head whose output the model discards (its ratio would be 0/0).
+
+    The report changes nothing: every variable of the model (kernels, BatchNormalization
+    moving statistics, dropout seed states...) is, bit for bit, as it was
+    before the call, also when the call raises. A model that is not built yet is
+    built on the batch first, in inference mode.
 
     Examples:
 
     >>> model = keras.Sequential([keras.Input((16,)),
     ...                           keras.layers.Dense(32, activation="relu"),
-    ...                           keras.layers.Dense(4)])
+    ...                           keras.layers.Dense(4, name="logits")])
     >>> x = np.random.default_rng(0).normal(size=(64, 16)).astype("float32")
     >>> report = signal_report(model, x)
-    >>> len(report.rows)
-    2
+    >>> len(report.rows), report.training, report.grad_reference
+    (2, False, 'logits')
+    >>> report.loss_name
+    'sparse_categorical_crossentropy from logits vs seeded labels'
+
+    A one-unit output gets a squared error; `training=True` runs the pass
+    with batch statistics:
+
+    >>> model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8),
+    ...                           keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    >>> report = signal_report(model, x, training=True)
+    >>> report.loss_name
+    'mean_squared_error vs seeded N(0, 1) targets'
+    >>> [float(v) for v in model.layers[1].moving_mean.numpy()[:2]]  # left as it was
+    [0.0, 0.0]
 
     Args:
         model: A Keras model.
         data: A batch, `(x, y)` tuple, dict of inputs, `tf.data.Dataset` or
-            `keras.utils.PyDataset` (first batch).
+            `keras.utils.PyDataset` (first batch). For a model with several
+            outputs, `y` is a list or tuple (a dict for dict outputs) with
+            one entry per output.
         gradients: Also run the backward pass.
-        loss: `loss(y_true, y_pred)` or a Keras loss name. Default: softmax
-            cross-entropy from logits, against `y` if the data has it, else
-            against labels drawn with `seed`.
+        loss: `loss(y_true, y_pred)` or a Keras loss name, applied to each
+            output and summed over outputs (as Keras does with one loss for
+            a multi-output model); needs `y`. Default, per output: for an
+            output whose last axis has at least 2 units, softmax
+            cross-entropy (from its values if they are probabilities, else
+            from logits) against `y` (class indices or one-hot rows) or
+            against labels drawn with `seed`; `y` of the output's shape that
+            is not one-hot rows gets the mean squared error. For one unit,
+            where cross-entropy is identically 0, the mean squared error
+            against `y` or against N(0, 1) targets drawn with `seed`.
+            `SignalReport.loss_name` says which was used.
         layers: Only these layers (objects or names).
-        seed: Seeds the random labels.
+        seed: Seeds the random labels and targets, and the histogram samples.
+        training: Run the forward pass in training mode (BatchNormalization
+            normalizes by the batch's statistics, dropout is active) rather
+            than inference mode. The report records which.
 
     Returns:
         A `SignalReport`.
@@ -220,20 +398,37 @@ def signal_report(
     """
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(f"Argument `model` must be a Keras model. Received: model={model!r}")
-    if not isinstance(gradients, bool):
-        raise ValueError(f"Argument `gradients` must be a bool. Received: gradients={gradients!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"Argument `seed` must be an int. Received: seed={seed!r}")
-    if loss is not None and not callable(loss) and not isinstance(loss, str):
-        raise ValueError(
-            f"Argument `loss` must be a callable or a loss name. Received: loss={loss!r}")
+    gradients = _validate.boolean("gradients", gradients)
+    training = _validate.boolean("training", training)
+    seed = _validate.seed(seed, allow_none=False)
+    if loss is not None:
+        bad_name = False
+        if isinstance(loss, str):
+            try:
+                bad_name = not callable(keras.losses.get(loss))
+            except ValueError:
+                bad_name = True
+        if bad_name or not callable(loss) and not isinstance(loss, str):
+            raise ValueError("Argument `loss` must be a callable, a Keras loss name or None. "
+                             f"Received: loss={loss!r}")
     x, labels = _data.first_element(data)
     _data.check_batch(x)
     if loss is not None and labels is None:
         raise ValueError(
             "A given `loss` needs labels: pass `data=(x, y)`. Received: data without y")
-    targets = _sweep.prepare(model, x, layers)
+    targets = _sweep.prepare(model, x, layers)  # also checks `layers`
+    # Kernels are read through a StatelessScope when gradients are taken, but BatchNormalization
+    # moving statistics and seed states can still move (without gradients, or through a
+    # subclassed call that forces training=True): every variable is put back.
+    saved = _sweep.snapshot(model.variables)
+    try:
+        return _measure(model, x, labels, targets, gradients=gradients, loss=loss, seed=seed,
+                        training=training)
+    finally:
+        _restore_changed(saved)
 
+
+def _measure(model, x, labels, targets, *, gradients, loss, seed, training) -> SignalReport:
     def record(target, y, activation, state):
         out = activation(y)
         return out, state or {"output": out}
@@ -245,13 +440,9 @@ def signal_report(
                if gradients else {})
     with tf.GradientTape() as tape, _standing_in(targets, kernels, gradients):
         tape.watch(list(kernels.values()))
-        result = _sweep.sweep(model, x, targets, record)
+        result = _sweep.sweep(model, x, targets, record, training=training)
         if gradients:
-            if loss is None:
-                loss_value = _default_loss(result.outputs, labels, seed)
-            else:
-                loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
-                loss_value = ops.mean(loss_fn(labels, result.outputs))
+            loss_value, loss_name = _total_loss(model, result.outputs, labels, loss, seed)
     outputs = [result.states[id(t)]["output"] for t in result.order]
     input_norm = _flat_norm(x)
     rows, samples = [], {}
@@ -263,16 +454,20 @@ def signal_report(
                                                             input_norm)))
         take = min(values.size, _HISTOGRAM_SAMPLES)
         samples[target.name] = rng.choice(values, take, replace=False)
-    report = SignalReport(rows, input_norm, samples=samples)
+    report = SignalReport(rows, input_norm, training=training, samples=samples)
     if not gradients:
         return report
     grads = tape.gradient(loss_value, outputs + [kernels[id(t)] for t in result.order])
     output_grads, kernel_grads = grads[:len(outputs)], grads[len(outputs):]
     norms = [_flat_norm(g) if g is not None else math.nan for g in output_grads]
-    last = norms[-1] if norms and norms[-1] > 0 else math.nan
+    # A None gradient: the output never reaches the loss (a discarded head, say).
+    reaching = [index for index, g in enumerate(output_grads) if g is not None]
+    reference = norms[reaching[-1]] if reaching else math.nan
     for row, norm, grad in zip(rows, norms, kernel_grads):
-        row.grad_norm_ratio = norm / last
+        row.grad_norm_ratio = _ratio(norm, reference)
         if grad is not None:
             row.weight_grad_std = float(ops.std(ops.cast(grad, "float32")))
     report.loss = float(loss_value)
+    report.loss_name = loss_name
+    report.grad_reference = result.order[reaching[-1]].name if reaching else None
     return report

@@ -140,3 +140,309 @@ def test_bad_flags_name_the_argument(batch):
         signal_report(model, batch, gradients="yes")
     with pytest.raises(ValueError, match="seed=1.5"):
         signal_report(model, batch, seed=1.5)
+
+
+# ----------------------------------------------------------------------------
+# Issue 8: the backward reference, multi-output losses, training mode, the default loss,
+# state left exactly as it was, and argument validation.
+
+
+def _identity_dense(units, scale, name, width=8):
+    del width  # Identity(scale) needs a square kernel: units == input width
+    return keras.layers.Dense(units, use_bias=False, name=name,
+                              kernel_initializer=keras.initializers.Identity(scale))
+
+
+def _values(model):
+    return [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.variables]
+
+
+def _assert_untouched(model, before):
+    after = _values(model)
+    assert len(after) == len(before)
+    for variable, old, new in zip(model.variables, before, after):
+        # Bit for bit: a diagnostic must leave no trace, not even a rounding.
+        assert old.tobytes() == new.tobytes(), variable.path
+
+
+def test_discarded_last_head_does_not_make_the_ratio_nan(batch):
+    class DiscardsAux(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d0 = _identity_dense(8, 2.0, "d0")
+            self.d1 = _identity_dense(8, 3.0, "d1")
+            self.aux = _identity_dense(8, 5.0, "aux")
+
+        def call(self, x):
+            h = self.d0(x)
+            main = self.d1(h)
+            self.aux(h)  # runs last, but its output is thrown away
+            return main
+
+    model = DiscardsAux()
+    report = signal_report(model, (batch, np.arange(32) % 8))
+    assert [row.name for row in report.rows] == ["d0", "d1", "aux"]
+    assert report.grad_reference == "d1"
+    # dL/dh0 = 3 dL/dh1 (kernel 3 I): the ratio is 3, the reference's own is 1, exactly.
+    np.testing.assert_allclose(report.column("grad_norm_ratio")[:2], [3.0, 1.0], rtol=1e-5)
+    # The discarded head has no gradient at all: NaN, not 0/0 spreading to the others.
+    assert np.isnan(report.rows[2].grad_norm_ratio)
+    assert np.isnan(report.rows[2].weight_grad_std)
+    assert np.isfinite(report.column("weight_grad_std")[:2]).all()
+
+
+def _two_outputs(as_dict=False):
+    inputs = keras.Input((8,))
+    a = _identity_dense(8, 1.0, "a")(inputs)
+    b = _identity_dense(8, 2.0, "b")(inputs)
+    return keras.Model(inputs, {"a": a, "b": b} if as_dict else [a, b])
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_multi_output_string_and_callable_losses_sum_over_outputs(batch, as_dict):
+    model = _two_outputs(as_dict)
+    zeros = np.zeros_like(batch)
+    y = {"a": zeros, "b": zeros} if as_dict else (zeros, zeros)
+    report = signal_report(model, (batch, y), loss="mse")
+    # Outputs x and 2x against 0: mean(x^2) + mean(4 x^2), exactly.
+    assert report.loss == pytest.approx(5 * float(np.mean(batch**2)), rel=1e-5)
+    assert report.loss_name.count("mse vs y") == 2
+    # Both heads reach the loss; the one run last is the reference. dL/dh = 2 h / (n units)
+    # with h = x and 2x: the gradient norms are in the ratio 1 : 2, whichever runs last.
+    ratios = {row.name: row.grad_norm_ratio for row in report.rows}
+    assert report.grad_reference == report.rows[-1].name
+    assert ratios[report.grad_reference] == 1.0
+    assert ratios["a"] / ratios["b"] == pytest.approx(0.5, rel=1e-5)
+
+    def mean_abs(y_true, y_pred):
+        return keras.ops.mean(keras.ops.abs(y_pred - y_true), axis=-1)
+
+    report = signal_report(model, (batch, y), loss=mean_abs)
+    assert report.loss == pytest.approx(3 * float(np.mean(np.abs(batch))), rel=1e-5)
+    assert "mean_abs vs y" in report.loss_name
+    # dL/dh = sign(h) / (n units) for both heads: equal norms.
+    np.testing.assert_allclose(report.column("grad_norm_ratio"), [1.0, 1.0], rtol=1e-6)
+
+
+def test_multi_output_labels_must_match_the_outputs(batch):
+    model = _two_outputs()
+    with pytest.raises(ValueError, match="2 outputs.*Received: y=one array of shape"):
+        signal_report(model, (batch, batch), loss="mse")
+    with pytest.raises(ValueError, match="Received: y=a tuple of length 3"):
+        signal_report(model, (batch, (batch, batch, batch)), loss="mse")
+
+
+def test_multi_output_default_loss_is_per_output(batch):
+    inputs = keras.Input((8,))
+    logits = _identity_dense(8, 1.0, "logits")(inputs)
+    value = keras.layers.Dense(1, use_bias=False, name="value",
+                               kernel_initializer=keras.initializers.Ones())(inputs)
+    model = keras.Model(inputs, [logits, value])
+    report = signal_report(model, batch, seed=3)
+    assert report.loss_name.endswith(
+        "sparse_categorical_crossentropy from logits vs seeded labels + "
+        "value: mean_squared_error vs seeded N(0, 1) targets")
+    # The same draws, in output order, from the documented seed.
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 8, (32,))
+    targets = rng.standard_normal((32, 1))
+    shifted = batch - batch.max(1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    cross_entropy = -np.mean(log_probs[np.arange(32), labels])
+    squared = np.mean((batch.sum(1, keepdims=True) - targets) ** 2)
+    assert report.loss == pytest.approx(cross_entropy + squared, rel=1e-5)
+
+
+def test_one_unit_output_gets_squared_error_not_a_zero_loss(batch):
+    kernel = np.linspace(-1.0, 1.0, 8).astype("float32")[:, None]
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(
+        1, use_bias=False, name="head", kernel_initializer=keras.initializers.Constant(kernel))])
+    pred = batch @ kernel
+    targets = np.random.default_rng(0).standard_normal((32, 1))
+    report = signal_report(model, batch)
+    assert report.loss_name == "mean_squared_error vs seeded N(0, 1) targets"
+    assert report.loss == pytest.approx(float(np.mean((pred - targets) ** 2)), rel=1e-5)
+    # dL/dW = X^T 2 (pred - t) / n for L = mean((XW - t)^2): nonzero, computed by hand.
+    d_kernel = batch.T @ (2 * (pred - targets) / 32)
+    assert report.rows[0].weight_grad_std == pytest.approx(float(np.std(d_kernel)), rel=1e-4)
+    assert report.rows[0].grad_norm_ratio == pytest.approx(1.0, rel=1e-6)
+    y = np.arange(32, dtype="float32") / 32  # shape (32,): paired with the (32, 1) output
+    report = signal_report(model, (batch, y))
+    assert report.loss_name == "mean_squared_error vs y"
+    assert report.loss == pytest.approx(float(np.mean((pred[:, 0] - y) ** 2)), rel=1e-5)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_default_loss_reads_the_labels_by_shape(batch):
+    model = _linear_chain([1.0])  # logits = x
+    probs = _softmax(batch.astype("float64"))
+    sparse = np.arange(32) % 8
+    cross_entropy = -np.mean(np.log(probs[np.arange(32), sparse]))
+    for y in (sparse, sparse[:, None], np.eye(8)[sparse]):
+        report = signal_report(model, (batch, y))
+        assert "crossentropy from logits vs y" in report.loss_name
+        assert report.loss == pytest.approx(cross_entropy, rel=1e-5)
+    # Targets of the output's shape that are not one-hot rows are regression targets.
+    targets = np.ones_like(batch)
+    report = signal_report(model, (batch, targets))
+    assert report.loss_name == "mean_squared_error vs y"
+    assert report.loss == pytest.approx(float(np.mean((batch - 1) ** 2)), rel=1e-5)
+    with pytest.raises(ValueError, match=r"integers in \[0, 8\).*values in \[0, 8\]"):
+        signal_report(model, (batch, np.arange(32) % 9))
+    with pytest.raises(ValueError, match=r"Received: y of shape \(32, 3\)"):
+        signal_report(model, (batch, np.zeros((32, 3))))
+
+
+def test_softmax_outputs_are_read_as_probabilities(batch):
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(
+        8, use_bias=False, activation="softmax", kernel_initializer="identity")])
+    labels = np.arange(32) % 8
+    report = signal_report(model, (batch, labels))
+    assert report.loss_name == "sparse_categorical_crossentropy from probabilities vs y"
+    # Cross-entropy of softmax(x): not the cross-entropy of softmax(softmax(x)).
+    probs = _softmax(batch.astype("float64"))
+    assert report.loss == pytest.approx(-np.mean(np.log(probs[np.arange(32), labels])),
+                                        rel=1e-5)
+
+
+def _bn_model():
+    return keras.Sequential([
+        keras.Input((8,)), _identity_dense(8, 1.0, "d0"),
+        keras.layers.BatchNormalization(name="bn"), _identity_dense(8, 1.0, "d1")])
+
+
+@pytest.mark.parametrize("gradients", [True, False])
+def test_training_mode_is_used_and_recorded(gradients):
+    # Channels with means and variances far from BN's moving ones (0 and 1).
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(64, 8)) * np.arange(1, 9) + 5.0).astype("float32")
+    model = _bn_model()
+    model(x)
+    before = _values(model)
+    train = signal_report(model, x, training=True, gradients=gradients)
+    infer = signal_report(model, x, gradients=gradients)
+    _assert_untouched(model, before)
+    assert (train.training, infer.training) == (True, False)
+    # Training mode: every channel normalized by the batch, variance v / (v + eps) and mean
+    # 0, so the std over the tensor is sqrt(mean_c v_c / (v_c + eps)).
+    variance = x.astype("float64").var(0)
+    expected = np.sqrt(np.mean(variance / (variance + 1e-3)))
+    assert train.rows[1].std == pytest.approx(expected, rel=1e-4)
+    assert abs(train.rows[1].mean) < 1e-5
+    # Inference mode: (x - 0) / sqrt(1 + eps), exactly.
+    assert infer.rows[1].std == pytest.approx(x.std() / np.sqrt(1 + 1e-3), rel=1e-4)
+    assert train.to_dict()["training"] is True and infer.to_dict()["training"] is False
+    assert "training=True (training mode)" in train.table()
+    assert "training=False (inference mode)" in infer.table()
+
+
+def test_mobilenet_training_mode_matches_a_training_call():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV3Small(
+        weights=None, input_shape=(32, 32, 3), classes=10, dropout_rate=0.0,
+        classifier_activation=None)
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    before = _values(model)
+    train = signal_report(model, x, training=True)
+    infer = signal_report(model, x)
+    _assert_untouched(model, before)
+    assert train.rows[-1].name == infer.rows[-1].name == "logits"
+    # The logits row is the model's output: the report must reproduce each mode's call.
+    for report, mode in ((infer, False), (train, True)):
+        logits = keras.ops.convert_to_numpy(model(x, training=mode))
+        assert report.rows[-1].std == pytest.approx(float(logits.std()), rel=1e-4)
+    assert train.rows[-1].std > 10 * infer.rows[-1].std  # the two modes really differ
+
+
+class _ForcedBatchNorm(keras.Model):
+    """Calls BatchNormalization and Dropout in training mode, whatever mode it is called in."""
+
+    def __init__(self):
+        super().__init__()
+        self.d0 = keras.layers.Dense(8, name="d0")
+        self.bn = keras.layers.BatchNormalization(name="bn")
+        self.drop = keras.layers.Dropout(0.5, seed=1)
+        self.d1 = keras.layers.Dense(4, name="d1")
+        self.fail = False
+
+    def call(self, x, training=None):
+        h = self.drop(self.bn(self.d0(x), training=True), training=True)
+        if self.fail:
+            raise RuntimeError("failing after the moving statistics moved")
+        return self.d1(h)
+
+
+@pytest.mark.parametrize("gradients", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_forced_training_state_is_restored(batch, gradients, training):
+    model = _ForcedBatchNorm()
+    model(batch)
+    before = _values(model)
+    report = signal_report(model, batch, gradients=gradients, training=training)
+    assert [row.name for row in report.rows] == ["d0", "d1"]
+    _assert_untouched(model, before)
+    # The check above can fail: any call moves the moving mean (by 0.01 * the batch mean of
+    # d0's output, nonzero) and the dropout seed state.
+    mean, seed_state = (np.array(model.bn.moving_mean),
+                        np.array(model.drop.seed_generator.state))
+    model(batch)
+    assert not np.array_equal(np.array(model.bn.moving_mean), mean)
+    assert not np.array_equal(np.array(model.drop.seed_generator.state), seed_state)
+
+
+@pytest.mark.parametrize("gradients", [True, False])
+def test_state_is_restored_when_the_call_raises(batch, gradients):
+    model = _ForcedBatchNorm()
+    model(batch)
+    before = _values(model)
+    model.fail = True
+    with pytest.raises(RuntimeError, match="moving statistics moved"):
+        signal_report(model, batch, gradients=gradients)
+    _assert_untouched(model, before)
+
+    def failing_loss(y_true, y_pred):
+        raise RuntimeError("loss failed")
+
+    model.fail = False
+    with pytest.raises(RuntimeError, match="loss failed"):
+        signal_report(model, (batch, batch), loss=failing_loss, training=True)
+    _assert_untouched(model, before)
+
+
+def test_numpy_scalars_are_accepted(batch):
+    model = _linear_chain([1.0, 2.0])
+    reference = signal_report(model, batch, seed=2)
+    report = signal_report(model, batch, seed=np.int64(2))
+    assert report.loss == reference.loss
+    np.testing.assert_array_equal(report.column("grad_norm_ratio"),
+                                  reference.column("grad_norm_ratio"))
+    assert report.training is False
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seed": -1}, "Argument `seed` must be a non-negative int. Received: seed=-1"),
+    ({"seed": True}, "seed=True"),
+    ({"seed": None}, "seed=None"),
+    ({"seed": np.float64(2.0)}, r"seed=np.float64\(2.0\)"),
+    ({"training": "yes"}, "Argument `training` must be a bool.*Received: training='yes'"),
+    ({"training": 1}, "training=1"),
+    ({"gradients": np.int64(1)}, r"gradients=np.int64\(1\)"),
+    ({"loss": "no_such_loss"}, "Received: loss='no_such_loss'"),
+    ({"loss": 3}, "loss=3"),
+    ({"layers": 3}, "Argument `layers` must be a list.*Received: layers=3"),
+    ({"layers": "d0"}, "layers='d0'"),
+    ({"layers": [3]}, r"Every entry of argument `layers`.*Received: layers=\[3\]"),
+    ({"layers": []}, r"at least one layer.*Received: layers=\[\]"),
+    ({"layers": ["nope"]}, "nope"),
+])
+def test_bad_arguments_name_the_argument_and_value(batch, kwargs, message):
+    model = _linear_chain([1.0])
+    data = (batch, np.arange(32) % 8)
+    before = _values(model)
+    with pytest.raises(ValueError, match=message):
+        signal_report(model, data, **kwargs)
+    _assert_untouched(model, before)

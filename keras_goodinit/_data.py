@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 
 import keras
@@ -18,6 +19,34 @@ def split(element) -> tuple:
     return element, None
 
 
+class Replayable:
+    """An iterator (e.g. a generator) that can be read from its start again.
+
+    The init reads the first batch up front to build and check, and
+    `new_batch_per_trial` reads the batches again from the first, as it does
+    for a dataset; an iterator is consumed once, so what it yielded is kept.
+    """
+
+    def __init__(self, iterator: Iterator):
+        self._iterator, self._seen = iterator, []
+
+    def __iter__(self) -> Iterator:
+        index = 0
+        while True:
+            if index == len(self._seen):
+                try:
+                    self._seen.append(next(self._iterator))
+                except StopIteration:
+                    return
+            yield self._seen[index]
+            index += 1
+
+
+def replayable(data):
+    """`data`, with an iterator wrapped so that it can be read from its start again."""
+    return Replayable(data) if isinstance(data, Iterator) else data
+
+
 def elements(data) -> Iterator:
     """Yields the batch itself (forever), or successive elements of a dataset."""
     import tensorflow as tf
@@ -28,7 +57,9 @@ def elements(data) -> Iterator:
             "parts of a batch, and the init needs the global batch. Pass the tf.data.Dataset "
             f"itself (the sweep runs in cross-replica context). Received: data={data!r}"
         )
-    if isinstance(data, tf.data.Dataset):
+    if isinstance(data, (tf.data.Dataset, Replayable)):
+        yield from data
+    elif isinstance(data, Iterator):  # a generator: its elements, like a dataset's
         yield from data
     elif isinstance(data, keras.utils.PyDataset):
         for index in range(len(data)):
@@ -36,7 +67,8 @@ def elements(data) -> Iterator:
     elif data is None or isinstance(data, (str, bytes)):
         raise ValueError(
             "Argument `data` must be a batch (array, tensor, (x, y) tuple or dict of inputs), "
-            f"a tf.data.Dataset or a keras.utils.PyDataset. Received: data={data!r}"
+            "a tf.data.Dataset, a keras.utils.PyDataset or an iterator of batches. "
+            f"Received: data={data!r}"
         )
     else:
         while True:
@@ -62,9 +94,25 @@ def first_batch(data):
 
 def check_batch(x) -> None:
     """Rejects batches whose statistics would be meaningless: empty, NaN or Inf."""
-    for leaf in keras.tree.flatten(x):
+    leaves = keras.tree.flatten(x)
+    if isinstance(x, (list, tuple)) and leaves and all(
+            isinstance(leaf, (numbers.Number, str, bytes)) for leaf in leaves):
+        # Keras reads a list as the inputs of a multi-input model, so a nested list of
+        # numbers would be a model with one scalar per input: almost surely an array.
+        raise ValueError(
+            "Argument `data` must hold arrays or tensors with a batch axis; a list is read "
+            "as the inputs of a multi-input model, and these are bare scalars (a list of "
+            "lists? convert it with np.asarray). "
+            f"Received: data of type {type(x).__name__} with {len(leaves)} scalar entries"
+        )
+    for leaf in leaves:
         array = keras.ops.convert_to_numpy(leaf)
-        if array.ndim == 0 or array.shape[0] == 0:
+        if array.ndim == 0:
+            raise ValueError(
+                "Argument `data` must hold a batch: an array or tensor with a batch axis. "
+                f"Received: a scalar ({array!r})"
+            )
+        if array.shape[0] == 0:
             raise ValueError(
                 "Argument `data` must hold a non-empty batch. "
                 f"Received: a batch of shape {array.shape}"

@@ -104,6 +104,53 @@ class Target:
                 if v is not None and all(v is not w for w in found[:i])]
 
 
+def check_layers(layers) -> list | None:
+    """`layers` as a list of layers or names (or None); raises on anything else."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes, keras.layers.Layer)) or not isinstance(
+            layers, (list, tuple)):
+        raise ValueError(
+            "Argument `layers` must be a list of layers or layer names, or None. "
+            f"Received: layers={layers!r}"
+        )
+    for item in layers:
+        if not isinstance(item, (str, keras.layers.Layer)):
+            raise ValueError(
+                "Every entry of argument `layers` must be a layer or a layer name. "
+                f"Received: layers={layers!r} (entry {item!r})"
+            )
+    if not layers:
+        # An empty selection is a mistake, not a request to do nothing.
+        raise ValueError(
+            "Argument `layers` must name at least one layer; pass None for every target. "
+            f"Received: layers={layers!r}"
+        )
+    return list(layers)
+
+
+_ACTIVATION_TYPES = (klayers.Activation, klayers.ReLU, klayers.LeakyReLU, klayers.ELU,
+                     klayers.PReLU, klayers.Softmax)
+
+
+def following_activation(target: Target) -> keras.layers.Layer | None:
+    """The activation layer that alone consumes the target's output in the model graph.
+
+    Keras' builders (and most Sequential models) put the non-linearity in a
+    separate `ReLU`/`Activation` layer; a post-activation statistic must apply
+    it. None when the target has a fused activation, or when its output goes
+    anywhere else (or the graph is unknown, as in a subclassed model).
+    """
+    if target.inner.activation not in (None, keras.activations.linear):
+        return None
+    consumers = {id(node.operation): node.operation
+                 for node in getattr(target.layer, "_outbound_nodes", [])}
+    if len(consumers) != 1:
+        return None
+    (layer,) = consumers.values()
+    return layer if isinstance(layer, _ACTIVATION_TYPES) else None
+
+
 def find_targets(model: keras.layers.Layer,
                  layers: Sequence[keras.layers.Layer | str] | None = None) -> list[Target]:
     """All linear-kernel layers under `model`, recursively, in registration order.
@@ -120,13 +167,9 @@ def find_targets(model: keras.layers.Layer,
         elif isinstance(layer, _LINEAR_TYPES):
             found.append(Target(layer, layer))
     found = [t for t in found if not (t.layer is t.inner and id(t.layer) in wrapped)]
+    layers = check_layers(layers)
     if layers is None:
         return found
-    if isinstance(layers, (str, keras.layers.Layer)):
-        raise ValueError(
-            "Argument `layers` must be a list of layers or layer names. "
-            f"Received: layers={layers!r}"
-        )
     wanted, chosen = list(layers), []
     for item in wanted:
         match = [t for t in found if (t.name == item if isinstance(item, str)
@@ -197,15 +240,16 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
             layer.activation = activation
 
 
-def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy) -> SweepResult:
-    """One eager forward pass of `model` on `x` in inference mode, `policy` at each target.
+def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
+          training: bool = False) -> SweepResult:
+    """One eager forward pass of `model` on `x`, `policy` at each target; inference by default.
 
     Eager, because the policies decide on host-side numbers between layers;
     the heavy per-layer statistics are compiled functions of the policies.
     """
     result = SweepResult(order=[], states={}, calls={})
     with _hooked(targets, policy, result):
-        result.outputs = model(x, training=False)
+        result.outputs = model(x, training=training)
     return result
 
 
@@ -252,3 +296,22 @@ def atomic(variables: Iterable[keras.Variable]):
     except BaseException:
         restore(saved)
         raise
+
+
+@contextlib.contextmanager
+def guarded(model: keras.layers.Layer, written: Iterable[keras.Variable]):
+    """`written` restored if the block raises; every other variable of `model` always.
+
+    A forward pass can move state the init does not own (a subclassed model
+    calling `bn(x, training=True)` updates moving statistics; layers advance
+    seed generators): that state ends exactly as it was, success or failure.
+    """
+    written = list(written)
+    ids = {id(v) for v in written}
+    others = snapshot(v for v in model.variables if id(v) not in ids)
+    try:
+        with atomic(written):
+            yield
+    finally:
+        restore(others)
+

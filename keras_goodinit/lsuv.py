@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 from keras import ops
 
-from keras_goodinit import _data, _distribute, _sweep
+from keras_goodinit import _data, _distribute, _sweep, _validate
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import unit_norms
@@ -20,10 +20,12 @@ PRE_INITS = ("orthogonal", None)
 # Bounds one step's scale factor, so a near-dead layer is not blown up in one go.
 MAX_STEP = 100.0
 
-_OK, _MAX_ITER, _NON_FINITE, _DEAD = 0, 1, 2, 3
+_OK, _MAX_ITER, _NON_FINITE, _DEAD, _STEP_DEAD = 0, 1, 2, 3, 4
 _STATUS = {_OK: ("ok", ""), _MAX_ITER: ("max_iter", "reached max_iter"),
            _NON_FINITE: ("skipped", "non-finite variance"),
-           _DEAD: ("skipped", "variance below epsilon (dead or constant output)")}
+           _DEAD: ("skipped", "variance below epsilon (dead or constant output)"),
+           _STEP_DEAD: ("max_iter", "stopped: the next step made the activation output "
+                                    "constant (every unit dead); kept the last live scale")}
 
 
 def _relative_floor(dtype) -> float:
@@ -55,22 +57,34 @@ def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead
         return 1.0, var_before, var_before, 0, _NON_FINITE
     if dead:
         return 1.0, var_before, var_before, 0, _DEAD
+    # Relative: an absolute tol would accept any variance below it for a small target_var.
+    margin = tol * target_var
     scale, var, iterations = 1.0, var_before, 0
-    while abs(var - target_var) >= tol and iterations < max_iter:
-        scale *= min(max(math.sqrt(target_var / var), 1.0 / MAX_STEP), MAX_STEP)
-        var = variance(scale)
+    while abs(var - target_var) >= margin and iterations < max_iter:
+        step = min(max(math.sqrt(target_var / var), 1.0 / MAX_STEP), MAX_STEP)
+        new_var = variance(scale * step)
         iterations += 1
-    code = _OK if abs(var - target_var) < tol else _MAX_ITER
+        if not new_var > 0 or not math.isfinite(new_var):
+            # The step made the output constant (e.g. every biased ReLU dead) or overflow:
+            # keep the last scale whose output was alive.
+            return scale, var_before, var, iterations, _STEP_DEAD
+        scale, var = scale * step, new_var
+    code = _OK if abs(var - target_var) < margin else _MAX_ITER
     return scale, var_before, var, iterations, code
 
 
-def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str):
+def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str,
+                 followers: dict | None = None):
     """Per layer: scale the kernel by c until the output variance is within tol of target_var.
 
     Scaling the kernel by c turns the output y into c * y + (1 - c) * b exactly.
+    `followers` maps id(target) to a separate activation layer that alone
+    consumes its output; post-activation statistics apply it.
     """
+    followers = followers or {}
 
     def policy(target, y, activation, state):
+        post = followers.get(id(target)) or activation
         if state is None:
             mean, var, bias = _cells(target, y)
             # Only the kernel's part y - b scales; if it is rounding noise, so is any scale.
@@ -82,7 +96,7 @@ def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str):
                     return _total_variance(c * mean + (1.0 - c) * bias, c * c * var)
             else:
                 def variance(c):
-                    out = activation(_sweep.affine(y, c, (1.0 - c) * bias))
+                    out = post(_sweep.affine(y, c, (1.0 - c) * bias))
                     return _total_variance(*_sweep.cell_moments(out, tuple(range(len(y.shape)))))
             scale, before, after, iterations, code = _solve_scale(
                 variance, target_var=target_var, tol=tol, max_iter=max_iter,
@@ -129,17 +143,68 @@ def _unit_init(target, mean, var, bias, relative_floor: float) -> dict:
     # y = g * n + b becomes new_g * n + new_b, i.e. y * (new_g / g) + (new_b - b * new_g / g).
     scale = np.where(valid, new_g / np.where(valid, g, 1.0), 1.0)
     shift = new_bias - bias * scale
-    after = _total_variance(mean * scale + shift, var * scale**2)
-    return {"var_before": before, "var_after": after, "valid": valid.ravel(),
-            "g": new_g, "bias": new_bias.ravel(), "scale": scale, "shift": shift}
+    cells = (mean * scale + shift, var * scale**2)  # the in-flight estimate per unit
+    return {"var_before": before, "var_after": _total_variance(*cells), "valid": valid.ravel(),
+            "g": new_g, "bias": new_bias.ravel(), "scale": scale, "shift": shift,
+            "cells": cells}
 
 
-def _check_common(model, verbose) -> None:
+# One check per keyword argument, shared by both functions and by LSUVCallback.
+_CHECKS = {
+    "tol": lambda v: _validate.number("tol", v, positive=True),
+    "max_iter": lambda v: _validate.integer("max_iter", v, minimum=1),
+    "target_var": lambda v: _validate.number("target_var", v, positive=True),
+    "pre_init": lambda v: _validate.one_of("pre_init", v, PRE_INITS),
+    "measure": lambda v: _validate.one_of("measure", v, MEASURES),
+    "layers": _sweep.check_layers,
+    "new_batch_per_trial": lambda v: _validate.boolean("new_batch_per_trial", v),
+    "verbose": _validate.verbose,
+    "seed": _validate.seed,
+}
+_ACCEPTED = {"lsuv": tuple(_CHECKS), "weightnorm_data_init": ("layers", "verbose")}
+
+
+def check_init_kwargs(method: str, kwargs: dict) -> None:
+    """Validates keyword arguments for `lsuv_init` or `weightnorm_data_init` up front.
+
+    The values are checked exactly as the init function itself checks them,
+    so a bad value fails where it is given (e.g. when a callback is built),
+    not when the init finally runs. `model` and `data` are not checked here.
+
+    Examples:
+
+    >>> check_init_kwargs("lsuv", {"tol": 0.05, "max_iter": np.int64(5)})
+    >>> check_init_kwargs("lsuv", {"tol": -1.0})
+    Traceback (most recent call last):
+        ...
+    ValueError: Argument `tol` must be a finite number > 0. Received: tol=-1.0
+
+    Args:
+        method: `"lsuv"` (the arguments of `lsuv_init`) or
+            `"weightnorm_data_init"`.
+        kwargs: Keyword arguments other than `model` and `data`.
+    """
+    _checked(method, kwargs)
+
+
+def _checked(method: str, kwargs: dict) -> dict:
+    """The keyword arguments as plain Python values, or a ValueError naming the bad one."""
+    _validate.one_of("method", method, tuple(_ACCEPTED))
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"Argument `kwargs` must be a dict. Received: kwargs={kwargs!r}")
+    unknown = sorted(set(kwargs) - set(_ACCEPTED[method]))
+    if unknown:
+        raise ValueError(
+            f"Unknown keyword arguments for method={method!r}: {unknown}. "
+            f"Accepted: {sorted(_ACCEPTED[method])}. Received: {kwargs}"
+        )
+    return {name: _CHECKS[name](value) for name, value in kwargs.items()}
+
+
+def _check_model(model) -> None:
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(
             f"Argument `model` must be a Keras model or layer. Received: model={model!r}")
-    if verbose not in (0, 1, 2, True, False):
-        raise ValueError(f"Argument `verbose` must be 0, 1 or 2. Received: verbose={verbose!r}")
 
 
 def _prepare(model, data, layers):
@@ -211,13 +276,15 @@ def lsuv_init(
         model: A Keras model (Sequential, functional or subclassed).
         data: A batch (array, tensor, `(x, y[, w])` tuple or dict of inputs),
             a `tf.data.Dataset` or a `keras.utils.PyDataset` (its first batch).
-        tol: Stop when `|var - target_var| < tol`.
+        tol: Relative tolerance: stop when `|var - target_var| < tol * target_var`.
         max_iter: Most scale steps per layer; reaching it is reported.
         target_var: The variance to reach.
         pre_init: `"orthogonal"` re-draws every target kernel with orthonormal
             directions first (as in the paper), or `None` to keep the kernels.
         measure: `"pre_activation"` (before a fused activation, as in the
-            paper) or `"post_activation"`.
+            paper) or `"post_activation"`: after the fused activation or, for
+            a layer without one, after a separate activation layer (`ReLU`,
+            `Activation`...) that alone consumes its output in the model graph.
         layers: Only these layers (objects or names); default all targets.
         new_batch_per_trial: Each trial draws the next batch of `data`, as in
             the reference implementation: each trial is one sweep that takes
@@ -232,44 +299,109 @@ def lsuv_init(
     Reference:
         - [Mishkin & Matas, 2016](https://arxiv.org/abs/1511.06422)
     """
-    _check_common(model, verbose)
-    _check_positive("tol", tol)
-    _check_positive("target_var", target_var)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(
-            f"Argument `max_iter` must be a positive int. Received: max_iter={max_iter!r}")
-    if pre_init not in PRE_INITS:
-        raise ValueError(
-            f"Argument `pre_init` must be one of {PRE_INITS}. Received: pre_init={pre_init!r}")
-    if measure not in MEASURES:
-        raise ValueError(
-            f"Argument `measure` must be one of {MEASURES}. Received: measure={measure!r}")
-    if not isinstance(new_batch_per_trial, bool):
-        raise ValueError("Argument `new_batch_per_trial` must be a bool. "
-                         f"Received: new_batch_per_trial={new_batch_per_trial!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"Argument `seed` must be an int or None. Received: seed={seed!r}")
+    _check_model(model)
+    checked = _checked("lsuv", dict(
+        tol=tol, max_iter=max_iter, target_var=target_var, pre_init=pre_init, measure=measure,
+        layers=layers, new_batch_per_trial=new_batch_per_trial, verbose=verbose, seed=seed))
+    tol, max_iter, target_var = checked["tol"], checked["max_iter"], checked["target_var"]
+    verbose, seed, layers = checked["verbose"], checked["seed"], checked["layers"]
+    data = _data.replayable(data)
     x, targets = _prepare(model, data, layers)
     variables = [v for t in targets for v in t.variables()]
-    with _sweep.atomic(variables):
-        if pre_init == "orthogonal":
+    followers = _followers(targets, checked["measure"])
+    with _sweep.guarded(model, variables):
+        if checked["pre_init"] == "orthogonal":
             _orthogonal_pre_init(targets, seed)
-        if new_batch_per_trial:
-            report = _lsuv_trials(model, data, targets, target_var=target_var, tol=tol,
-                                  max_iter=max_iter, measure=measure, verbose=verbose)
+        if checked["new_batch_per_trial"]:
+            pairs, x, batches = _lsuv_trials(
+                model, data, targets, target_var=target_var, tol=tol, max_iter=max_iter,
+                measure=checked["measure"], followers=followers, verbose=verbose)
         else:
             policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=max_iter,
-                                  measure=measure)
+                                  measure=checked["measure"], followers=followers)
             result = _sweep.sweep(model, x, targets, policy)
-            report = InitReport("lsuv", _commit_lsuv(result, targets, verbose))
+            pairs, batches = _commit_lsuv(result, targets, verbose), 1
+        _measure_after(model, x, targets, pairs, followers=followers,
+                       post=checked["measure"] == "post_activation",
+                       target_var=target_var, tol=tol)
         _distribute.broadcast_from_chief(variables)
-        return report
+        return InitReport("lsuv", [row for _, row in pairs], batches=batches)
 
 
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-            or not math.isfinite(value):
-        raise ValueError(f"Argument `{name}` must be a positive number. Received: {name}={value!r}")
+def _drift_bound(target, upstream: int) -> float:
+    """Relative gap between re-measured and in-flight variance that rounding can explain.
+
+    The in-flight estimate and the re-run differ only by rounding: the scale
+    stored in the variable's dtype (2 eps_v on a variance), each of the
+    `upstream` layers before this one re-rounding its output in the compute
+    dtype (2 eps_c each, adding up along the path), and the two float32
+    moment computations (2 x 64 eps_32, see `_relative_floor`). A factor 8
+    covers conditioning (residual sums, cancellations); above that the
+    estimate has drifted (e.g. float16 rounding amplified over depth).
+    """
+    eps = lambda dtype: float(ml_dtypes.finfo(keras.backend.standardize_dtype(dtype)).eps)  # noqa: E731
+    compute = getattr(target.inner, "compute_dtype", None) or "float32"
+    return 8.0 * (2 * eps(target.scale_variable.dtype) + 2 * (upstream + 1) * eps(compute)
+                  + 2 * 64 * eps("float32"))
+
+
+def _measure_policy(followers, post: bool):
+    """Measures each target's output (pre- or post-activation) and changes nothing."""
+
+    def policy(target, y, activation, state):
+        if state is None:
+            mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)))
+            state = {"mean": mean, "var": var, "total": _total_variance(mean, var)}
+            if post:
+                out = (followers.get(id(target)) or activation)(y)
+                state["total"] = _total_variance(
+                    *_sweep.cell_moments(out, tuple(range(len(y.shape)))))
+        return activation(y), state
+
+    return policy
+
+
+def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
+                   target_var=None, tol=None, estimates=None) -> None:
+    """One more forward pass on `x`: each row's `var_after` becomes the measured value.
+
+    A row whose measurement departs from the in-flight estimate by more than
+    `_drift_bound` says so; an LSUV row that then misses its tolerance, or a
+    data-init row (which promises exact unit statistics), gets status "drift".
+    `estimates` maps id(target) to estimated per-unit (mean, var), compared
+    unit by unit (a mean relative to its unit's std).
+    """
+    result = _sweep.sweep(model, x, targets, _measure_policy(followers or {}, post))
+    position = {id(t): i for i, t in enumerate(result.order)}
+    tiny = np.finfo("float64").tiny
+    for target, row in pairs:
+        state = result.states.get(id(target))
+        if state is None:
+            continue
+        estimate, measured = row.var_after, state["total"]
+        row.var_after = measured  # also for skipped rows: upstream layers moved their input
+        if row.status == "skipped" or not math.isfinite(estimate):
+            continue
+        gap = abs(measured - estimate) / max(abs(estimate), tiny)
+        if estimates and id(target) in estimates:
+            mean_e, var_e = estimates[id(target)]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                units = np.maximum(np.abs(state["var"] / np.maximum(var_e, tiny) - 1.0),
+                                   np.abs(state["mean"] - mean_e) / np.sqrt(var_e))
+            units = units[np.isfinite(units)]
+            gap = max(gap, float(units.max())) if units.size else gap
+        if not gap > _drift_bound(target, position[id(target)]):
+            continue
+        spread = (f", median unit std {float(np.median(np.sqrt(state['var']))):.3g}"
+                  if estimates else "")
+        note = (f"measured var {measured:.4g} departs from the in-flight estimate "
+                f"{estimate:.4g} (relative {gap:.2g}, beyond rounding{spread})")
+        missed = (target_var is None
+                  or abs(measured - target_var) >= tol * target_var)
+        if missed and row.status == "ok":
+            row.status = "drift"
+        row.reason = "; ".join(r for r in (row.reason, note) if r)
+    return result.states
 
 
 def _orthogonal_pre_init(targets, seed: int | None) -> None:
@@ -290,22 +422,30 @@ def _orthogonal_pre_init(targets, seed: int | None) -> None:
                 g.assign(ops.reshape(unit_norms(kernel, layout), g.shape))
 
 
+def _followers(targets, measure) -> dict:
+    """id(target) -> the separate activation layer after it, for post-activation statistics."""
+    if measure != "post_activation":
+        return {}
+    found = {id(t): _sweep.following_activation(t) for t in targets}
+    return {key: layer for key, layer in found.items() if layer is not None}
+
+
 def _lsuv_rows(result, targets, progbar=None):
-    """Report rows, and the scale to apply per target, from a sweep's states."""
+    """(target, report row) pairs, in execution order then the missed, and the scales."""
     order, missed = _reached(targets, result)
-    rows, scales = [], []
+    pairs, scales = [], []
     for target in order:
         state = result.states[id(target)]
         status, reason = _STATUS[state["code"]]
         note = _shared_note(result, target)
-        rows.append(LayerRecord(target.name, target.class_name, float(state["var_before"]),
-                                float(state["var_after"]), int(state["iterations"]),
-                                float(state["scale"]), status,
-                                "; ".join(r for r in (reason, note) if r)))
+        pairs.append((target, LayerRecord(
+            target.name, target.class_name, float(state["var_before"]),
+            float(state["var_after"]), int(state["iterations"]), float(state["scale"]),
+            status, "; ".join(r for r in (reason, note) if r))))
         scales.append((target, float(state["scale"])))
         if progbar is not None:
             progbar.add(1)
-    return rows + [_not_called(t) for t in missed], scales
+    return pairs + [(t, _not_called(t)) for t in missed], scales
 
 
 def _apply_scales(scales) -> None:
@@ -316,36 +456,44 @@ def _apply_scales(scales) -> None:
 
 
 def _commit_lsuv(result, targets, verbose):
-    rows, scales = _lsuv_rows(result, targets, _progbar(len(targets), verbose, "layer"))
+    pairs, scales = _lsuv_rows(result, targets, _progbar(len(targets), verbose, "layer"))
     _apply_scales(scales)
-    return rows
+    return pairs
 
 
-def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, verbose):
-    """One sweep per trial, each on the next batch, each taking one scale step per layer."""
-    policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=1, measure=measure)
+def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, followers,
+                 verbose):
+    """One sweep per trial, each on the next batch, each taking one scale step per layer.
+
+    Returns the (target, row) pairs, the last batch and the number of batches.
+    """
+    policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=1, measure=measure,
+                          followers=followers)
     progbar = _progbar(max_iter, verbose, "trial")
-    first_var, scales, steps, rows = {}, {}, {}, []
+    # Keyed by the target itself: nested models may repeat layer names.
+    first_var, scales, steps, pairs = {}, {}, {}, []
     for trial, x in enumerate(_data.batches(data)):
         _data.check_batch(x)
         result = _sweep.sweep(model, x, targets, policy)
-        rows, trial_scales = _lsuv_rows(result, targets)
+        pairs, trial_scales = _lsuv_rows(result, targets)
         _apply_scales(trial_scales)
-        for row in rows:
-            first_var.setdefault(row.name, row.var_before)
-            scales[row.name] = scales.get(row.name, 1.0) * row.scale
-            steps[row.name] = steps.get(row.name, 0) + row.iterations
+        for target, row in pairs:
+            key = id(target)
+            first_var.setdefault(key, row.var_before)
+            scales[key] = scales.get(key, 1.0) * row.scale
+            steps[key] = steps.get(key, 0) + row.iterations
         if progbar is not None:
             progbar.add(1)
-        converged = all(row.iterations == 0 for row in rows)
+        converged = all(row.iterations == 0 for _, row in pairs)
         if converged or trial + 1 == max_iter:
             break
-    for row in rows:
-        row.var_before = first_var.get(row.name, row.var_before)
-        row.scale, row.iterations = scales.get(row.name, 1.0), steps.get(row.name, 0)
+    for target, row in pairs:
+        key = id(target)
+        row.var_before = first_var.get(key, row.var_before)
+        row.scale, row.iterations = scales.get(key, 1.0), steps.get(key, 0)
         if converged and row.status == "max_iter":
             row.status, row.reason = "ok", ""
-    return InitReport("lsuv", rows, batches=trial + 1)
+    return pairs, x, trial + 1
 
 
 def weightnorm_data_init(
@@ -387,17 +535,19 @@ def weightnorm_data_init(
     Reference:
         - [Salimans & Kingma, 2016](https://arxiv.org/abs/1602.07868)
     """
-    _check_common(model, verbose)
-    x, targets = _prepare(model, data, layers)
+    _check_model(model)
+    checked = _checked("weightnorm_data_init", dict(layers=layers, verbose=verbose))
+    layers, verbose = checked["layers"], checked["verbose"]
+    x, targets = _prepare(model, _data.replayable(data), layers)
     variables = [v for t in targets for v in t.variables()]
-    with _sweep.atomic(variables):
+    with _sweep.guarded(model, variables):
         result = _sweep.sweep(model, x, targets, _data_init_policy())
         order, missed = _reached(targets, result)
         progbar = _progbar(len(targets), verbose, "layer")
-        rows = []
+        pairs = []
         for target in order:
             state = result.states[id(target)]
-            rows.append(_data_init_row(target, state, _shared_note(result, target)))
+            pairs.append((target, _data_init_row(target, state, _shared_note(result, target))))
             if target.is_weight_normalized and state["valid"].any():
                 g = target.layer.g
                 g.assign(np.reshape(state["g"], g.shape).astype(g.dtype))
@@ -405,8 +555,12 @@ def weightnorm_data_init(
                     target.bias.assign(state["bias"].astype(target.bias.dtype))
             if progbar is not None:
                 progbar.add(1)
+        pairs += [(t, _not_called(t)) for t in missed]
+        estimates = {id(t): result.states[id(t)]["cells"] for t in order
+                     if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
+        _measure_after(model, x, targets, pairs, estimates=estimates)
         _distribute.broadcast_from_chief(variables)
-        return InitReport("weightnorm_data_init", rows + [_not_called(t) for t in missed])
+        return InitReport("weightnorm_data_init", [row for _, row in pairs])
 
 
 def _data_init_row(target, state, note) -> LayerRecord:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-STATUSES = ("ok", "skipped", "max_iter")
+STATUSES = ("ok", "skipped", "max_iter", "drift")
 
 
 @dataclasses.dataclass
@@ -17,12 +17,15 @@ class LayerRecord:
         name: The layer's name.
         class_name: Its class, e.g. `"Dense"` or `"WeightNormalization(Conv2D)"`.
         var_before: Variance of its output (whole tensor) before the init.
-        var_after: Variance after the init, on the same batch.
+        var_after: Variance after the init, measured by one more forward pass
+            on the same batch (not the in-flight estimate).
         iterations: Scale steps taken.
         scale: Factor the layer's output was multiplied by (mean over units
             for per-unit inits).
-        status: `"ok"`, `"skipped"` (left as it was, see `reason`) or
-            `"max_iter"` (stopped at the iteration cap).
+        status: `"ok"`, `"skipped"` (left as it was, see `reason`),
+            `"max_iter"` (stopped at the iteration cap) or `"drift"` (the
+            measured `var_after` departs from the in-flight estimate beyond
+            rounding and misses the target, see `reason`).
         reason: Why a layer was skipped or capped, or a note; empty if none.
     """
 

@@ -397,6 +397,16 @@ CASES = [
     ("target_var=inf", wn_mlp, lambda: X, {"target_var": math.inf}, RAISE),
     ("max_iter=1.5", wn_mlp, lambda: X, {"max_iter": 1.5}, RAISE),
     ("seed='a'", wn_mlp, lambda: X, {"seed": "a"}, RAISE),
+    ("tol as a NumPy float32", wn_mlp, lambda: X, {"tol": np.float32(0.1)}, OK),
+    ("max_iter as a NumPy int64", wn_mlp, lambda: X, {"max_iter": np.int64(5)}, OK),
+    ("seed as a NumPy int64", wn_mlp, lambda: X, {"seed": np.int64(2)}, OK),
+    ("seed=-1", wn_mlp, lambda: X, {"seed": -1}, RAISE),
+    ("layers=[1]", wn_mlp, lambda: X, {"layers": [1]}, RAISE),
+    ("layers=5", wn_mlp, lambda: X, {"layers": 5}, RAISE),
+    ("layers=[]", wn_mlp, lambda: X, {"layers": []}, RAISE),
+    ("a generator of batches", wn_mlp, lambda: (b for b in (X, 3 * X)), {}, OK),
+    ("an empty generator", wn_mlp, lambda: (b for b in ()), {}, RAISE),
+    ("a list of lists", wn_mlp, lambda: X.tolist(), {}, RAISE),
     ("NaN in the 3rd batch of new_batch_per_trial", wn_mlp,
      lambda: tf.data.Dataset.from_tensor_slices(
          np.concatenate([X * 5, X * 3, with_value(np.nan)])).batch(32),
@@ -461,6 +471,49 @@ def test_bad_input_raises_cleanly_or_reports_and_keeps_weights(name, make_model,
         assert all(r.status == want for r in rows), report
         if want == "skipped":
             assert all("zero std" in r.reason for r in rows), report
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tol": np.float32(-0.1)}, "Argument `tol` must be a finite number > 0. Received: tol=-0.1"),
+    ({"max_iter": np.int64(0)}, "Argument `max_iter` must be an int >= 1. Received: max_iter=0"),
+    ({"seed": -1}, "Argument `seed` must be a non-negative int or None. Received: seed=-1"),
+    ({"layers": 5}, "Argument `layers` must be a list of layers or layer names, or None. "
+                    "Received: layers=5"),
+    ({"layers": [1]}, "Every entry of argument `layers` must be a layer or a layer name. "
+                      "Received: layers=[1]"),
+    ({"layers": []}, "Argument `layers` must name at least one layer"),
+])
+def test_bad_values_get_one_message_that_names_them(kwargs, message):
+    # The message states the rule and the value; a NumPy scalar is judged by its value.
+    for function in (lsuv_init, weightnorm_data_init):
+        if function is weightnorm_data_init and "layers" not in kwargs:
+            continue
+        model = wn_mlp()
+        _, error = attempt(function, model, X, f"message {kwargs}", **kwargs)
+        assert isinstance(error, ValueError) and str(error).startswith(message), repr(error)
+
+
+def test_a_generator_is_read_like_a_dataset():
+    # Its first element is the batch; with new_batch_per_trial, its elements in turn.
+    results = []
+    for data in (X, (b for b in (X, 3 * X)), tf.data.Dataset.from_tensors(X)):
+        keras.utils.set_random_seed(0)
+        model = wn_mlp()
+        report, error = attempt(lsuv_init, model, data, "generator vs array", seed=1)
+        assert error is None and report.ok, repr(error)
+        results.append(snapshot(model))
+    for a, b, c in zip(*results):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    model = wn_mlp()
+    report, error = attempt(lsuv_init, model, (b for b in (X, 3 * X, 9 * X)), "trials",
+                            new_batch_per_trial=True, tol=1e-3)
+    assert error is None and report.batches >= 2
+
+
+def test_a_list_of_lists_is_named_not_called_empty():
+    _, error = attempt(lsuv_init, wn_mlp(), X.tolist(), "list of lists")
+    assert isinstance(error, ValueError) and "np.asarray" in str(error)
+    assert "empty" not in str(error)
 
 
 @pytest.mark.parametrize("name", ["lsuv_init", "weightnorm_data_init"])

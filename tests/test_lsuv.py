@@ -692,7 +692,7 @@ def test_report_rows_dict_and_summary(capsys):
     ({"pre_init": "foo"}, "pre_init"), ({"measure": "foo"}, "measure"),
     ({"data": np.zeros((0, 16), "float32")}, "data"),
     ({"data": np.full((4, 16), np.nan, "float32")}, "data"),
-    ({"layers": []}, "model"), ({"verbose": 7}, "verbose"),
+    ({"layers": []}, "layers"), ({"verbose": 7}, "verbose"),
     ({"new_batch_per_trial": "yes"}, "new_batch_per_trial"), ({"seed": 1.5}, "seed"),
 ])
 def test_bad_arguments_raise_and_change_nothing(kwargs, argument):
@@ -735,7 +735,7 @@ def counting_calls(layers):
 
 
 @pytest.mark.parametrize("measure", ["pre_activation", "post_activation"])
-def test_each_target_is_evaluated_once_and_no_model_is_built(monkeypatch, measure):
+def test_each_target_is_evaluated_once_per_pass_and_no_model_is_built(monkeypatch, measure):
     model = two_input_model()
     data = {"a": normal((32, 12), 24), "b": normal((32, 8), 25, scale=4.0)}
     model(data)
@@ -761,7 +761,8 @@ def test_each_target_is_evaluated_once_and_no_model_is_built(monkeypatch, measur
 
     with counting_calls(targets) as counts:
         report = lsuv_init(model, data, measure=measure, verbose=0)
-    assert counts == {layer.name: 1 for layer in targets}
+    # The init pass, then one measuring pass that reports var_after as it now is.
+    assert counts == {layer.name: 2 for layer in targets}
     assert built == []
     # (tanh's post-activation variance cannot reach 1 within max_iter, so not report.ok.)
     assert [r.name for r in report.rows] == ["a1", "b1", "mix", "inner1", "inner2", "out"]

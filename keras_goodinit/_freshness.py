@@ -52,19 +52,50 @@ def _redraw_cost(initializer) -> int | None:
     return None
 
 
+def _faithful_builds() -> frozenset:
+    """`build` methods known to draw each weight `name` from `layer.<name>_initializer`.
+
+    A layer whose build draws from something else (a cloned or wrapped
+    initializer) would look changed while fresh, so other layers, and
+    subclasses that override `build`, count as "cannot tell".
+    """
+    layers = keras.layers
+    classes = (layers.Dense, layers.EinsumDense, layers.Conv1D, layers.Conv2D, layers.Conv3D,
+               layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose,
+               layers.DepthwiseConv1D, layers.DepthwiseConv2D, layers.SeparableConv1D,
+               layers.SeparableConv2D, layers.BatchNormalization, layers.LayerNormalization,
+               layers.GroupNormalization, layers.Embedding, layers.PReLU,
+               layers.SimpleRNNCell, layers.GRUCell, layers.LSTMCell)
+    return frozenset(cls.build for cls in classes)
+
+
+_FAITHFUL = _faithful_builds()
+
+
 def _initializer_of(layer, variable):
-    """The initializer a layer built `variable` with, by Keras' naming convention."""
+    """The initializer a layer built `variable` with, or None where that is not known."""
+    if type(layer).build not in _FAITHFUL:
+        return None
     name = variable.name
     if name == "bias" and getattr(layer, "unit_forget_bias", False):
-        return None  # LSTM cells build this bias with a local function, not the attribute.
+        return None  # LSTMCell builds this bias with a local function, not the attribute.
     candidates = [f"{name}_initializer"]
     if name.endswith("_kernel"):  # depthwise_kernel -> depthwise_initializer, ...
         candidates.append(f"{name[:-len('_kernel')]}_initializer")
+    if name == "kernel" and isinstance(layer, (keras.layers.DepthwiseConv1D,
+                                               keras.layers.DepthwiseConv2D)):
+        candidates = ["depthwise_initializer"]
     for attribute in candidates:
         initializer = getattr(layer, attribute, None)
         if isinstance(initializer, keras.initializers.Initializer):
-            return initializer
-    return None
+            break
+    else:
+        return None
+    if (isinstance(layer, keras.layers.EinsumDense) and name == "kernel"
+            and isinstance(initializer, random_initializers.VarianceScaling)
+            and (initializer.input_axes is None or initializer.output_axes is None)):
+        return None  # EinsumDense.build draws from a copy given the einsum's fan axes.
+    return initializer
 
 
 def _checks(model):

@@ -408,7 +408,7 @@ def signal_report(
                 bad_name = not callable(keras.losses.get(loss))
             except ValueError:
                 bad_name = True
-        if bad_name or not callable(loss) and not isinstance(loss, str):
+        if bad_name or (not callable(loss) and not isinstance(loss, str)):
             raise ValueError("Argument `loss` must be a callable, a Keras loss name or None. "
                              f"Received: loss={loss!r}")
     x, labels = _data.first_element(data)
@@ -417,9 +417,9 @@ def signal_report(
         raise ValueError(
             "A given `loss` needs labels: pass `data=(x, y)`. Received: data without y")
     targets = _sweep.prepare(model, x, layers)  # also checks `layers`
-    # Kernels are read through a StatelessScope when gradients are taken, but BatchNormalization
-    # moving statistics and seed states can still move (without gradients, or through a
-    # subclassed call that forces training=True): every variable is put back.
+    # With gradients the pass runs in a StatelessScope, which keeps its writes; without, the
+    # BatchNormalization moving statistics and seed states move (in training mode, or in a
+    # subclassed call that forces bn(x, training=True)). Either way, everything is put back.
     saved = _sweep.snapshot(model.variables)
     try:
         return _measure(model, x, labels, targets, gradients=gradients, loss=loss, seed=seed,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
-
 import keras
 from keras.src.utils.io_utils import print_msg
 
 from keras_goodinit import _freshness, _validate
-from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
+from keras_goodinit.lsuv import check_init_kwargs, lsuv_init, weightnorm_data_init
 
 METHODS = {"lsuv": lsuv_init, "weightnorm_data_init": weightnorm_data_init}
 _DONE = "_keras_goodinit_initialized"
@@ -108,14 +106,8 @@ class LSUVCallback(keras.callbacks.Callback):
         method = _validate.one_of("method", method, tuple(METHODS))
         force = _validate.boolean("force", force)
         verbose = _validate.verbose(verbose)
-        accepted = set(inspect.signature(METHODS[method]).parameters) - {"model", "data",
-                                                                          "verbose"}
-        unknown = sorted(set(lsuv_kwargs) - accepted)
-        if unknown:
-            raise ValueError(
-                f"Unknown keyword arguments for method={method!r}: {unknown}. "
-                f"Accepted: {sorted(accepted)}. Received: {lsuv_kwargs}"
-            )
+        # Names and values, so a bad `tol` fails here rather than when `fit` starts.
+        check_init_kwargs(method, lsuv_kwargs)
         self.data = data
         self.method = method
         self.force = force

@@ -287,6 +287,8 @@ def test_seed_generator_seeds_cannot_tell():
     ({"verbose": "1"}, "Received: verbose='1'"),
     ({"method": "LSUV"}, "Received: method='LSUV'"),
     ({"method": "weightnorm_data_init", "tol": 0.1}, "Unknown keyword arguments"),
+    ({"tol": -1.0}, "Received: tol=-1.0"),
+    ({"max_iter": 2.5}, "Received: max_iter=2.5"),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):

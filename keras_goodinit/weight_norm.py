@@ -159,8 +159,14 @@ class WeightNormalization(keras.layers.Wrapper):
         if layer.quantization_mode is None and layer.dtype_policy.name != self.dtype_policy.name:
             layer.dtype_policy = self.dtype_policy
         # Model.quantize() only calls leaf layers, so the wrapped layer's own method is
-        # the one place to fold g into v before its kernel is quantized.
+        # the one place to fold g into v before its kernel is quantized. (Keras' own
+        # per-instance wrapper is kept once, even if the layer is wrapped again.)
+        if "_keras_quantize" not in vars(layer):
+            object.__setattr__(layer, "_keras_quantize", layer.quantize)
         object.__setattr__(layer, "quantize", self._quantize_layer)
+        # Keras saves a LoRA layer with the update merged into its kernel; the merge must
+        # start from the effective kernel (see `save_own_variables`).
+        object.__setattr__(layer, "save_own_variables", self._save_layer_variables)
 
     def build(self, input_shape=None):
         if not self.layer.built:
@@ -188,9 +194,11 @@ class WeightNormalization(keras.layers.Wrapper):
 
     def normalized_kernel(self):
         """The effective kernel `g * v / ||v||`, in the variables' dtype."""
+        # `.value`, read here: the TF backend's convert_to_tensor(variable) is the variable
+        # itself, which would read (and autocast) later, in the caller's compute dtype.
         with _float32_reads():
-            v = ops.convert_to_tensor(self.v)
-            g = ops.convert_to_tensor(self.g)
+            v = self.v.value
+            g = self.g.value
         u, sum_sq, _ = _directions(v, self.layout)
         # sum_sq >= 1 for a non-zero column; 0 marks an all-zero one, whose u is 0.
         scale = ops.reshape(ops.cast(g, u.dtype), sum_sq.shape) * ops.rsqrt(
@@ -209,10 +217,39 @@ class WeightNormalization(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
 
+    def effective_kernel_scope(self):
+        """A context in which the wrapped layer's kernel reads as `g * v / ||v||`."""
+        return substituted(self.v, self.normalized_kernel())
+
+    def _lora_enabled(self) -> bool:
+        return bool(getattr(self.layer, "lora_enabled", False)) and self.built
+
+    def save_own_variables(self, store):
+        # With LoRA, Keras saves the layer's kernel as its kernel plus the update (and
+        # zeroes the update at load): here that kernel is `g v / ||v|| + update`, so g is
+        # saved as its norms, for the loaded wrapper to compute that kernel.
+        if not self._lora_enabled() or self.layer.quantization_mode is not None:
+            return super().save_own_variables(store)
+        layer_store = {}
+        self._save_layer_variables(layer_store)
+        store["0"] = ops.cast(unit_norms(layer_store["0"], self.layout), self.g.dtype)
+
+    def _save_layer_variables(self, store):
+        """The wrapped layer's `save_own_variables`, with LoRA merged into the effective kernel."""
+        save = type(self.layer).save_own_variables.__get__(self.layer)
+        if not self._lora_enabled() or self.layer.quantization_mode is not None:
+            return save(store)
+        values = {}
+        with self.effective_kernel_scope():
+            save(values)
+            values = {key: ops.convert_to_numpy(value) for key, value in values.items()}
+        for key, value in values.items():
+            store[key] = value
+
     def _quantize_layer(self, mode=None, *args, **kwargs):
         """The wrapped layer's `quantize`, run on the effective kernel `g * v / ||v||`."""
         layer = self.layer
-        quantize = type(layer).quantize.__get__(layer)
+        quantize = layer._keras_quantize
         if not (self.built and layer.built) or layer.quantization_mode is not None:
             return quantize(mode, *args, **kwargs)  # Keras raises its own error
         v, g = self.v, self.g
@@ -373,14 +410,14 @@ def _copy_weights(model: keras.Model, baked: keras.Model) -> list[str]:
         if id(layer) in skip:
             continue
         twin = next(twins, None)
-        source, effective = layer, None
+        source, scope = layer, contextlib.nullcontext()
         if isinstance(layer, WeightNormalization):
             if isinstance(twin, WeightNormalization):
                 kept.append(layer.path)
             else:
                 source = layer.layer
                 skip.add(id(source))
-                effective = (layer.v, layer.normalized_kernel())
+                scope = layer.effective_kernel_scope()
         if twin is None or type(twin) is not type(source) or twin.name != source.name:
             raise ValueError(
                 "bake_weight_norm could not match the rebuilt model's layers to the "
@@ -388,7 +425,7 @@ def _copy_weights(model: keras.Model, baked: keras.Model) -> list[str]:
                 f"{getattr(twin, 'name', None)!r}). Received: model={model.name!r}"
             )
         store = {}
-        with (substituted(*effective) if effective else contextlib.nullcontext()):
+        with scope:
             source.save_own_variables(store)
             store = {key: ops.convert_to_numpy(value) for key, value in store.items()}
         twin.load_own_variables(store)

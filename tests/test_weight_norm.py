@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras.src.testing import TestCase
 
 from keras_goodinit import GoodInit, WeightNormalization, _layouts, bake_weight_norm
 from keras_goodinit.weight_norm import substituted
@@ -307,3 +308,200 @@ def test_bake_rejects_unbuilt_models():
     model = keras.Sequential([WeightNormalization(keras.layers.Dense(3))], name="unbuilt")
     with pytest.raises(ValueError, match=re.escape("Received: model='unbuilt'")):
         bake_weight_norm(model)
+
+
+# ----------------------------------------------------------------------------
+# Losses, dtype policies, tiny and zero columns, quantization and LoRA.
+
+
+def _twin_models(regularized, seed=0):
+    """A WN model and the bare model with its effective weights (the reference)."""
+    keras.utils.set_random_seed(seed)
+    wrapped = keras.Sequential([keras.Input((5,)), WeightNormalization(regularized())])
+    _randomize_scales(wrapped, seed)
+    bare = keras.Sequential([keras.Input((5,)), regularized()])
+    wrapper = wrapped.layers[0]
+    bare.set_weights([keras.ops.convert_to_numpy(wrapper.normalized_kernel()),
+                      np.asarray(wrapper.layer.bias)])
+    return wrapped, bare
+
+
+def _activity_regularized():
+    return keras.layers.Dense(4, activity_regularizer=keras.regularizers.L2(3.0))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_an_activity_regularizer_on_the_wrapped_layer_counts_in_the_loss(jit_compile):
+    wrapped, bare = _twin_models(_activity_regularized)
+    x = _inputs((5,), batch=8)
+    y = np.zeros((8, 4), "float32")
+    wrapped(x)
+    bare(x)
+    assert len(wrapped.losses) == len(bare.losses) == 1
+    np.testing.assert_allclose(float(wrapped.losses[0]), float(bare.losses[0]), rtol=1e-5)
+    for model in (wrapped, bare):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=jit_compile)
+    expected = bare.evaluate(x, y, verbose=0)
+    mse = float(np.mean(np.square(keras.ops.convert_to_numpy(bare(x)))))
+    assert expected > 2 * mse  # the regularizer is most of the loss
+    np.testing.assert_allclose(wrapped.evaluate(x, y, verbose=0), expected, rtol=1e-5)
+    # Training sees it too: the first step's loss is the same.
+    first = wrapped.fit(x, y, batch_size=8, epochs=1, verbose=0).history["loss"][0]
+    np.testing.assert_allclose(first, expected, rtol=1e-5)
+
+
+class TestKerasLayerChecks(TestCase):
+    """Keras' own layer checks (serialization, build, symbolic and eager calls, training and
+    mixed precision)."""
+
+    def test_dense(self):
+        self.run_layer_test(WeightNormalization, {"layer": keras.layers.Dense(3)},
+                            input_shape=(2, 4), expected_output_shape=(2, 3),
+                            expected_num_trainable_weights=3,
+                            expected_num_non_trainable_weights=0)
+
+    def test_conv2d(self):
+        self.run_layer_test(WeightNormalization,
+                            {"layer": keras.layers.Conv2D(2, 3, padding="same")},
+                            input_shape=(2, 5, 5, 3), expected_output_shape=(2, 5, 5, 2),
+                            expected_num_trainable_weights=3,
+                            expected_num_non_trainable_weights=0)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16", "float16", "float64"])
+def test_the_wrapped_layer_follows_the_wrappers_dtype_policy(policy):
+    wrapper = WeightNormalization(keras.layers.Dense(3), dtype=policy)
+    assert wrapper.layer.dtype_policy.name == policy
+    x = _inputs((4,))
+    outputs = wrapper(x)
+    spec = wrapper.compute_output_spec(keras.KerasTensor((4, 4), dtype=wrapper.compute_dtype))
+    assert keras.backend.standardize_dtype(outputs.dtype) == spec.dtype == \
+        wrapper.compute_dtype
+    # Without `dtype`, the wrapper takes the wrapped layer's policy.
+    assert WeightNormalization(keras.layers.Dense(3, dtype=policy)).dtype_policy.name == policy
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64",
+                                   "mixed_float16"])
+def test_tiny_columns_are_normalized_exactly_and_zero_columns_give_zero(dtype):
+    wrapper = WeightNormalization(keras.layers.Dense(3, use_bias=False), dtype=dtype)
+    x = np.ones((2, 4), "float32")
+    wrapper(x)
+    v = np.zeros((4, 3))
+    v[:, 0] = [1e-7, 0, 0, 0]         # norm 1e-7: below any epsilon a norm might be given
+    v[:, 1] = [0.5, -0.5, 0.5, 0.5]   # an ordinary unit-norm column
+    wrapper.v.assign(v)
+    wrapper.g.assign(np.ones(3))
+    kernel = keras.ops.convert_to_numpy(keras.ops.cast(wrapper.normalized_kernel(), "float64"))
+    np.testing.assert_allclose(kernel[:, 0], [1, 0, 0, 0], rtol=1e-3)
+    np.testing.assert_allclose(kernel[:, 1], v[:, 1], rtol=1e-2)
+    np.testing.assert_array_equal(kernel[:, 2], 0)
+    outputs = keras.ops.convert_to_numpy(keras.ops.cast(wrapper(x), "float64"))
+    np.testing.assert_allclose(outputs, [[1, 1, 0]] * 2, rtol=1e-2)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.cast(wrapper(x), "float32"))
+    grad_g, grad_v = (np.asarray(tf.cast(grad, "float32"))
+                      for grad in tape.gradient(loss, [wrapper.g, wrapper.v]))
+    assert np.isfinite(grad_g).all() and np.isfinite(grad_v[:, 1:]).all()
+    # The tiny column's true gradient is of order g / ||v|| = 1e7, beyond float16's range.
+    if dtype != "float16":
+        assert np.isfinite(grad_v[:, 0]).all()
+
+
+def test_unit_norms_of_tiny_half_precision_kernels_do_not_underflow():
+    from keras_goodinit.weight_norm import unit_norms
+
+    kernel = np.full((16, 2), 1e-4, "float16")  # squares are 1e-8: zero in float16
+    norms = keras.ops.convert_to_numpy(unit_norms(kernel, "default"))
+    assert norms.dtype == np.float16
+    np.testing.assert_allclose(norms.astype("float64"), 4e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match=re.escape("Received: layout='dense'")):
+        unit_norms(kernel, "dense")
+
+
+def _quantizable(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((16,)),
+        WeightNormalization(keras.layers.Dense(32, activation="relu"), name="wn1"),
+        keras.layers.Dense(32, activation="relu", name="plain"),
+        WeightNormalization(keras.layers.Dense(8), name="wn2"),
+    ])
+    _randomize_scales(model, seed)
+    return model
+
+
+def _relative_error(got, expected):
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_quantizes_the_effective_kernel(mode, tmp_path):
+    model = _quantizable()
+    x = _inputs((16,), batch=32)
+    expected = model.predict(x, verbose=0)
+    reference = bake_weight_norm(model)
+    reference.quantize(mode)
+    model.quantize(mode)
+    got = model.predict(x, verbose=0)
+    # Exactly what quantizing the baked model gives, and close to the float model (int8
+    # and int4 round each kernel entry to 1/127 and 1/7 of its column's largest).
+    np.testing.assert_allclose(got, reference.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    error = _relative_error(got, expected)
+    assert error < {"int8": 0.02, "int4": 0.2}[mode], error
+    for name in ("wn1", "wn2"):
+        wrapper = model.get_layer(name)
+        assert wrapper.layer.quantization_mode == mode and not wrapper.g.trainable
+    path = tmp_path / "quantized.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), got)
+
+
+def test_a_failed_quantize_leaves_the_weight_normalized_layer_unchanged():
+    model = _quantizable()
+    x = _inputs((16,), batch=8)
+    expected = model.predict(x, verbose=0)
+    weights = [np.array(w) for w in model.get_weights()]
+    with pytest.raises(ValueError, match="mode"):
+        model.quantize("int3")
+    for old, new in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), expected)
+    assert model.get_layer("wn1").g.trainable
+
+
+def test_lora_on_the_wrapped_layer_adds_a_low_rank_update_to_the_effective_kernel(tmp_path):
+    x, y = _regression_data()
+    model = _regression_model()
+    _randomize_scales(model)
+    expected = model.predict(x, verbose=0)
+    wrapper = model.layers[0]
+    wrapper.layer.enable_lora(2)
+    # lora_b starts at zero: the outputs do not move.
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6)
+    assert not wrapper.v.trainable and wrapper.g.trainable
+    assert {w.name for w in wrapper.trainable_weights} == {"g", "bias", "lora_kernel_a",
+                                                            "lora_kernel_b"}
+    v = np.array(wrapper.v)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    model.fit(x, y, batch_size=64, epochs=2, verbose=0)
+    np.testing.assert_array_equal(np.asarray(wrapper.v), v)
+    lora = wrapper.layer
+    delta = np.asarray(lora.lora_kernel_a) @ np.asarray(lora.lora_kernel_b) * (
+        lora.lora_alpha / lora.lora_rank)
+    assert np.abs(delta).max() > 0
+    # The layer computes with g * v / ||v|| + delta.
+    kernel = keras.ops.convert_to_numpy(wrapper.normalized_kernel()) + delta
+    bare = keras.ops.convert_to_numpy(wrapper.layer.activation(
+        x @ kernel + np.asarray(wrapper.layer.bias)))
+    got = keras.ops.convert_to_numpy(wrapper(x))
+    np.testing.assert_allclose(got, bare, rtol=1e-5, atol=1e-5)
+    # Baked, saved and loaded, it computes the same.
+    predicted = model.predict(x, verbose=0)
+    baked = bake_weight_norm(model)
+    np.testing.assert_allclose(baked.predict(x, verbose=0), predicted, rtol=1e-5, atol=1e-5)
+    path = tmp_path / "lora.keras"
+    model.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path).predict(x, verbose=0), predicted,
+                               rtol=1e-6, atol=1e-6)

@@ -18,8 +18,11 @@ def _fail(name: str, expected: str, value: Any) -> None:
 
 
 def _is_bool(value) -> bool:
-    # np.bool_ is not a numbers.Number subclass, but is a bool in all but type.
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    # np.bool_ is not a numbers.Number subclass, but is a bool in all but type. Its class
+    # is named "bool_" in NumPy 1 and "bool" in NumPy 2.
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy"
+                                       and kind.__name__ in ("bool_", "bool"))
 
 
 def boolean(name: str, value) -> bool:
@@ -95,3 +98,23 @@ def seed(value, *, allow_none: bool = True) -> int | None:
     """A seed: a non-negative int (or NumPy integer), or None."""
     return integer("seed", value, minimum=0, allow_none=allow_none,
                    expected="a non-negative int" + (" or None" if allow_none else ""))
+
+
+def shape(name: str, value, *, min_rank: int = 0, ranks: Collection[int] | None = None,
+          expected: str | None = None) -> tuple[int, ...]:
+    """A shape: a tuple or list of positive ints (or NumPy integers).
+
+    Its length must be at least `min_rank` and, if `ranks` is given, one of
+    `ranks`. A float dimension such as 2.5 is rejected rather than truncated.
+    """
+    what = expected or ("a tuple of positive ints"
+                        + (f" of length >= {min_rank}" if min_rank else "")
+                        + (f" of length in {tuple(ranks)}" if ranks is not None else ""))
+    try:
+        dims = tuple(value) if not isinstance(value, (str, bytes, dict)) else None
+    except TypeError:  # not iterable
+        dims = None
+    if (dims is None or len(dims) < min_rank or (ranks is not None and len(dims) not in ranks)
+            or any(_is_bool(d) or not isinstance(d, numbers.Integral) or d <= 0 for d in dims)):
+        _fail(name, what, value)
+    return tuple(int(d) for d in dims)

@@ -5,37 +5,87 @@ from __future__ import annotations
 import math
 
 import keras
+import ml_dtypes
 from keras import ops
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from keras_goodinit import _layouts
+from keras_goodinit import _layouts, _validate
 
 SCHEMES = ("wn_relu", "wn_linear", "wn_residual", "wn_hanin", "wn_relu_backward")
 DISTRIBUTIONS = ("orthogonal", "normal")
 
 
-def _positive_int(name: str, value, scheme: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"Scheme {scheme!r} requires `{name}` to be a positive integer. "
-            f"Received: {name}={value!r}"
-        )
-    return value
+def _scheme_count(name: str, value, scheme: str) -> int:
+    return _validate.integer(name, value, minimum=1,
+                             expected=f"a positive int (scheme {scheme!r} requires it)")
 
 
 def scheme_gamma(scheme: str, *, num_blocks: int | None = None,
                  block_index: int | None = None) -> float:
-    """The gain gamma of science.md §1 for a scheme: `g = sqrt(gamma * fan_in / fan_out)`."""
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"Invalid value for argument `scheme`. Expected one of {SCHEMES}. "
-            f"Received: scheme={scheme!r}"
-        )
+    """The gain `gamma` of a scheme, in `g = sqrt(gamma * C_in / C_out)`.
+
+    `g` is the L2 norm that every output unit's fan-in vector gets. The mean
+    field analysis of Arpit et al. (2019) gives `gamma = 2` for a layer
+    followed by a ReLU (it halves the second moment), `gamma = 1` for a
+    linear layer, and `gamma = 1 / num_blocks` for the last layer of each of
+    the `num_blocks` residual branches of a stage, so that the stage's output
+    variance stays that of its input. `"wn_hanin"` is the baseline of Hanin &
+    Rolnick (2018), `gamma = 0.81 ** block_index`.
+
+    Examples:
+
+    >>> scheme_gamma("wn_relu")
+    2.0
+    >>> scheme_gamma("wn_residual", num_blocks=4)
+    0.25
+
+    Args:
+        scheme: One of `SCHEMES`.
+        num_blocks: Residual blocks per stage; required by `"wn_residual"`,
+            ignored otherwise.
+        block_index: 1-based index of the block in its stage; required by
+            `"wn_hanin"`, ignored otherwise.
+
+    Returns:
+        `gamma` as a positive Python float.
+
+    Reference:
+        - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
+        - [Hanin & Rolnick, 2018](https://arxiv.org/abs/1803.01719)
+    """
+    _validate.one_of("scheme", scheme, SCHEMES)
     if scheme == "wn_residual":
-        return 1.0 / _positive_int("num_blocks", num_blocks, scheme)
+        num_blocks = _scheme_count("num_blocks", num_blocks, scheme)
+        try:
+            gamma = 1.0 / num_blocks
+        except OverflowError:  # an int too large for a float
+            gamma = 0.0
+        if gamma == 0.0:
+            raise ValueError(
+                f"Argument `num_blocks` is so large that gamma = 1/num_blocks underflows to 0. "
+                f"Received: num_blocks={num_blocks!r}")
+        return gamma
     if scheme == "wn_hanin":
-        return 0.81 ** _positive_int("block_index", block_index, scheme)
+        block_index = _scheme_count("block_index", block_index, scheme)
+        try:
+            gamma = 0.81 ** block_index
+        except OverflowError:  # an int too large for a float
+            gamma = 0.0
+        if gamma == 0.0:
+            raise ValueError(
+                "Argument `block_index` is so large that gamma = 0.81**block_index underflows "
+                f"to 0. Received: block_index={block_index!r}")
+        return gamma
     return 1.0 if scheme == "wn_linear" else 2.0
+
+
+def _check_seed(seed):
+    if isinstance(seed, dict):
+        seed = deserialize_keras_object(seed)
+    if isinstance(seed, keras.random.SeedGenerator):
+        return seed
+    return _validate.integer("seed", seed, minimum=0, allow_none=True,
+                             expected="a non-negative int, None or a keras.random.SeedGenerator")
 
 
 @keras.saving.register_keras_serializable(package="keras_goodinit")
@@ -62,27 +112,39 @@ class GoodInit(keras.initializers.Initializer):
     that share one instance get different kernels. An int seed gives the same
     kernel on every call, for reproducibility.
 
+    Once `keras_goodinit` is imported, Keras finds the initializer by name:
+    `keras.initializers.get("GoodInit")` and
+    `keras.initializers.get({"class_name": "GoodInit", "config": {...}})`
+    work, and so does `kernel_initializer="GoodInit"`.
+
     Examples:
 
     >>> init = GoodInit("wn_relu", seed=0)
     >>> kernel = init(shape=(64, 32))
     >>> layer = keras.layers.Dense(32, activation="relu", kernel_initializer=init)
     >>> last = GoodInit("wn_residual", num_blocks=9)
+    >>> same = keras.initializers.get({"class_name": "GoodInit",
+    ...                                "config": {"scheme": "wn_linear"}})
 
     Args:
         scheme: One of `"wn_relu"`, `"wn_linear"`, `"wn_residual"`,
             `"wn_hanin"`, `"wn_relu_backward"`.
-        num_blocks: Residual blocks per stage; required by `"wn_residual"`.
-        block_index: 1-based index of the block within its stage; required by
-            `"wn_hanin"`.
-        gamma: Overrides the scheme's gamma. Must be positive.
+        num_blocks: Residual blocks per stage, a positive int; required by
+            `"wn_residual"`, ignored by the other schemes.
+        block_index: 1-based index of the block within its stage, a positive
+            int; required by `"wn_hanin"`, ignored by the other schemes.
+        gamma: Overrides the scheme's gamma. A positive finite number; when
+            a kernel is drawn, `g` must also be representable in the
+            kernel's dtype (see `draw`).
         distribution: `"orthogonal"` (default) or `"normal"` directions.
         layout: Where the output units sit in the kernel: `"default"` (last
             axis: Dense, ConvND), `"conv_transpose"` (axis -2) or
             `"depthwise"` (the last two axes). An initializer only sees the
             shape, so the caller must say which applies.
-        seed: An int for reproducible kernels, `None` or a
+        seed: A non-negative int for reproducible kernels, `None` or a
             `keras.random.SeedGenerator` for fresh kernels on every call.
+
+    NumPy scalars are accepted wherever a Python int or float is.
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
@@ -99,29 +161,16 @@ class GoodInit(keras.initializers.Initializer):
         layout: str = "default",
         seed: int | keras.random.SeedGenerator | None = None,
     ):
-        if isinstance(seed, dict):
-            seed = deserialize_keras_object(seed)
-        if seed is not None and (isinstance(seed, bool)
-                                 or not isinstance(seed, (int, keras.random.SeedGenerator))):
-            raise ValueError(
-                "Argument `seed` must be an int, None or a keras.random.SeedGenerator. "
-                f"Received: seed={seed!r}"
-            )
-        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
-                                  or not math.isfinite(gamma) or gamma <= 0):
-            raise ValueError(
-                f"Argument `gamma` must be a positive finite number. Received: gamma={gamma!r}"
-            )
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"Invalid value for argument `distribution`. Expected one of {DISTRIBUTIONS}. "
-                f"Received: distribution={distribution!r}"
-            )
+        seed = _check_seed(seed)
+        gamma = _validate.number("gamma", gamma, positive=True, allow_none=True,
+                                 expected="a positive finite number or None")
+        _validate.one_of("distribution", distribution, DISTRIBUTIONS)
         scheme_value = scheme_gamma(scheme, num_blocks=num_blocks, block_index=block_index)
         self.scheme = scheme
-        self.num_blocks = num_blocks
-        self.block_index = block_index
-        self.gamma = float(gamma) if gamma is not None else scheme_value
+        # Validated (and made plain ints) by `scheme_gamma` where the scheme uses them.
+        self.num_blocks = int(num_blocks) if scheme == "wn_residual" else num_blocks
+        self.block_index = int(block_index) if scheme == "wn_hanin" else block_index
+        self.gamma = gamma if gamma is not None else scheme_value
         self._gamma_arg = gamma
         self.distribution = distribution
         self.layout = _layouts.check_layout(layout)
@@ -142,27 +191,36 @@ class GoodInit(keras.initializers.Initializer):
 
         The stacked kernels come from one batched factorization, which is much
         faster than `count` calls when many layers share a kernel shape.
+
+        The kernel is finite and has no all-zero unit whenever `g` lies in
+        `[tiny * sqrt(n), max / 2]`, with `n` the length of a unit's fan-in
+        vector and `tiny`, `max` the smallest normal and the largest finite
+        value of `dtype`: no entry exceeds `g` in magnitude (the factor 2
+        leaves room for rounding), and the largest entry of a unit is at least
+        `g / sqrt(n)`. A `gamma` (or a scheme's gamma) that puts `g` outside
+        this range raises a `ValueError` rather than returning an infinite or
+        zero kernel.
+
+        Args:
+            shape: The kernel shape, a tuple of positive ints of rank >= 2
+                (rank >= 3 for `layout="depthwise"`).
+            dtype: A float dtype; `keras.config.floatx()` when `None`.
+            count: `None` for one kernel, or a positive int.
+
+        Returns:
+            A tensor of shape `shape`, or `(count, *shape)`.
         """
-        shape = tuple(int(d) for d in shape)
-        if len(shape) < 2:
-            raise ValueError(
-                "GoodInit needs a kernel shape of rank >= 2 (fan-in and fan-out). "
-                f"Received: shape={shape}"
-            )
-        if self.layout == "depthwise" and len(shape) < 3:
-            raise ValueError(
-                "layout='depthwise' needs a kernel shape (*kernel_size, channels, "
-                f"multiplier) of rank >= 3. Received: shape={shape}"
-            )
+        min_rank = 3 if self.layout == "depthwise" else 2
+        expected = ("a kernel shape (*kernel_size, channels, multiplier) of rank >= 3 with "
+                    "positive int dimensions" if min_rank == 3 else
+                    "a kernel shape of rank >= 2 (fan-in and fan-out) with positive int "
+                    "dimensions")
+        shape = _validate.shape("shape", shape, min_rank=min_rank, expected=expected)
         dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
         if not keras.backend.is_float_dtype(dtype):
             raise ValueError(f"GoodInit only makes float kernels. Received: dtype={dtype}")
-        if any(d <= 0 for d in shape):
-            raise ValueError(
-                f"Every dimension of `shape` must be positive. Received: shape={shape}")
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
-                                  or count < 1):
-            raise ValueError(f"Argument `count` must be a positive int. Received: count={count!r}")
+        count = _validate.integer("count", count, minimum=1, allow_none=True,
+                                  expected="a positive int or None")
 
         axes = _layouts.norm_axes(len(shape), self.layout)
         units = [i for i in range(len(shape)) if i not in axes]
@@ -171,16 +229,48 @@ class GoodInit(keras.initializers.Initializer):
         moved = [shape[i] for i in perm]
         fan_in = math.prod(moved[: len(axes)])
         n_units = math.prod(moved[len(axes):])
+        norm = self._checked_unit_norm(shape, dtype, fan_in)
         lead = () if count is None else (count,)
         # Draw and factor in float32 at least: QR in half precision is inaccurate.
         work_dtype = "float64" if dtype == "float64" else "float32"
         matrix = self._directions(lead, fan_in, n_units, work_dtype)
         norms = ops.sqrt(ops.sum(ops.square(matrix), axis=-2, keepdims=True))
-        matrix = matrix * (self.unit_norm(shape) / norms)
+        matrix = matrix * (norm / norms)
         offset = len(lead)
         kernel = ops.transpose(ops.reshape(matrix, lead + tuple(moved)),
                                list(range(offset)) + [offset + i for i in _inverse(perm)])
         return ops.cast(kernel, dtype)
+
+    def _checked_unit_norm(self, shape: tuple[int, ...], dtype: str, fan_in: int) -> float:
+        """`unit_norm(shape)`, or a ValueError when `dtype` cannot hold such a kernel."""
+        info = ml_dtypes.finfo(dtype)
+        low, high = float(info.tiny) * math.sqrt(fan_in), float(info.max) / 2
+        try:
+            norm = self.unit_norm(shape)
+        except OverflowError:
+            norm = math.inf
+        if low <= norm <= high:
+            return norm
+        # g = sqrt(gamma * ratio): the range of gamma that keeps g in [low, high].
+        if self.scheme == "wn_relu_backward":
+            ratio = 1.0
+        else:
+            c_in, c_out = _layouts.channel_fans(shape, self.layout)
+            ratio = c_in / c_out
+        problem = "overflows" if norm > high else "underflows"
+        if self._gamma_arg is not None or self.scheme not in ("wn_residual", "wn_hanin"):
+            name, value = "gamma", self.gamma
+        elif self.scheme == "wn_residual":
+            name, value = "num_blocks", self.num_blocks
+        else:
+            name, value = "block_index", self.block_index
+        raise ValueError(
+            f"Argument `{name}` gives the units of a {dtype} kernel of shape {shape} the "
+            f"norm g = {norm:.3g}, which {problem} {dtype}: a finite kernel with no zero unit "
+            f"needs {low:.3g} <= g <= {high:.3g}, i.e. {low * low / ratio:.3g} <= gamma <= "
+            f"{high * high / ratio:.3g} for this shape (gamma = {self.gamma:.3g} here). "
+            f"Received: {name}={value!r}"
+        )
 
     def _directions(self, lead: tuple[int, ...], fan_in: int, n_units: int, dtype: str):
         if self.distribution == "normal":
@@ -210,3 +300,9 @@ def _inverse(perm: list[int]) -> list[int]:
     for position, axis in enumerate(perm):
         inverse[axis] = position
     return inverse
+
+
+# Plain names, so `keras.initializers.get("GoodInit")` and configs without the
+# "keras_goodinit>" package prefix find the class (Keras' own initializers also
+# answer to their snake_case names).
+keras.saving.get_custom_objects().update({"GoodInit": GoodInit, "good_init": GoodInit})

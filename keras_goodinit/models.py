@@ -2,7 +2,11 @@
 
 Every builder returns a functional `keras.Model` that outputs logits. Hidden
 layers are optionally wrapped in `WeightNormalization`; the final classifier
-never is. Each kernel's initializer follows the layer's role (science.md §1):
+never is. Each kernel's initializer follows the layer's role: `GoodInit` gives
+every output unit's fan-in vector the norm `g = sqrt(gamma * C_in / C_out)`,
+with `gamma` set by what follows the layer (a ReLU halves the second moment,
+hence 2; each of the N residual branches of a stage adds to the stream's
+variance, hence 1/N for their last layer):
 
 | role | where | proposed gamma |
 |---|---|---|
@@ -16,6 +20,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_goodinit import _validate
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.weight_norm import WeightNormalization
 
@@ -59,25 +64,16 @@ def _kernel_initializer(init: str, role: str, *, wrapped: bool, num_blocks: int 
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
+    return _validate.integer(name, value, minimum=1, expected="a positive int")
 
 
 def _check_input_shape(input_shape, ranks: tuple[int, ...] | None) -> tuple[int, ...]:
     """`ranks=None` accepts any rank >= 1."""
-    valid = (isinstance(input_shape, (tuple, list)) and len(input_shape) > 0
-             and (ranks is None or len(input_shape) in ranks)
-             and all(not isinstance(d, bool) and isinstance(d, (int, np.integer)) and d > 0
-                     for d in input_shape))
-    if not valid:
-        length = "" if ranks is None else f" of length {' or '.join(map(str, ranks))}"
-        raise ValueError(
-            "Argument `input_shape` must be a non-empty tuple of positive integers (without "
-            f"the batch dimension){length}. Received: input_shape={input_shape!r}"
-        )
-    return tuple(int(d) for d in input_shape)
+    length = "" if ranks is None else f" of length {' or '.join(map(str, ranks))}"
+    expected = ("a non-empty tuple of positive ints (without the batch dimension)"
+                f"{length}")
+    return _validate.shape("input_shape", input_shape, min_rank=1, ranks=ranks,
+                           expected=expected)
 
 
 class _Builder:
@@ -85,22 +81,15 @@ class _Builder:
 
     def __init__(self, init: str, weight_norm: bool, batch_norm: bool, seed: int | None,
                  conv_rank: int = 2):
-        if init not in INITS:
-            raise ValueError(
-                f"Invalid value for argument `init`. Expected one of {INITS}. "
-                f"Received: init={init!r}"
-            )
-        for name, value in (("weight_norm", weight_norm), ("batch_norm", batch_norm)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Argument `{name}` must be a bool. Received: {name}={value!r}")
-        if seed is not None and (isinstance(seed, bool)
-                                 or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"Argument `seed` must be an int or None. Received: seed={seed!r}")
+        _validate.one_of("init", init, INITS)
+        weight_norm = _validate.boolean("weight_norm", weight_norm)
+        batch_norm = _validate.boolean("batch_norm", batch_norm)
+        seed = _validate.seed(seed)
         self.init = init
         self.weight_norm = weight_norm
         self.batch_norm = batch_norm
         # One stream of per-layer seeds: reproducible for an int, fresh kernels for None.
-        self._rng = None if seed is None else np.random.default_rng(int(seed))
+        self._rng = None if seed is None else np.random.default_rng(seed)
         self._conv = keras.layers.Conv1D if conv_rank == 1 else keras.layers.Conv2D
         self._pool = (keras.layers.GlobalAveragePooling1D if conv_rank == 1
                       else keras.layers.GlobalAveragePooling2D)
@@ -138,12 +127,10 @@ class _Builder:
         return self._pool(name="pool")(x)
 
 
-def _check_builder_args(input_shape, num_classes, ranks, **positive) -> tuple[int, ...]:
-    input_shape = _check_input_shape(input_shape, ranks)
-    _positive_int("num_classes", num_classes)
-    for name, value in positive.items():
-        _positive_int(name, value)
-    return input_shape
+def _check_builder_args(input_shape, num_classes, ranks, *positive) -> tuple:
+    """`(input_shape, num_classes, *positive)` as plain ints; `positive` are (name, value)."""
+    return (_check_input_shape(input_shape, ranks), _positive_int("num_classes", num_classes),
+            *(_positive_int(name, value) for name, value in positive))
 
 
 def wn_mlp(input_shape: tuple[int, ...], num_classes: int, depth: int, width: int = 128, *,
@@ -182,8 +169,8 @@ def wn_mlp(input_shape: tuple[int, ...], num_classes: int, depth: int, width: in
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
     """
-    input_shape = _check_builder_args(input_shape, num_classes, None,
-                                      depth=depth, width=width)
+    input_shape, num_classes, depth, width = _check_builder_args(
+        input_shape, num_classes, None, ("depth", depth), ("width", width))
     builder = _Builder(init, weight_norm, batch_norm, seed)
     inputs = keras.Input(input_shape, name="inputs")
     x = keras.layers.Flatten(name="flatten")(inputs) if len(input_shape) > 1 else inputs
@@ -224,7 +211,8 @@ def wn_cnn(input_shape: tuple[int, ...], num_classes: int, depth: int, width: in
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
     """
-    input_shape = _check_builder_args(input_shape, num_classes, (2, 3), depth=depth, width=width)
+    input_shape, num_classes, depth, width = _check_builder_args(
+        input_shape, num_classes, (2, 3), ("depth", depth), ("width", width))
     builder = _Builder(init, weight_norm, batch_norm, seed, conv_rank=len(input_shape) - 1)
     inputs = keras.Input(input_shape, name="inputs")
     x = inputs
@@ -299,8 +287,8 @@ def wn_resnet(input_shape: tuple[int, ...], num_classes: int, num_blocks: int, w
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
         - [He et al., 2016](https://arxiv.org/abs/1512.03385)
     """
-    input_shape = _check_builder_args(input_shape, num_classes, (2, 3),
-                                      num_blocks=num_blocks, width=width)
+    input_shape, num_classes, num_blocks, width = _check_builder_args(
+        input_shape, num_classes, (2, 3), ("num_blocks", num_blocks), ("width", width))
     builder = _Builder(init, weight_norm, batch_norm, seed, conv_rank=len(input_shape) - 1)
     return _residual_network(builder, input_shape, num_classes, width,
                              (width, 2 * width, 4 * width), num_blocks,
@@ -340,7 +328,8 @@ def wn_wide_resnet(input_shape: tuple[int, ...], num_classes: int, n: int, k: in
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
         - [Zagoruyko & Komodakis, 2016](https://arxiv.org/abs/1605.07146)
     """
-    input_shape = _check_builder_args(input_shape, num_classes, (2, 3), n=n, k=k)
+    input_shape, num_classes, n, k = _check_builder_args(input_shape, num_classes, (2, 3),
+                                                         ("n", n), ("k", k))
     builder = _Builder(init, weight_norm, batch_norm, seed, conv_rank=len(input_shape) - 1)
     return _residual_network(builder, input_shape, num_classes, 16, (16 * k, 32 * k, 64 * k), n,
                              name=f"wrn_{6 * n + 4}_{k}")

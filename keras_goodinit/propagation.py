@@ -16,21 +16,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_goodinit import _validate
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
-from keras_goodinit.models import _kernel_initializer, _positive_int
+from keras_goodinit.models import _kernel_initializer
 from keras_goodinit.weight_norm import WeightNormalization
 
 
-def _check_common(proposed, distribution, seed) -> None:
-    if not isinstance(proposed, bool):
-        raise ValueError(f"Argument `proposed` must be a bool. Received: proposed={proposed!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"Invalid value for argument `distribution`. Expected one of {DISTRIBUTIONS}. "
-            f"Received: distribution={distribution!r}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"Argument `seed` must be a non-negative integer. Received: seed={seed!r}")
+def _check_common(proposed, distribution, seed) -> tuple[bool, int]:
+    proposed = _validate.boolean("proposed", proposed)
+    _validate.one_of("distribution", distribution, DISTRIBUTIONS)
+    return proposed, _validate.seed(seed, allow_none=False)
 
 
 def _layer_seeds(seed: int, count: int) -> list[int]:
@@ -87,24 +82,18 @@ def mlp_chain(
         A functional `keras.Model` mapping `(batch, widths[0])` inputs to the
         list `[h_1, ..., h_L]`.
     """
-    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or len(widths) < 2:
-        raise ValueError(
-            "Argument `widths` must be a sequence of at least two widths (the input's, then "
-            f"one per layer). Received: widths={widths!r}"
-        )
-    for width in widths:
-        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width <= 0:
-            raise ValueError(
-                f"Every entry of `widths` must be a positive integer. Received: widths={widths!r}"
-            )
-    _check_common(proposed, distribution, seed)
+    widths = _validate.shape(
+        "widths", widths, min_rank=2,
+        expected="a sequence of at least two positive ints (the input's width, then one per "
+                 "layer)")
+    proposed, seed = _check_common(proposed, distribution, seed)
     seeds = _layer_seeds(seed, len(widths) - 1)
-    inputs = keras.Input((int(widths[0]),), name="x")
+    inputs = keras.Input((widths[0],), name="x")
     h = inputs
     activations = []
     for index, (units, layer_seed) in enumerate(zip(widths[1:], seeds, strict=True), start=1):
         init = _initializer("relu", proposed, distribution, layer_seed)
-        h = _dense(int(units), init, "relu", f"layer_{index}")(h)
+        h = _dense(units, init, "relu", f"layer_{index}")(h)
         activations.append(h)
     return keras.Model(inputs, activations, name="mlp_chain")
 
@@ -146,10 +135,11 @@ def residual_chain(
         A functional `keras.Model` mapping `(batch, width)` inputs to the list
         `[h_1, ..., h_N]`.
     """
-    width = _positive_int("width", width)
-    branch_width = _positive_int("branch_width", branch_width)
-    num_blocks = _positive_int("num_blocks", num_blocks)
-    _check_common(proposed, distribution, seed)
+    width, branch_width, num_blocks = (
+        _validate.integer(name, value, minimum=1, expected="a positive int")
+        for name, value in (("width", width), ("branch_width", branch_width),
+                            ("num_blocks", num_blocks)))
+    proposed, seed = _check_common(proposed, distribution, seed)
     seeds = _layer_seeds(seed, 2 * num_blocks)
     inputs = keras.Input((width,), name="x")
     h = inputs
@@ -187,7 +177,7 @@ def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np
         model: A model whose output is the list of per-layer activations, such
             as `mlp_chain` or `residual_chain` return.
         x: Inputs of shape `(batch, input_width)`.
-        seed: Seed of the Gaussian probe `r`.
+        seed: Seed of the Gaussian probe `r`, a non-negative int.
 
     Returns:
         Two float64 arrays of length `L + 1`, indexed by layer `l = 0..L`
@@ -195,6 +185,7 @@ def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"Argument `model` must be a keras.Model. Received: model={model!r}")
+    seed = _validate.seed(seed, allow_none=False)
     x = tf.convert_to_tensor(x, dtype="float32")
     if x.shape.rank != 2 or x.shape[0] == 0:
         raise ValueError(

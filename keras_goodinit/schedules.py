@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 from keras import ops
+
+from keras_goodinit import _validate
 
 _Schedule = keras.optimizers.schedules.LearningRateSchedule
 
 
+# The schedule computes in float32: a larger rate would be infinite.
+_MAX_RATE = 3.4028234663852886e38
+
+
 def _non_negative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value) or value < 0:
-        raise ValueError(
-            f"Argument `{name}` must be a non-negative finite number. Received: {name}={value!r}"
-        )
-    return float(value)
+    return _validate.number(name, value, minimum=0, maximum=_MAX_RATE,
+                            expected="a non-negative number that float32 can hold")
 
 
 @keras.saving.register_keras_serializable(package="keras_goodinit")
@@ -44,11 +44,16 @@ class QuadraticWarmup(_Schedule):
         initial_learning_rate: `lr_0`, the learning rate at step 0.
         target_learning_rate: The learning rate reached at the end of the
             warmup.
-        warmup_steps: Length of the warmup in optimizer steps; 0 skips it.
+        warmup_steps: Length of the warmup in optimizer steps, a non-negative
+            int; 0 skips it.
         after: What follows the warmup: `None` (stay at
             `target_learning_rate`), a number, or a `LearningRateSchedule`
             whose step count starts at 0 when the warmup ends.
         name: Name of the schedule.
+
+    The numbers may be Python or NumPy scalars; anything else (a string, a
+    bool, a negative or non-finite number) raises a `ValueError` naming the
+    argument.
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
@@ -65,22 +70,16 @@ class QuadraticWarmup(_Schedule):
         self.initial_learning_rate = _non_negative("initial_learning_rate",
                                                    initial_learning_rate)
         self.target_learning_rate = _non_negative("target_learning_rate", target_learning_rate)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(
-                "Argument `warmup_steps` must be a non-negative integer. "
-                f"Received: warmup_steps={warmup_steps!r}"
-            )
+        warmup_steps = _validate.integer("warmup_steps", warmup_steps, minimum=0,
+                                         expected="a non-negative int")
         self.warmup_steps = warmup_steps
         if isinstance(after, dict):
             after = keras.optimizers.schedules.deserialize(after)
         if after is not None and not isinstance(after, _Schedule):
-            try:
-                after = _non_negative("after", after)
-            except ValueError:
-                raise ValueError(
-                    "Argument `after` must be None, a non-negative number or a "
-                    f"LearningRateSchedule. Received: after={after!r}"
-                ) from None
+            after = _validate.number(
+                "after", after, minimum=0, maximum=_MAX_RATE,
+                expected="None, a non-negative number that float32 can hold or a "
+                         "LearningRateSchedule")
         self.after = after
         self.name = name
 

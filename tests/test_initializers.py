@@ -10,7 +10,7 @@ import pytest
 from keras_goodinit import GoodInit
 from keras_goodinit.initializers import SCHEMES, scheme_gamma
 
-# scheme -> (extra constructor arguments, gamma of science.md §1)
+# scheme -> (extra constructor arguments, gamma: 2 before a ReLU, 1 linear, 1/N residual)
 SCHEME_GAMMAS = {
     "wn_relu": ({}, 2.0),
     "wn_linear": ({}, 1.0),
@@ -266,3 +266,129 @@ def test_bad_call_arguments_raise_naming_argument_and_value(shape, kwargs, messa
 def test_depthwise_layout_needs_rank_three():
     with _raises("Received: shape=(4, 3)"):
         GoodInit("wn_relu", layout="depthwise")((4, 3))
+
+
+# NumPy scalars, extreme gammas, float shapes ---------------------------------------------------
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    from_numpy = GoodInit("wn_residual", num_blocks=np.int64(3), gamma=np.float32(0.5),
+                          seed=np.int64(4))
+    from_python = GoodInit("wn_residual", num_blocks=3, gamma=float(np.float32(0.5)), seed=4)
+    assert from_numpy.get_config() == from_python.get_config()
+    # Plain Python types in the config, so it serializes to JSON.
+    assert type(from_numpy.get_config()["num_blocks"]) is int
+    assert type(from_numpy.get_config()["seed"]) is int
+    assert type(from_numpy.gamma) is float
+    shape = (np.int64(16), np.int32(8))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(from_numpy(shape)),
+                                  keras.ops.convert_to_numpy(from_python((16, 8))))
+    stacked = from_numpy.draw((4, 3), count=np.int64(2))
+    assert tuple(stacked.shape) == (2, 4, 3)
+    hanin = GoodInit("wn_hanin", block_index=np.int16(2))
+    assert hanin.gamma == pytest.approx(0.81**2) and hanin.block_index == 2
+    assert scheme_gamma("wn_residual", num_blocks=np.uint8(4)) == 0.25
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(seed=-1), "Received: seed=-1"),
+    (dict(seed=np.int64(-3)), "Received: seed=-3"),
+    (dict(seed=np.float64(2.0)), "Received: seed=np.float64(2.0)"),
+    (dict(gamma=np.float32("nan")), "Received: gamma=nan"),
+    (dict(gamma=np.bool_(True)), "Received: gamma=np.True_"),
+    (dict(scheme="wn_residual", num_blocks=np.float64(2.0)),
+     "Received: num_blocks=np.float64(2.0)"),
+    (dict(scheme="wn_hanin", block_index=np.int64(0)), "Received: block_index=0"),
+    (dict(scheme="wn_hanin", block_index=10**6), "Received: block_index=1000000"),
+    (dict(scheme="wn_residual", num_blocks=10**400), "underflows to 0"),
+    (dict(distribution=np.str_("uniform")), "Received: distribution="),
+])
+def test_bad_numpy_and_extreme_arguments_name_argument_and_value(kwargs, message):
+    with _raises(message) as info:
+        GoodInit(**kwargs)
+    assert str(info.value).startswith("Argument `")
+
+
+@pytest.mark.parametrize(("shape", "count", "message"), [
+    ((2.5, 3), None, "Received: shape=(2.5, 3)"),
+    ((4, 3.0), None, "Received: shape=(4, 3.0)"),
+    ((4, True), None, "Received: shape=(4, True)"),
+    ("43", None, "Received: shape='43'"),
+    (7, None, "Received: shape=7"),
+    ((4, 3), 0, "Received: count=0"),
+    ((4, 3), 2.0, "Received: count=2.0"),
+    ((4, 3), True, "Received: count=True"),
+])
+def test_bad_shape_or_count_raises_instead_of_truncating(shape, count, message):
+    with _raises(message):
+        GoodInit("wn_relu", seed=0).draw(shape, count=count)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_gamma_range_follows_the_dtype(dtype):
+    """g must lie in [tiny * sqrt(n), max / 2]; at both ends the kernel is finite and non-zero."""
+    import ml_dtypes
+
+    info = ml_dtypes.finfo(dtype)
+    shape, n, ratio = (64, 32), 64, 2.0  # g = sqrt(gamma * C_in / C_out)
+    low, high = float(info.tiny) * math.sqrt(n), float(info.max) / 2
+    for g in (low * 1.01, high * 0.99):
+        gamma = g * g / ratio
+        if gamma == 0.0 or not math.isfinite(gamma):
+            assert dtype == "float64"  # only float64's range outreaches a Python float gamma
+            continue
+        kernel = GoodInit("wn_linear", gamma=gamma, seed=0)(shape, dtype=dtype)
+        values = keras.ops.convert_to_numpy(keras.ops.cast(kernel, "float64"))
+        assert np.isfinite(values).all()
+        assert (np.abs(values).max(axis=0) > 0).all()  # no unit is all zero
+        norms = unit_norms(values, (0,))
+        if g > 1:
+            np.testing.assert_allclose(norms, g, rtol=2e-2)
+        else:  # at the bottom of the range most entries are subnormal: only a rough norm
+            assert (norms > 0.5 * g).all() and (norms < 1.01 * g).all()
+    for g in (low * 0.99, high * 1.01):
+        gamma = g * g / ratio
+        if gamma == 0.0 or not math.isfinite(gamma):
+            assert dtype == "float64"
+            continue
+        with _raises(f"Received: gamma={gamma!r}") as info_error:
+            GoodInit("wn_linear", gamma=gamma, seed=0)(shape, dtype=dtype)
+        assert dtype in str(info_error.value)
+
+
+def test_issue_gammas_no_longer_give_inf_or_zero_kernels():
+    with _raises("Received: gamma=1e+80") as info:
+        GoodInit(gamma=1e80)((64, 32))
+    assert "overflows float32" in str(info.value)
+    with _raises("Received: gamma=1e-90") as info:
+        GoodInit(gamma=1e-90)((64, 32))
+    assert "underflows float32" in str(info.value)
+    # float64 holds both.
+    for gamma in (1e80, 1e-90):
+        kernel = keras.ops.convert_to_numpy(GoodInit(gamma=gamma, seed=0)((64, 32), "float64"))
+        assert np.isfinite(kernel).all() and (np.abs(kernel).max(axis=0) > 0).all()
+
+
+def test_block_index_that_underflows_the_dtype_is_named():
+    # 0.81**300 ~ 3e-28 is a fine float32 gamma; 0.81**900 ~ 3e-83 is not (g ~ 5e-42).
+    GoodInit("wn_hanin", block_index=300, seed=0)((8, 8))
+    with _raises("Received: block_index=900"):
+        GoodInit("wn_hanin", block_index=900, seed=0)((8, 8))
+
+
+# Keras' registry ----------------------------------------------------------------------------
+
+def test_keras_initializers_get_finds_goodinit_by_name():
+    assert isinstance(keras.initializers.get("GoodInit"), GoodInit)
+    assert isinstance(keras.initializers.get("good_init"), GoodInit)
+    init = keras.initializers.get({"class_name": "GoodInit",
+                                   "config": {"scheme": "wn_residual", "num_blocks": 4,
+                                              "seed": 2}})
+    assert isinstance(init, GoodInit) and init.gamma == 0.25 and init.seed == 2
+    # The package-qualified name of a saved config keeps working too.
+    saved = keras.initializers.serialize(init)
+    assert saved["registered_name"] == "keras_goodinit>GoodInit"
+    assert keras.initializers.get(saved).get_config() == init.get_config()
+    layer = keras.layers.Dense(4, kernel_initializer="GoodInit")
+    layer.build((None, 8))
+    np.testing.assert_allclose(unit_norms(keras.ops.convert_to_numpy(layer.kernel), (0,)),
+                               math.sqrt(2 * 8 / 4), rtol=1e-5)

@@ -46,7 +46,7 @@ def initial_g(layer):
 
 
 def expected_gamma(name, num_blocks):
-    """science.md §1, derived from the layer's name alone."""
+    """The gamma each layer should get (2 before a ReLU, 1 linear, 1/N residual), from its name."""
     if name in ("stem", "classifier") or name.endswith("_shortcut"):
         return 1.0
     if name.endswith("_conv2"):
@@ -230,3 +230,56 @@ def test_saved_model_round_trip(tmp_path):
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# NumPy scalars and the shared validators ---------------------------------------------------------
+
+def test_numpy_scalars_build_the_same_model_as_python_ints():
+    from_numpy = models.wn_resnet((np.int64(8), np.int32(8), np.int64(2)), np.int64(3),
+                                  num_blocks=np.int64(1), width=np.int16(4),
+                                  weight_norm=np.bool_(True), batch_norm=np.bool_(False),
+                                  seed=np.int64(7))
+    from_python = models.wn_resnet((8, 8, 2), 3, num_blocks=1, width=4, seed=7)
+    assert from_numpy.name == from_python.name == "wn_resnet_8"
+    for a, b in zip(from_numpy.get_weights(), from_python.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    mlp = models.wn_mlp([np.int64(6)], 2, np.int64(2), width=np.int64(5), seed=np.int64(1))
+    assert mlp.input_shape == (None, 6) and mlp.get_layer("dense2").output.shape == (None, 5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: models.wn_mlp((4,), 2, 2, seed=-1), "Received: seed=-1"),
+    (lambda: models.wn_mlp((4,), 2, 2, seed=np.int64(-5)), "Received: seed=-5"),
+    (lambda: models.wn_mlp((4,), 2, 2, seed=2.0), "Received: seed=2.0"),
+    (lambda: models.wn_mlp((4.0,), 2, 2), r"Received: input_shape=\(4.0,\)"),
+    (lambda: models.wn_mlp((2.5, 3), 2, 2), r"Received: input_shape=\(2.5, 3\)"),
+    (lambda: models.wn_mlp((4,), np.float64(2.0), 2), r"Received: num_classes=np.float64"),
+    (lambda: models.wn_cnn((8, 8, 1), 2, np.int64(0)), "Received: depth=0"),
+    (lambda: models.wn_cnn((8, 8, 1), 2, 2, weight_norm=np.int64(1)),
+     r"Received: weight_norm=np.int64\(1\)"),
+])
+def test_bad_numpy_and_float_arguments_name_argument_and_value(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert str(info.value).startswith("Argument `")
+
+
+def test_propagation_accepts_numpy_scalars_and_names_bad_ones():
+    from keras_goodinit.propagation import mlp_chain, norm_ratios, residual_chain
+
+    chain = mlp_chain(np.array([6, 5, 4]), proposed=np.bool_(True), seed=np.int64(3))
+    assert [tuple(o.shape) for o in chain.outputs] == [(None, 5), (None, 4)]
+    residual = residual_chain(np.int64(6), np.int32(4), np.int64(2), seed=np.uint8(1))
+    assert len(residual.outputs) == 2
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    forward, backward = norm_ratios(chain, x, seed=np.int64(2))
+    assert forward[0] == 1.0 and backward[-1] == 1.0 and forward.shape == (3,)
+    for call, match in [
+        (lambda: mlp_chain([6, 2.5]), r"Received: widths=\[6, 2.5\]"),
+        (lambda: mlp_chain([6, 4], seed=np.int64(-1)), "Received: seed=-1"),
+        (lambda: residual_chain(6, 4.0, 2), "Received: branch_width=4.0"),
+        (lambda: norm_ratios(chain, x, seed=-1), "Received: seed=-1"),
+        (lambda: norm_ratios(chain, x, seed=None), "Received: seed=None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()

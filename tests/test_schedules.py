@@ -88,3 +88,30 @@ def test_bad_arguments(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=f"Received: {name}="):
         QuadraticWarmup(**args)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    from_numpy = QuadraticWarmup(np.float32(0.0), np.float64(0.1), np.int64(10),
+                                 after=np.float32(0.05))
+    from_python = QuadraticWarmup(0.0, 0.1, 10, after=float(np.float32(0.05)))
+    assert from_numpy.get_config() == from_python.get_config()
+    config = from_numpy.get_config()
+    assert type(config["warmup_steps"]) is int and type(config["target_learning_rate"]) is float
+    for step in (0, 5, 10, 20):
+        assert _value(from_numpy, step) == _value(from_python, step)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"warmup_steps": np.float64(10.0)}, "Received: warmup_steps=np.float64(10.0)"),
+    ({"warmup_steps": True}, "Received: warmup_steps=True"),
+    ({"target_learning_rate": np.float32("inf")}, "Received: target_learning_rate=inf"),
+    ({"target_learning_rate": 1e300}, "Received: target_learning_rate=1e+300"),
+    ({"initial_learning_rate": np.bool_(False)}, "Received: initial_learning_rate=np.False_"),
+    ({"after": 1e39}, "Received: after=1e+39"),
+])
+def test_bad_numpy_and_out_of_range_arguments(kwargs, message):
+    args = {"initial_learning_rate": 0.0, "target_learning_rate": 0.1, "warmup_steps": 10}
+    args.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        QuadraticWarmup(**args)
+    assert message in str(info.value) and str(info.value).startswith("Argument `")

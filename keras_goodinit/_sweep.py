@@ -40,6 +40,12 @@ class Target:
 
     layer: keras.layers.Layer
     inner: keras.layers.Layer  # the layer that owns the activation and the bias
+    # The Keras mask of the input of the call being hooked (e.g. Embedding(mask_zero=True)):
+    # masked positions are padding and must not count in the statistics.
+    mask: Any = None
+    # The TimeDistributed wrapper the target sits in, if any: during a sweep it runs
+    # its layer once on the merged batch x time input (see `_merged_time_call`).
+    time_distributed: Any = None
 
     @property
     def name(self) -> str:
@@ -64,8 +70,36 @@ class Target:
 
     @property
     def scale_variable(self) -> keras.Variable:
-        """Multiplying this variable by c multiplies the pre-bias output by c."""
+        """Multiplying this variable by c multiplies the pre-bias output by c (no LoRA)."""
         return self.layer.g if self.is_weight_normalized else self.direction_variable
+
+    @property
+    def is_lora(self) -> bool:
+        return bool(getattr(self.inner, "lora_enabled", False))
+
+    @property
+    def scale_variables(self) -> list[keras.Variable]:
+        """Multiplying these variables by c multiplies the pre-bias output by c.
+
+        With LoRA the effective kernel is `kernel + (alpha / rank) A B`:
+        scaling it by c is scaling the base kernel and `B` by c.
+        """
+        if self.is_lora and not self.is_weight_normalized:
+            return [self.direction_variable, self.inner.lora_kernel_b]
+        return [self.scale_variable]
+
+    def unscalable_reason(self) -> str:
+        """Why the sweep must not scale this layer, or "" if it can."""
+        mode = getattr(self.inner, "quantization_mode", None)
+        kernel = getattr(self.inner, "_kernel", None)
+        if mode is not None or (kernel is not None and not keras.backend.is_float_dtype(
+                kernel.dtype)):
+            return (f"quantized ({mode or kernel.dtype}) kernel: a scale would be rounded "
+                    "into the integer kernel; initialize before model.quantize()")
+        if self.is_lora and self.is_weight_normalized:
+            return ("LoRA inside WeightNormalization: g scales only the base kernel's "
+                    "directions, not the LoRA update")
+        return ""
 
     @property
     def kernel_layout(self) -> str:
@@ -99,7 +133,7 @@ class Target:
 
     def variables(self) -> list[keras.Variable]:
         """Every variable an init policy may write."""
-        found = [self.direction_variable, self.scale_variable, self.bias]
+        found = [self.direction_variable, *self.scale_variables, self.bias]
         return [v for i, v in enumerate(found)
                 if v is not None and all(v is not w for w in found[:i])]
 
@@ -167,6 +201,13 @@ def find_targets(model: keras.layers.Layer,
         elif isinstance(layer, _LINEAR_TYPES):
             found.append(Target(layer, layer))
     found = [t for t in found if not (t.layer is t.inner and id(t.layer) in wrapped)]
+    for wrapper in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(wrapper, klayers.TimeDistributed):
+            inside = {id(layer) for layer in wrapper.layer._flatten_layers(
+                include_self=True, recursive=True)}
+            for target in found:
+                if id(target.layer) in inside and target.time_distributed is None:
+                    target.time_distributed = wrapper
     layers = check_layers(layers)
     if layers is None:
         return found
@@ -183,6 +224,39 @@ def find_targets(model: keras.layers.Layer,
             )
         chosen.extend(t for t in match if t not in chosen)
     return chosen
+
+
+_NORMALIZATION_TYPES = (klayers.BatchNormalization, klayers.LayerNormalization,
+                        klayers.GroupNormalization)
+_RNN_CELLS = (klayers.SimpleRNNCell, klayers.LSTMCell, klayers.GRUCell)
+
+
+def unscalable_layers(model: keras.layers.Layer,
+                      targets: Sequence[Target]) -> list[tuple[keras.layers.Layer, str]]:
+    """Layers under `model` with trainable weights of their own that are no target, and why.
+
+    Normalization layers are left out: they are not kernels, by design.
+    """
+    covered = set()
+    for target in targets:
+        covered.update(id(layer) for layer in target.layer._flatten_layers(
+            include_self=True, recursive=True))
+    found = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if id(layer) in covered or isinstance(layer, _NORMALIZATION_TYPES):
+            continue
+        if not getattr(layer, "_trainable_variables", None):
+            continue
+        if isinstance(layer, klayers.Embedding):
+            reason = ("an embedding lookup, not a linear map of the layer's input: "
+                      "no output variance a kernel scale sets")
+        elif isinstance(layer, _RNN_CELLS):
+            reason = ("recurrent cell: its kernels act through time, so one scale does not "
+                      "set its output variance")
+        else:
+            reason = f"no kernel the sweep can scale ({type(layer).__name__})"
+        found.append((layer, reason))
+    return found
 
 
 def prepare(model: keras.layers.Layer, x,
@@ -211,6 +285,9 @@ class SweepResult:
     states: dict[int, dict]  # id(target) -> state of its first call
     calls: dict[int, int]  # id(target) -> number of calls
     outputs: Any = None  # the model's outputs on the batch
+    # id(target) of those met only inside traced code (vectorized_map, tf.function),
+    # where no host-side policy can run: they pass through unchanged and unmeasured.
+    traced: set = dataclasses.field(default_factory=set)
 
 
 @contextlib.contextmanager
@@ -220,6 +297,9 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
     def make_hook(target, activation):
         def hook(y):
             key = id(target)
+            if not tf.executing_eagerly():
+                result.traced.add(key)
+                return activation(y)
             count = result.calls.get(key, 0)
             result.calls[key] = count + 1
             if count == 0:
@@ -229,15 +309,75 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
             return out
         return hook
 
+    def make_call(target, call):
+        def masked_call(inputs, *args, **kwargs):
+            target.mask = _input_mask(inputs)
+            return call(inputs, *args, **kwargs)
+        return masked_call
+
+    wrappers = {id(t.time_distributed): t.time_distributed for t in targets
+                if t.time_distributed is not None}
+    saved_calls = [(w, vars(w).get("call")) for w in wrappers.values()]
     try:
+        for wrapper in wrappers.values():
+            wrapper.call = _merged_time_call(wrapper)
         for target in targets:
             activation = target.inner.activation or keras.activations.linear
-            patched.append((target.inner, target.inner.activation))
+            # An instance may already carry its own `call` (someone else's wrapper).
+            patched.append((target, target.inner.activation, vars(target.inner).get("call")))
             target.inner.activation = make_hook(target, activation)
+            target.inner.call = make_call(target, target.inner.call)
         yield
     finally:
-        for layer, activation in patched:
-            layer.activation = activation
+        for target, activation, call in patched:
+            target.inner.activation = activation
+            if call is None:
+                del target.inner.call  # the class's call shows through again
+            else:
+                target.inner.call = call
+            target.mask = None
+        for wrapper, call in saved_calls:
+            if call is None:
+                vars(wrapper).pop("call", None)
+            else:
+                wrapper.call = call
+
+
+def _merged_time_call(wrapper):
+    """TimeDistributed's call as one call of its layer on the (batch * time, ...) input.
+
+    Keras' TimeDistributed calls its layer once per step (a host-side policy
+    would then measure step 0 only) or inside `vectorized_map` (where a
+    host-side policy cannot run). For a layer that treats samples
+    independently (every kernel layer) one call on the merged axes computes
+    the same outputs, and every step counts in the statistics.
+    """
+    from keras.src.backend import set_keras_mask
+
+    def call(inputs, training=None, mask=None):
+        shape = ops.shape(inputs)
+        flat = ops.reshape(inputs, (-1, *inputs.shape[2:]))
+        kwargs = {}
+        if mask is not None:
+            flat_mask = ops.reshape(mask, (-1, *mask.shape[2:]))
+            set_keras_mask(flat, flat_mask)  # so that masked steps do not count
+            if wrapper.layer._call_has_mask_arg:
+                kwargs["mask"] = flat_mask
+        if wrapper.layer._call_has_training_arg:
+            kwargs["training"] = training
+        outputs = wrapper.layer.call(flat, **kwargs)
+        return ops.reshape(outputs, (shape[0], shape[1], *outputs.shape[1:]))
+
+    return call
+
+
+def _input_mask(inputs):
+    from keras.src.backend import get_keras_mask
+
+    try:
+        return get_keras_mask(inputs)
+    except (AttributeError, TypeError):  # not a tensor (e.g. a list of inputs)
+        return None
 
 
 def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
@@ -255,15 +395,42 @@ def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Polic
 
 # Compiled per output shape: one dispatch per layer instead of a dozen eager ops.
 @tf.function
-def _cell_moments(y, axes):
-    return tf.nn.moments(tf.cast(y, tf.float32), axes, keepdims=True)
+def _cell_moments(y, axes, weights):
+    y = tf.cast(y, tf.float32)
+    # Divided by the peak before squaring, so neither 1e20 (overflow) nor 1e-20
+    # (underflow) inputs break float32; the host undoes it in float64.
+    peak = tf.reduce_max(tf.abs(y))
+    peak = tf.where(peak > 0, peak, tf.ones_like(peak))
+    z = y / peak
+    if weights is None:
+        mean, var = tf.nn.moments(z, axes, keepdims=True)
+    else:
+        mean, var = tf.nn.weighted_moments(z, axes, weights, keepdims=True)
+    return mean, var, peak
 
 
-def cell_moments(y, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell mean and (centered) variance, computed in float32, returned as float64."""
-    mean, var = _cell_moments(y, axes)
-    return (ops.convert_to_numpy(mean).astype("float64"),
-            ops.convert_to_numpy(var).astype("float64"))
+def _weights(y, mask):
+    """The mask as float32 weights broadcastable to `y`, or None if it does not fit."""
+    if mask is None:
+        return None
+    mask_shape, shape = tuple(mask.shape), tuple(y.shape)
+    if len(mask_shape) > len(shape) or shape[:len(mask_shape)] != mask_shape:
+        return None
+    weights = tf.cast(mask, tf.float32)
+    return tf.reshape(weights, mask_shape + (1,) * (len(shape) - len(mask_shape)))
+
+
+def cell_moments(y, axes: tuple[int, ...], mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell mean and (centered) variance, returned as float64.
+
+    Computed in float32 on `y / max|y|`, so any finite float32 scale survives;
+    positions where `mask` (a Keras mask over the leading axes) is False
+    do not count.
+    """
+    mean, var, peak = _cell_moments(y, axes, _weights(y, mask))
+    peak = float(ops.convert_to_numpy(peak))
+    return (ops.convert_to_numpy(mean).astype("float64") * peak,
+            ops.convert_to_numpy(var).astype("float64") * peak**2)
 
 
 @tf.function

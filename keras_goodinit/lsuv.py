@@ -17,7 +17,9 @@ from keras_goodinit.weight_norm import unit_norms
 
 MEASURES = ("pre_activation", "post_activation")
 PRE_INITS = ("orthogonal", None)
-# Bounds one step's scale factor, so a near-dead layer is not blown up in one go.
+# Bounds one post-activation step's scale factor, so a near-dead layer is not blown up in
+# one go. Pre-activation variance is exactly c**2 times the kernel part's, so its step is
+# exact and unbounded: a 1e30-scale input converges in one step, not fifteen.
 MAX_STEP = 100.0
 
 _OK, _MAX_ITER, _NON_FINITE, _DEAD, _STEP_DEAD = 0, 1, 2, 3, 4
@@ -41,7 +43,7 @@ def _relative_floor(dtype) -> float:
 
 def _cells(target, y):
     """Per-cell means, variances (float64, keepdims) and the bias in the same cells."""
-    mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)))
+    mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)), target.mask)
     return mean, var, target.bias_cells(mean.shape)
 
 
@@ -50,7 +52,8 @@ def _total_variance(mean, var) -> float:
     return float(np.mean(var) + np.var(mean))
 
 
-def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead: bool):
+def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead: bool,
+                 max_step: float = MAX_STEP):
     """The LSUV iteration on a variance function of the kernel scale c (host floats)."""
     var_before = variance(1.0)
     if not math.isfinite(var_before):
@@ -61,7 +64,7 @@ def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead
     margin = tol * target_var
     scale, var, iterations = 1.0, var_before, 0
     while abs(var - target_var) >= margin and iterations < max_iter:
-        step = min(max(math.sqrt(target_var / var), 1.0 / MAX_STEP), MAX_STEP)
+        step = min(max(math.sqrt(target_var / var), 1.0 / max_step), max_step)
         new_var = variance(scale * step)
         iterations += 1
         if not new_var > 0 or not math.isfinite(new_var):
@@ -97,10 +100,11 @@ def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str,
             else:
                 def variance(c):
                     out = post(_sweep.affine(y, c, (1.0 - c) * bias))
-                    return _total_variance(*_sweep.cell_moments(out, tuple(range(len(y.shape)))))
+                    return _total_variance(*_sweep.cell_moments(
+                        out, tuple(range(len(y.shape))), target.mask))
             scale, before, after, iterations, code = _solve_scale(
                 variance, target_var=target_var, tol=tol, max_iter=max_iter,
-                dead=dead)
+                dead=dead, max_step=math.inf if measure == "pre_activation" else MAX_STEP)
             state = {"scale": scale, "var_before": before, "var_after": after,
                      "iterations": iterations, "code": code,
                      "shift": (1.0 - scale) * bias}
@@ -208,10 +212,26 @@ def _check_model(model) -> None:
 
 
 def _prepare(model, data, layers):
-    """First batch, checked; the model's targets."""
+    """First batch, checked; the targets the sweep can scale; rows for the rest.
+
+    The rest: targets whose kernel must not be scaled (quantized...) and, when
+    `layers` is None, every other layer with weights of its own, so that the
+    report lists every weight-bearing layer.
+    """
     x = _data.first_batch(data)
     _data.check_batch(x)
-    return x, _sweep.prepare(model, x, layers)
+    found = _sweep.prepare(model, x, layers)
+    targets = [t for t in found if not t.unscalable_reason()]
+    rows = [_skipped(t.name, t.class_name, t.unscalable_reason())
+            for t in found if t.unscalable_reason()]
+    if layers is None:
+        rows += [_skipped(layer.name, type(layer).__name__, reason)
+                 for layer, reason in _sweep.unscalable_layers(model, found)]
+    return x, targets, rows
+
+
+def _skipped(name, class_name, reason) -> LayerRecord:
+    return LayerRecord(name, class_name, math.nan, math.nan, 0, 1.0, "skipped", reason)
 
 
 def _progbar(total: int, verbose, label: str):
@@ -224,9 +244,18 @@ def _reached(targets, result):
     return result.order, missed
 
 
-def _not_called(target) -> LayerRecord:
-    return LayerRecord(target.name, target.class_name, math.nan, math.nan, 0, 1.0, "skipped",
-                       "not called in the forward pass")
+def _not_called(target, result=None) -> LayerRecord:
+    if result is not None and id(target) in result.traced:
+        return _skipped(target.name, target.class_name,
+                        "called only inside traced code (e.g. keras.ops.vectorized_map), "
+                        "where its output cannot be measured; not scaled")
+    return _skipped(target.name, target.class_name, "not called in the forward pass")
+
+
+def _add_notes(pairs, notes: dict) -> None:
+    for target, row in pairs:
+        if id(target) in notes:
+            row.reason = "; ".join(r for r in (row.reason, notes[id(target)]) if r)
 
 
 def _shared_note(result, target) -> str:
@@ -306,12 +335,13 @@ def lsuv_init(
     tol, max_iter, target_var = checked["tol"], checked["max_iter"], checked["target_var"]
     verbose, seed, layers = checked["verbose"], checked["seed"], checked["layers"]
     data = _data.replayable(data)
-    x, targets = _prepare(model, data, layers)
+    x, targets, other_rows = _prepare(model, data, layers)
     variables = [v for t in targets for v in t.variables()]
     followers = _followers(targets, checked["measure"])
+    notes = {}
     with _sweep.guarded(model, variables):
         if checked["pre_init"] == "orthogonal":
-            _orthogonal_pre_init(targets, seed)
+            notes = _orthogonal_pre_init(targets, seed)
         if checked["new_batch_per_trial"]:
             pairs, x, batches = _lsuv_trials(
                 model, data, targets, target_var=target_var, tol=tol, max_iter=max_iter,
@@ -324,8 +354,9 @@ def lsuv_init(
         _measure_after(model, x, targets, pairs, followers=followers,
                        post=checked["measure"] == "post_activation",
                        target_var=target_var, tol=tol)
+        _add_notes(pairs, notes)
         _distribute.broadcast_from_chief(variables)
-        return InitReport("lsuv", [row for _, row in pairs], batches=batches)
+        return InitReport("lsuv", [row for _, row in pairs] + other_rows, batches=batches)
 
 
 def _drift_bound(target, upstream: int) -> float:
@@ -350,12 +381,12 @@ def _measure_policy(followers, post: bool):
 
     def policy(target, y, activation, state):
         if state is None:
-            mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)))
+            mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)), target.mask)
             state = {"mean": mean, "var": var, "total": _total_variance(mean, var)}
             if post:
                 out = (followers.get(id(target)) or activation)(y)
                 state["total"] = _total_variance(
-                    *_sweep.cell_moments(out, tuple(range(len(y.shape)))))
+                    *_sweep.cell_moments(out, tuple(range(len(y.shape))), target.mask))
         return activation(y), state
 
     return policy
@@ -404,10 +435,19 @@ def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
     return result.states
 
 
-def _orthogonal_pre_init(targets, seed: int | None) -> None:
-    """Orthonormal directions with unit-norm fan-in vectors, in each kernel's own layout."""
-    groups = {}
+def _orthogonal_pre_init(targets, seed: int | None) -> dict:
+    """Orthonormal directions with unit-norm fan-in vectors, in each kernel's own layout.
+
+    LoRA-enabled layers keep their kernels: their effective kernel includes the
+    LoRA update, so an orthonormal base kernel would not make it orthonormal.
+    Returns id(target) -> a note for the layers left alone.
+    """
+    groups, notes = {}, {}
     for target in targets:
+        if target.is_lora:
+            notes[id(target)] = ("pre-init skipped: LoRA-enabled (the effective kernel "
+                                 "includes the LoRA update)")
+            continue
         variable = target.direction_variable
         key = (tuple(variable.shape), variable.dtype, target.kernel_layout)
         groups.setdefault(key, []).append(target)
@@ -420,6 +460,7 @@ def _orthogonal_pre_init(targets, seed: int | None) -> None:
             if target.is_weight_normalized:  # the wrapper then computes the new kernel
                 g = target.layer.g
                 g.assign(ops.reshape(unit_norms(kernel, layout), g.shape))
+    return notes
 
 
 def _followers(targets, measure) -> dict:
@@ -445,14 +486,14 @@ def _lsuv_rows(result, targets, progbar=None):
         scales.append((target, float(state["scale"])))
         if progbar is not None:
             progbar.add(1)
-    return pairs + [(t, _not_called(t)) for t in missed], scales
+    return pairs + [(t, _not_called(t, result)) for t in missed], scales
 
 
 def _apply_scales(scales) -> None:
     for target, scale in scales:
         if scale != 1.0:
-            variable = target.scale_variable
-            variable.assign(variable.value * ops.cast(scale, variable.dtype))
+            for variable in target.scale_variables:
+                variable.assign(variable.value * ops.cast(scale, variable.dtype))
 
 
 def _commit_lsuv(result, targets, verbose):
@@ -538,7 +579,7 @@ def weightnorm_data_init(
     _check_model(model)
     checked = _checked("weightnorm_data_init", dict(layers=layers, verbose=verbose))
     layers, verbose = checked["layers"], checked["verbose"]
-    x, targets = _prepare(model, _data.replayable(data), layers)
+    x, targets, other_rows = _prepare(model, _data.replayable(data), layers)
     variables = [v for t in targets for v in t.variables()]
     with _sweep.guarded(model, variables):
         result = _sweep.sweep(model, x, targets, _data_init_policy())
@@ -555,12 +596,12 @@ def weightnorm_data_init(
                     target.bias.assign(state["bias"].astype(target.bias.dtype))
             if progbar is not None:
                 progbar.add(1)
-        pairs += [(t, _not_called(t)) for t in missed]
+        pairs += [(t, _not_called(t, result)) for t in missed]
         estimates = {id(t): result.states[id(t)]["cells"] for t in order
                      if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
         _measure_after(model, x, targets, pairs, estimates=estimates)
         _distribute.broadcast_from_chief(variables)
-        return InitReport("weightnorm_data_init", [row for _, row in pairs])
+        return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows)
 
 
 def _data_init_row(target, state, note) -> LayerRecord:

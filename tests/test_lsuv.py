@@ -613,11 +613,11 @@ def test_failure_during_the_sweep_restores_every_weight(monkeypatch, pre_init):
     data = {"a": normal((32, 12), 18), "b": normal((32, 8), 19)}
     real, calls = _sweep.cell_moments, []
 
-    def failing(y, axes):
+    def failing(y, axes, mask=None):
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("boom at the 4th target")
-        return real(y, axes)
+        return real(y, axes, mask)
 
     monkeypatch.setattr(_sweep, "cell_moments", failing)
     _assert_atomic(model, lambda: lsuv_init(model, data, pre_init=pre_init, verbose=0))

@@ -172,3 +172,255 @@ def test_weightnorm_data_init_var_after_is_measured():
     # A skipped layer's var_after is measured too (its input changed upstream).
     assert report["plain"].status == "skipped"
     assert float(np.var(plain)) == pytest.approx(report["plain"].var_after, rel=MATCH)
+
+
+# ----------------------------------------------------------------------------
+# 6. masked timesteps do not count
+
+
+def test_masked_timesteps_do_not_count():
+    inputs = keras.Input((12,), dtype="int32")
+    h = L.Embedding(20, 6, mask_zero=True, name="embed")(inputs)
+    h = L.Dense(16, name="d0")(h)
+    model = keras.Model(inputs, L.Dense(4, name="out")(L.ReLU()(h)))
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(2, 5, size=64)  # about 3 of 12 steps are real, the rest padding
+    tokens = np.where(np.arange(12) < lengths[:, None], rng.integers(1, 20, (64, 12)), 0)
+    # The padding token's embedding is no zero vector: make it large, so that counting
+    # its (constant) outputs would move the statistics far from those of real steps.
+    model.get_layer("embed").embeddings.assign(
+        np.concatenate([np.full((1, 6), 30.0), rng.normal(size=(19, 6))]).astype("float32"))
+    report = lsuv_init(model, tokens.astype("int32"), verbose=0)
+    real = tokens != 0
+    got = outputs_of(model, tokens.astype("int32"), ["d0", "out"])
+    for name in ("d0", "out"):
+        var = float(np.var(got[name][real]))
+        assert report[name].status == "ok" and abs(var - 1.0) < 0.1, (name, var)
+        assert var == pytest.approx(report[name].var_after, rel=MATCH)
+    # Over all positions (padding included) the variance is far from 1.
+    assert abs(float(np.var(got["d0"])) - 1.0) > 0.5
+
+
+def test_weightnorm_data_init_uses_the_mask():
+    inputs = keras.Input((10,), dtype="int32")
+    h = L.Embedding(20, 6, mask_zero=True)(inputs)
+    h = WeightNormalization(L.Dense(8), name="wn")(h)
+    model = keras.Model(inputs, h)
+    rng = np.random.default_rng(5)
+    tokens = np.where(np.arange(10) < rng.integers(2, 6, size=(64, 1)),
+                      rng.integers(1, 20, (64, 10)), 0).astype("int32")
+    report = weightnorm_data_init(model, tokens, verbose=0)
+    y = keras.ops.convert_to_numpy(model(tokens)).astype("float64")[tokens != 0]
+    assert report["wn"].status == "ok"
+    np.testing.assert_allclose(y.mean(axis=0), 0.0, atol=1e-5)  # float32 round-off
+    np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# 11. any finite float32 input scale
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+@pytest.mark.parametrize("function", [lsuv_init, weightnorm_data_init])
+def test_extreme_but_finite_input_scales(function, scale):
+    # Separate ReLU layers: each named layer's output is its pre-activation.
+    model = keras.Sequential([keras.Input((16,)),
+                              WeightNormalization(L.Dense(16), name="wn0"), L.ReLU(),
+                              L.Dense(16, name="d1"), L.ReLU(),
+                              WeightNormalization(L.Dense(4), name="wn2")])
+    x = normal((64, 16), 6, scale=scale)
+    report = function(model, x, verbose=0)
+    ours = [r for r in report.rows if r.reason != "not weight-normalized"]
+    assert ours and all(r.status == "ok" for r in ours), report
+    got = outputs_of(model, x, [r.name for r in ours])
+    for row in ours:
+        var = float(np.var(got[row.name]))
+        assert var == pytest.approx(row.var_after, rel=MATCH), row.name
+        # Unit variance: LSUV within tol; the data init exactly, to float32 round-off.
+        assert abs(var - 1.0) < (0.1 if function is lsuv_init else 1e-4), (row.name, var)
+
+
+# ----------------------------------------------------------------------------
+# 7. every weight-bearing layer is in the report
+
+
+class _LayerScale(L.Layer):
+    """A per-channel learned scale (as in CaiT / ConvNeXt): weights, but no kernel."""
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.gamma
+
+
+def test_layers_the_sweep_cannot_scale_are_listed_with_a_reason():
+    inputs = keras.Input((6,), dtype="int32")
+    h = L.Embedding(10, 8, name="embed")(inputs)
+    h = L.GRU(8, return_sequences=True, name="gru")(h)
+    h = L.LSTM(8, return_sequences=True, name="lstm")(h)
+    h = _LayerScale(name="scale")(L.LayerNormalization(name="ln")(L.Dense(8, name="d")(h)))
+    model = keras.Model(inputs, h)
+    tokens = np.random.default_rng(7).integers(0, 10, (32, 6)).astype("int32")
+    for function in (lsuv_init, weightnorm_data_init):
+        report = function(model, tokens, verbose=0)
+        rows = {r.name: r for r in report.rows}
+        assert set(rows) == {"d", "embed", "gru_cell", "lstm_cell", "scale"}, rows
+        for name in ("embed", "gru_cell", "lstm_cell", "scale"):
+            assert rows[name].status == "skipped" and rows[name].reason, rows[name]
+        assert "embedding" in rows["embed"].reason and "recurrent" in rows["lstm_cell"].reason
+        assert "_LayerScale" in rows["scale"].reason
+
+
+def test_a_layers_filter_lists_only_the_chosen_layers():
+    inputs = keras.Input((6,), dtype="int32")
+    h = L.Dense(8, name="d")(L.Embedding(10, 8)(inputs))
+    model = keras.Model(inputs, h)
+    report = lsuv_init(model, np.ones((8, 6), "int32"), layers=["d"], verbose=0)
+    assert [r.name for r in report.rows] == ["d"]
+
+
+# ----------------------------------------------------------------------------
+# 8. quantized kernels are never touched; LoRA scales the effective kernel
+
+
+@pytest.mark.parametrize("pre_init", [None, "orthogonal"])
+def test_quantized_kernels_are_skipped_and_untouched(pre_init):
+    model = keras.Sequential([keras.Input((8,)), L.Dense(16, name="a"), L.Dense(4, name="b")])
+    x = normal((32, 8), 8)
+    model(x)
+    model.get_layer("a").quantize("int8")  # b stays float: it is still initialized
+    before = values(model)
+    report = lsuv_init(model, x, pre_init=pre_init, verbose=0)
+    assert report["a"].status == "skipped" and "quantized" in report["a"].reason
+    assert report["b"].status == "ok"
+    a = model.get_layer("a")
+    for variable, old in zip(model.variables, before):
+        if any(variable is w for w in a.variables):
+            assert np.array_equal(keras.ops.convert_to_numpy(variable.value), old)
+    b = outputs_of(model, x, ["b"])["b"]
+    assert abs(np.var(b) - 1.0) < 0.1
+
+
+@pytest.mark.parametrize("pre_init", [None, "orthogonal"])
+def test_lora_layers_are_scaled_through_their_effective_kernel(pre_init):
+    model = keras.Sequential([keras.Input((8,)), L.Dense(16, name="a"), L.Dense(4, name="b")])
+    x = normal((64, 8), 9)
+    model(x)
+    a = model.get_layer("a")
+    a.enable_lora(2)
+    # A trained-looking LoRA update: the effective kernel is far from the base kernel.
+    a.lora_kernel_b.assign(normal((2, 16), 10, scale=3.0))
+    lora_a = np.array(keras.ops.convert_to_numpy(a.lora_kernel_a))
+    kernel, lora_b = (np.array(keras.ops.convert_to_numpy(v)) for v in (a._kernel,
+                                                                        a.lora_kernel_b))
+    report = lsuv_init(model, x, pre_init=pre_init, verbose=0)
+    row = report["a"]
+    var = float(np.var(outputs_of(model, x, ["a"])["a"]))
+    assert row.status == "ok" and abs(var - 1.0) < 0.1, (row, var)
+    assert var == pytest.approx(row.var_after, rel=MATCH)
+    # c * (kernel + s A B) = c kernel + s A (c B): base and B scaled, A untouched,
+    # and the pre-init did not re-draw the base kernel (it would not orthogonalize the sum).
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(a._kernel), kernel * row.scale,
+                               rtol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(a.lora_kernel_b), lora_b * row.scale,
+                               rtol=1e-6)
+    assert np.array_equal(keras.ops.convert_to_numpy(a.lora_kernel_a), lora_a)
+    if pre_init:
+        assert "LoRA" in row.reason
+
+
+# ----------------------------------------------------------------------------
+# 12. duplicate layer names in nested models
+
+
+def _block(name, scale):
+    return keras.Sequential([keras.Input((16,)), L.Dense(16, name="dense"),
+                             L.Rescaling(scale)], name=name)
+
+
+def test_duplicate_names_in_nested_models_keep_separate_rows():
+    inputs = keras.Input((16,))
+    # Same layer name "dense" in both blocks; the second block's input is 10x larger.
+    model = keras.Model(inputs, _block("second", 1.0)(_block("first", 10.0)(inputs)))
+    rng = np.random.default_rng(11)
+    batches = [(rng.normal(size=(128, 16)) * 3).astype("float32") for _ in range(6)]
+    report = lsuv_init(model, iter(batches), new_batch_per_trial=True, verbose=0)
+    assert [r.name for r in report.rows] == ["dense", "dense"]
+    first, second = report.rows
+    assert first.scale != pytest.approx(second.scale, rel=0.01)
+    # Each row describes its own layer on the last batch drawn.
+    last = batches[report.batches - 1]
+    hidden = keras.ops.convert_to_numpy(model.get_layer("first")(last))
+    for block, x, row in (("first", last, first), ("second", hidden, second)):
+        dense = model.get_layer(block).get_layer("dense")
+        var = float(np.var(keras.ops.convert_to_numpy(dense(x)).astype("float64")))
+        assert var == pytest.approx(row.var_after, rel=MATCH), block
+        assert abs(var - 1.0) < 0.1, block
+
+
+# ----------------------------------------------------------------------------
+# 9. TimeDistributed measures every step; traced calls are skipped, not crashed
+
+
+def _time_model():
+    inputs = keras.Input((5, 6))
+    h = L.TimeDistributed(WeightNormalization(L.Dense(8), name="wn"), name="td")(inputs)
+    return keras.Model(inputs, L.Dense(3, name="out")(h))
+
+
+def _steps_of_different_scale():
+    # Step t has std 1 + t: step 0 alone would set a scale 2-3x off for the rest.
+    return (normal((64, 5, 6), 12) * (1.0 + np.arange(5))[None, :, None]).astype("float32")
+
+
+@pytest.mark.parametrize("function", [lsuv_init, weightnorm_data_init])
+def test_time_distributed_statistics_cover_every_step(function):
+    model = _time_model()
+    x = _steps_of_different_scale()
+    report = function(model, x, verbose=0)
+    row = report["wn"]
+    y = outputs_of(model, x, ["td"])["td"]  # the real TimeDistributed, after the sweep
+    assert row.status == "ok" and "called" not in row.reason, row
+    assert float(np.var(y)) == pytest.approx(row.var_after, rel=MATCH)
+    if function is lsuv_init:
+        assert abs(float(np.var(y)) - 1.0) < 0.1
+    else:  # per unit over batch and time, to float32 round-off
+        np.testing.assert_allclose(y.reshape(-1, 8).std(axis=0), 1.0, rtol=1e-4)
+        np.testing.assert_allclose(y.reshape(-1, 8).mean(axis=0), 0.0, atol=1e-5)
+    assert float(np.var(y[:, 0])) < 0.5  # step 0 alone is not what was normalized
+
+
+class _PerSample(L.Layer):
+    """Applies a Dense to each sample inside keras.ops.vectorized_map (traced by TF)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = L.Dense(8, name="inner")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def call(self, x):
+        return keras.ops.vectorized_map(lambda sample: self.dense(sample[None])[0], x)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 8)
+
+
+def test_targets_inside_vectorized_map_are_skipped_with_a_reason():
+    inputs = keras.Input((6,))
+    h = _PerSample(name="per_sample")(L.Dense(6, name="first")(inputs))
+    model = keras.Model(inputs, L.Dense(2, name="out")(h))
+    x = normal((32, 6), 13)
+    model(x)
+    inner = model.get_layer("per_sample").dense
+    before = np.array(keras.ops.convert_to_numpy(inner.kernel))
+    report = lsuv_init(model, x, pre_init=None, verbose=0)
+    row = report["inner"]
+    assert row.status == "skipped" and "traced" in row.reason
+    assert np.array_equal(keras.ops.convert_to_numpy(inner.kernel), before)
+    # The layers the sweep could measure are initialized on the real signal.
+    got = outputs_of(model, x, ["first", "out"])
+    for name in ("first", "out"):
+        assert report[name].status == "ok" and abs(np.var(got[name]) - 1.0) < 0.1

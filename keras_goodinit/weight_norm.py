@@ -317,7 +317,9 @@ def bake_weight_norm(model: keras.Model) -> keras.Model:
     config["compile_config"] = None
     # Custom classes resolve as they do for the model's own `.keras` file; a Lambda is the
     # caller's own code, so safe mode has nothing to guard against here.
-    custom_objects = {type(layer).__name__: type(layer) for layer in model._flatten_layers()}
+    # Only non-Keras classes: a name such as "Add" must still resolve to Keras' own op.
+    custom_objects = {type(layer).__name__: type(layer) for layer in model._flatten_layers()
+                      if not type(layer).__module__.startswith("keras.")}
     try:
         with ObjectSharingScope():
             baked = keras.saving.deserialize_keras_object(
@@ -418,11 +420,12 @@ def _copy_weights(model: keras.Model, baked: keras.Model) -> list[str]:
                 source = layer.layer
                 skip.add(id(source))
                 scope = layer.effective_kernel_scope()
-        if twin is None or type(twin) is not type(source) or twin.name != source.name:
+        # By type, not name: a sublayer a custom layer creates itself gets a new name.
+        if twin is None or type(twin) is not type(source):
             raise ValueError(
                 "bake_weight_norm could not match the rebuilt model's layers to the "
-                f"original's: {source.name!r} ({type(source).__name__}) has no twin (found "
-                f"{getattr(twin, 'name', None)!r}). Received: model={model.name!r}"
+                f"original's: {source.path!r} ({type(source).__name__}) has no twin (found "
+                f"{getattr(twin, 'path', None)!r}). Received: model={model.name!r}"
             )
         store = {}
         with scope:

@@ -29,7 +29,10 @@ Examples:
   # A smoke run (depth 10, 2 epochs) in well under a minute:
   python examples/compare_inits.py --quick --output=/tmp/quick.png
 
-Prints a markdown table (init, final train and test accuracy, best test
+While it trains, prints the epoch and the training and test loss and accuracy
+of every epoch (`--verbose=2`, the default), Keras' progress bar
+(`--verbose=1`) or nothing (`--verbose=0`). At the end it prints a markdown
+table (init, final train and test accuracy, best test
 accuracy, whether and at which step the loss became NaN or infinite, the
 largest per-epoch training loss, `||h_L|| / ||x||` at init and seconds), writes
 a PNG of the curves to `--output` (the forward signal `||h_l|| / ||x||` at
@@ -126,6 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"Comma-separated inits, from {', '.join(models.INITS)}.")
     parser.add_argument("--output", default="compare_inits.png",
                         help="Where to write the PNG; the JSON goes next to it.")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
+                        help="Progress while training: 0 silent, 1 Keras' progress bar, "
+                             "2 one line per epoch (default).")
     parser.add_argument("--quick", action="store_true",
                         help="Tiny smoke run: depth 10, 2 epochs (explicit flags win).")
     args = parser.parse_args(argv)
@@ -330,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     results = []
     for init in args.inits:
         print(f"training {init} ...", flush=True)
-        result = run_init(init, data, args)
+        result = run_init(init, data, args, verbose=args.verbose)
         status = (f"DIVERGED at step {result['diverged_at_step']}" if result["diverged"]
                   else "done")
         print(f"  {status}: test accuracy {result['final_test_accuracy']:.3f} "

@@ -10,13 +10,15 @@ Examples:
   python examples/train.py --dataset=digits --nn=mlp --depth=20 \
       --init=orthogonal_proposed --epochs=20 --output_dir=/tmp/digits_mlp20
 
-  # ResNet-56 with the proposed init and a quadratic warmup:
-  python examples/train.py --dataset=cifar10 --nn=resnet --num_blocks=9 \
-      --lr=0.1 --lr_schedule=step --warmup_epochs=5 --epochs=160 \
+  # ResNet-56 with the proposed init and a quadratic warmup, CIFAR-10 prepared
+  # by tensorflow_datasets in /data/tfds (add --download to fetch it):
+  python examples/train.py --dataset=cifar10 --data_dir=/data/tfds \
+      --nn=resnet --num_blocks=9 --lr=0.1 --lr_schedule=step --warmup_epochs=5 --epochs=160 \
       --weight_decay=5e-4 --output_dir=/tmp/resnet56
 
   # WRN-40-10 with cutout:
-  python examples/train.py --dataset=cifar10 --nn=wrn --num_blocks=6 --wrn_k=10 \
+  python examples/train.py --dataset=cifar10 --data_dir=/data/tfds \
+      --nn=wrn --num_blocks=6 --wrn_k=10 \
       --cutout=16 --lr=0.1 --lr_schedule=cosine --warmup_epochs=5 --epochs=200
 
 Writes to --output_dir: metrics.json (final and best test accuracy, final
@@ -52,7 +54,11 @@ _SPLIT_SEED = 0
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "digits", DATASETS, "Dataset to train on.")
-flags.DEFINE_string("data_dir", None, "tensorflow_datasets data directory (mnist, cifar*).")
+flags.DEFINE_string("data_dir", None, "tensorflow_datasets data directory (mnist, cifar*) where "
+                    "the dataset is prepared; tensorflow_datasets' default when unset.")
+flags.DEFINE_bool("download", False, "Let tensorflow_datasets download and prepare a dataset "
+                  "missing from --data_dir (needs network access); without it, a missing "
+                  "dataset stops the script at once.")
 flags.DEFINE_enum("nn", "mlp", NETWORKS, "Network: WN-MLP, WN-CNN, CIFAR ResNet or wide ResNet.")
 flags.DEFINE_integer("depth", 3, "Hidden layers of the MLP, conv layers of the CNN.")
 flags.DEFINE_integer("num_blocks", 1, "Residual blocks per stage (resnet: depth 6N+2; "
@@ -79,8 +85,8 @@ flags.DEFINE_bool("signal_plot", True, "Write init_signal.png (one forward and b
 flags.DEFINE_string("output_dir", None, "Where to write metrics, history, plot and model.")
 flags.DEFINE_string("export_dir", None, "Where to export a TF SavedModel for serving.")
 
-_FLAG_NAMES = ("dataset", "data_dir", "nn", "depth", "num_blocks", "hidden_size", "wrn_k",
-               "weight_norm", "batch_norm", "init", "lr", "momentum", "weight_decay",
+_FLAG_NAMES = ("dataset", "data_dir", "download", "nn", "depth", "num_blocks", "hidden_size",
+               "wrn_k", "weight_norm", "batch_norm", "init", "lr", "momentum", "weight_decay",
                "lr_schedule", "warmup_epochs", "warmup_lr", "epochs", "batch_size", "seed",
                "cutout", "signal_plot", "output_dir", "export_dir")
 
@@ -105,12 +111,23 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray):
     return (x_train - mean) / std, (x_test.astype("float32") - mean) / std
 
 
-def _load_tfds(name: str, data_dir: str | None):
+def _load_tfds(name: str, data_dir: str | None, download: bool):
     import tensorflow_datasets as tfds
 
+    builder = tfds.builder(name, data_dir=data_dir)
+    # Without data, tfds.load would try to download and, offline, retry for minutes.
+    if not download and not builder.is_prepared():
+        raise ValueError(
+            f"Dataset {name!r} is not prepared in the tensorflow_datasets directory "
+            f"{builder.data_dir}. Pass --data_dir=DIR with DIR a directory where it is "
+            f"prepared (`tfds build {name} --data_dir=DIR` makes one, on a machine with "
+            f"network access), or pass --download to let tensorflow_datasets download it "
+            f"now. Received: data_dir={data_dir!r}"
+        )
     arrays = []
     for split in ("train", "test"):
-        dataset = tfds.load(name, split=split, as_supervised=True, data_dir=data_dir)
+        dataset = tfds.load(name, split=split, as_supervised=True, data_dir=data_dir,
+                            download=download)
         # Chunks rather than batch_size=-1, which tfds' mock data does not support.
         chunks = list(tfds.as_numpy(dataset.batch(10000)))
         arrays.append((np.concatenate([c[0] for c in chunks]),
@@ -118,12 +135,14 @@ def _load_tfds(name: str, data_dir: str | None):
     return arrays
 
 
-def load_data(dataset: str, data_dir: str | None = None) -> Data:
+def load_data(dataset: str, data_dir: str | None = None, download: bool = False) -> Data:
     """Loads `dataset` (one of `DATASETS`) as standardized arrays.
 
     `digits` (scikit-learn's 8x8 images) and `mnist1d` are generated locally;
     `mnist`, `cifar10` and `cifar100` come through tensorflow_datasets, from
-    `data_dir` or downloaded.
+    `data_dir` (tensorflow_datasets' default directory when `None`). A TFDS
+    dataset that is not prepared there raises a `ValueError` at once, unless
+    `download=True` lets tensorflow_datasets download and prepare it.
     """
     if dataset == "digits":
         from sklearn.datasets import load_digits
@@ -150,7 +169,7 @@ def load_data(dataset: str, data_dir: str | None = None) -> Data:
                     raw["x_test"][..., None].astype("float32"), raw["y_test"].astype("int32"),
                     10, augment=False)
     if dataset in ("mnist", "cifar10", "cifar100"):
-        (x_train, y_train), (x_test, y_test) = _load_tfds(dataset, data_dir)
+        (x_train, y_train), (x_test, y_test) = _load_tfds(dataset, data_dir, download)
         x_train, x_test = _standardize(x_train, x_test)
         num_classes = 100 if dataset == "cifar100" else 10
         return Data(x_train, y_train, x_test, y_test, num_classes,
@@ -332,7 +351,12 @@ def main(argv) -> None:
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
 
-    data = load_data(FLAGS.dataset, FLAGS.data_dir)
+    try:
+        data = load_data(FLAGS.dataset, FLAGS.data_dir, download=FLAGS.download)
+    except ValueError as error:
+        if "--data_dir" not in str(error):
+            raise
+        raise app.UsageError(str(error)) from None
     model = build_model(FLAGS.nn, data.x_train.shape[1:], data.num_classes, depth=FLAGS.depth,
                         num_blocks=FLAGS.num_blocks, hidden_size=FLAGS.hidden_size,
                         wrn_k=FLAGS.wrn_k, init=FLAGS.init, weight_norm=FLAGS.weight_norm,

@@ -68,6 +68,15 @@ def test_quick_run_prints_the_table(quick_run):
         assert f"(`{init}`)" in cells[0]
         assert all(0.0 <= float(value) <= 1.0 for value in cells[1:4])
         assert cells[4] == "no" or cells[4].startswith("yes, step ")
+    # Progress while training: Keras' line per epoch (--verbose=2 is the default), under
+    # each init's heading, before the table.
+    lines = stdout.splitlines()
+    for init in _DEFAULT_INITS:
+        start = lines.index(f"training {init} ...")
+        assert lines[start + 1] == "Epoch 1/2", lines[start:start + 4]
+        assert " - loss: " in lines[start + 2] and " - val_accuracy: " in lines[start + 2]
+    assert stdout.count("Epoch 2/2") == len(_DEFAULT_INITS)
+    assert stdout.index("Epoch 2/2") < stdout.index(table[0])
     # At depth 10 the proposed init learns within 2 epochs (chance is 0.1).
     report = json.loads((quick_run[1] / "curves.json").read_text())
     proposed = next(r for r in report["results"] if r["init"] == "orthogonal_proposed")
@@ -76,7 +85,7 @@ def test_quick_run_prints_the_table(quick_run):
 
 def test_divergence_is_recorded_with_its_step(tmp_path):
     completed = _run("--quick", "--inits=orthogonal_proposed", "--epochs=1", "--lr=1e4",
-                     f"--output={tmp_path / 'diverged.png'}")
+                     "--verbose=0", f"--output={tmp_path / 'diverged.png'}")
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "diverged.json").read_text())
     assert report["config"]["epochs"] == 1  # an explicit flag wins over --quick
@@ -86,6 +95,12 @@ def test_divergence_is_recorded_with_its_step(tmp_path):
     assert isinstance(step, int) and 1 <= step <= report["config"]["steps_per_epoch"]
     assert f"| yes, step {step} |" in completed.stdout
     assert (tmp_path / "diverged.png").read_bytes()[:8] == _PNG_MAGIC
+    assert "Epoch 1/1" not in completed.stdout  # --verbose=0: no progress lines
+
+
+def test_rejects_bad_verbose(tmp_path):
+    completed = _run("--verbose=3", f"--output={tmp_path / 'x.png'}")
+    assert completed.returncode == 2 and "--verbose" in completed.stderr
 
 
 def test_rejects_unknown_init(tmp_path):

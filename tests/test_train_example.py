@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -12,6 +13,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+# Imported, not importorskip'ed: the [examples] extra is part of the test setup, and a
+# broken tensorflow_datasets install must fail here rather than skip the TFDS tests.
+import tensorflow_datasets as tfds  # noqa: E402
 
 import keras_goodinit as kg  # noqa: E402
 from keras_goodinit import models  # noqa: E402
@@ -48,10 +53,26 @@ def run_main(**flag_values):
 
 # (a) datasets ----------------------------------------------------------------------------------
 
+def _prepare_metadata(name: str, data_dir, num_examples: int) -> None:
+    """What `tfds build` leaves in `data_dir`, less the records: dataset_info.json and features.
+
+    With these files, `builder.is_prepared()` is True, and under `tfds.testing.mock_data`
+    the records are generated from them.
+    """
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
+        for split in ("train", "test")]))
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+
+
 @pytest.mark.parametrize("name, shape, augment", [
     ("mnist", (28, 28, 1), False), ("cifar10", (32, 32, 3), True)])
 def test_tfds_datasets_on_mock_data(tmp_path, name, shape, augment):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    # The path a run with a prepared --data_dir takes: the builder finds the dataset
+    # prepared, tfds.load reads it without downloading (mock_data supplies the records).
+    _prepare_metadata(name, tmp_path, num_examples=12)
     with tfds.testing.mock_data(num_examples=12, data_dir=str(tmp_path)):
         data = train.load_data(name, data_dir=str(tmp_path))
     assert data.x_train.shape == (12, *shape) and data.x_test.shape == (12, *shape)
@@ -63,14 +84,66 @@ def test_tfds_datasets_on_mock_data(tmp_path, name, shape, augment):
     np.testing.assert_allclose(data.x_train.std(axis=(0, 1, 2)), 1.0, atol=1e-3)
 
 
+def test_download_flag_goes_through_tfds_download_path(tmp_path):
+    # Nothing prepared: with download=True the builder downloads and prepares (mocked).
+    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
+        data = train.load_data("cifar10", data_dir=str(tmp_path), download=True)
+    assert data.x_train.shape == (6, 32, 32, 3) and data.augment
+
+
+def test_tfds_download_path_resolves_its_imports(tmp_path):
+    # Downloading starts by reading the builder's registered checksums, next to its code;
+    # finding that code imports `importlib_resources`, which tensorflow-datasets 4.9.10
+    # needs without declaring it (the [examples] extra brings it).
+    builder_class = type(tfds.builder("cifar10", data_dir=str(tmp_path)))
+    assert builder_class.code_path.suffix == ".py" and builder_class.code_path.exists()
+    urls = builder_class.url_infos
+    assert urls and all(url.startswith("https://") for url in urls)
+
+
+def test_examples_extra_declares_importlib_resources():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(_PATH.parents[1] / "setup.cfg")
+    extra = config["options.extras_require"]["examples"].split()
+    assert "importlib_resources" in extra and "tensorflow-datasets" in extra
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_missing_tfds_dataset_fails_fast_with_a_data_dir_hint(tmp_path, monkeypatch, name):
+    def no_load(*args, **kwargs):
+        raise AssertionError("tfds.load must not run for a dataset that is not prepared")
+
+    monkeypatch.setattr(tfds, "load", no_load)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"Received: data_dir='{tmp_path}'") as info:
+        train.load_data(name, data_dir=str(tmp_path))
+    assert time.monotonic() - start < 30  # no network retries (they take minutes)
+    message = str(info.value)
+    assert "--data_dir" in message and "--download" in message
+    assert str(tmp_path / name) in message and name in message
+
+
+def test_main_turns_a_missing_dataset_into_a_usage_error(tmp_path, monkeypatch):
+    from absl import app
+
+    monkeypatch.setattr(tfds, "load", lambda *a, **k: pytest.fail("tfds.load was called"))
+    with pytest.raises(app.UsageError, match="--data_dir"):
+        run_main(dataset="cifar10", data_dir=tmp_path / "empty", epochs=1,
+                 output_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_cifar_main_run_with_augmentation_on_mock_data(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    _prepare_metadata("cifar10", tmp_path / "tfds", num_examples=8)
     with tfds.testing.mock_data(num_examples=8, data_dir=str(tmp_path / "tfds")):
         run_main(dataset="cifar10", data_dir=tmp_path / "tfds", nn="cnn", depth=2,
                  hidden_size=4, cutout=8, epochs=1, batch_size=4, signal_plot=False,
                  output_dir=tmp_path / "out")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1 and metrics["flags"]["cutout"] == 8
+    assert metrics["flags"]["download"] is False
 
 
 def test_local_datasets():

@@ -60,7 +60,16 @@ to sqrt(1.025^40) = 1.64, whatever the depth or the branch width."""
 
 
 def _theory_rows(kind: str, widths: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Mean-field predictions (science.md §1) of the forward and backward ratios."""
+    """Mean-field predictions of the forward and backward norm ratios, per layer.
+
+    A ReLU layer with unit fan-in norms (`g = 1`) maps a signal of squared norm
+    `E` in `C_in` units to `E * C_out / (2 C_in)`: half the energy is cut by
+    the ReLU, and `g = sqrt(2 C_in / C_out)` restores it, so the proposed MLP
+    keeps `||h_l|| / ||x|| = 1` and the backward ratio at `sqrt(C_l / C_L)`. A
+    residual block adds its branch's energy to the stream's: half of it with
+    `g = 1` (a factor 1.5 per block), `1/N` of it with the proposed `1/N`
+    scaling of the last layer (a factor `1 + 1/N`).
+    """
     if kind == "mlp":
         layers = np.arange(len(widths))
         depth = layers[-1]

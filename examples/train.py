@@ -111,13 +111,17 @@ def _standardize(x_train: np.ndarray, x_test: np.ndarray):
     return (x_train - mean) / std, (x_test.astype("float32") - mean) / std
 
 
+class DatasetNotPreparedError(ValueError):
+    """A TFDS dataset is not prepared in the data directory and downloading was not asked for."""
+
+
 def _load_tfds(name: str, data_dir: str | None, download: bool):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     # Without data, tfds.load would try to download and, offline, retry for minutes.
     if not download and not builder.is_prepared():
-        raise ValueError(
+        raise DatasetNotPreparedError(
             f"Dataset {name!r} is not prepared in the tensorflow_datasets directory "
             f"{builder.data_dir}. Pass --data_dir=DIR with DIR a directory where it is "
             f"prepared (`tfds build {name} --data_dir=DIR` makes one, on a machine with "
@@ -141,8 +145,9 @@ def load_data(dataset: str, data_dir: str | None = None, download: bool = False)
     `digits` (scikit-learn's 8x8 images) and `mnist1d` are generated locally;
     `mnist`, `cifar10` and `cifar100` come through tensorflow_datasets, from
     `data_dir` (tensorflow_datasets' default directory when `None`). A TFDS
-    dataset that is not prepared there raises a `ValueError` at once, unless
-    `download=True` lets tensorflow_datasets download and prepare it.
+    dataset that is not prepared there raises `DatasetNotPreparedError` (a
+    `ValueError`) at once, unless `download=True` lets tensorflow_datasets
+    download and prepare it.
     """
     if dataset == "digits":
         from sklearn.datasets import load_digits
@@ -353,10 +358,9 @@ def main(argv) -> None:
 
     try:
         data = load_data(FLAGS.dataset, FLAGS.data_dir, download=FLAGS.download)
-    except ValueError as error:
-        if "--data_dir" not in str(error):
-            raise
-        raise app.UsageError(str(error)) from None
+    except DatasetNotPreparedError as error:
+        # The message and exit status 1, without a traceback or the flags' help.
+        raise SystemExit(f"train.py: {error}") from None
     model = build_model(FLAGS.nn, data.x_train.shape[1:], data.num_classes, depth=FLAGS.depth,
                         num_blocks=FLAGS.num_blocks, hidden_size=FLAGS.hidden_size,
                         wrn_k=FLAGS.wrn_k, init=FLAGS.init, weight_norm=FLAGS.weight_norm,

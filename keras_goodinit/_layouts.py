@@ -1,7 +1,16 @@
 """Kernel layouts: which axes hold one output unit's fan-in vector.
 
-Shared by the initializers, the weight-norm wrapper and the sweeps, so the
-table in science.md §1 lives in exactly one place.
+Shared by the initializers, the weight-norm wrapper and the sweeps, so this
+table lives in exactly one place:
+
+| layout | kernel shape | one unit's fan-in vector | C_in | C_out |
+|---|---|---|---|---|
+| `"default"` (Dense, ConvND) | `(*k, in, out)` | all axes but the last | `in` | `out` |
+| `"conv_transpose"` | `(*k, out, in)` | all axes but -2 | `in` | `out` |
+| `"depthwise"` | `(*k, in, mult)` | the spatial axes `k` | `in` | `in * mult` |
+
+`GoodInit` gives each such vector the norm `g = sqrt(gamma * C_in / C_out)`;
+the kernel size `k` cancels from the fan ratio.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ def unit_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def channel_fans(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
-    """(C_in, C_out) for the fan ratio of science.md; the kernel size cancels."""
+    """(C_in, C_out) of the fan ratio `C_in / C_out` in `g`; the kernel size cancels."""
     if layout == "default":
         return shape[-2], shape[-1]
     if layout == "conv_transpose":

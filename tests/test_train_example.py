@@ -117,21 +117,24 @@ def test_missing_tfds_dataset_fails_fast_with_a_data_dir_hint(tmp_path, monkeypa
 
     monkeypatch.setattr(tfds, "load", no_load)
     start = time.monotonic()
-    with pytest.raises(ValueError, match=f"Received: data_dir='{tmp_path}'") as info:
+    with pytest.raises(train.DatasetNotPreparedError,
+                       match=f"Received: data_dir='{tmp_path}'") as info:
         train.load_data(name, data_dir=str(tmp_path))
+    assert isinstance(info.value, ValueError)
     assert time.monotonic() - start < 30  # no network retries (they take minutes)
     message = str(info.value)
     assert "--data_dir" in message and "--download" in message
     assert str(tmp_path / name) in message and name in message
 
 
-def test_main_turns_a_missing_dataset_into_a_usage_error(tmp_path, monkeypatch):
-    from absl import app
-
+def test_main_exits_with_the_hint_for_a_missing_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(tfds, "load", lambda *a, **k: pytest.fail("tfds.load was called"))
-    with pytest.raises(app.UsageError, match="--data_dir"):
+    with pytest.raises(SystemExit) as info:
         run_main(dataset="cifar10", data_dir=tmp_path / "empty", epochs=1,
                  output_dir=tmp_path / "out")
+    # A string code: Python prints it to stderr and exits with status 1.
+    assert isinstance(info.value.code, str) and info.value.code.startswith("train.py: ")
+    assert "--data_dir" in info.value.code and "--download" in info.value.code
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 

@@ -246,6 +246,10 @@ class WeightNormalization(keras.layers.Wrapper):
         for key, value in values.items():
             store[key] = value
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the wrapped layer, whose kernel becomes the effective `g * v / ||v||`."""
+        self.layer.quantize(mode, type_check=type_check, config=config)
+
     def _quantize_layer(self, mode=None, *args, **kwargs):
         """The wrapped layer's `quantize`, run on the effective kernel `g * v / ||v||`."""
         layer = self.layer

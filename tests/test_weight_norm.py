@@ -458,6 +458,15 @@ def test_quantize_quantizes_the_effective_kernel(mode, tmp_path):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), got)
 
 
+def test_quantizing_the_wrapper_itself_quantizes_the_effective_kernel():
+    wrapper, x = _built("Dense")
+    wrapper.g.assign(np.random.default_rng(2).uniform(0.5, 2.0, size=wrapper.g.shape))
+    expected = keras.ops.convert_to_numpy(wrapper(x))
+    wrapper.quantize("int8")
+    assert wrapper.layer.quantization_mode == "int8"
+    assert _relative_error(keras.ops.convert_to_numpy(wrapper(x)), expected) < 0.02
+
+
 def test_a_failed_quantize_leaves_the_weight_normalized_layer_unchanged():
     model = _quantizable()
     x = _inputs((16,), batch=8)

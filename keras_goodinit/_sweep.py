@@ -177,12 +177,22 @@ def following_activation(target: Target) -> keras.layers.Layer | None:
     """
     if target.inner.activation not in (None, keras.activations.linear):
         return None
+    layer = _sole_consumer(target)
+    return layer if isinstance(layer, _ACTIVATION_TYPES) else None
+
+
+def followed_by_normalization(target: Target) -> bool:
+    """Whether the target's output goes only into a normalization layer (BN, LN, GN)."""
+    if target.inner.activation not in (None, keras.activations.linear):
+        return False
+    return isinstance(_sole_consumer(target), _NORMALIZATION_TYPES)
+
+
+def _sole_consumer(target: Target) -> keras.layers.Layer | None:
+    """The one layer that consumes the target's output in the model graph, if known."""
     consumers = {id(node.operation): node.operation
                  for node in getattr(target.layer, "_outbound_nodes", [])}
-    if len(consumers) != 1:
-        return None
-    (layer,) = consumers.values()
-    return layer if isinstance(layer, _ACTIVATION_TYPES) else None
+    return next(iter(consumers.values())) if len(consumers) == 1 else None
 
 
 def find_targets(model: keras.layers.Layer,

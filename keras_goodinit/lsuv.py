@@ -355,8 +355,27 @@ def lsuv_init(
                        post=checked["measure"] == "post_activation",
                        target_var=target_var, tol=tol)
         _add_notes(pairs, notes)
+        summary = _normalization_notes(pairs)
         _distribute.broadcast_from_chief(variables)
-        return InitReport("lsuv", [row for _, row in pairs] + other_rows, batches=batches)
+        return InitReport("lsuv", [row for _, row in pairs] + other_rows, batches=batches,
+                          notes=summary)
+
+
+_NORMALIZED = ("a normalization layer follows: in training mode it re-normalizes this "
+               "output, so this scale barely changes what the network computes")
+
+
+def _normalization_notes(pairs) -> list[str]:
+    """Notes the rows that a normalization layer follows; returns the summary line."""
+    normalized = [row for target, row in pairs
+                  if row.status != "skipped" and _sweep.followed_by_normalization(target)]
+    for row in normalized:
+        row.reason = "; ".join(r for r in (row.reason, _NORMALIZED) if r)
+    if not normalized:
+        return []
+    # Mishkin & Matas (2016) make the same point: LSUV adds little to batch-normalized nets.
+    return [f"{len(normalized)} of {len(pairs)} layers feed a normalization layer, which "
+            "undoes their scale in training mode: LSUV changes little there"]
 
 
 def _drift_bound(target, upstream: int) -> float:
@@ -393,7 +412,7 @@ def _measure_policy(followers, post: bool):
 
 
 def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
-                   target_var=None, tol=None, estimates=None) -> None:
+                   target_var=None, tol=None, estimates=None) -> dict:
     """One more forward pass on `x`: each row's `var_after` becomes the measured value.
 
     A row whose measurement departs from the in-flight estimate by more than
@@ -436,31 +455,79 @@ def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
 
 
 def _orthogonal_pre_init(targets, seed: int | None) -> dict:
-    """Orthonormal directions with unit-norm fan-in vectors, in each kernel's own layout.
+    """Orthonormal directions with unit-norm fan-in vectors, over each kernel's true fan-in.
 
-    LoRA-enabled layers keep their kernels: their effective kernel includes the
-    LoRA update, so an orthonormal base kernel would not make it orthonormal.
-    Returns id(target) -> a note for the layers left alone.
+    Each kernel is drawn as (fan-in, units) blocks (see `_draw_plan`): an
+    EinsumDense kernel over the axes its equation contracts with the input, a
+    grouped convolution per group. LoRA-enabled layers keep their kernels:
+    their effective kernel includes the LoRA update, so an orthonormal base
+    kernel would not make it orthonormal. Returns id(target) -> a note for
+    the layers left alone.
     """
-    groups, notes = {}, {}
+    plans, notes = {}, {}
     for target in targets:
         if target.is_lora:
             notes[id(target)] = ("pre-init skipped: LoRA-enabled (the effective kernel "
                                  "includes the LoRA update)")
             continue
         variable = target.direction_variable
-        key = (tuple(variable.shape), variable.dtype, target.kernel_layout)
-        groups.setdefault(key, []).append(target)
-    for index, ((shape, dtype, layout), members) in enumerate(groups.items()):
+        shape, layout, count, assemble = _draw_plan(target)
+        plans.setdefault((shape, variable.dtype, layout), []).append((target, count, assemble))
+    for index, ((shape, dtype, layout), members) in enumerate(plans.items()):
         group_seed = None if seed is None else seed + index
         init = GoodInit("wn_relu_backward", gamma=1.0, layout=layout, seed=group_seed)
-        kernels = init.draw(shape, dtype, count=len(members))  # one batched QR per shape
-        for target, kernel in zip(members, ops.unstack(kernels)):
+        # One batched QR per block shape.
+        blocks = init.draw(shape, dtype, count=sum(count for _, count, _ in members))
+        start = 0
+        for target, count, assemble in members:
+            kernel = assemble(blocks[start:start + count])
+            start += count
             target.direction_variable.assign(kernel)
             if target.is_weight_normalized:  # the wrapper then computes the new kernel
                 g = target.layer.g
-                g.assign(ops.reshape(unit_norms(kernel, layout), g.shape))
+                g.assign(ops.reshape(unit_norms(kernel, target.kernel_layout), g.shape))
     return notes
+
+
+def _draw_plan(target):
+    """(block shape, layout, block count, blocks -> kernel) for the orthogonal pre-init."""
+    variable = target.direction_variable
+    shape = tuple(variable.shape)
+    inner = target.inner
+    if isinstance(inner, keras.layers.EinsumDense):
+        fan_in, units = _einsum_axes(inner.equation, len(shape))
+        sizes = [shape[i] for i in fan_in + units]
+        inverse = [int(i) for i in np.argsort(fan_in + units)]
+
+        def assemble(blocks):
+            return ops.transpose(ops.reshape(blocks[0], sizes), inverse)
+
+        return (math.prod(sizes[:len(fan_in)]), math.prod(sizes[len(fan_in):])), \
+            "default", 1, assemble
+    groups = getattr(inner, "groups", 1) or 1
+    if groups > 1 and target.kernel_layout == "default":
+        # Kernel (*k, in / groups, out); output channel j belongs to group j // (out / groups).
+        block = (*shape[:-1], shape[-1] // groups)
+
+        def assemble(blocks):
+            moved = ops.moveaxis(blocks, 0, -2)  # (*k, in / groups, groups, out / groups)
+            return ops.reshape(moved, shape)
+
+        return block, "default", groups, assemble
+    return shape, target.kernel_layout, 1, lambda blocks: blocks[0]
+
+
+def _einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:
+    """Kernel axes an EinsumDense equation contracts with its input, and its output axes."""
+    inputs, output = equation.replace("...", "").split("->")
+    _, kernel = inputs.split(",")
+    units = [i for i, letter in enumerate(kernel) if letter in output]
+    fan_in = [i for i in range(rank) if i not in units]
+    if not units or not fan_in or len(kernel) != rank:
+        raise ValueError(
+            "The orthogonal pre-init needs an EinsumDense kernel with fan-in and output "
+            f"axes. Received: equation={equation!r}")
+    return fan_in, units
 
 
 def _followers(targets, measure) -> dict:
@@ -599,9 +666,25 @@ def weightnorm_data_init(
         pairs += [(t, _not_called(t, result)) for t in missed]
         estimates = {id(t): result.states[id(t)]["cells"] for t in order
                      if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
-        _measure_after(model, x, targets, pairs, estimates=estimates)
+        measured = _measure_after(model, x, targets, pairs, estimates=estimates)
+        _bias_free_notes(pairs, measured, estimates)
         _distribute.broadcast_from_chief(variables)
         return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows)
+
+
+def _bias_free_notes(pairs, measured, estimates) -> None:
+    """A weight-normalized layer without a bias cannot be centred: say by how much it is not."""
+    for target, row in pairs:
+        state = measured.get(id(target))
+        if target.bias is not None or id(target) not in estimates or state is None:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            off = np.abs(state["mean"]) / np.sqrt(state["var"])
+        off = off[np.isfinite(off)]
+        worst = float(off.max()) if off.size else math.nan
+        note = (f"no bias, so it cannot centre its units: unit means up to {worst:.3g} std "
+                "remain (unit variances are set)")
+        row.reason = "; ".join(r for r in (row.reason, note) if r)
 
 
 def _data_init_row(target, state, note) -> LayerRecord:

@@ -63,11 +63,14 @@ class InitReport:
         method: `"lsuv"` or `"weightnorm_data_init"`.
         rows: One `LayerRecord` per target layer, in execution order.
         batches: Number of batches the sweep used.
+        notes: Lines about the whole model (e.g. how many layers a
+            normalization layer follows), printed under the table.
     """
 
     method: str
     rows: list[LayerRecord]
     batches: int = 1
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __getitem__(self, name: str) -> LayerRecord:
         for row in self.rows:
@@ -85,6 +88,7 @@ class InitReport:
         return {
             "method": self.method,
             "batches": self.batches,
+            "notes": list(self.notes),
             "rows": [
                 {k: json_safe(v) for k, v in dataclasses.asdict(row).items()}
                 for row in self.rows
@@ -99,7 +103,7 @@ class InitReport:
         counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES}
         footer = f"{self.method}: {len(self.rows)} layers, " + ", ".join(
             f"{n} {s}" for s, n in counts.items())
-        return format_table(header, lines, footer)
+        return format_table(header, lines, "\n".join([footer, *self.notes]))
 
     def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
         """Prints the per-layer table."""

@@ -15,6 +15,9 @@ import pytest  # noqa: E402
 
 import keras_goodinit  # noqa: E402
 
+# A script the distributed tests run in a subprocess, with arguments; not importable here.
+collect_ignore = ["tests/_distributed_worker.py"]
+
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():

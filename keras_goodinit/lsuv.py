@@ -284,12 +284,25 @@ def lsuv_init(
     order, through nested and subclassed models. On a fixed batch each layer is
     evaluated once: scaling a kernel by c turns its output y into
     `c * (y - b) + b` exactly, so the iterations reuse y and the next layer
-    sees the rescaled signal. The whole sweep costs about one forward pass,
-    runs with `training=False`, and computes statistics in float32.
+    sees the rescaled signal. The sweep costs about one forward pass, runs
+    with `training=False`, and computes statistics in float32 on the output
+    divided by its peak (so any finite input scale works), leaving out
+    positions a Keras mask marks as padding. A layer inside `TimeDistributed`
+    is measured over every time step at once. One more forward pass then
+    measures every layer's `var_after` on the same batch; a row whose
+    measurement departs from the in-flight estimate beyond rounding says so
+    (status `"drift"` if it then misses `tol`).
 
     A layer whose variance is not finite or is below a dtype-aware epsilon
     (dead or constant) is skipped and keeps its (pre-initialized) weights.
-    If anything raises, every weight is restored exactly.
+    Quantized kernels are never touched (skipped); a LoRA-enabled layer is
+    scaled through its effective kernel (base kernel and `lora_kernel_b`)
+    and not pre-initialized. Every other layer with weights of its own
+    (Embedding, RNN cells...) is listed as skipped with the reason, and
+    layers that a normalization layer follows are noted, since it undoes
+    their scale in training mode. If anything raises, every weight is
+    restored exactly; every variable that is not a target's (moving
+    statistics, seed states) ends as it was either way.
 
     Examples:
 
@@ -304,12 +317,15 @@ def lsuv_init(
     Args:
         model: A Keras model (Sequential, functional or subclassed).
         data: A batch (array, tensor, `(x, y[, w])` tuple or dict of inputs),
-            a `tf.data.Dataset` or a `keras.utils.PyDataset` (its first batch).
+            or a `tf.data.Dataset`, `keras.utils.PyDataset` or iterator (e.g. a
+            generator) of batches, of which the first is used.
         tol: Relative tolerance: stop when `|var - target_var| < tol * target_var`.
         max_iter: Most scale steps per layer; reaching it is reported.
         target_var: The variance to reach.
         pre_init: `"orthogonal"` re-draws every target kernel with orthonormal
-            directions first (as in the paper), or `None` to keep the kernels.
+            directions over its true fan-in first (as in the paper; an
+            EinsumDense kernel over the axes it contracts with its input, a
+            grouped convolution per group), or `None` to keep the kernels.
         measure: `"pre_activation"` (before a fused activation, as in the
             paper) or `"post_activation"`: after the fused activation or, for
             a layer without one, after a separate activation layer (`ReLU`,
@@ -619,7 +635,11 @@ def weightnorm_data_init(
     and unit variance on the batch, before its activation. It shares LSUV's
     sweep: one forward pass, statistics in float32, `training=False`.
     Units with a non-finite or (near-)zero sigma keep their weights; layers
-    that are not weight-normalized are reported as skipped.
+    that are not weight-normalized are reported as skipped, as is every
+    other layer with weights of its own. Statistics leave out masked
+    positions and cover every step of a `TimeDistributed` layer; `var_after`
+    is measured by one more forward pass, and a layer without a bias says by
+    how much it cannot centre its units.
 
     Examples:
 

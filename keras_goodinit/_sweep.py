@@ -477,15 +477,17 @@ def atomic(variables: Iterable[keras.Variable]):
 
 @contextlib.contextmanager
 def guarded(model: keras.layers.Layer, written: Iterable[keras.Variable]):
-    """`written` restored if the block raises; every other variable of `model` always.
+    """`written` restored if the block raises; every other weight of `model` always.
 
     A forward pass can move state the init does not own (a subclassed model
-    calling `bn(x, training=True)` updates moving statistics; layers advance
-    seed generators): that state ends exactly as it was, success or failure.
+    calling `bn(x, training=True)` updates moving statistics): every weight,
+    trainable or not, ends exactly as it was, success or failure. Seed
+    generator states are left to advance, as after any forward pass: under
+    a multi-worker strategy, assigning them issues collectives of their own.
     """
     written = list(written)
     ids = {id(v) for v in written}
-    others = snapshot(v for v in model.variables if id(v) not in ids)
+    others = snapshot(v for v in model.weights if id(v) not in ids)
     try:
         with atomic(written):
             yield

@@ -171,11 +171,11 @@ def register_activation(fn: Callable, *, name: str | None = None, homogeneous: b
 
     Examples:
 
-    >>> def cube_root(x):
-    ...     return keras.ops.sign(x) * keras.ops.abs(x) ** (1 / 3)
-    >>> _ = register_activation(cube_root)
-    >>> round(gamma(cube_root), 3)
-    1.246
+    >>> def twice_tanh(x):
+    ...     return 2 * keras.ops.tanh(x)
+    >>> _ = register_activation(twice_tanh)
+    >>> round(gamma(twice_tanh) * 4, 4) == round(gamma("tanh"), 4)
+    True
 
     Args:
         fn: An elementwise activation on tensors (as `keras.activations.*`).
@@ -234,7 +234,7 @@ def gamma(activation, q: float = 1.0) -> float:
     >>> gamma("linear")
     1.0
     >>> round(gamma("tanh"), 4)
-    2.5387
+    2.5362
 
     Args:
         activation: A Keras activation function or name, or one registered
@@ -254,12 +254,13 @@ def gamma(activation, q: float = 1.0) -> float:
                   else "it is unknown; register it with `register_activation`")
         raise ValueError(f"Argument `activation` has no Gaussian gain: {reason}. "
                          f"Received: activation={activation!r}")
-    second = float(moments(spec, 0.0, q)[0])
+    # A homogeneous phi has E[phi(z)^2] = q E[phi(z / sqrt(q))^2]: its gain is scale-free,
+    # so it is taken at q = 1 (where the closed forms are exact: relu gives 2.0).
+    second = float(moments(spec, 0.0, 1.0 if spec.homogeneous else q)[0])
     if not second > 0:
         raise ValueError("Argument `activation` maps N(0, q) to zero: no finite gain. "
                          f"Received: activation={activation!r}")
-    # A homogeneous phi has E[phi(z)^2] = q E[phi(z/sqrt(q))^2]: its gain is scale-free.
-    return q / second if spec.homogeneous else 1.0 / second
+    return 1.0 / second
 
 
 def _not_elementwise(activation) -> bool:

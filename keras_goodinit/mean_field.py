@@ -178,8 +178,8 @@ def mean_field_init(
     ...                           keras.layers.Dense(64, activation="gelu"),
     ...                           keras.layers.Dense(10)])
     >>> report = mean_field_init(model, seed=0, verbose=0)
-    >>> [round(row.predicted, 3) for row in report.rows]
-    [1.0, 1.0, 0.425]
+    >>> [round(row.predicted, 3) for row in report.rows]  # the logits: (64 / 10) E[gelu^2]
+    [1.0, 1.0, 2.721]
     >>> relu = keras.Sequential([keras.Input((32,)), keras.layers.Dense(32),
     ...                          keras.layers.ReLU(), keras.layers.Dense(8)])
     >>> [row.gamma for row in mean_field_init(relu, verbose=0).rows]
@@ -679,7 +679,8 @@ def measured_moments(model: keras.Model, x, layer_names, *,
     A helper for checking a prediction (such as `MeanFieldReport.add_outputs`)
     on data; `model` must be functional or Sequential.
     """
-    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in layer_names])
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    probe = keras.Model(inputs, [model.get_layer(name).output for name in layer_names])
     outputs = probe(x, training=training)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     found = {}

@@ -16,6 +16,12 @@ def _worker_count(strategy: tf.distribute.Strategy) -> int:
     return sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")) or 1
 
 
+def _strategy_of(variable: keras.Variable) -> tf.distribute.Strategy:
+    # Callbacks run outside `strategy.scope()`: the variables know their strategy.
+    strategy = getattr(variable.value, "distribute_strategy", None)
+    return strategy or tf.distribute.get_strategy()
+
+
 def broadcast_from_chief(variables: Sequence[keras.Variable]) -> None:
     """Under a multi-worker strategy, gives every worker the first replica's values.
 
@@ -26,17 +32,34 @@ def broadcast_from_chief(variables: Sequence[keras.Variable]) -> None:
     """
     if not variables:
         return
-    # Callbacks run outside `strategy.scope()`: the variables know their strategy.
-    strategy = getattr(variables[0].value, "distribute_strategy", None)
-    strategy = strategy or tf.distribute.get_strategy()
+    strategy = _strategy_of(variables[0])
     if _worker_count(strategy) < 2:
         return
     with strategy.scope():
-        _broadcast(strategy, variables)
+        synced = _broadcast(strategy, [tf.convert_to_tensor(v.value) for v in variables])
+    for variable, value in zip(variables, synced):
+        variable.assign(value)
 
 
-def _broadcast(strategy: tf.distribute.Strategy, variables: Sequence[keras.Variable]) -> None:
-    values = [tf.convert_to_tensor(v.value) for v in variables]
+def chief_decides(flag: bool, variables: Sequence[keras.Variable]) -> bool:
+    """Under a multi-worker strategy, the first replica's `flag`, so every worker agrees.
+
+    A decision taken from each worker's own view (its data, its random draws)
+    can differ between workers; if some then run collectives and others do
+    not, the collectives hang or mismatch. `variables` tells the strategy.
+    """
+    if not variables:
+        return flag
+    strategy = _strategy_of(variables[0])
+    if _worker_count(strategy) < 2:
+        return flag
+    with strategy.scope():
+        synced = _broadcast(strategy, [tf.constant(1.0 if flag else 0.0)])
+    return bool(synced[0] > 0.5)
+
+
+def _broadcast(strategy: tf.distribute.Strategy, values: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    """The first replica's `values`, on every replica (local results of the first)."""
 
     def keep_first(*local):
         context = tf.distribute.get_replica_context()
@@ -45,5 +68,4 @@ def _broadcast(strategy: tf.distribute.Strategy, variables: Sequence[keras.Varia
         return context.all_reduce(tf.distribute.ReduceOp.SUM, masked)
 
     synced = tf.function(lambda: strategy.run(keep_first, args=tuple(values)))()
-    for variable, value in zip(variables, synced):
-        variable.assign(strategy.experimental_local_results(value)[0])
+    return [strategy.experimental_local_results(value)[0] for value in synced]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras.src.utils.io_utils import print_msg
 
-from keras_goodinit import _freshness, _validate
+from keras_goodinit import _distribute, _freshness, _validate
 from keras_goodinit.lsuv import check_init_kwargs, lsuv_init, weightnorm_data_init
 
 METHODS = {"lsuv": lsuv_init, "weightnorm_data_init": weightnorm_data_init}
@@ -119,6 +119,12 @@ class LSUVCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self.reason = None if self.force else _stand_down_reason(model)
+        # Workers hold the chief's initial values but re-draw from their own seeds: the
+        # chief's verdict is the one that matches the weights, and all must agree on it.
+        if not _distribute.chief_decides(self.reason is None, model.weights):
+            self.reason = self.reason or "the chief worker found the weights not fresh"
+        elif self.reason:
+            self.reason = None
         if self.reason:
             if self.verbose:
                 print_msg(f"LSUVCallback: not re-initializing {model.name!r}: {self.reason}. "

@@ -155,6 +155,8 @@ class WeightNormalization(keras.layers.Wrapper):
         if kwargs.get("dtype") is None:
             kwargs["dtype"] = layer.dtype_policy
         super().__init__(layer, **kwargs)
+        # A mask passes through the wrapper as it would pass through the layer itself.
+        self.supports_masking = bool(getattr(layer, "supports_masking", False))
         # A quantized layer keeps its quantized policy (set when it was quantized).
         if layer.quantization_mode is None and layer.dtype_policy.name != self.dtype_policy.name:
             layer.dtype_policy = self.dtype_policy
@@ -216,6 +218,9 @@ class WeightNormalization(keras.layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
 
     def effective_kernel_scope(self):
         """A context in which the wrapped layer's kernel reads as `g * v / ||v||`."""

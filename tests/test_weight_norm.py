@@ -514,3 +514,22 @@ def test_lora_on_the_wrapped_layer_adds_a_low_rank_update_to_the_effective_kerne
     model.save(path)
     np.testing.assert_allclose(keras.saving.load_model(path).predict(x, verbose=0), predicted,
                                rtol=1e-6, atol=1e-6)
+
+
+def test_a_mask_passes_through_as_it_does_through_the_wrapped_layer():
+    tokens = np.array([[3, 5, 0, 0], [7, 0, 0, 0]])
+    inputs = keras.Input((4,), dtype="int32")
+    embedded = keras.layers.Embedding(10, 6, mask_zero=True)(inputs)
+    wrapped = WeightNormalization(keras.layers.Dense(5))(embedded)
+    plain = keras.layers.Dense(5)(embedded)
+    # A mask-consuming layer downstream sees the padding only if the mask survived.
+    model = keras.Model(inputs, [keras.layers.GlobalAveragePooling1D()(wrapped),
+                                 keras.layers.GlobalAveragePooling1D()(plain)])
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)][0]
+    wn = [layer for layer in model.layers if isinstance(layer, WeightNormalization)][0]
+    dense.set_weights([wn.layer.kernel.numpy(), wn.layer.bias.numpy()])
+    got, want = model(tokens)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(got),
+                               keras.ops.convert_to_numpy(want), rtol=1e-5, atol=1e-6)
+    mask = wn.compute_mask(None, keras.ops.convert_to_tensor(tokens != 0))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(mask), tokens != 0)

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_goodinit import _data, _sweep, _validate
+from keras_goodinit import _data, _graph, _sweep, _validate
 from keras_goodinit.report import format_table, json_safe
 
 # Values kept per layer for the optional histograms.
@@ -49,6 +49,37 @@ class LayerSignal:
 
 
 @dataclasses.dataclass
+class BlockSignal:
+    """The signal-propagation statistics of one residual block, `out = skip + branch`.
+
+    "Average channel" statistics are taken per channel over the batch and
+    the positions, then averaged over channels (Brock et al., 2021).
+
+    Attributes:
+        name: The block's `Add` layer.
+        stage: Index of the block's stage (a run of blocks on one stream
+            between two shape changes).
+        num_blocks: Blocks in that stage (N of the `1/N` rule).
+        squared_mean: Average channel squared mean of the block's output,
+            `mean_c (mean of out_c)^2`.
+        variance: Average channel variance of the block's output,
+            `mean_c var(out_c)`.
+        branch_variance: Average channel variance of the residual branch's
+            output, before the `Add`.
+        skip_variance: Average channel variance of the skip input of the
+            `Add` (the stream entering the block, or its projection).
+    """
+
+    name: str
+    stage: int
+    num_blocks: int
+    squared_mean: float
+    variance: float
+    branch_variance: float
+    skip_variance: float
+
+
+@dataclasses.dataclass
 class SignalReport:
     """Per-layer signal statistics, in execution order, from `signal_report`.
 
@@ -65,6 +96,8 @@ class SignalReport:
         grad_reference: The layer the backward ratios are relative to (None
             without gradients, or when no target's output reaches the loss).
         samples: Per layer, a sample of output values for histograms.
+        blocks: One `BlockSignal` per residual block, in execution order
+            (empty for a subclassed model, whose graph is unknown).
     """
 
     rows: list[LayerSignal]
@@ -74,21 +107,31 @@ class SignalReport:
     loss_name: str = ""
     grad_reference: str | None = None
     samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    blocks: list[BlockSignal] = dataclasses.field(default_factory=list)
 
     def column(self, field: str) -> np.ndarray:
         """One statistic for every layer, e.g. `report.column("norm_ratio")`."""
         return np.array([getattr(row, field) for row in self.rows], dtype="float64")
 
+    def block_column(self, field: str) -> np.ndarray:
+        """One statistic for every residual block, e.g. `report.block_column("variance")`."""
+        return np.array([getattr(block, field) for block in self.blocks], dtype="float64")
+
     def to_dict(self) -> dict:
         """A JSON-safe dict (non-finite floats become strings); samples are left out."""
+        def safe(records):
+            return [{k: json_safe(v) for k, v in dataclasses.asdict(r).items()} for r in records]
+
         return {"input_norm": json_safe(self.input_norm), "loss": json_safe(self.loss),
                 "training": self.training, "loss_name": self.loss_name,
-                "grad_reference": self.grad_reference,
-                "rows": [{k: json_safe(v) for k, v in dataclasses.asdict(row).items()}
-                         for row in self.rows]}
+                "grad_reference": self.grad_reference, "rows": safe(self.rows),
+                "blocks": safe(self.blocks)}
 
     def table(self) -> str:
-        """The per-layer table, with the mode, the loss and the gradient reference below it."""
+        """The per-layer table, with the mode, the loss and the gradient reference below it.
+
+        A model with residual blocks gets a second table: one row per block.
+        """
         header = ("layer", "class", "mean", "std", "||h||/||x||", "grad ratio", "dW std")
         lines = [(r.name, r.class_name, f"{r.mean:.3g}", f"{r.std:.3g}", f"{r.norm_ratio:.4g}",
                   f"{r.grad_norm_ratio:.4g}", f"{r.weight_grad_std:.3g}") for r in self.rows]
@@ -99,7 +142,17 @@ class SignalReport:
                        f"{self.grad_reference or 'nothing (no output reaches the loss)'}")
         else:
             footer += "; no backward pass"
-        return format_table(header, lines, footer)
+        text = format_table(header, lines, footer)
+        if not self.blocks:
+            return text
+        header = ("block", "stage", "N", "avg ch mean^2", "avg ch var", "branch var",
+                  "skip var")
+        lines = [(b.name, str(b.stage), str(b.num_blocks), f"{b.squared_mean:.4g}",
+                  f"{b.variance:.4g}", f"{b.branch_variance:.4g}", f"{b.skip_variance:.4g}")
+                 for b in self.blocks]
+        return text + "\n\n" + format_table(
+            header, lines, "residual blocks: statistics per channel over batch and positions, "
+            "averaged over channels (Brock et al., 2021)")
 
     def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
         """Prints `table()`: the per-layer table, the mode and the loss."""
@@ -111,6 +164,10 @@ class SignalReport:
     def plot(self, path: str, *, histograms: bool = False, max_histograms: int = 12,
              title: str | None = None) -> str:
         """Writes a PNG of the per-layer curves (and optionally output histograms).
+
+        A model with residual blocks gets a second row: the signal propagation
+        plots of Brock et al. (2021), per block, the output's average channel
+        squared mean and variance and the branch's output variance.
 
         Args:
             path: Where to write the PNG.
@@ -139,8 +196,13 @@ class SignalReport:
         if histograms and self.samples:
             step = max(1, math.ceil(len(self.rows) / max_histograms))
             picked = [r.name for r in self.rows[::step] if r.name in self.samples]
+        block_curves = [
+            ("block output: avg channel squared mean", self.block_column("squared_mean")),
+            ("block output: avg channel variance", self.block_column("variance")),
+            ("residual branch: avg channel variance", self.block_column("branch_variance"))]
         columns = max(len(curves), min(len(picked), 6) or 1)
-        rows = 1 + math.ceil(len(picked) / columns)
+        curve_rows = 2 if self.blocks else 1
+        rows = curve_rows + math.ceil(len(picked) / columns)
         figure = plt.figure(figsize=(4 * columns, 3.2 * rows))
         for index, (label, values, log) in enumerate(curves):
             axis = figure.add_subplot(rows, columns, index + 1)
@@ -151,8 +213,26 @@ class SignalReport:
             axis.set_xlabel("layer")
             axis.set_title(label)
             axis.grid(True, alpha=0.3)
+        if self.blocks:
+            blocks = np.arange(1, len(self.blocks) + 1)
+            stages = self.block_column("stage")
+            starts = blocks[1:][np.diff(stages) != 0]  # the first block of each later stage
+            for index, (label, values) in enumerate(block_curves):
+                axis = figure.add_subplot(rows, columns, columns + index + 1)
+                finite = np.isfinite(values)
+                axis.plot(blocks[finite], values[finite], marker="o", markersize=3)
+                positive = values[finite & (values > 0)]
+                # Linear, as Brock et al. draw them, unless the curve spans decades.
+                if positive.size and np.all(values[finite] > 0) and (
+                        positive.max() > 100 * positive.min()):
+                    axis.set_yscale("log")
+                for start in starts:
+                    axis.axvline(start - 0.5, color="gray", linestyle=":", linewidth=1)
+                axis.set_xlabel("residual block (dotted: new stage)")
+                axis.set_title(label, fontsize=9)
+                axis.grid(True, alpha=0.3)
         for index, name in enumerate(picked):
-            axis = figure.add_subplot(rows, columns, columns + index + 1)
+            axis = figure.add_subplot(rows, columns, curve_rows * columns + index + 1)
             axis.hist(self.samples[name], bins=50)
             axis.set_title(name, fontsize=8)
         if title:
@@ -190,6 +270,79 @@ def _restore_changed(saved) -> None:
         # Bytes, not ==: NaN weights and integer seed states compare exactly too.
         if now.shape != value.shape or now.tobytes() != value.tobytes():
             variable.assign(value)
+
+
+def _block_steps(model) -> dict[int, tuple[keras.layers.Layer, list]]:
+    """Per `Add` layer: the layer and, per call in execution order, its residual block or None.
+
+    Empty for a model with no graph to walk (subclassed, or a bare layer).
+    """
+    if _graph.functional_of(model) is None:
+        return {}
+    graph = _graph.flatten(model)
+    kernels = {id(t.layer) for t in _sweep.find_targets(model)}
+    blocks, _ = _graph.residual_blocks(graph, kernels)
+    by_step = {id(block.add): block for block in blocks}
+    calls: dict[int, tuple[keras.layers.Layer, list]] = {}
+    for step in graph.steps:
+        if isinstance(step.layer, keras.layers.Add):
+            calls.setdefault(id(step.layer), (step.layer, []))[1].append(by_step.get(id(step)))
+    return calls
+
+
+def _channel_axis(block: _graph.Block) -> int:
+    layer = block.branch_end.layer if block.branch_end is not None else None
+    inner = getattr(layer, "layer", layer)  # a WeightNormalization wrapper's layer
+    return 1 if getattr(inner, "data_format", None) == "channels_first" else -1
+
+
+def _channel_moments(y, axis: int) -> tuple[float, float]:
+    """(mean_c mean(y_c)^2, mean_c var(y_c)): moments per channel over all other axes."""
+    rank = len(y.shape)
+    axes = tuple(i for i in range(rank) if rank == 1 or i != axis % rank)
+    mean, var = _sweep.cell_moments(tf.stop_gradient(y), axes)
+    return float(np.mean(np.square(mean))), float(np.mean(var))
+
+
+def _block_signal(block: _graph.Block, inputs, output) -> BlockSignal:
+    axis = _channel_axis(block)
+    branch = inputs[block.add.inputs.index(block.branch)]
+    skip = inputs[block.add.inputs.index(block.skip)]
+    squared_mean, variance = _channel_moments(output, axis)
+    return BlockSignal(block.add.layer.name, block.stage, block.num_blocks, squared_mean,
+                       variance, _channel_moments(branch, axis)[1],
+                       _channel_moments(skip, axis)[1])
+
+
+@contextlib.contextmanager
+def _blocks_hooked(calls: dict, found: list[BlockSignal]):
+    """While active, each residual `Add` call appends its `BlockSignal` to `found`."""
+    patched = []
+
+    def make_call(blocks, call):
+        count = [0]
+
+        def watched_call(inputs, *args, **kwargs):
+            output = call(inputs, *args, **kwargs)
+            index, count[0] = count[0], count[0] + 1
+            if index < len(blocks) and blocks[index] is not None and tf.executing_eagerly():
+                found.append(_block_signal(blocks[index], inputs, output))
+            return output
+        return watched_call
+
+    try:
+        for layer, blocks in calls.values():
+            if not any(blocks):
+                continue
+            patched.append((layer, vars(layer).get("call")))
+            layer.call = make_call(blocks, layer.call)
+        yield
+    finally:
+        for layer, call in patched:
+            if call is None:
+                del layer.call  # the class's call shows through again
+            else:
+                layer.call = call
 
 
 # Relative rounding of one value in the output's dtype, for the "sums to 1" test.
@@ -326,7 +479,7 @@ def signal_report(
     seed: int = 0,
     training: bool = False,
 ) -> SignalReport:
-    """Measures the signal through every target layer: one forward, one backward pass.
+    """Measures the signal through every target layer and residual block: one pass each way.
 
     For every layer with a kernel (the targets of `lsuv_init`), in execution
     order: the mean and std of its output, the norm ratio `||h_l|| / ||x||`
@@ -337,6 +490,17 @@ def signal_report(
     The reference layer `R` is the last target, in execution order, whose
     output reaches the loss: the last layer of a plain network, and never a
     head whose output the model discards (its ratio would be 0/0).
+
+    For a Sequential or functional model, every residual block (an `Add` of
+    a skip, identity or projection, and a branch with a kernel; nested
+    models included) also gets, in the same forward pass, the three signal
+    propagation curves of Brock et al. (2021) in `SignalReport.blocks`: the
+    average channel squared mean and the average channel variance of the
+    block's output (the residual stream after the `Add`), and the average
+    channel variance of the branch's output before it. A stream whose
+    variance grows by about 1 per block has branches of unit variance; the
+    `1/N` rule of `mean_field_init` keeps each branch near `1/N` of the
+    stream.
 
     The report changes nothing: every variable of the model (kernels, BatchNormalization
     moving statistics, dropout seed states...) is, bit for bit, as it was
@@ -365,6 +529,20 @@ def signal_report(
     'mean_squared_error vs seeded N(0, 1) targets'
     >>> [float(v) for v in model.layers[1].moving_mean.numpy()[:2]]  # left as it was
     [0.0, 0.0]
+
+    A residual block `h + 0.5 h`, whose statistics are those of the input
+    times 1.5 (the output) and 0.5 (the branch):
+
+    >>> inputs = keras.Input((16,))
+    >>> branch = keras.layers.Dense(16, use_bias=False,
+    ...                             kernel_initializer=keras.initializers.Identity(0.5))(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Add(name="add")([inputs, branch]))
+    >>> block = signal_report(model, x, gradients=False).blocks[0]
+    >>> block.name, block.num_blocks
+    ('add', 1)
+    >>> variance = float(np.mean(x.var(axis=0)))
+    >>> round(block.variance / variance, 4), round(block.branch_variance / variance, 4)
+    (2.25, 0.25)
 
     Args:
         model: A Keras model.
@@ -395,6 +573,7 @@ def signal_report(
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
+        - [Brock, De & Smith, 2021](https://arxiv.org/abs/2101.08692)
     """
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(f"Argument `model` must be a Keras model. Received: model={model!r}")
@@ -417,18 +596,20 @@ def signal_report(
         raise ValueError(
             "A given `loss` needs labels: pass `data=(x, y)`. Received: data without y")
     targets = _sweep.prepare(model, x, layers)  # also checks `layers`
+    blocks = _block_steps(model)
     # With gradients the pass runs in a StatelessScope, which keeps its writes; without, the
     # BatchNormalization moving statistics and seed states move (in training mode, or in a
     # subclassed call that forces bn(x, training=True)). Either way, everything is put back.
     saved = _sweep.snapshot(model.variables)
     try:
-        return _measure(model, x, labels, targets, gradients=gradients, loss=loss, seed=seed,
-                        training=training)
+        return _measure(model, x, labels, targets, blocks, gradients=gradients, loss=loss,
+                        seed=seed, training=training)
     finally:
         _restore_changed(saved)
 
 
-def _measure(model, x, labels, targets, *, gradients, loss, seed, training) -> SignalReport:
+def _measure(model, x, labels, targets, blocks, *, gradients, loss, seed,
+             training) -> SignalReport:
     def record(target, y, activation, state):
         out = activation(y)
         return out, state or {"output": out}
@@ -438,7 +619,9 @@ def _measure(model, x, labels, targets, *, gradients, loss, seed, training) -> S
     # watched in cross-replica context, where the sweep runs.
     kernels = ({id(t): tf.convert_to_tensor(t.direction_variable.value) for t in targets}
                if gradients else {})
-    with tf.GradientTape() as tape, _standing_in(targets, kernels, gradients):
+    found: list[BlockSignal] = []
+    with (tf.GradientTape() as tape, _standing_in(targets, kernels, gradients),
+          _blocks_hooked(blocks, found)):
         tape.watch(list(kernels.values()))
         result = _sweep.sweep(model, x, targets, record, training=training)
         if gradients:
@@ -454,7 +637,7 @@ def _measure(model, x, labels, targets, *, gradients, loss, seed, training) -> S
                                                             input_norm)))
         take = min(values.size, _HISTOGRAM_SAMPLES)
         samples[target.name] = rng.choice(values, take, replace=False)
-    report = SignalReport(rows, input_norm, training=training, samples=samples)
+    report = SignalReport(rows, input_norm, training=training, samples=samples, blocks=found)
     if not gradients:
         return report
     grads = tape.gradient(loss_value, outputs + [kernels[id(t)] for t in result.order])

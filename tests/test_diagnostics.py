@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_goodinit import WeightNormalization, signal_report
+from keras_goodinit import WeightNormalization, mean_field_init, signal_report
 
 
 def _linear_chain(scales, width=8):
@@ -446,3 +446,148 @@ def test_bad_arguments_name_the_argument_and_value(batch, kwargs, message):
     with pytest.raises(ValueError, match=message):
         signal_report(model, data, **kwargs)
     _assert_untouched(model, before)
+
+
+# --- Residual blocks: the signal propagation plots of Brock et al. (2021) -------------------
+
+def _scaled_conv(channels, scale, name, strides=1):
+    """A bias-free 1x1 conv with kernel `scale * I`: it multiplies its input by `scale`."""
+    kernel = scale * np.eye(channels, dtype="float32")[None, None]
+    return keras.layers.Conv2D(channels, 1, strides=strides, use_bias=False, name=name,
+                               kernel_initializer=keras.initializers.Constant(kernel))
+
+
+def _channel_stats(y):
+    """(mean_c mean(y_c)^2, mean_c var(y_c)) over batch and positions, in float64."""
+    y = y.astype("float64")
+    axes = tuple(range(y.ndim - 1))
+    return float(np.mean(y.mean(axes) ** 2)), float(np.mean(y.var(axes)))
+
+
+def _scaled_blocks_model():
+    """Two identity blocks h <- h + s h, then a strided projection block, all linear:
+
+    h1 = 1.5 x, h2 = h1 + 0.25 h1 (the Add's inputs swapped), then with
+    s = h2[:, ::2, ::2]: out = 2 s (projection) + 0.5 * 0.5 s (two-kernel branch).
+    """
+    inputs = keras.Input((6, 6, 4))
+    h1 = keras.layers.Add(name="add1")([inputs, _scaled_conv(4, 0.5, "b1")(inputs)])
+    h2 = keras.layers.Add(name="add2")([_scaled_conv(4, 0.25, "b2")(h1), h1])
+    skip = _scaled_conv(4, 2.0, "proj", strides=2)(h2)
+    branch = _scaled_conv(4, 0.5, "b3a", strides=2)(h2)
+    branch = _scaled_conv(4, 0.5, "b3b")(branch)
+    out = keras.layers.Add(name="add3")([skip, branch])
+    return keras.Model(inputs, keras.layers.Flatten()(out))
+
+
+@pytest.fixture
+def image_batch():
+    # Channels with different means, so that the squared mean is not ~0.
+    rng = np.random.default_rng(3)
+    return (rng.normal(size=(16, 6, 6, 4)) * [1.0, 2.0, 0.5, 1.0]
+            + [0.0, 1.0, -2.0, 3.0]).astype("float32")
+
+
+@pytest.mark.parametrize("gradients", [True, False])
+def test_residual_block_curves_of_scaled_identity_blocks(image_batch, gradients):
+    model = _scaled_blocks_model()
+    before = _values(model)
+    report = signal_report(model, image_batch, gradients=gradients)
+    _assert_untouched(model, before)
+    x = image_batch.astype("float64")
+    h1, h2 = 1.5 * x, 1.25 * 1.5 * x
+    s = h2[:, ::2, ::2, :]
+    # (block output, branch output, skip input) of each block, exactly.
+    expected = [(h1, 0.5 * x, x), (h2, 0.25 * h1, h1), (2.25 * s, 0.25 * s, 2.0 * s)]
+    assert [b.name for b in report.blocks] == ["add1", "add2", "add3"]
+    # A stage ends where the shape changes: add3 starts the second one, alone in it.
+    assert [(b.stage, b.num_blocks) for b in report.blocks] == [(0, 2), (0, 2), (1, 1)]
+    for block, (out, branch, skip) in zip(report.blocks, expected):
+        squared_mean, variance = _channel_stats(out)
+        assert block.squared_mean == pytest.approx(squared_mean, rel=1e-5)
+        assert block.variance == pytest.approx(variance, rel=1e-5)
+        assert block.branch_variance == pytest.approx(_channel_stats(branch)[1], rel=1e-5)
+        assert block.skip_variance == pytest.approx(_channel_stats(skip)[1], rel=1e-5)
+    np.testing.assert_array_equal(report.block_column("stage"), [0, 0, 1])
+    # The hooks are gone: every Add runs its class's call again.
+    assert all("call" not in vars(model.get_layer(f"add{i}")) for i in (1, 2, 3))
+
+
+def test_residual_blocks_in_nested_models_dict_table_and_plot(image_batch, tmp_path):
+    inner = _scaled_blocks_model()
+    inputs = keras.Input((6, 6, 4))
+    outer = keras.Model(inputs, keras.layers.Dense(3, name="head")(inner(inputs)))
+    report = signal_report(outer, image_batch)
+    assert [b.name for b in report.blocks] == ["add1", "add2", "add3"]
+    direct = signal_report(inner, image_batch, gradients=False)
+    np.testing.assert_allclose(report.block_column("variance"), direct.block_column("variance"),
+                               rtol=1e-6)
+    blocks = json.loads(json.dumps(report.to_dict()))["blocks"]
+    assert [b["name"] for b in blocks] == ["add1", "add2", "add3"]
+    assert set(blocks[0]) == {"name", "stage", "num_blocks", "squared_mean", "variance",
+                              "branch_variance", "skip_variance"}
+    table = report.table()
+    assert "avg ch mean^2" in table and "branch var" in table and "add3" in table
+    path = report.plot(str(tmp_path / "blocks.png"), histograms=True)
+    with open(path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_residual_blocks_without_a_graph(batch):
+    class Residual(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(8)
+            self.add = keras.layers.Add()
+
+        def call(self, x):
+            return self.add([x, self.dense(x)])
+
+    model = Residual()
+    model(batch)
+    assert signal_report(model, batch).blocks == []  # subclassed: no graph to walk
+    assert signal_report(_linear_chain([1.0]), batch).to_dict()["blocks"] == []
+    # An Add of two branches with one kernel each has no skip: a plain sum, not a block.
+    inputs = keras.Input((8,))
+    total = keras.layers.Add()([keras.layers.Dense(8)(inputs), keras.layers.Dense(8)(inputs)])
+    assert signal_report(keras.Model(inputs, total), batch).blocks == []
+
+
+def _dense_resnet(width: int, num_blocks: int) -> keras.Model:
+    """A no-BN residual MLP: h <- h + W1 relu(W0 h), no ReLU after the addition."""
+    inputs = keras.Input((width,))
+    h = keras.layers.Dense(width, name="stem")(inputs)
+    for block in range(num_blocks):
+        y = keras.layers.Dense(width, activation="relu", name=f"block{block}_0")(h)
+        y = keras.layers.Dense(width, name=f"block{block}_1")(y)
+        h = keras.layers.Add(name=f"block{block}_add")([h, y])
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
+
+
+def test_mean_field_branches_carry_one_nth_of_the_stream_variance():
+    """After mean_field_init, N * branch variance / stream variance is in [1 - 1/pi, 1].
+
+    The branch's ReLU layer has gamma = 2, so with stream second moment P
+    its pre-activations have second moment 2P and ReLU passes P on, a
+    fraction 1/pi of it as channel means (a half-Gaussian's mean^2 =
+    sigma^2 / (2 pi) of its sigma^2 / 2). The branch end, gamma = 1/N,
+    carries P / N, of which the channel variance is (1 - 1/pi) P / N. The
+    stream's variance V is P minus its own squared means, which each
+    branch feeds by at most the same fraction 1/pi: V is in
+    [(1 - 1/pi) P, P], so N * branch / V is in [1 - 1/pi, 1]. Sampling
+    (512 samples, 256 channels) adds a few percent.
+    """
+    keras.utils.set_random_seed(0)
+    num_blocks = 8
+    model = _dense_resnet(256, num_blocks)
+    report = mean_field_init(model, seed=0, verbose=0)
+    assert [r.num_blocks for r in report.rows if r.name.endswith("_1")] == [num_blocks] * 8
+    x = np.random.default_rng(0).normal(size=(512, 256)).astype("float32")
+    blocks = signal_report(model, x, gradients=False).blocks
+    assert len(blocks) == num_blocks and {b.num_blocks for b in blocks} == {num_blocks}
+    ratios = np.array([num_blocks * b.branch_variance / b.skip_variance for b in blocks])
+    assert np.all(ratios > (1 - 1 / np.pi) * 0.9) and np.all(ratios < 1.1), ratios
+    # So the stream grows by (1 + 1/N) per block at most: by less than e over the stage.
+    variance = np.array([b.variance for b in blocks])
+    assert np.all(variance[1:] / variance[:-1] < 1 + 1.1 / num_blocks)
+    assert variance[-1] / blocks[0].skip_variance < np.e

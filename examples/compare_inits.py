@@ -1,4 +1,4 @@
-r"""Compares the inits of Arpit et al. (2019) on a deep weight-normalized MLP.
+r"""Compares the inits of Arpit et al. (2019) on a deep WN-MLP and a no-BN ResNet.
 
 Trains the same deep WN-MLP once per initialization, on the same data and
 with the same optimizer, and reports which inits train, which stall and which
@@ -12,21 +12,40 @@ diverge:
 | `orthogonal_proposed` | the paper's rule, orthogonal directions |
 | `lsuv` | LSUV (Mishkin & Matas) on the default-WN network |
 
-Any name of `keras_goodinit.models.INITS` is accepted. Everything but the
-bookkeeping comes from `examples/train.py`: data loading, model building, the
-data-dependent inits, the learning-rate schedule, divergence detection and
-training.
+Any name of `keras_goodinit.models.INITS` is accepted. Then (the ResNet row)
+a CIFAR-style ResNet without normalization, ResNet-20 by default
+(`wn_resnet(..., weight_norm=False)`, `--resnet_blocks` blocks per stage), on
+the same data as 8x8x1 images, once per graph-level init:
+
+| `--resnet_inits` name | what it is |
+|---|---|
+| `default` | orthogonal kernels of gain 1 (Glorot's scale), no data |
+| `mean_field` | `mean_field_init`: the paper's rule found from the graph, `1/N` branch ends |
+| `lsuv_residual` | residual-aware LSUV, `lsuv_init(..., residual="scaled")` |
+| `lsuv` | plain LSUV: every layer, branch ends included, to variance 1 |
+
+`lsuv_residual` needs a `lsuv_init` with a `residual` argument; with one
+that has none, its row says "not available" (and nothing is trained). The
+ResNet table adds the largest average channel variance of the residual
+stream (the `Add` outputs) at init, on the held-out batch.
+
+Everything but the bookkeeping comes from `examples/train.py`: data loading,
+model building, the data-dependent inits, the learning-rate schedule,
+divergence detection and training.
 
 Examples:
 
   # The default comparison: depth 100 on scikit-learn's digits (no download),
-  # about 2-4 minutes on 2 CPU cores:
+  # about 2-4 minutes on 2 CPU cores, then ResNet-20 for 10 epochs, under 2 more:
   python examples/compare_inits.py
+
+  # Only the MLP:
+  python examples/compare_inits.py --resnet_inits=
 
   # Depth 50, where the proposed init and LSUV both reach ~0.9 in ~1 minute:
   python examples/compare_inits.py --depth=50 --output=/tmp/compare50.png
 
-  # A smoke run (depth 10, 2 epochs) in well under a minute:
+  # A smoke run (depth 10, 2 epochs; ResNet-8, 1 epoch) in about a minute:
   python examples/compare_inits.py --quick --output=/tmp/quick.png
 
 While it trains, prints the epoch and the training and test loss and accuracy
@@ -38,7 +57,9 @@ largest per-epoch training loss, `||h_L|| / ||x||` at init and seconds), writes
 a PNG of the curves to `--output` (the forward signal `||h_l|| / ||x||` at
 init, the test accuracy and the training loss per epoch; a diverged run is
 drawn up to its divergence, marked by a dotted line) and the results as JSON
-next to it (`compare_inits.png` -> `compare_inits.json`).
+next to it (`compare_inits.png` -> `compare_inits.json`); the ResNet's curves and
+its residual stream at init go to a second row of the PNG and to the JSON's
+`resnet_results`.
 
 Runs are seeded but not bit-reproducible: TensorFlow's CPU kernels sum in a
 thread-dependent order, and a 100-layer network amplifies the difference.
@@ -49,6 +70,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -96,9 +118,17 @@ LABELS = {
     "orthogonal_proposed": "proposed, orthogonal",
     "lsuv": "LSUV",
 }
-# --quick: a tiny network that still runs every init end to end.
-_QUICK = {"depth": 10, "epochs": 2}
-_DEFAULTS = {"depth": 100, "epochs": 20}
+RESNET_INITS = ("default", "mean_field", "lsuv_residual", "lsuv")
+RESNET_LABELS = {
+    "default": "default (orthogonal, gain 1)",
+    "mean_field": "mean_field_init",
+    "lsuv_residual": "residual-aware LSUV",
+    "lsuv": "plain LSUV",
+}
+# --quick: tiny networks that still run every init end to end.
+_QUICK = {"depth": 10, "epochs": 2, "resnet_blocks": 1, "resnet_epochs": 1}
+# ResNet-20 for 10 epochs: about 2.5 s an epoch on 2 CPU cores, under 2 minutes for 4 inits.
+_DEFAULTS = {"depth": 100, "epochs": 20, "resnet_blocks": 3, "resnet_epochs": 10}
 # Samples of the held-out batch the signal at init is measured on.
 _SIGNAL_SAMPLES = 256
 
@@ -127,13 +157,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the models and shuffling.")
     parser.add_argument("--inits", default=",".join(DEFAULT_INITS),
                         help=f"Comma-separated inits, from {', '.join(models.INITS)}.")
+    parser.add_argument("--resnet_inits", default=",".join(RESNET_INITS),
+                        help="Comma-separated inits of the no-BN ResNet, from "
+                             f"{', '.join(RESNET_INITS)}; empty for no ResNet.")
+    parser.add_argument("--resnet_blocks", type=int, default=None,
+                        help=f"Blocks per stage of the ResNet (depth 6N + 2; default "
+                             f"{_DEFAULTS['resnet_blocks']}, {_QUICK['resnet_blocks']} "
+                             "with --quick).")
+    parser.add_argument("--resnet_epochs", type=int, default=None,
+                        help=f"Training epochs of the ResNet (default "
+                             f"{_DEFAULTS['resnet_epochs']}, {_QUICK['resnet_epochs']} "
+                             "with --quick).")
+    parser.add_argument("--resnet_lr", type=float, default=0.01,
+                        help="Peak SGD learning rate of the ResNet.")
     parser.add_argument("--output", default="compare_inits.png",
                         help="Where to write the PNG; the JSON goes next to it.")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
                         help="Progress while training: 0 silent, 1 Keras' progress bar, "
                              "2 one line per epoch (default).")
     parser.add_argument("--quick", action="store_true",
-                        help="Tiny smoke run: depth 10, 2 epochs (explicit flags win).")
+                        help="Tiny smoke run: depth 10, 2 epochs; ResNet-8, 1 epoch "
+                             "(explicit flags win).")
     args = parser.parse_args(argv)
     for name, value in (_QUICK if args.quick else _DEFAULTS).items():
         if getattr(args, name) is None:
@@ -143,7 +187,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown or not args.inits:
         parser.error(f"--inits must be a comma-separated list of {', '.join(models.INITS)}. "
                      f"Received: {unknown or args.inits}")
-    for name in ("depth", "width", "epochs", "batch_size"):
+    args.resnet_inits = [name.strip() for name in args.resnet_inits.split(",")
+                         if name.strip()]
+    unknown = [name for name in args.resnet_inits if name not in RESNET_INITS]
+    if unknown:
+        parser.error(f"--resnet_inits must be a comma-separated list of "
+                     f"{', '.join(RESNET_INITS)}, or empty. Received: {unknown}")
+    for name in ("depth", "width", "epochs", "batch_size", "resnet_blocks", "resnet_epochs"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive. Received: {getattr(args, name)}")
     return args
@@ -158,6 +208,58 @@ def _read_history(path: str) -> dict[str, list[float]]:
     return {key: [float(row[key]) for row in rows] for key in rows[0]}
 
 
+def _split(data, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the init batch and of the held-out batch the signal at init is measured on.
+
+    As in train.py, one random training batch drives the data-dependent inits;
+    the signal is measured on other samples: on their own batch the
+    data-dependent inits are normalized by construction, whatever they do to
+    the rest of the data.
+    """
+    order = np.random.default_rng(args.seed).permutation(len(data.x_train))
+    init_batch = order[:args.batch_size]
+    held_out = order[args.batch_size:args.batch_size + _SIGNAL_SAMPLES]
+    return init_batch, held_out if len(held_out) else init_batch
+
+
+def _train_and_record(model: keras.Model, init: str, label: str, data, args, *, epochs: int,
+                      lr: float, held_out: np.ndarray, start: float, verbose: int) -> dict:
+    """The signal at init on `held_out`, then training: the result dict of `run_init`."""
+    signal = kg.signal_report(model, (data.x_train[held_out], data.y_train[held_out]),
+                              seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="compare_inits_") as output_dir:
+        metrics = train_lib.train(
+            model, data, epochs=epochs, batch_size=args.batch_size, lr=lr,
+            momentum=args.momentum, lr_schedule=args.lr_schedule,
+            warmup_epochs=args.warmup_epochs, seed=args.seed, output_dir=output_dir,
+            verbose=verbose)
+        history = _read_history(os.path.join(output_dir, "history.csv"))
+    # The optimizer also applies the step whose loss was not finite, so its
+    # iteration count is that step's 1-based index.
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    result = {
+        "init": init,
+        "label": label,
+        "available": True,
+        **metrics,
+        "diverged_at_step": step if metrics["diverged"] else None,
+        "seconds": time.perf_counter() - start,
+        "history": {key: history.get(key, []) for key in
+                    ("loss", "accuracy", "val_loss", "val_accuracy")},
+        "signal": {
+            "layers": [row.name for row in signal.rows],
+            "norm_ratio": [row.norm_ratio for row in signal.rows],
+            "grad_norm_ratio": [row.grad_norm_ratio for row in signal.rows],
+        },
+    }
+    if signal.blocks:
+        result["signal"]["blocks"] = [block.name for block in signal.blocks]
+        result["signal"]["stream_variance"] = signal.block_column("variance").tolist()
+        result["signal"]["branch_variance"] = signal.block_column("branch_variance").tolist()
+        result["max_stream_variance"] = float(np.max(signal.block_column("variance")))
+    return result
+
+
 def run_init(init: str, data, args: argparse.Namespace, verbose: int = 0) -> dict:
     """Builds, initializes and trains the WN-MLP with `init`; returns its results.
 
@@ -170,53 +272,65 @@ def run_init(init: str, data, args: argparse.Namespace, verbose: int = 0) -> dic
     Returns:
         A dict with the metrics of `train.train` (`final_train_accuracy`,
         `final_test_accuracy`, `best_test_accuracy`, `final_train_loss`,
-        `epochs_run`, `diverged`), plus `init`, `label`, `diverged_at_step`
-        (the 1-based training step whose loss was first NaN or infinite, or
-        `None`), `seconds` (build, init and training), `history` (per-epoch
-        `loss`, `accuracy`, `val_loss`, `val_accuracy`) and `signal`
-        (`||h_l|| / ||x||` and `||dL/dh_l|| / ||dL/dh_L||` at init for every
-        hidden layer, then the classifier, on a held-out training batch).
+        `epochs_run`, `diverged`), plus `init`, `label`, `available` (True),
+        `diverged_at_step` (the 1-based training step whose loss was first
+        NaN or infinite, or `None`), `seconds` (build, init and training),
+        `history` (per-epoch `loss`, `accuracy`, `val_loss`, `val_accuracy`)
+        and `signal` (`||h_l|| / ||x||` and `||dL/dh_l|| / ||dL/dh_L||` at
+        init for every hidden layer, then the classifier, on a held-out
+        training batch).
     """
     start = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
     model = train_lib.build_model("mlp", data.x_train.shape[1:], data.num_classes,
                                   depth=args.depth, hidden_size=args.width, init=init,
                                   weight_norm=True, seed=args.seed)
-    # As in train.py: one random training batch drives the data-dependent inits.
-    order = np.random.default_rng(args.seed).permutation(len(data.x_train))
-    init_batch = order[:args.batch_size]
+    init_batch, held_out = _split(data, args)
     train_lib.prepare_init(model, init, data.x_train[init_batch], verbose=0)
-    # The signal at init, on other samples: on their own batch the data-dependent
-    # inits are normalized by construction, whatever they do to the rest of the data.
-    held_out = order[args.batch_size:args.batch_size + _SIGNAL_SAMPLES]
-    if len(held_out) == 0:
-        held_out = init_batch
-    signal = kg.signal_report(model, (data.x_train[held_out], data.y_train[held_out]),
-                              seed=args.seed)
-    with tempfile.TemporaryDirectory(prefix="compare_inits_") as output_dir:
-        metrics = train_lib.train(
-            model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            momentum=args.momentum, lr_schedule=args.lr_schedule,
-            warmup_epochs=args.warmup_epochs, seed=args.seed, output_dir=output_dir,
-            verbose=verbose)
-        history = _read_history(os.path.join(output_dir, "history.csv"))
-    # The optimizer also applies the step whose loss was not finite, so its
-    # iteration count is that step's 1-based index.
-    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    return {
-        "init": init,
-        "label": LABELS.get(init, init),
-        **metrics,
-        "diverged_at_step": step if metrics["diverged"] else None,
-        "seconds": time.perf_counter() - start,
-        "history": {key: history.get(key, []) for key in
-                    ("loss", "accuracy", "val_loss", "val_accuracy")},
-        "signal": {
-            "layers": [row.name for row in signal.rows],
-            "norm_ratio": [row.norm_ratio for row in signal.rows],
-            "grad_norm_ratio": [row.grad_norm_ratio for row in signal.rows],
-        },
-    }
+    return _train_and_record(model, init, LABELS.get(init, init), data, args,
+                             epochs=args.epochs, lr=args.lr, held_out=held_out, start=start,
+                             verbose=verbose)
+
+
+def residual_lsuv_available() -> bool:
+    """Whether this keras_goodinit's `lsuv_init` has the `residual` argument."""
+    return "residual" in inspect.signature(kg.lsuv_init).parameters
+
+
+def run_resnet_init(init: str, data, args: argparse.Namespace, verbose: int = 0) -> dict:
+    """Builds, initializes and trains the no-BN ResNet with `init` (one of `RESNET_INITS`).
+
+    The ResNet is `wn_resnet(..., weight_norm=False, init="orthogonal")`: its
+    kernels start orthogonal with gain 1 (`default`), then `mean_field_init`
+    or `lsuv_init` (on the init batch) rescales them.
+
+    Returns:
+        The dict of `run_init`, whose `signal` also holds, per residual block
+        at init, `blocks` (the `Add` names), `stream_variance` and
+        `branch_variance` (average channel variances), with
+        `max_stream_variance` their largest stream variance. For
+        `lsuv_residual` without a residual-aware `lsuv_init`: only `init`,
+        `label`, `available` (False) and `reason`.
+    """
+    label = RESNET_LABELS[init]
+    if init == "lsuv_residual" and not residual_lsuv_available():
+        return {"init": init, "label": label, "available": False,
+                "reason": "this keras_goodinit's lsuv_init has no `residual` argument"}
+    start = time.perf_counter()
+    keras.utils.set_random_seed(args.seed)
+    model = models.wn_resnet(data.x_train.shape[1:], data.num_classes, args.resnet_blocks,
+                             init="orthogonal", weight_norm=False, seed=args.seed)
+    init_batch, held_out = _split(data, args)
+    if init == "mean_field":
+        kg.mean_field_init(model, seed=args.seed, verbose=0)
+    elif init.startswith("lsuv"):
+        # Plain LSUV is `residual=None` where the argument exists, the only LSUV where not.
+        residual = {"residual": "scaled" if init == "lsuv_residual" else None}
+        kg.lsuv_init(model, data.x_train[init_batch], verbose=0,
+                     **(residual if residual_lsuv_available() else {}))
+    return _train_and_record(model, init, label, data, args, epochs=args.resnet_epochs,
+                             lr=args.resnet_lr, held_out=held_out, start=start,
+                             verbose=verbose)
 
 
 def _last_hidden_ratio(result: dict) -> float:
@@ -238,49 +352,53 @@ def format_table(results: Sequence[dict]) -> str:
     epoch), the final and best test accuracy, whether the loss became NaN or
     infinite and at which training step, the largest finite per-epoch
     training loss, `||h_L|| / ||x||` at the last hidden layer at init and the
-    seconds taken (build, init and training).
+    seconds taken (build, init and training). Results with residual blocks
+    (the ResNet's) add the largest average channel variance of the residual
+    stream at init, before the seconds. An init that is not available gets
+    "n/a" cells and its reason under the table.
     """
+    streams = any("max_stream_variance" in result for result in results)
+    extra = " max stream var at init |" if streams else ""
     header = ("| init | final train acc | final test acc | best test acc | diverged "
-              "| max epoch loss | h_L/x at init | seconds |")
-    lines = [header, "|---|---:|---:|---:|---|---:|---:|---:|"]
+              f"| max epoch loss | h_L/x at init |{extra} seconds |")
+    lines = [header, "|---|---:|---:|---:|---|---:|---:|" + ("---:|" if streams else "")
+             + "---:|"]
+    notes = []
     for result in results:
+        name = f"| {result['label']} (`{result['init']}`) "
+        if not result.get("available", True):
+            after = 4 if streams else 3  # the cells after "diverged"
+            lines.append(name + "| n/a " * 3 + "| not available " + "| n/a " * after + "|")
+            notes.append(f"`{result['init']}` not available: {result['reason']}.")
+            continue
         if result["diverged"]:
             diverged = f"yes, step {result['diverged_at_step']}"
         else:
             diverged = "no"
+        stream = f"| {result.get('max_stream_variance', math.nan):.3g} " if streams else ""
         lines.append(
-            f"| {result['label']} (`{result['init']}`) "
-            f"| {result['final_train_accuracy']:.3f} | {result['final_test_accuracy']:.3f} "
+            name + f"| {result['final_train_accuracy']:.3f} | {result['final_test_accuracy']:.3f} "
             f"| {result['best_test_accuracy']:.3f} | {diverged} "
             f"| {_max_loss(result):.3g} | {_last_hidden_ratio(result):.3g} "
-            f"| {result['seconds']:.0f} |")
-    return "\n".join(lines)
+            f"{stream}| {result['seconds']:.0f} |")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def plot(results: Sequence[dict], path: str, *, title: str, steps_per_epoch: int) -> str:
-    """Writes a PNG: signal at init, test accuracy and training loss per epoch.
-
-    A diverged run is drawn over the epochs it completed, with a dotted
-    vertical line where its loss first stopped being finite.
-
-    Returns:
-        The path written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+def _plot_row(axes, results: Sequence[dict], *, steps_per_epoch: int, signal_key: str) -> None:
+    """One row of the PNG: the signal at init, test accuracy and training loss per epoch."""
     signal_axis, accuracy_axis, loss_axis = axes
     for index, result in enumerate(results):
         color = f"C{index}"
         label = result["label"]
-        # The hidden layers: the last row is the classifier.
-        ratios = np.asarray(result["signal"]["norm_ratio"][:-1], dtype="float64")
-        layers = np.arange(1, len(ratios) + 1)
-        shown = np.isfinite(ratios) & (ratios > 0)
-        signal_axis.plot(layers[shown], ratios[shown], color=color, label=label)
+        if not result.get("available", True):
+            continue
+        # MLP: the hidden layers (the last row is the classifier). ResNet: every block.
+        values = result["signal"][signal_key]
+        values = np.asarray(values[:-1] if signal_key == "norm_ratio" else values,
+                            dtype="float64")
+        depth = np.arange(1, len(values) + 1)
+        shown = np.isfinite(values) & (values > 0)
+        signal_axis.plot(depth[shown], values[shown], color=color, label=label)
 
         history = result["history"]
         accuracy = np.asarray(history["val_accuracy"], dtype="float64")
@@ -300,8 +418,6 @@ def plot(results: Sequence[dict], path: str, *, title: str, steps_per_epoch: int
         loss_axis.plot(epochs[finite], loss[finite], color=color, marker="o", markersize=3,
                        label=label)
     signal_axis.set_yscale("log")
-    signal_axis.set_xlabel("hidden layer")
-    signal_axis.set_title("||h_l|| / ||x|| at init (held-out batch)")
     accuracy_axis.set_xlabel("epoch")
     accuracy_axis.set_title("test accuracy")
     accuracy_axis.set_ylim(0.0, 1.0)
@@ -313,15 +429,60 @@ def plot(results: Sequence[dict], path: str, *, title: str, steps_per_epoch: int
         axis.set_xlim(left=0)
     signal_axis.legend(fontsize=8)
     accuracy_axis.legend(fontsize=7)
-    figure.suptitle(title)
+
+
+def plot(results: Sequence[dict], path: str, *, title: str, steps_per_epoch: int,
+         resnet_results: Sequence[dict] = (), resnet_title: str = "") -> str:
+    """Writes a PNG: signal at init, test accuracy and training loss per epoch.
+
+    A diverged run is drawn over the epochs it completed, with a dotted
+    vertical line where its loss first stopped being finite. ResNet results
+    get a second row, whose signal panel is the residual stream's average
+    channel variance per block at init.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = 2 if resnet_results else 1
+    figure, axes = plt.subplots(rows, 3, figsize=(16, 4.6 * rows), squeeze=False)
+    _plot_row(axes[0], results, steps_per_epoch=steps_per_epoch, signal_key="norm_ratio")
+    axes[0][0].set_xlabel("hidden layer")
+    axes[0][0].set_title("||h_l|| / ||x|| at init (held-out batch)")
+    axes[0][1].set_title(f"{title}\ntest accuracy", fontsize=9)
+    if resnet_results:
+        _plot_row(axes[1], resnet_results, steps_per_epoch=steps_per_epoch,
+                  signal_key="stream_variance")
+        axes[1][0].set_xlabel("residual block")
+        axes[1][0].set_title("residual stream: avg channel variance at init")
+        axes[1][1].set_title(f"{resnet_title}\ntest accuracy", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Runs the comparison; returns one result dict per init (see `run_init`)."""
+def _print_outcome(result: dict) -> None:
+    if not result.get("available", True):
+        print(f"  not available: {result['reason']}", flush=True)
+        return
+    status = (f"DIVERGED at step {result['diverged_at_step']}" if result["diverged"]
+              else "done")
+    print(f"  {status}: test accuracy {result['final_test_accuracy']:.3f} "
+          f"(best {result['best_test_accuracy']:.3f}), {result['seconds']:.0f} s", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
+    """Runs the comparison.
+
+    Returns:
+        `{"results": [...], "resnet_results": [...]}`: one result dict per
+        init (see `run_init` and `run_resnet_init`).
+    """
     args = parse_args(argv)
     output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
@@ -329,30 +490,43 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     data = train_lib.load_data(args.dataset)
     steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
-    title = (f"WN-MLP depth {args.depth}, width {args.width} on {args.dataset}: SGD lr "
-             f"{args.lr:g}, momentum {args.momentum:g}, {args.lr_schedule}, batch "
-             f"{args.batch_size}, {args.epochs} epochs, seed {args.seed}")
+    common = (f"SGD momentum {args.momentum:g}, {args.lr_schedule}, batch {args.batch_size}, "
+              f"seed {args.seed}")
+    title = (f"WN-MLP depth {args.depth}, width {args.width} on {args.dataset}: lr "
+             f"{args.lr:g}, {args.epochs} epochs, {common}")
+    # digits as 8x8x1 images; mnist1d as (length, 1) sequences, for a 1D ResNet.
+    resnet_title = (f"no-BN ResNet-{6 * args.resnet_blocks + 2} on {args.dataset} "
+                    f"({'x'.join(map(str, data.x_train.shape[1:]))}): lr {args.resnet_lr:g}, "
+                    f"{args.resnet_epochs} epochs, {common}")
     print(title, flush=True)
     results = []
     for init in args.inits:
         print(f"training {init} ...", flush=True)
-        result = run_init(init, data, args, verbose=args.verbose)
-        status = (f"DIVERGED at step {result['diverged_at_step']}" if result["diverged"]
-                  else "done")
-        print(f"  {status}: test accuracy {result['final_test_accuracy']:.3f} "
-              f"(best {result['best_test_accuracy']:.3f}), {result['seconds']:.0f} s",
-              flush=True)
-        results.append(result)
+        results.append(run_init(init, data, args, verbose=args.verbose))
+        _print_outcome(results[-1])
+    resnet_results = []
+    if args.resnet_inits:
+        print(f"\n{resnet_title}", flush=True)
+    for init in args.resnet_inits:
+        print(f"training ResNet {init} ...", flush=True)
+        resnet_results.append(run_resnet_init(init, data, args, verbose=args.verbose))
+        _print_outcome(resnet_results[-1])
 
     print()
+    print(title)
     print(format_table(results))
-    plot(results, output, title=title, steps_per_epoch=steps_per_epoch)
+    if resnet_results:
+        print(f"\n{resnet_title}")
+        print(format_table(resnet_results))
+    plot(results, output, title=title, steps_per_epoch=steps_per_epoch,
+         resnet_results=resnet_results, resnet_title=resnet_title)
     config = {key: value for key, value in vars(args).items() if key != "output"}
     config["steps_per_epoch"] = steps_per_epoch
     with open(json_path, "w") as file:
-        json.dump(train_lib._jsonable({"config": config, "results": results}), file, indent=2)
+        json.dump(train_lib._jsonable({"config": config, "results": results,
+                                       "resnet_results": resnet_results}), file, indent=2)
     print(f"\nwrote {output} and {json_path}")
-    return results
+    return {"results": results, "resnet_results": resnet_results}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ _SCRIPT = _ROOT / "examples" / "compare_inits.py"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _DEFAULT_INITS = ("orthogonal", "orthogonal_datadep", "he_proposed", "orthogonal_proposed",
                   "lsuv")
+_RESNET_INITS = ("default", "mean_field", "lsuv_residual", "lsuv")
+_HEADER = ("| init | final train acc | final test acc | best test acc "
+           "| diverged | max epoch loss | h_L/x at init | seconds |")
+_RESNET_HEADER = ("| init | final train acc | final test acc | best test acc | diverged "
+                  "| max epoch loss | h_L/x at init | max stream var at init | seconds |")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -38,6 +43,7 @@ def test_quick_run_writes_png_and_json(quick_run):
     report = json.loads((out / "curves.json").read_text())
     config = report["config"]
     assert config["quick"] is True and config["depth"] == 10 and config["epochs"] == 2
+    assert config["resnet_blocks"] == 1 and config["resnet_epochs"] == 1
     results = report["results"]
     assert [r["init"] for r in results] == list(_DEFAULT_INITS)
     for result in results:
@@ -56,13 +62,37 @@ def test_quick_run_writes_png_and_json(quick_run):
         assert len(result["signal"]["norm_ratio"]) == 11
 
 
+def test_quick_run_trains_the_resnet_row(quick_run):
+    _, out = quick_run
+    results = json.loads((out / "curves.json").read_text())["resnet_results"]
+    assert [r["init"] for r in results] == list(_RESNET_INITS)
+    for result in results:
+        if not result["available"]:
+            # Only residual-aware LSUV may be missing, and only with a reason.
+            assert result["init"] == "lsuv_residual" and "residual" in result["reason"]
+            continue
+        assert 0.0 <= result["final_test_accuracy"] <= 1.0 and result["epochs_run"] == 1
+        # ResNet-8: 3 stages of 1 block, each with its stream variance at init.
+        assert len(result["signal"]["stream_variance"]) == 3
+        assert result["max_stream_variance"] == max(result["signal"]["stream_variance"]) > 0
+    by_init = {r["init"]: r for r in results}
+    # With N = 1 per stage, mean_field_init's branch end has gamma = 1: the stream's
+    # variance can at most double per block from the stem's (the forward rule keeps the
+    # input's norm, 1/16 of the digits' unit variance per channel at 16 channels), so it
+    # stays far below plain LSUV's, whose blocks each add a unit-variance branch.
+    assert by_init["mean_field"]["max_stream_variance"] < 1.0
+    assert by_init["lsuv"]["max_stream_variance"] > 1.0
+
+
 def test_quick_run_prints_the_table(quick_run):
     stdout, _ = quick_run
     table = [line for line in stdout.splitlines() if line.startswith("|")]
-    assert table[0] == ("| init | final train acc | final test acc | best test acc "
-                        "| diverged | max epoch loss | h_L/x at init | seconds |")
-    rows = table[2:]
+    assert table[0] == _HEADER
+    resnet_start = table.index(_RESNET_HEADER)
+    rows = table[2:resnet_start]
     assert len(rows) == len(_DEFAULT_INITS)
+    resnet_rows = table[resnet_start + 2:]
+    assert [row.split("(`")[1].split("`)")[0] for row in resnet_rows] == list(_RESNET_INITS)
     for init, row in zip(_DEFAULT_INITS, rows):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert f"(`{init}`)" in cells[0]
@@ -76,6 +106,7 @@ def test_quick_run_prints_the_table(quick_run):
         assert lines[start + 1] == "Epoch 1/2", lines[start:start + 4]
         assert " - loss: " in lines[start + 2] and " - val_accuracy: " in lines[start + 2]
     assert stdout.count("Epoch 2/2") == len(_DEFAULT_INITS)
+    assert "training ResNet mean_field ..." in stdout and "no-BN ResNet-8 on digits" in stdout
     assert stdout.index("Epoch 2/2") < stdout.index(table[0])
     # At depth 10 the proposed init learns within 2 epochs (chance is 0.1).
     report = json.loads((quick_run[1] / "curves.json").read_text())
@@ -85,7 +116,7 @@ def test_quick_run_prints_the_table(quick_run):
 
 def test_divergence_is_recorded_with_its_step(tmp_path):
     completed = _run("--quick", "--inits=orthogonal_proposed", "--epochs=1", "--lr=1e4",
-                     "--verbose=0", f"--output={tmp_path / 'diverged.png'}")
+                     "--resnet_inits=", "--verbose=0", f"--output={tmp_path / 'diverged.png'}")
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads((tmp_path / "diverged.json").read_text())
     assert report["config"]["epochs"] == 1  # an explicit flag wins over --quick
@@ -96,6 +127,14 @@ def test_divergence_is_recorded_with_its_step(tmp_path):
     assert f"| yes, step {step} |" in completed.stdout
     assert (tmp_path / "diverged.png").read_bytes()[:8] == _PNG_MAGIC
     assert "Epoch 1/1" not in completed.stdout  # --verbose=0: no progress lines
+    assert report["resnet_results"] == [] and "ResNet" not in completed.stdout
+
+
+def test_rejects_unknown_resnet_init(tmp_path):
+    completed = _run("--resnet_inits=mean_field,glorot", f"--output={tmp_path / 'x.png'}")
+    assert completed.returncode == 2
+    assert "--resnet_inits must be a comma-separated list" in completed.stderr
+    assert "glorot" in completed.stderr
 
 
 def test_rejects_bad_verbose(tmp_path):

@@ -79,7 +79,8 @@ def test_quick_run_trains_the_resnet_row(quick_run):
     # With N = 1 per stage, mean_field_init's branch end has gamma = 1: the stream's
     # variance can at most double per block from the stem's (the forward rule keeps the
     # input's norm, 1/16 of the digits' unit variance per channel at 16 channels), so it
-    # stays far below plain LSUV's, whose blocks each add a unit-variance branch.
+    # stays far below plain LSUV's: its stem and branch ends have unit variance each, so
+    # about 2 at the first Add.
     assert by_init["mean_field"]["max_stream_variance"] < 1.0
     assert by_init["lsuv"]["max_stream_variance"] > 1.0
 

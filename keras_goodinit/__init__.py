@@ -11,7 +11,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
 
 from keras_goodinit._moments import register_activation
 from keras_goodinit.callbacks import LSUVCallback
-from keras_goodinit.diagnostics import LayerSignal, SignalReport, signal_report
+from keras_goodinit.diagnostics import BlockSignal, LayerSignal, SignalReport, signal_report
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
 from keras_goodinit.mean_field import MeanFieldRecord, MeanFieldReport, mean_field_init
@@ -21,6 +21,7 @@ from keras_goodinit.weight_norm import WeightNormalization, bake_weight_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSignal",
     "GoodInit",
     "InitReport",
     "LSUVCallback",

@@ -7,12 +7,20 @@ version), then applies the real activation. So layers are met in execution
 order, through nested and subclassed models alike, each target is evaluated
 once, and the downstream layers see the rescaled signal without re-running
 anything.
+
+`run` traces that pass once into a `tf.function` (XLA where asked or where
+Keras would use it on an accelerator) whose policies are TensorFlow ops: the
+whole init is one compiled program, cached per model, input signature and
+policy. `sweep` is the same pass executed eagerly, the fallback for models
+that cannot be traced and the path the host-side diagnostics use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -127,9 +135,18 @@ class Target:
 
     def bias_cells(self, cell_shape: tuple[int, ...]) -> np.ndarray:
         """The bias as float64, in the keepdims shape of per-cell statistics."""
+        return np.asarray(self.bias_tensor(cell_shape))
+
+    def cell_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The keepdims shape of per-cell statistics of an output of this `shape`."""
+        axes = self.cell_axes(len(shape))
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+    def bias_tensor(self, cell_shape: tuple[int, ...]) -> tf.Tensor:
+        """`bias_cells` as a float64 tensor: read when the (compiled) pass runs."""
         if self.bias is None:
-            return np.zeros(cell_shape)
-        return np.reshape(ops.convert_to_numpy(self.bias).astype("float64"), cell_shape)
+            return tf.zeros(cell_shape, tf.float64)
+        return tf.reshape(tf.cast(ops.convert_to_tensor(self.bias), tf.float64), cell_shape)
 
     def variables(self) -> list[keras.Variable]:
         """Every variable an init policy may write."""
@@ -298,6 +315,12 @@ class SweepResult:
     # id(target) of those met only inside traced code (vectorized_map, tf.function),
     # where no host-side policy can run: they pass through unchanged and unmeasured.
     traced: set = dataclasses.field(default_factory=set)
+    # How the pass ran: "xla", "compiled" or "eager", and why it is eager if it is.
+    mode: str = "eager"
+    note: str = ""
+    # The graph the pass is traced into (None: eager); a hook met in any other graph
+    # (a nested tf.function, vectorized_map, a while_loop) is in traced code.
+    graph: Any = None
 
 
 @contextlib.contextmanager
@@ -307,7 +330,7 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
     def make_hook(target, activation):
         def hook(y):
             key = id(target)
-            if not tf.executing_eagerly():
+            if not _in_pass(result):
                 result.traced.add(key)
                 return activation(y)
             count = result.calls.get(key, 0)
@@ -351,6 +374,15 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
                 vars(wrapper).pop("call", None)
             else:
                 wrapper.call = call
+
+
+def _in_pass(result: SweepResult) -> bool:
+    """Whether a hook runs in the pass itself, not in code traced inside it."""
+    if result.graph is None:
+        return tf.executing_eagerly()
+    graph = tf.compat.v1.get_default_graph()
+    # In a graph, vectorized_map (pfor) traces its function in place, under "loop_body".
+    return graph is result.graph and "loop_body" not in graph.get_name_scope().split("/")
 
 
 def _merged_time_call(wrapper):
@@ -403,12 +435,10 @@ def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Polic
     return result
 
 
-# Compiled per output shape: one dispatch per layer instead of a dozen eager ops.
-@tf.function
-def _cell_moments(y, axes, weights):
+def _peak_moments(y, axes, weights):
     y = tf.cast(y, tf.float32)
     # Divided by the peak before squaring, so neither 1e20 (overflow) nor 1e-20
-    # (underflow) inputs break float32; the host undoes it in float64.
+    # (underflow) inputs break float32; float64 undoes it.
     peak = tf.reduce_max(tf.abs(y))
     peak = tf.where(peak > 0, peak, tf.ones_like(peak))
     z = y / peak
@@ -419,7 +449,7 @@ def _cell_moments(y, axes, weights):
     return mean, var, peak
 
 
-def _weights(y, mask):
+def mask_weights(y, mask):
     """The mask as float32 weights broadcastable to `y`, or None if it does not fit."""
     if mask is None:
         return None
@@ -430,28 +460,194 @@ def _weights(y, mask):
     return tf.reshape(weights, mask_shape + (1,) * (len(shape) - len(mask_shape)))
 
 
-def cell_moments(y, axes: tuple[int, ...], mask=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell mean and (centered) variance, returned as float64.
+def per_signature(fn: Callable) -> Callable:
+    """`fn(*tensors, **static)` as one `tf.function` per signature, each traced once.
 
-    Computed in float32 on `y / max|y|`, so any finite float32 scale survives;
-    positions where `mask` (a Keras mask over the leading axes) is False
-    do not count.
+    Called eagerly it is a compiled kernel; called while a pass is traced it
+    is one call op, however many layers share the signature, which is what
+    keeps tracing a deep model cheap. A new `tf.function` per signature (not
+    one retraced per shape) never triggers TensorFlow's retracing warning.
+    `static` values must be hashable; `tensors` may hold None.
     """
-    mean, var, peak = _cell_moments(y, axes, _weights(y, mask))
-    peak = float(ops.convert_to_numpy(peak))
-    return (ops.convert_to_numpy(mean).astype("float64") * peak,
-            ops.convert_to_numpy(var).astype("float64") * peak**2)
+    functions = {}
+
+    def call(*tensors, **static):
+        tensors = tuple(None if t is None else tf.convert_to_tensor(t) for t in tensors)
+        key = (tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors),
+               tuple(sorted(static.items())))
+        compiled = functions.get(key)
+        if compiled is None:
+            # Not inlined: Grappler then optimizes one body per signature, not one per
+            # layer (inlining a deep model's copies cost more than the pass itself).
+            compiled = functions[key] = tf.function(
+                functools.partial(fn, **static), autograph=False,
+                experimental_attributes={"_noinline": True})
+        return compiled(*tensors)
+
+    return call
 
 
-@tf.function
-def _affine(y, scale, shift):
-    return tf.cast(tf.cast(y, tf.float32) * scale + shift, y.dtype)
+def moments_of(y, weights, axes: tuple[int, ...]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-cell float64 mean and variance (keepdims): the ops of `moments`, inline."""
+    mean, var, peak = _peak_moments(y, axes, weights)
+    peak = tf.cast(peak, tf.float64)
+    return tf.cast(mean, tf.float64) * peak, tf.cast(var, tf.float64) * peak**2
+
+
+_moments = per_signature(lambda y, weights, axes: moments_of(y, weights, axes))
+
+
+def moments(y, axes: tuple[int, ...], mask=None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-cell mean and (centered) variance of `y` as float64 tensors (keepdims).
+
+    Computed in float32 on `y / max|y|`, so any finite float32 scale survives,
+    then rescaled in float64; positions where `mask` (a Keras mask over the
+    leading axes) is False do not count. Runs eagerly or inside a traced pass.
+    """
+    y = tf.convert_to_tensor(y)
+    return _moments(y, mask_weights(y, mask), axes=tuple(axes))
+
+
+def cell_moments(y, axes: tuple[int, ...], mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """`moments` as float64 NumPy arrays (for host-side policies)."""
+    mean, var = moments(y, axes, mask)
+    return np.asarray(mean), np.asarray(var)
+
+
+def total_variance(mean, var) -> tf.Tensor:
+    """Variance of the whole tensor from per-cell moments (cells of equal size)."""
+    # Law of total variance.
+    mean, var = tf.convert_to_tensor(mean, tf.float64), tf.convert_to_tensor(var, tf.float64)
+    grand = tf.reduce_mean(mean)
+    return tf.reduce_mean(var) + tf.reduce_mean(tf.square(mean - grand))
 
 
 def affine(y, scale, shift):
     """`y * scale + shift` computed in float32, returned in `y`'s dtype."""
-    # Arrays, not Python floats, so that tf.function does not retrace per value.
-    return _affine(y, np.asarray(scale, "float32"), np.asarray(shift, "float32"))
+    scale, shift = tf.cast(scale, tf.float32), tf.cast(shift, tf.float32)
+    return tf.cast(tf.cast(y, tf.float32) * scale + shift, y.dtype)
+
+
+COMPILE_MODES = ("auto", "xla", "compiled", "eager")
+
+# What tracing a call that needs eager execution raises: `.numpy()` or NumPy on a
+# symbolic tensor, a Python `if` on one, a tensor leaking out of its graph.
+_UNTRACEABLE = (AttributeError, TypeError, NotImplementedError, ValueError)
+
+# model -> {key: (tf.function, the trace-time record)}; weak, so a model is not kept alive.
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
+        key: tuple, compile: str = "auto", training: bool = False) -> SweepResult:
+    """The sweep as one compiled program where it can be; states come back as NumPy.
+
+    `policy` must be written with TensorFlow ops (it then runs eagerly too).
+    `compile` is `"auto"` (XLA where Keras would use it on an accelerator,
+    else `tf.function`; eager when the model cannot be traced or runs under a
+    `tf.distribute` strategy), `"xla"`, `"compiled"` (`tf.function` without
+    XLA) or `"eager"`; an explicit compiled mode raises if it cannot run. The
+    traced function is cached per model, input signature, targets, model
+    variables and `key` (which must name every option the policy bakes in):
+    a second call reuses it. `SweepResult.mode` says which ran.
+    """
+    if compile == "eager":
+        return _on_host(sweep(model, x, targets, policy, training=training))
+    if compile == "auto" and _under_strategy(model):
+        # The eager pass is the one proven to give identical replicas.
+        return _on_host(sweep(model, x, targets, policy, training=training),
+                        note="eager sweep: the model runs under a tf.distribute strategy")
+    modes = [compile] if compile != "auto" else (
+        ["xla", "compiled"] if _xla_by_default(model) else ["compiled"])
+    for mode in modes:
+        try:
+            return _compiled_sweep(model, x, targets, policy, key, mode, training)
+        except tf.errors.OpError as error:  # XLA could not compile an op
+            if compile != "auto" or mode != "xla":
+                raise
+            reason = error
+        except _UNTRACEABLE as error:
+            if compile != "auto":
+                raise
+            reason = error
+            break  # tf.function without XLA traces the same Python
+    note = (f"eager sweep: the model could not be traced ({type(reason).__name__}: "
+            f"{str(reason).splitlines()[0][:200] if str(reason) else ''})")
+    return _on_host(sweep(model, x, targets, policy, training=training), note=note)
+
+
+def _under_strategy(model) -> bool:
+    if tf.distribute.has_strategy():
+        return True
+    # Callbacks run outside `strategy.scope()`: the variables know their strategy.
+    return any(isinstance(v.value, tf.distribute.DistributedValues) for v in model.weights[:1])
+
+
+def _xla_by_default(model) -> bool:
+    """As Keras' `jit_compile="auto"`, but only on an accelerator: XLA's CPU compile
+    time would cost more than the one pass it speeds up."""
+    return bool(tf.config.list_physical_devices("GPU")) and all(
+        getattr(layer, "supports_jit", True) for layer in model._flatten_layers())
+
+
+def _on_host(result: SweepResult, *, mode: str = "eager", note: str = "") -> SweepResult:
+    """`result` with every tensor of its states as a NumPy array (one sync, at the end)."""
+    result.states = {k: keras.tree.map_structure(_numpy, state)
+                     for k, state in result.states.items()}
+    result.mode, result.note, result.graph = mode, note, None
+    return result
+
+
+def _numpy(value):
+    return np.asarray(value) if isinstance(value, (tf.Tensor, tf.Variable)) else value
+
+
+def _compiled_sweep(model, x, targets, policy, key, mode, training) -> SweepResult:
+    inputs = keras.tree.map_structure(tf.convert_to_tensor, x)
+    signature = repr(keras.tree.map_structure(lambda t: (tuple(t.shape), t.dtype.name), inputs))
+    # A new LoRA, quantization or activation changes the traced program: part of the key.
+    structure = (tuple(id(t.layer) for t in targets),
+                 tuple(id(t.inner.activation) for t in targets),
+                 tuple(id(v) for v in model.variables))
+    cache = _TRACED.setdefault(model, {})
+    full_key = (key, mode, bool(training), signature, structure)
+    traced = cache.get(full_key) or _trace(model, inputs, targets, policy, mode, training)
+    function, record = traced
+    states = function(inputs)  # XLA compiles here, on the first call
+    cache[full_key] = traced  # only once it ran
+    # The record holds positions: a cached pass serves new Target objects of the same layers.
+    result = SweepResult(
+        order=[targets[i] for i in record.order], calls={
+            id(targets[i]): count for i, count in record.calls.items()},
+        traced={id(targets[i]) for i in record.traced},
+        states={id(targets[int(i)]): state for i, state in states.items()})
+    return _on_host(result, mode=mode)
+
+
+def _trace(model, inputs, targets, policy, mode, training):
+    """A tf.function of the hooked pass, traced now, and its trace-time record."""
+    model_ref = weakref.ref(model)  # the cache must not keep the model alive
+    index = {id(t): i for i, t in enumerate(targets)}
+    record = SweepResult(order=[], states={}, calls={})
+
+    def hooked_pass(inputs):
+        record.order.clear()
+        record.states.clear()
+        record.calls.clear()
+        record.traced.clear()
+        record.graph = tf.compat.v1.get_default_graph()
+        with _hooked(targets, policy, record):
+            model_ref()(inputs, training=training)
+        record.graph = None
+        record.order[:] = [index[id(t)] for t in record.order]
+        record.calls = {index[k]: count for k, count in record.calls.items()}
+        record.traced = {index[k] for k in record.traced}
+        states, record.states = record.states, {}
+        return {str(index[k]): state for k, state in states.items()}
+
+    function = tf.function(hooked_pass, jit_compile=mode == "xla", autograph=False)
+    function.get_concrete_function(inputs)
+    return function, record
 
 
 def snapshot(variables: Iterable[keras.Variable]) -> list[tuple[keras.Variable, Any]]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import keras
 import ml_dtypes
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from keras_goodinit import _data, _distribute, _sweep, _validate
@@ -22,7 +23,7 @@ PRE_INITS = ("orthogonal", None)
 # exact and unbounded: a 1e30-scale input converges in one step, not fifteen.
 MAX_STEP = 100.0
 
-_OK, _MAX_ITER, _NON_FINITE, _DEAD, _STEP_DEAD = 0, 1, 2, 3, 4
+_SEARCHING, _OK, _MAX_ITER, _NON_FINITE, _DEAD, _STEP_DEAD = -1, 0, 1, 2, 3, 4
 _STATUS = {_OK: ("ok", ""), _MAX_ITER: ("max_iter", "reached max_iter"),
            _NON_FINITE: ("skipped", "non-finite variance"),
            _DEAD: ("skipped", "variance below epsilon (dead or constant output)"),
@@ -41,39 +42,68 @@ def _relative_floor(dtype) -> float:
     return eps**2 + (64 * float(ml_dtypes.finfo("float32").eps)) ** 2
 
 
-def _cells(target, y):
-    """Per-cell means, variances (float64, keepdims) and the bias in the same cells."""
-    mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)), target.mask)
-    return mean, var, target.bias_cells(mean.shape)
+def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead,
+                 max_step: float = MAX_STEP, unrolled: bool = False) -> dict:
+    """The LSUV iteration on a variance function of the kernel scale c, as tensors.
 
-
-def _total_variance(mean, var) -> float:
-    # Law of total variance over equal-sized cells.
-    return float(np.mean(var) + np.var(mean))
-
-
-def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead: bool,
-                 max_step: float = MAX_STEP):
-    """The LSUV iteration on a variance function of the kernel scale c (host floats)."""
-    var_before = variance(1.0)
-    if not math.isfinite(var_before):
-        return 1.0, var_before, var_before, 0, _NON_FINITE
-    if dead:
-        return 1.0, var_before, var_before, 0, _DEAD
+    Bounded by `max_iter`, so it runs inside a compiled pass with no host
+    decision between layers: a `tf.while_loop`, or (`unrolled`, for a cheap
+    scalar `variance`) `max_iter` steps that stop changing once done, which
+    trace and optimize far faster than one loop per layer. Returns scale,
+    var_before, var_after, iterations and the status code (int32).
+    """
+    f64 = tf.float64
+    var_before = variance(tf.constant(1.0, f64))
     # Relative: an absolute tol would accept any variance below it for a small target_var.
     margin = tol * target_var
-    scale, var, iterations = 1.0, var_before, 0
-    while abs(var - target_var) >= margin and iterations < max_iter:
-        step = min(max(math.sqrt(target_var / var), 1.0 / max_step), max_step)
-        new_var = variance(scale * step)
+
+    def code_of(var, iterations):
+        return tf.where(tf.abs(var - target_var) < margin, _OK,
+                        tf.where(iterations >= max_iter, _MAX_ITER, _SEARCHING))
+
+    def searching(scale, var, iterations, code):
+        return code == _SEARCHING
+
+    def step(scale, var, iterations, code):
+        factor = tf.sqrt(target_var / var)
+        if math.isfinite(max_step):
+            factor = tf.clip_by_value(factor, 1.0 / max_step, max_step)
+        new_var = variance(scale * factor)
         iterations += 1
-        if not new_var > 0 or not math.isfinite(new_var):
-            # The step made the output constant (e.g. every biased ReLU dead) or overflow:
-            # keep the last scale whose output was alive.
-            return scale, var_before, var, iterations, _STEP_DEAD
-        scale, var = scale * step, new_var
-    code = _OK if abs(var - target_var) < margin else _MAX_ITER
-    return scale, var_before, var, iterations, code
+        # A step that makes the output constant (e.g. every biased ReLU dead) or overflow
+        # stops at the last scale whose output was alive.
+        alive = (new_var > 0) & tf.math.is_finite(new_var)
+        code = tf.where(alive, code_of(new_var, iterations), _STEP_DEAD)
+        return (tf.where(alive, scale * factor, scale), tf.where(alive, new_var, var),
+                iterations, code)
+
+    code = tf.where(~tf.math.is_finite(var_before), _NON_FINITE,
+                    tf.where(dead, _DEAD, code_of(var_before, tf.constant(0))))
+    state = (tf.constant(1.0, f64), var_before, tf.constant(0), code)
+    if unrolled:
+        for _ in range(max_iter):
+            going = searching(*state)
+            state = tuple(tf.where(going, new, old) for new, old in zip(step(*state), state))
+    else:
+        state = tf.while_loop(searching, step, state, maximum_iterations=max_iter)
+    scale, var, iterations, code = state
+    return {"scale": scale, "var_before": var_before, "var_after": var,
+            "iterations": iterations, "code": code}
+
+
+def _quadratic(mean, var, bias):
+    """The total variance of `c * (y - b) + b` as a function of c, from y's cells.
+
+    `mean(c^2 var) + var_cells(c d + b)` with `d = mean - b`, that is
+    `A c^2 + B c + C`: three scalars, so each step of the iteration is a few
+    scalar ops whatever the layer's size.
+    """
+    d = mean - bias
+    centred_d, centred_b = d - tf.reduce_mean(d), bias - tf.reduce_mean(bias)
+    a = tf.reduce_mean(var) + tf.reduce_mean(tf.square(centred_d))
+    b = 2.0 * tf.reduce_mean(centred_d * centred_b)
+    c = tf.reduce_mean(tf.square(centred_b))
+    return lambda scale: (a * scale + b) * scale + c
 
 
 def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str,
@@ -82,37 +112,60 @@ def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str,
 
     Scaling the kernel by c turns the output y into c * y + (1 - c) * b exactly.
     `followers` maps id(target) to a separate activation layer that alone
-    consumes its output; post-activation statistics apply it.
+    consumes its output; post-activation statistics apply it. TensorFlow ops
+    only, so the same policy runs eagerly or in the compiled pass.
     """
     followers = followers or {}
+    options = dict(target_var=target_var, tol=tol, max_iter=max_iter)
 
     def policy(target, y, activation, state):
         post = followers.get(id(target)) or activation
         if state is None:
-            mean, var, bias = _cells(target, y)
-            # Only the kernel's part y - b scales; if it is rounding noise, so is any scale.
-            kernel_var = _total_variance(mean - bias, var)
-            power = float(np.mean(var) + np.mean(np.square(mean)))
-            dead = kernel_var <= _relative_floor(y.dtype) * power
+            bias = target.bias_tensor(target.cell_shape(tuple(y.shape)))
+            weights = _sweep.mask_weights(y, target.mask)
+            axes = target.cell_axes(len(y.shape))
             if measure == "pre_activation":
-                def variance(c):
-                    return _total_variance(c * mean + (1.0 - c) * bias, c * c * var)
-            else:
-                def variance(c):
-                    out = post(_sweep.affine(y, c, (1.0 - c) * bias))
-                    return _total_variance(*_sweep.cell_moments(
-                        out, tuple(range(len(y.shape))), target.mask))
-            scale, before, after, iterations, code = _solve_scale(
-                variance, target_var=target_var, tol=tol, max_iter=max_iter,
-                dead=dead, max_step=math.inf if measure == "pre_activation" else MAX_STEP)
-            state = {"scale": scale, "var_before": before, "var_after": after,
-                     "iterations": iterations, "code": code,
-                     "shift": (1.0 - scale) * bias}
-        if state["scale"] != 1.0:
-            y = _sweep.affine(y, state["scale"], state["shift"])
-        return activation(y), state
+                # One compiled kernel per output signature: one op in the traced pass.
+                y, state = _lsuv_pre_activation(y, weights, bias, axes=axes, **options)
+                return activation(y), state
+            mean, var = _sweep.moments_of(y, weights, axes)
+            state = _post_activation_scale(y, weights, mean, var, bias, post, **options)
+        return activation(_sweep.affine(y, state["scale"], state["shift"])), state
 
     return policy
+
+
+def _dead(y, mean, var, bias):
+    """Whether the kernel's part y - b of the output is rounding noise (so is any scale)."""
+    kernel_var = _sweep.total_variance(mean - bias, var)
+    power = tf.reduce_mean(var) + tf.reduce_mean(tf.square(mean))
+    return kernel_var <= _relative_floor(y.dtype) * power
+
+
+def _pre_activation(y, weights, bias, *, axes, target_var, tol, max_iter):
+    """The rescaled output and the state of one layer, on its pre-activation variance."""
+    mean, var = _sweep.moments_of(y, weights, axes)
+    state = _solve_scale(_quadratic(mean, var, bias), target_var=target_var, tol=tol,
+                         max_iter=max_iter, dead=_dead(y, mean, var, bias), max_step=math.inf,
+                         unrolled=False)
+    state["shift"] = (1.0 - state["scale"]) * bias
+    return _sweep.affine(y, state["scale"], state["shift"]), state
+
+
+_lsuv_pre_activation = _sweep.per_signature(_pre_activation)
+
+
+def _post_activation_scale(y, weights, mean, var, bias, post, *, target_var, tol, max_iter):
+    """The state of one layer on the variance after `post`, re-applied at each step."""
+    def variance(c):
+        out = post(_sweep.affine(y, c, (1.0 - c) * bias))
+        return _sweep.total_variance(*_sweep.moments_of(
+            out, weights, tuple(range(len(y.shape)))))
+
+    state = _solve_scale(variance, target_var=target_var, tol=tol, max_iter=max_iter,
+                         dead=_dead(y, mean, var, bias), max_step=MAX_STEP)
+    state["shift"] = (1.0 - state["scale"]) * bias
+    return state
 
 
 def _data_init_policy():
@@ -120,37 +173,58 @@ def _data_init_policy():
 
     def policy(target, y, activation, state):
         if state is None:
-            mean, var, bias = _cells(target, y)
-            state = _unit_init(target, mean, var, bias, _relative_floor(y.dtype))
-        if target.is_weight_normalized and state["valid"].any():
+            bias = target.bias_tensor(target.cell_shape(tuple(y.shape)))
+            g = None
+            if target.is_weight_normalized:
+                g = tf.reshape(tf.cast(ops.convert_to_tensor(target.layer.g), tf.float64),
+                               bias.shape)
+            y, state = _unit_kernel(y, _sweep.mask_weights(y, target.mask), bias, g,
+                                    axes=target.cell_axes(len(y.shape)),
+                                    has_bias=target.bias is not None)
+            return activation(y), state
+        if target.is_weight_normalized:  # dead units have scale 1, shift 0: exact
             y = _sweep.affine(y, state["scale"], state["shift"])
         return activation(y), state
 
     return policy
 
 
-def _unit_init(target, mean, var, bias, relative_floor: float) -> dict:
-    """New g and b per unit, and the output's per-unit affine map; dead units keep theirs."""
-    before = _total_variance(mean, var)
-    if not target.is_weight_normalized:
-        return {"var_before": before, "var_after": before, "valid": np.zeros(mean.size, bool),
-                "scale": np.ones(mean.shape)}
-    g = np.reshape(ops.convert_to_numpy(target.layer.g).astype("float64"), mean.shape)
+def _unit_step(y, weights, bias, g, *, axes, has_bias):
+    mean, var = _sweep.moments_of(y, weights, axes)
+    state = _unit_init(mean, var, bias, g, _relative_floor(y.dtype), has_bias=has_bias)
+    if g is not None:
+        y = _sweep.affine(y, state["scale"], state["shift"])
+    return y, state
+
+
+_unit_kernel = _sweep.per_signature(_unit_step)
+
+
+def _unit_init(mean, var, bias, g, relative_floor: float, *, has_bias: bool) -> dict:
+    """New g and b per unit, and the output's per-unit affine map; dead units keep theirs.
+
+    `g` is None for a layer that is not weight-normalized: only its statistics.
+    """
+    before = _sweep.total_variance(mean, var)
+    if g is None:
+        return {"var_before": before, "var_after": before,
+                "valid": tf.zeros([math.prod(mean.shape)], tf.bool),
+                "scale": tf.ones(mean.shape, tf.float64)}
     # The statistics of x . v/||v|| (the normalized v): undo the current g.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mu = (mean - bias) / g
-        sigma = np.sqrt(var) / np.abs(g)
-    valid = np.isfinite(sigma) & np.isfinite(mu) & (var > relative_floor * (var + np.square(mean)))
-    safe_sigma = np.where(valid, sigma, 1.0)
-    new_g = np.where(valid, 1.0 / safe_sigma, g)
-    new_bias = np.where(valid, -mu / safe_sigma, bias) if target.bias is not None else bias
+    mu = (mean - bias) / g
+    sigma = tf.sqrt(var) / tf.abs(g)
+    valid = (tf.math.is_finite(sigma) & tf.math.is_finite(mu)
+             & (var > relative_floor * (var + tf.square(mean))))
+    safe_sigma = tf.where(valid, sigma, 1.0)
+    new_g = tf.where(valid, 1.0 / safe_sigma, g)
+    new_bias = tf.where(valid, -mu / safe_sigma, bias) if has_bias else bias
     # y = g * n + b becomes new_g * n + new_b, i.e. y * (new_g / g) + (new_b - b * new_g / g).
-    scale = np.where(valid, new_g / np.where(valid, g, 1.0), 1.0)
+    scale = tf.where(valid, new_g / tf.where(valid, g, 1.0), 1.0)
     shift = new_bias - bias * scale
     cells = (mean * scale + shift, var * scale**2)  # the in-flight estimate per unit
-    return {"var_before": before, "var_after": _total_variance(*cells), "valid": valid.ravel(),
-            "g": new_g, "bias": new_bias.ravel(), "scale": scale, "shift": shift,
-            "cells": cells}
+    return {"var_before": before, "var_after": _sweep.total_variance(*cells),
+            "valid": tf.reshape(valid, [-1]), "g": new_g, "bias": tf.reshape(new_bias, [-1]),
+            "scale": scale, "shift": shift, "cells": cells}
 
 
 # One check per keyword argument, shared by both functions and by LSUVCallback.
@@ -164,8 +238,9 @@ _CHECKS = {
     "new_batch_per_trial": lambda v: _validate.boolean("new_batch_per_trial", v),
     "verbose": _validate.verbose,
     "seed": _validate.seed,
+    "compile": lambda v: _validate.one_of("compile", v, _sweep.COMPILE_MODES),
 }
-_ACCEPTED = {"lsuv": tuple(_CHECKS), "weightnorm_data_init": ("layers", "verbose")}
+_ACCEPTED = {"lsuv": tuple(_CHECKS), "weightnorm_data_init": ("layers", "verbose", "compile")}
 
 
 def check_init_kwargs(method: str, kwargs: dict) -> None:
@@ -275,6 +350,7 @@ def lsuv_init(
     new_batch_per_trial: bool = False,
     verbose: int = 1,
     seed: int | None = None,
+    compile: str = "auto",
 ) -> InitReport:
     """Layer-sequential unit-variance init: rescales every kernel so its output has unit variance.
 
@@ -347,7 +423,9 @@ def lsuv_init(
     _check_model(model)
     checked = _checked("lsuv", dict(
         tol=tol, max_iter=max_iter, target_var=target_var, pre_init=pre_init, measure=measure,
-        layers=layers, new_batch_per_trial=new_batch_per_trial, verbose=verbose, seed=seed))
+        layers=layers, new_batch_per_trial=new_batch_per_trial, verbose=verbose, seed=seed,
+        compile=compile))
+    compile = checked["compile"]
     tol, max_iter, target_var = checked["tol"], checked["max_iter"], checked["target_var"]
     verbose, seed, layers = checked["verbose"], checked["seed"], checked["layers"]
     data = _data.replayable(data)
@@ -359,22 +437,33 @@ def lsuv_init(
         if checked["pre_init"] == "orthogonal":
             notes = _orthogonal_pre_init(targets, seed)
         if checked["new_batch_per_trial"]:
-            pairs, x, batches = _lsuv_trials(
+            pairs, result, x, batches = _lsuv_trials(
                 model, data, targets, target_var=target_var, tol=tol, max_iter=max_iter,
-                measure=checked["measure"], followers=followers, verbose=verbose)
+                measure=checked["measure"], followers=followers, verbose=verbose,
+                compile=compile)
         else:
             policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=max_iter,
                                   measure=checked["measure"], followers=followers)
-            result = _sweep.sweep(model, x, targets, policy)
+            result = _sweep.run(model, x, targets, policy, compile=compile, key=_lsuv_key(
+                target_var, tol, max_iter, checked["measure"], followers))
             pairs, batches = _commit_lsuv(result, targets, verbose), 1
         _measure_after(model, x, targets, pairs, followers=followers,
                        post=checked["measure"] == "post_activation",
-                       target_var=target_var, tol=tol)
+                       target_var=target_var, tol=tol, compile=compile)
         _add_notes(pairs, notes)
-        summary = _normalization_notes(pairs)
+        summary = _normalization_notes(pairs) + ([result.note] if result.note else [])
         _distribute.broadcast_from_chief(variables)
         return InitReport("lsuv", [row for _, row in pairs] + other_rows, batches=batches,
-                          notes=summary)
+                          notes=summary, mode=result.mode)
+
+
+def _lsuv_key(target_var, tol, max_iter, measure, followers) -> tuple:
+    """Every option `_lsuv_policy` bakes into a traced pass."""
+    return ("lsuv", target_var, tol, max_iter, measure, _follower_key(followers))
+
+
+def _follower_key(followers) -> tuple:
+    return tuple(sorted((key, id(layer)) for key, layer in followers.items()))
 
 
 _NORMALIZED = ("a normalization layer follows: in training mode it re-normalizes this "
@@ -416,19 +505,19 @@ def _measure_policy(followers, post: bool):
 
     def policy(target, y, activation, state):
         if state is None:
-            mean, var = _sweep.cell_moments(y, target.cell_axes(len(y.shape)), target.mask)
-            state = {"mean": mean, "var": var, "total": _total_variance(mean, var)}
+            mean, var = _sweep.moments(y, target.cell_axes(len(y.shape)), target.mask)
+            state = {"mean": mean, "var": var, "total": _sweep.total_variance(mean, var)}
             if post:
                 out = (followers.get(id(target)) or activation)(y)
-                state["total"] = _total_variance(
-                    *_sweep.cell_moments(out, tuple(range(len(y.shape))), target.mask))
+                state["total"] = _sweep.total_variance(
+                    *_sweep.moments(out, tuple(range(len(y.shape))), target.mask))
         return activation(y), state
 
     return policy
 
 
 def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
-                   target_var=None, tol=None, estimates=None) -> dict:
+                   target_var=None, tol=None, estimates=None, compile="auto") -> dict:
     """One more forward pass on `x`: each row's `var_after` becomes the measured value.
 
     A row whose measurement departs from the in-flight estimate by more than
@@ -437,14 +526,16 @@ def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
     `estimates` maps id(target) to estimated per-unit (mean, var), compared
     unit by unit (a mean relative to its unit's std).
     """
-    result = _sweep.sweep(model, x, targets, _measure_policy(followers or {}, post))
+    followers = followers or {}
+    result = _sweep.run(model, x, targets, _measure_policy(followers, post),
+                        key=("measure", post, _follower_key(followers)), compile=compile)
     position = {id(t): i for i, t in enumerate(result.order)}
     tiny = np.finfo("float64").tiny
     for target, row in pairs:
         state = result.states.get(id(target))
         if state is None:
             continue
-        estimate, measured = row.var_after, state["total"]
+        estimate, measured = row.var_after, float(state["total"])
         row.var_after = measured  # also for skipped rows: upstream layers moved their input
         if row.status == "skipped" or not math.isfinite(estimate):
             continue
@@ -560,7 +651,7 @@ def _lsuv_rows(result, targets, progbar=None):
     pairs, scales = [], []
     for target in order:
         state = result.states[id(target)]
-        status, reason = _STATUS[state["code"]]
+        status, reason = _STATUS[int(state["code"])]
         note = _shared_note(result, target)
         pairs.append((target, LayerRecord(
             target.name, target.class_name, float(state["var_before"]),
@@ -586,10 +677,11 @@ def _commit_lsuv(result, targets, verbose):
 
 
 def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, followers,
-                 verbose):
+                 verbose, compile):
     """One sweep per trial, each on the next batch, each taking one scale step per layer.
 
-    Returns the (target, row) pairs, the last batch and the number of batches.
+    Every trial calls the same traced pass (traced once per batch signature).
+    Returns the (target, row) pairs, the last sweep and the number of batches.
     """
     policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=1, measure=measure,
                           followers=followers)
@@ -598,7 +690,8 @@ def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, fo
     first_var, scales, steps, pairs = {}, {}, {}, []
     for trial, x in enumerate(_data.batches(data)):
         _data.check_batch(x)
-        result = _sweep.sweep(model, x, targets, policy)
+        result = _sweep.run(model, x, targets, policy, compile=compile,
+                            key=_lsuv_key(target_var, tol, 1, measure, followers))
         pairs, trial_scales = _lsuv_rows(result, targets)
         _apply_scales(trial_scales)
         for target, row in pairs:
@@ -617,7 +710,7 @@ def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, fo
         row.scale, row.iterations = scales.get(key, 1.0), steps.get(key, 0)
         if converged and row.status == "max_iter":
             row.status, row.reason = "ok", ""
-    return pairs, x, trial + 1
+    return pairs, result, x, trial + 1
 
 
 def weightnorm_data_init(
@@ -625,6 +718,7 @@ def weightnorm_data_init(
     data,
     layers: Sequence[keras.layers.Layer | str] | None = None,
     verbose: int = 1,
+    compile: str = "auto",
 ) -> InitReport:
     """Data-dependent init of weight-normalized layers (Salimans & Kingma, 2016).
 
@@ -664,12 +758,14 @@ def weightnorm_data_init(
         - [Salimans & Kingma, 2016](https://arxiv.org/abs/1602.07868)
     """
     _check_model(model)
-    checked = _checked("weightnorm_data_init", dict(layers=layers, verbose=verbose))
-    layers, verbose = checked["layers"], checked["verbose"]
+    checked = _checked("weightnorm_data_init", dict(layers=layers, verbose=verbose,
+                                                    compile=compile))
+    layers, verbose, compile = checked["layers"], checked["verbose"], checked["compile"]
     x, targets, other_rows = _prepare(model, _data.replayable(data), layers)
     variables = [v for t in targets for v in t.variables()]
     with _sweep.guarded(model, variables):
-        result = _sweep.sweep(model, x, targets, _data_init_policy())
+        result = _sweep.run(model, x, targets, _data_init_policy(), key=("data_init",),
+                            compile=compile)
         order, missed = _reached(targets, result)
         progbar = _progbar(len(targets), verbose, "layer")
         pairs = []
@@ -686,10 +782,12 @@ def weightnorm_data_init(
         pairs += [(t, _not_called(t, result)) for t in missed]
         estimates = {id(t): result.states[id(t)]["cells"] for t in order
                      if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
-        measured = _measure_after(model, x, targets, pairs, estimates=estimates)
+        measured = _measure_after(model, x, targets, pairs, estimates=estimates,
+                                  compile=compile)
         _bias_free_notes(pairs, measured, estimates)
         _distribute.broadcast_from_chief(variables)
-        return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows)
+        return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows,
+                          notes=[result.note] if result.note else [], mode=result.mode)
 
 
 def _bias_free_notes(pairs, measured, estimates) -> None:

@@ -65,12 +65,17 @@ class InitReport:
         batches: Number of batches the sweep used.
         notes: Lines about the whole model (e.g. how many layers a
             normalization layer follows), printed under the table.
+        mode: How the sweep ran: `"xla"` or `"compiled"` (one traced
+            `tf.function`, with or without XLA) or `"eager"` (the model could
+            not be traced, it runs under a `tf.distribute` strategy, or
+            `compile="eager"` was asked; `notes` says which).
     """
 
     method: str
     rows: list[LayerRecord]
     batches: int = 1
     notes: list[str] = dataclasses.field(default_factory=list)
+    mode: str = "eager"
 
     def __getitem__(self, name: str) -> LayerRecord:
         for row in self.rows:
@@ -88,6 +93,7 @@ class InitReport:
         return {
             "method": self.method,
             "batches": self.batches,
+            "mode": self.mode,
             "notes": list(self.notes),
             "rows": [
                 {k: json_safe(v) for k, v in dataclasses.asdict(row).items()}

@@ -607,22 +607,26 @@ def _assert_atomic(model, call, error=RuntimeError):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("compile", ["auto", "eager"])
 @pytest.mark.parametrize("pre_init", [None, "orthogonal"])
-def test_failure_during_the_sweep_restores_every_weight(monkeypatch, pre_init):
+def test_failure_during_the_sweep_restores_every_weight(monkeypatch, pre_init, compile):
     model = two_input_model()
     data = {"a": normal((32, 12), 18), "b": normal((32, 8), 19)}
-    real, calls = _sweep.cell_moments, []
+    # Each target's bias is read once, as the eager pass meets the target or as the
+    # compiled pass is traced.
+    real, calls = _sweep.Target.bias_tensor, []
 
-    def failing(y, axes, mask=None):
+    def failing(self, cell_shape):
         calls.append(1)
         if len(calls) == 4:
             raise RuntimeError("boom at the 4th target")
-        return real(y, axes, mask)
+        return real(self, cell_shape)
 
-    monkeypatch.setattr(_sweep, "cell_moments", failing)
-    _assert_atomic(model, lambda: lsuv_init(model, data, pre_init=pre_init, verbose=0))
+    monkeypatch.setattr(_sweep.Target, "bias_tensor", failing)
+    _assert_atomic(model, lambda: lsuv_init(model, data, pre_init=pre_init, verbose=0,
+                                            compile=compile))
     assert len(calls) == 4
-    monkeypatch.setattr(_sweep, "cell_moments", real)
+    monkeypatch.setattr(_sweep.Target, "bias_tensor", real)
     _assert_atomic(model, lambda: weightnorm_data_init(model, {"a": data["a"]}, verbose=0),
                    error=Exception)
 

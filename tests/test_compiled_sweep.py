@@ -1,0 +1,281 @@
+"""The sweep as one traced program (issue 9): same results as the eager sweep, traced once.
+
+Each model kind is initialized twice from identical weights, once through the
+compiled pass (`compile="auto"`, which is `tf.function` on a CPU) and once
+eagerly: the scales, statistics and statuses must agree to float32 rounding.
+The unit-variance claims themselves are checked independently in
+test_lsuv.py, which runs on the compiled path by default.
+"""
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers as L  # noqa: E402
+from test_lsuv import (  # noqa: E402
+    Shuffled,
+    _Batches,
+    counting_calls,
+    image_zoo,
+    kernel_layers,
+    mlp,
+    normal,
+    sequence_zoo,
+    small_resnet,
+    two_input_model,
+    wn_model,
+)
+
+from keras_goodinit import (  # noqa: E402
+    WeightNormalization,
+    _sweep,
+    lsuv_init,
+    weightnorm_data_init,
+)
+
+# The two paths run the same float32 ops on the same values; only the order of
+# float64 scalar ops and of graph-optimized float32 reductions may differ.
+ROUNDING = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    keras.utils.set_random_seed(4321)
+
+
+def shared_model():
+    shared = L.Dense(16, activation="relu", name="shared")
+    inputs = keras.Input((16,))
+    return keras.Model(inputs, L.Dense(3, name="head")(shared(shared(inputs))))
+
+
+def masked_model():
+    inputs = keras.Input((12,), dtype="int32")
+    h = L.Embedding(20, 6, mask_zero=True, name="embed")(inputs)
+    h = L.Dense(16, name="d0")(h)
+    return keras.Model(inputs, L.Dense(4, name="out")(L.ReLU()(h)))
+
+
+def masked_wn_model():
+    inputs = keras.Input((12,), dtype="int32")
+    h = L.Embedding(20, 6, mask_zero=True, name="embed")(inputs)
+    return keras.Model(inputs, WeightNormalization(L.Dense(8), name="wn")(h))
+
+
+def time_model():
+    inputs = keras.Input((5, 6))
+    h = L.TimeDistributed(WeightNormalization(L.Dense(8), name="wn"), name="td")(inputs)
+    return keras.Model(inputs, L.Dense(3, name="out")(h))
+
+
+def biased_mlp():
+    """Biases of +-2: the pre-activation iteration takes several steps, not one."""
+    model = mlp(depth=2)
+    for name in ("d0", "d1"):
+        bias = model.get_layer(name).bias
+        bias.assign(np.where(np.arange(32) % 2 == 0, 2.0, -2.0).astype("float32"))
+    return model
+
+
+def tokens():
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(2, 8, size=64)
+    return np.where(np.arange(12) < lengths[:, None], rng.integers(1, 20, (64, 12)),
+                    0).astype("int32")
+
+
+KINDS = {
+    "sequential": (lambda: mlp(depth=3), lambda: normal((64, 16), 1, scale=3.0)),
+    "biased": (biased_mlp, lambda: normal((64, 16), 2)),
+    "functional_nested": (two_input_model, lambda: {"a": normal((64, 12), 3),
+                                                    "b": normal((64, 8), 4, scale=5.0)}),
+    "subclassed": (Shuffled, lambda: normal((64, 16), 5, scale=0.2)),
+    "image_zoo": (image_zoo, lambda: normal((16, 8, 8, 3), 6)),
+    "sequence_zoo": (sequence_zoo, lambda: normal((16, 10, 4), 7)),
+    "resnet_bn": (small_resnet, lambda: normal((16, 8, 8, 3), 8)),
+    "shared": (shared_model, lambda: normal((64, 16), 9, scale=3.0)),
+    "masked": (masked_model, tokens),
+    "time_distributed": (time_model, lambda: normal((32, 5, 6), 10)),
+}
+
+
+def twins(build, x):
+    """Two models with identical weights, both built on `x`."""
+    first = build()
+    first(x)
+    second = build()
+    second(x)
+    second.set_weights(first.get_weights())
+    return first, second
+
+
+def assert_same_rows(compiled, eager):
+    assert [r.name for r in compiled.rows] == [r.name for r in eager.rows]
+    for a, b in zip(compiled.rows, eager.rows):
+        assert (a.status, a.iterations, a.reason) == (b.status, b.iterations, b.reason), a.name
+        for field in ("scale", "var_before", "var_after"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=ROUNDING,
+                                       err_msg=f"{a.name}.{field}")
+
+
+def assert_same_weights(first, second, rtol=ROUNDING):
+    for v, a, b in zip(first.weights, first.get_weights(), second.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-7, err_msg=v.path)
+
+
+@pytest.mark.parametrize("measure", ["pre_activation", "post_activation"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_compiled_and_eager_sweeps_give_the_same_scales(kind, measure):
+    build, data = KINDS[kind]
+    x = data()
+    compiled_model, eager_model = twins(build, x)
+    compiled = lsuv_init(compiled_model, x, measure=measure, seed=1, verbose=0)
+    eager = lsuv_init(eager_model, x, measure=measure, seed=1, compile="eager", verbose=0)
+    assert compiled.mode == "compiled" and eager.mode == "eager"
+    assert not compiled.notes or "eager" not in " ".join(compiled.notes)
+    assert [r for r in compiled.rows if r.status == "ok"]  # something was initialized
+    assert_same_rows(compiled, eager)
+    assert_same_weights(compiled_model, eager_model)
+
+
+@pytest.mark.parametrize("kind", ["time_distributed", "masked", "image_zoo"])
+def test_weightnorm_data_init_compiled_and_eager_agree(kind):
+    build, data = {"time_distributed": KINDS["time_distributed"],
+                   "masked": (masked_wn_model, tokens),
+                   "image_zoo": (wn_model, lambda: normal((32, 8, 8, 3), 11))}[kind]
+    x = data()
+    compiled_model, eager_model = twins(build, x)
+    compiled = weightnorm_data_init(compiled_model, x, verbose=0)
+    eager = weightnorm_data_init(eager_model, x, compile="eager", verbose=0)
+    assert compiled.mode == "compiled" and eager.mode == "eager"
+    assert any(r.status == "ok" for r in compiled.rows)
+    assert_same_rows(compiled, eager)
+    assert_same_weights(compiled_model, eager_model)
+
+
+def test_new_batch_per_trial_compiled_and_eager_agree():
+    xs = [normal((128, 16), 20 + i) for i in range(6)]
+    compiled_model, eager_model = twins(biased_mlp, xs[0])
+    compiled = lsuv_init(compiled_model, _Batches(xs), new_batch_per_trial=True, seed=3,
+                         verbose=0)
+    eager = lsuv_init(eager_model, _Batches(xs), new_batch_per_trial=True, seed=3,
+                      compile="eager", verbose=0)
+    assert compiled.mode == "compiled" and compiled.batches == eager.batches > 1
+    assert_same_rows(compiled, eager)
+    assert_same_weights(compiled_model, eager_model)
+
+
+def test_xla_gives_the_same_scales():
+    x = {"a": normal((64, 12), 12), "b": normal((64, 8), 13, scale=5.0)}
+    xla_model, eager_model = twins(two_input_model, x)
+    xla = lsuv_init(xla_model, x, compile="xla", seed=2, verbose=0)
+    eager = lsuv_init(eager_model, x, compile="eager", seed=2, verbose=0)
+    assert xla.mode == "xla" and xla.ok
+    assert_same_rows(xla, eager)
+
+
+# ----------------------------------------------------------------------------
+# Traced once; no retracing warnings.
+
+
+def test_a_second_init_reuses_the_traced_pass():
+    model = two_input_model()
+    x = {"a": normal((32, 12), 14), "b": normal((32, 8), 15)}
+    model(x)
+    targets = [layer for _, layer in kernel_layers(model)]
+    with counting_calls(targets) as counts:
+        first = lsuv_init(model, x, verbose=0)
+    # Traced: each layer's Python runs once for the init pass and once for the measuring one.
+    assert counts == {layer.name: 2 for layer in targets}
+    with counting_calls(targets) as counts:
+        second = lsuv_init(model, x, pre_init=None, verbose=0)
+    assert counts == {}  # no trace and no eager pass: the cached program ran
+    assert second.mode == first.mode == "compiled" and first.ok
+    # Already at unit variance: the cached program read the new weights, not the old ones.
+    assert all(r.iterations == 0 and r.status == "ok" for r in second.rows), second
+    # A new input signature is a new trace.
+    with counting_calls(targets) as counts:
+        lsuv_init(model, {k: v[:16] for k, v in x.items()}, verbose=0)
+    assert counts == {layer.name: 2 for layer in targets}
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_no_retracing_warning_on_a_model_of_many_shapes():
+    # Every layer a new output shape: a tf.function retraced per shape would warn.
+    layers = [keras.Input((4,))] + [L.Dense(4 + i, activation="relu") for i in range(12)]
+    model = keras.Sequential(layers)
+    handler = _Collect()
+    tf.get_logger().addHandler(handler)
+    try:
+        for function in (lsuv_init, weightnorm_data_init):
+            for compile in ("auto", "eager"):
+                function(model, normal((32, 4), 16), compile=compile, verbose=0)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [m for m in handler.messages if "retracing" in m], handler.messages
+
+
+# ----------------------------------------------------------------------------
+# Fallbacks and the compile argument.
+
+
+class _HostSideEffect(keras.Model):
+    """Reads a tensor on the host in `call`: it cannot be traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = L.Dense(16, activation="relu", name="first")
+        self.head = L.Dense(2, name="head")
+        self.peaks = []
+
+    def call(self, x):
+        h = self.first(x)
+        self.peaks.append(float(keras.ops.convert_to_numpy(keras.ops.max(h))))
+        return self.head(h)
+
+
+def test_an_untraceable_model_falls_back_to_eager_and_says_so():
+    x = normal((64, 16), 17, scale=2.0)
+    auto_model, eager_model = twins(_HostSideEffect, x)
+    report = lsuv_init(auto_model, x, seed=5, verbose=0)
+    assert report.mode == "eager" and report.ok
+    assert any("could not be traced" in note for note in report.notes), report.notes
+    assert_same_rows(report, lsuv_init(eager_model, x, compile="eager", seed=5, verbose=0))
+    assert_same_weights(auto_model, eager_model)
+    # An explicit compiled mode raises instead, and changes nothing.
+    before = auto_model.get_weights()
+    with pytest.raises(_sweep._UNTRACEABLE):  # what tracing a host read raises
+        lsuv_init(auto_model, x, compile="compiled", verbose=0)
+    for a, b in zip(before, auto_model.get_weights()):
+        assert np.array_equal(a, b)
+
+
+def test_under_a_distribution_strategy_the_sweep_is_eager_and_says_so():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = mlp(depth=1)
+    x = normal((32, 16), 18)
+    report = lsuv_init(model, x, verbose=0)
+    assert report.mode == "eager" and report.ok
+    assert any("tf.distribute" in note for note in report.notes), report.notes
+
+
+@pytest.mark.parametrize("value", ["jit", True, None])
+def test_bad_compile_values_raise(value):
+    model = mlp(depth=1)
+    for function in (lsuv_init, weightnorm_data_init):
+        with pytest.raises(ValueError, match="`compile`"):
+            function(model, normal((8, 16)), compile=value, verbose=0)

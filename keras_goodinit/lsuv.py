@@ -362,7 +362,8 @@ def lsuv_init(
     `c * (y - b) + b` exactly, so the iterations reuse y and the next layer
     sees the rescaled signal. The sweep costs about one forward pass, runs
     with `training=False`, and computes statistics in float32 on the output
-    divided by its peak (so any finite input scale works), leaving out
+    divided by its peak (so any finite input scale works), as one compiled
+    program by default (see `compile`), leaving out
     positions a Keras mask marks as padding. A layer inside `TimeDistributed`
     is measured over every time step at once. One more forward pass then
     measures every layer's `var_after` on the same batch; a row whose
@@ -413,6 +414,16 @@ def lsuv_init(
         verbose: 0 silent, 1 progress bar.
         seed: Makes the orthogonal pre-init reproducible; `None` draws from
             Keras' global seed generator (`keras.utils.set_random_seed`).
+        compile: How the sweep runs. `"auto"` (default): one traced
+            `tf.function` whose in-graph policy computes every layer's
+            statistics and scale (a bounded loop per layer, no host sync),
+            with XLA on an accelerator where every layer supports it; eager
+            when the model cannot be traced (a host read in a subclassed
+            `call`) or runs under a `tf.distribute` strategy. `"xla"`,
+            `"compiled"` (`tf.function` without XLA) or `"eager"` force one;
+            a forced compiled mode raises if the model cannot be traced.
+            The traced pass is cached per model and input signature, so a
+            second call reuses it. `InitReport.mode` says which ran.
 
     Returns:
         An `InitReport` with one row per target layer, in execution order.
@@ -750,6 +761,8 @@ def weightnorm_data_init(
         data: As for `lsuv_init`; the first batch is used.
         layers: Only these layers (objects or names); default all targets.
         verbose: 0 silent, 1 progress bar.
+        compile: `"auto"`, `"xla"`, `"compiled"` or `"eager"`, as for
+            `lsuv_init`: per-unit g and b are computed in the traced pass.
 
     Returns:
         An `InitReport`; `scale` is the mean over units of the factor applied.

@@ -6,6 +6,7 @@ import math
 
 import keras
 import ml_dtypes
+import tensorflow as tf
 from keras import ops
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
@@ -276,11 +277,13 @@ class GoodInit(keras.initializers.Initializer):
         if self.distribution == "normal":
             return keras.random.normal(lead + (fan_in, n_units), dtype=dtype, seed=self.seed)
         tall = fan_in >= n_units
+        # The sample is drawn eagerly, exactly as before, so every seed keeps its stream.
         sample = keras.random.normal(lead + (max(fan_in, n_units), min(fan_in, n_units)),
                                      dtype=dtype, seed=self.seed)
-        q, r = ops.qr(sample)
-        # The sign fix makes Q Haar-distributed rather than biased by QR's convention.
-        q = q * ops.expand_dims(ops.sign(ops.diagonal(r, axis1=-2, axis2=-1)), -2)
+        if keras.backend.backend() == "tensorflow":
+            q = _orthonormal(tf.convert_to_tensor(sample))
+        else:  # pragma: no cover - the package runs on TensorFlow
+            q = _householder(sample)
         return q if tall else ops.swapaxes(q, -1, -2)
 
     def get_config(self) -> dict:
@@ -293,6 +296,59 @@ class GoodInit(keras.initializers.Initializer):
             "layout": self.layout,
             "seed": serialize_keras_object(self.seed),
         }
+
+
+# CholeskyQR2 is used when the sample has at least this many rows per column.
+# A Gaussian (m, n) sample then has condition number about
+# (sqrt(m) + sqrt(n)) / (sqrt(m) - sqrt(n)) <= 5.8, its fluctuations above that
+# are exponentially unlikely, and one Cholesky pass already leaves Q^T Q within
+# kappa^2 * eps ~ 4e-6 of I in float32: the second pass brings it to rounding.
+_CHOLESKY_ASPECT = 2
+
+
+def _householder(sample):
+    """Q of the QR of `sample` (..., m, n), m >= n, with the sign fix that makes it Haar."""
+    q, r = ops.qr(sample)
+    # The sign fix makes Q Haar-distributed rather than biased by QR's convention.
+    return q * ops.expand_dims(ops.sign(ops.diagonal(r, axis1=-2, axis2=-1)), -2)
+
+
+def _cholesky_qr2(sample):
+    """Q of the QR of a well-conditioned `sample` with R's diagonal positive: CholeskyQR2.
+
+    Each pass factors the Gram matrix `A^T A = R^T R` (Cholesky, `R` upper
+    triangular with a positive diagonal) and sets `A <- A R^-1`, all matrix
+    products (BLAS 3) rather than Householder QR's column-by-column
+    reflections. The product of the passes' `R`s is upper triangular with a
+    positive diagonal, so the result is the unique QR factor with positive
+    `R` diagonal, the same matrix that sign-fixed Householder QR gives (up
+    to rounding), hence the same Haar distribution.
+    """
+    n = sample.shape[-1]
+    eye = tf.eye(n, batch_shape=sample.shape[:-2], dtype=sample.dtype)
+    q = sample
+    for _ in range(2):
+        lower = tf.linalg.cholesky(tf.matmul(q, q, transpose_a=True))  # A^T A = L L^T
+        # R^-1 = (L^T)^-1 = (L^-1)^T; one triangular solve on n x n, then a matmul.
+        inverse_r = tf.linalg.matrix_transpose(tf.linalg.triangular_solve(lower, eye, lower=True))
+        q = tf.matmul(q, inverse_r)
+    return q
+
+
+@tf.function(autograph=False, reduce_retracing=False)
+def _orthonormal(sample):
+    """Orthonormal columns for a Gaussian `sample` (..., m, n), m >= n, Haar-distributed.
+
+    Compiled once per shape and dtype. A tall sample (`m >= 2 n`) goes
+    through CholeskyQR2, about 2-3x faster on CPU than Householder QR for
+    conv kernels such as (4608, 512); a squarer one, whose condition number
+    grows like `n` (a square Gaussian's is about 4.6 n), through Householder
+    QR, which stays accurate at any condition number.
+    """
+    m, n = sample.shape[-2], sample.shape[-1]
+    if m >= _CHOLESKY_ASPECT * n:
+        return _cholesky_qr2(sample)
+    return _householder(sample)
 
 
 def _inverse(perm: list[int]) -> list[int]:

@@ -392,3 +392,88 @@ def test_keras_initializers_get_finds_goodinit_by_name():
     layer.build((None, 8))
     np.testing.assert_allclose(unit_norms(keras.ops.convert_to_numpy(layer.kernel), (0,)),
                                math.sqrt(2 * 8 / 4), rtol=1e-5)
+
+
+# Fast orthonormal factorization (issue 9) ------------------------------------------------------
+
+F32_EPS = float(np.finfo("float32").eps)
+
+
+def _reference_q(sample):
+    """Sign-fixed Householder QR of the sample in float64: the Haar Q that `draw` must match."""
+    q, r = np.linalg.qr(np.asarray(sample, dtype="float64"))
+    return q * np.sign(np.diag(r))
+
+
+@pytest.mark.parametrize(("shape", "count"), [
+    ((1152, 128), 2),  # tall (9 rows per column): CholeskyQR2
+    ((3, 3, 64, 128), None),  # a conv kernel, (576, 128): CholeskyQR2
+    ((256, 128), None),  # exactly 2 rows per column: CholeskyQR2
+    ((300, 200), 3),  # squarer: Householder QR
+    ((96, 96), None),  # square: Householder QR
+])
+def test_orthonormal_draw_has_small_orthogonality_error(shape, count):
+    """max |Q^T Q - I| stays at float32 rounding, whichever factorization ran.
+
+    The second CholeskyQR pass starts from a Q1 whose Gram matrix is already
+    within kappa^2 eps ~ 34 eps of I (kappa <= 5.8 for a sample with 2 rows per
+    column), so what remains is the rounding of one Gram product, one Cholesky
+    and one triangular solve and product, each a sum of at most m = rows terms:
+    a random-walk error of about sqrt(m) eps per entry. 8 sqrt(m) eps bounds
+    both that and Householder QR's error (measured: 0.5-4e-6 at m = 4608, where
+    the bound is 6.5e-5); a single Cholesky pass would leave ~kappa^2 eps and a
+    plain Gaussian matrix O(1).
+    """
+    init = GoodInit("wn_relu_backward", gamma=1.0, seed=8)
+    kernels = keras.ops.convert_to_numpy(init.draw(shape, "float32", count=count))
+    kernels = kernels.reshape((-1, *shape)).astype("float64")
+    rows = max(math.prod(shape[:-1]), shape[-1])
+    bound = 8 * math.sqrt(rows) * F32_EPS
+    for kernel in kernels:
+        matrix = as_matrix(kernel, tuple(range(len(shape) - 1)))
+        error = np.abs(matrix.T @ matrix - np.eye(matrix.shape[1])).max()
+        assert error < bound, (error, bound)
+        # wn_relu_backward with gamma=1: every unit's fan-in vector has norm exactly 1.
+        np.testing.assert_allclose(unit_norms(kernel, tuple(range(len(shape) - 1))), 1.0,
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1152, 128), (256, 128), (300, 200)])
+def test_orthonormal_draw_is_the_sign_fixed_qr_of_its_gaussian_sample(shape):
+    """CholeskyQR2 gives the same Q as sign-fixed Householder QR, hence a Haar kernel.
+
+    Both are the unique QR factor with a positive R diagonal of the same
+    Gaussian sample (an int seed draws the same sample), so they differ only by
+    rounding: a perturbation of the sample of relative size ~sqrt(m) eps moves Q
+    by at most about kappa times that, kappa <= 5.8 at 2 rows per column and
+    ~(sqrt(300) + sqrt(200)) / (sqrt(300) - sqrt(200)) ~ 10 at (300, 200); the
+    entries are ~1/sqrt(m), so 20 kappa sqrt(m) eps / sqrt(m) is a tight bound.
+    A Q that is orthonormal but not the QR factor (any other basis of the same
+    span, or columns with flipped signs) differs in O(1/sqrt(m)).
+    """
+    m, n = shape
+    init = GoodInit("wn_relu_backward", gamma=1.0, seed=5)
+    kernel = keras.ops.convert_to_numpy(init(shape)).astype("float64")
+    sample = keras.random.normal(shape, dtype="float32", seed=5)
+    reference = _reference_q(sample)
+    kappa = (math.sqrt(m) + math.sqrt(n)) / (math.sqrt(m) - math.sqrt(n))
+    assert np.abs(kernel - reference).max() < 20 * kappa * F32_EPS
+    assert np.abs(reference).max() > 0.1 / math.sqrt(m)  # the bound is not vacuous
+
+
+def test_float64_draw_is_orthonormal_to_float64_rounding():
+    init = GoodInit("wn_relu_backward", gamma=1.0, seed=3)
+    matrix = keras.ops.convert_to_numpy(init((1024, 64), dtype="float64"))
+    assert matrix.dtype == np.float64
+    # As above with float64's eps: 8 sqrt(1024) eps_64 ~ 6e-14, far below float32's 1e-7.
+    error = np.abs(matrix.T @ matrix - np.eye(64)).max()
+    assert error < 8 * math.sqrt(1024) * float(np.finfo("float64").eps)
+
+
+def test_batched_draw_gives_independent_orthonormal_kernels():
+    kernels = keras.ops.convert_to_numpy(
+        GoodInit("wn_relu_backward", gamma=1.0, seed=2).draw((512, 64), count=3))
+    for i in range(3):
+        assert np.abs(kernels[i].T @ kernels[i] - np.eye(64)).max() < 8 * math.sqrt(512) * F32_EPS
+    # Independent draws: cross inner products are those of random unit vectors, sd 1/sqrt(512).
+    assert np.abs(kernels[0].T @ kernels[1]).max() > 0.05

@@ -1,5 +1,6 @@
-"""Tests of examples/compare_inits.py: the --quick smoke run, end to end, in a subprocess."""
+"""Tests of examples/compare_inits.py: the --quick run in a subprocess, the rest in-process."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -115,36 +116,47 @@ def test_quick_run_prints_the_table(quick_run):
     assert proposed["final_test_accuracy"] > 0.3 and not proposed["diverged"]
 
 
-def test_divergence_is_recorded_with_its_step(tmp_path):
-    completed = _run("--quick", "--inits=orthogonal_proposed", "--epochs=1", "--lr=1e4",
-                     "--resnet_inits=", "--verbose=0", f"--output={tmp_path / 'diverged.png'}")
-    assert completed.returncode == 0, completed.stderr[-4000:]
+def _script():
+    """The script as a module, in this process (no TensorFlow start-up per test)."""
+    spec = importlib.util.spec_from_file_location("goodinit_compare_inits", _SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_divergence_is_recorded_with_its_step(tmp_path, capsys):
+    _script().main(["--quick", "--inits=orthogonal_proposed", "--epochs=1", "--lr=1e4",
+                    "--resnet_inits=", "--verbose=0", f"--output={tmp_path / 'diverged.png'}"])
+    stdout = capsys.readouterr().out
     report = json.loads((tmp_path / "diverged.json").read_text())
     assert report["config"]["epochs"] == 1  # an explicit flag wins over --quick
     (result,) = report["results"]
     assert result["diverged"] is True and result["epochs_run"] == 1
     step = result["diverged_at_step"]
     assert isinstance(step, int) and 1 <= step <= report["config"]["steps_per_epoch"]
-    assert f"| yes, step {step} |" in completed.stdout
+    assert f"| yes, step {step} |" in stdout
     assert (tmp_path / "diverged.png").read_bytes()[:8] == _PNG_MAGIC
-    assert "Epoch 1/1" not in completed.stdout  # --verbose=0: no progress lines
-    assert report["resnet_results"] == [] and "ResNet" not in completed.stdout
+    assert "Epoch 1/1" not in stdout  # --verbose=0: no progress lines
+    assert report["resnet_results"] == [] and "ResNet" not in stdout
 
 
-def test_rejects_unknown_resnet_init(tmp_path):
-    completed = _run("--resnet_inits=mean_field,glorot", f"--output={tmp_path / 'x.png'}")
-    assert completed.returncode == 2
-    assert "--resnet_inits must be a comma-separated list" in completed.stderr
-    assert "glorot" in completed.stderr
+def _parse_error(capsys, *args: str) -> str:
+    """The script's own argument check, in this process: no TensorFlow start-up per case."""
+    with pytest.raises(SystemExit) as exit_info:
+        _script().parse_args(list(args))
+    assert exit_info.value.code == 2  # argparse's usage error, as on the command line
+    return capsys.readouterr().err
 
 
-def test_rejects_bad_verbose(tmp_path):
-    completed = _run("--verbose=3", f"--output={tmp_path / 'x.png'}")
-    assert completed.returncode == 2 and "--verbose" in completed.stderr
+def test_rejects_unknown_resnet_init(capsys):
+    stderr = _parse_error(capsys, "--resnet_inits=mean_field,glorot")
+    assert "--resnet_inits must be a comma-separated list" in stderr and "glorot" in stderr
 
 
-def test_rejects_unknown_init(tmp_path):
-    completed = _run("--inits=orthogonal,xavier", f"--output={tmp_path / 'x.png'}")
-    assert completed.returncode == 2
-    assert "--inits must be a comma-separated list" in completed.stderr
-    assert not (tmp_path / "x.png").exists()
+def test_rejects_bad_verbose(capsys):
+    assert "--verbose" in _parse_error(capsys, "--verbose=3")
+
+
+def test_rejects_unknown_init(capsys):
+    stderr = _parse_error(capsys, "--inits=orthogonal,xavier")
+    assert "--inits must be a comma-separated list" in stderr and "xavier" in stderr

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -25,8 +26,11 @@ from keras_goodinit.schedules import QuadraticWarmup  # noqa: E402
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train.py"
 # Imported once: the script defines absl flags, which may be defined only once per process.
 _SPEC = importlib.util.spec_from_file_location("goodinit_train_example", _PATH)
-train = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(train)
+# Registered under the name examples/compare_inits.py looks for, so that a test of that
+# script in this process reuses this module rather than defining the absl flags twice.
+train = sys.modules.setdefault(_SPEC.name, importlib.util.module_from_spec(_SPEC))
+if not hasattr(train, "FLAGS"):
+    _SPEC.loader.exec_module(train)
 
 # The inits that run a data-dependent procedure after the build.
 _DATA_INITS = ("he_datadep", "orthogonal_datadep", "lsuv")

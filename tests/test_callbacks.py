@@ -15,6 +15,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _training import Peek, same, values  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 from keras_goodinit import GoodInit, LSUVCallback, WeightNormalization, lsuv_init  # noqa: E402
@@ -42,22 +43,6 @@ def _compile(model):
     # Momentum gives the optimizer variables that a not-yet-built one cannot load.
     model.compile(keras.optimizers.SGD(0.05, momentum=0.5), "mse", jit_compile=False)
     return model
-
-
-def values(model):
-    return [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.weights]
-
-
-def same(a, b):
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-class Peek(keras.callbacks.Callback):
-    """The weights and step count training starts from (placed after LSUVCallback)."""
-
-    def on_train_begin(self, logs=None):
-        self.weights = values(self.model)
-        self.steps = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
 def fit_with_callback(model, **kwargs):

@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _training import Peek, same, values  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 from keras_goodinit import GoodInit, LSUVCallback, WeightNormalization  # noqa: E402
@@ -36,22 +37,6 @@ def build(seed=0):
     ], name="job")
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse", jit_compile=False)
     return model
-
-
-def values(model):
-    return [np.array(keras.ops.convert_to_numpy(v.value)) for v in model.weights]
-
-
-def same(a, b):
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-class Peek(keras.callbacks.Callback):
-    """Weights (and optimizer steps) at the start of training, after the other callbacks."""
-
-    def on_train_begin(self, logs=None):
-        self.weights = values(self.model)
-        self.steps = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
 class Interrupt(keras.callbacks.Callback):

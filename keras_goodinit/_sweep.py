@@ -254,7 +254,7 @@ def find_targets(model: keras.layers.Layer,
 
 
 _NORMALIZATION_TYPES = (klayers.BatchNormalization, klayers.LayerNormalization,
-                        klayers.GroupNormalization)
+                        klayers.GroupNormalization, klayers.RMSNormalization)
 _RNN_CELLS = (klayers.SimpleRNNCell, klayers.LSTMCell, klayers.GRUCell)
 
 

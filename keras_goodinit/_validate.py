@@ -63,7 +63,10 @@ def number(name: str, value, *, positive: bool = False, minimum: float | None = 
     what = expected or " ".join(parts) + (" or None" if allow_none else "")
     if _is_bool(value) or not isinstance(value, numbers.Real):
         _fail(name, what, value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range, such as 10**400
+        _fail(name, what, value)
     if (not math.isfinite(value) or (positive and not value > 0)
             or (minimum is not None and value < minimum)
             or (maximum is not None and value > maximum)):
@@ -75,7 +78,7 @@ def one_of(name: str, value, choices: Collection):
     """One of `choices`; a bool never stands in for 0 or 1."""
     try:
         found = value in choices
-    except TypeError:  # unhashable
+    except (TypeError, ValueError):  # unhashable, or an array's ambiguous truth value
         found = False
     if found and _is_bool(value) and not any(_is_bool(c) for c in choices):
         found = False

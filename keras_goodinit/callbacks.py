@@ -94,7 +94,7 @@ class LSUVCallback(keras.callbacks.Callback):
         verbose: 0 silent, 1 or 2 a progress bar, the report's table and
             why the callback stood down.
         **lsuv_kwargs: Passed to `lsuv_init` (`tol`, `max_iter`, ...);
-            `weightnorm_data_init` takes only `layers`.
+            `weightnorm_data_init` takes only `layers` and `compile`.
 
     Reference:
         - [Mishkin & Matas, 2016](https://arxiv.org/abs/1511.06422)

@@ -179,6 +179,8 @@ class SignalReport:
         Returns:
             The path written.
         """
+        histograms = _validate.boolean("histograms", histograms)
+        max_histograms = _validate.integer("max_histograms", max_histograms, minimum=1)
         try:
             import matplotlib
 

@@ -378,8 +378,9 @@ def lsuv_init(
     (Embedding, RNN cells...) is listed as skipped with the reason, and
     layers that a normalization layer follows are noted, since it undoes
     their scale in training mode. If anything raises, every weight is
-    restored exactly; every variable that is not a target's (moving
-    statistics, seed states) ends as it was either way.
+    restored exactly; every other weight that is not a target's (such as
+    moving statistics) ends as it was either way. Random seed states (of
+    dropout, say) advance as in any forward pass.
 
     Examples:
 
@@ -456,11 +457,12 @@ def lsuv_init(
             policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=max_iter,
                                   measure=checked["measure"], followers=followers)
             result = _sweep.run(model, x, targets, policy, compile=compile, key=_lsuv_key(
-                target_var, tol, max_iter, checked["measure"], followers))
+                target_var, tol, max_iter, checked["measure"], targets, followers))
             pairs, batches = _commit_lsuv(result, targets, verbose), 1
+        # The pass just run says which mode works: a failed trace is not tried again.
         _measure_after(model, x, targets, pairs, followers=followers,
                        post=checked["measure"] == "post_activation",
-                       target_var=target_var, tol=tol, compile=compile)
+                       target_var=target_var, tol=tol, compile=result.mode)
         _add_notes(pairs, notes)
         summary = _normalization_notes(pairs) + ([result.note] if result.note else [])
         _distribute.broadcast_from_chief(variables)
@@ -468,13 +470,14 @@ def lsuv_init(
                           notes=summary, mode=result.mode)
 
 
-def _lsuv_key(target_var, tol, max_iter, measure, followers) -> tuple:
+def _lsuv_key(target_var, tol, max_iter, measure, targets, followers) -> tuple:
     """Every option `_lsuv_policy` bakes into a traced pass."""
-    return ("lsuv", target_var, tol, max_iter, measure, _follower_key(followers))
+    return ("lsuv", target_var, tol, max_iter, measure, _follower_key(targets, followers))
 
 
-def _follower_key(followers) -> tuple:
-    return tuple(sorted((key, id(layer)) for key, layer in followers.items()))
+def _follower_key(targets, followers) -> tuple:
+    # By position: each call makes new Target objects, but the same model gives the same order.
+    return tuple((i, id(followers[id(t)])) for i, t in enumerate(targets) if id(t) in followers)
 
 
 _NORMALIZED = ("a normalization layer follows: in training mode it re-normalizes this "
@@ -539,7 +542,7 @@ def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
     """
     followers = followers or {}
     result = _sweep.run(model, x, targets, _measure_policy(followers, post),
-                        key=("measure", post, _follower_key(followers)), compile=compile)
+                        key=("measure", post, _follower_key(targets, followers)), compile=compile)
     position = {id(t): i for i, t in enumerate(result.order)}
     tiny = np.finfo("float64").tiny
     for target, row in pairs:
@@ -702,7 +705,7 @@ def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, fo
     for trial, x in enumerate(_data.batches(data)):
         _data.check_batch(x)
         result = _sweep.run(model, x, targets, policy, compile=compile,
-                            key=_lsuv_key(target_var, tol, 1, measure, followers))
+                            key=_lsuv_key(target_var, tol, 1, measure, targets, followers))
         pairs, trial_scales = _lsuv_rows(result, targets)
         _apply_scales(trial_scales)
         for target, row in pairs:
@@ -796,7 +799,7 @@ def weightnorm_data_init(
         estimates = {id(t): result.states[id(t)]["cells"] for t in order
                      if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
         measured = _measure_after(model, x, targets, pairs, estimates=estimates,
-                                  compile=compile)
+                                  compile=result.mode)
         _bias_free_notes(pairs, measured, estimates)
         _distribute.broadcast_from_chief(variables)
         return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows,

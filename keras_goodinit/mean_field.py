@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers as klayers
 from keras import ops
 
-from keras_goodinit import _data, _graph, _layouts, _moments, _sweep, _validate
+from keras_goodinit import _data, _distribute, _graph, _layouts, _moments, _sweep, _validate
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
 from keras_goodinit.report import InitReport, LayerRecord, format_table
 from keras_goodinit.weight_norm import unit_norms
@@ -235,6 +235,8 @@ def mean_field_init(
             decision = plan.decisions.get(id(target))
             if decision is not None and decision.status == "ok":
                 decision.scale = _write(target, decision, distribution, seeds[id(target)])
+        # With seed=None every worker drew its own directions: all take the chief's.
+        _distribute.broadcast_from_chief(written)
         if x is not None:
             _measure(model, x, targets, plan)
     report = MeanFieldReport("mean_field_init", plan.rows(targets),

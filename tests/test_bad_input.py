@@ -615,3 +615,21 @@ def test_random_batches_raise_or_init_and_never_lose_weights(function, drawn):
         assert error is None, repr(error)
         assert all(r.status in ("ok", "skipped", "max_iter") for r in report.rows)
         assert all(r.reason for r in report.rows if r.status != "ok")
+
+
+def test_huge_ints_and_arrays_are_named_not_overflowed():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    x = np.ones((8, 4), "float32")
+    with pytest.raises(ValueError, match=r"Received: tol=10000"):
+        lsuv_init(model, x, tol=10**400, verbose=0)
+    with pytest.raises(ValueError, match=r"Argument `measure`"):
+        lsuv_init(model, x, measure=np.array(["pre_activation", "post_activation"]), verbose=0)
+
+
+def test_signal_plot_checks_its_arguments(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    report = signal_report(model, np.ones((8, 4), "float32"), gradients=False)
+    with pytest.raises(ValueError, match=r"Received: max_histograms=0"):
+        report.plot(str(tmp_path / "p.png"), histograms=True, max_histograms=0)
+    with pytest.raises(ValueError, match=r"Received: histograms='no'"):
+        report.plot(str(tmp_path / "p.png"), histograms="no")

@@ -204,6 +204,18 @@ def test_a_second_init_reuses_the_traced_pass():
     assert counts == {layer.name: 2 for layer in targets}
 
 
+def test_post_activation_through_a_separate_layer_reuses_the_traced_pass():
+    # The follower layers are part of the cache key; new Target objects per call must not be.
+    model = keras.Sequential([keras.Input((12,)), L.Dense(16, name="d0"), L.ReLU(),
+                              L.Dense(16, name="d1"), L.ReLU(), L.Dense(3, name="out")])
+    x = normal((32, 12), 16)
+    targets = [layer for _, layer in kernel_layers(model)]
+    lsuv_init(model, x, measure="post_activation", verbose=0)
+    with counting_calls(targets) as counts:
+        second = lsuv_init(model, x, measure="post_activation", pre_init=None, verbose=0)
+    assert counts == {} and second.mode == "compiled"
+
+
 class _Collect(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from keras import layers as klayers
 from keras import ops
 
 from keras_goodinit import _layouts
+from keras_goodinit._compiled import per_signature
 from keras_goodinit.weight_norm import WeightNormalization, kernel_variable
 
 _LINEAR_TYPES = (
@@ -458,33 +458,6 @@ def mask_weights(y, mask):
         return None
     weights = tf.cast(mask, tf.float32)
     return tf.reshape(weights, mask_shape + (1,) * (len(shape) - len(mask_shape)))
-
-
-def per_signature(fn: Callable) -> Callable:
-    """`fn(*tensors, **static)` as one `tf.function` per signature, each traced once.
-
-    Called eagerly it is a compiled kernel; called while a pass is traced it
-    is one call op, however many layers share the signature, which is what
-    keeps tracing a deep model cheap. A new `tf.function` per signature (not
-    one retraced per shape) never triggers TensorFlow's retracing warning.
-    `static` values must be hashable; `tensors` may hold None.
-    """
-    functions = {}
-
-    def call(*tensors, **static):
-        tensors = tuple(None if t is None else tf.convert_to_tensor(t) for t in tensors)
-        key = (tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors),
-               tuple(sorted(static.items())))
-        compiled = functions.get(key)
-        if compiled is None:
-            # Not inlined: Grappler then optimizes one body per signature, not one per
-            # layer (inlining a deep model's copies cost more than the pass itself).
-            compiled = functions[key] = tf.function(
-                functools.partial(fn, **static), autograph=False,
-                experimental_attributes={"_noinline": True})
-        return compiled(*tensors)
-
-    return call
 
 
 def moments_of(y, weights, axes: tuple[int, ...]) -> tuple[tf.Tensor, tf.Tensor]:

@@ -11,6 +11,7 @@ from keras import ops
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
 from keras_goodinit import _layouts, _validate
+from keras_goodinit._compiled import per_signature
 
 SCHEMES = ("wn_relu", "wn_linear", "wn_residual", "wn_hanin", "wn_relu_backward")
 DISTRIBUTIONS = ("orthogonal", "normal")
@@ -335,7 +336,7 @@ def _cholesky_qr2(sample):
     return q
 
 
-@tf.function(autograph=False, reduce_retracing=False)
+@per_signature
 def _orthonormal(sample):
     """Orthonormal columns for a Gaussian `sample` (..., m, n), m >= n, Haar-distributed.
 

@@ -229,12 +229,18 @@ def test_no_retracing_warning_on_a_model_of_many_shapes():
     # Every layer a new output shape: a tf.function retraced per shape would warn.
     layers = [keras.Input((4,))] + [L.Dense(4 + i, activation="relu") for i in range(12)]
     model = keras.Sequential(layers)
+    # Tall kernels of six shapes, (64, k) and (k, 64): the pre-init's compiled QR per shape.
+    tall = [keras.Input((64,))]
+    for k in range(4, 28, 4):
+        tall += [L.Dense(k, activation="relu"), L.Dense(64, activation="relu")]
+    tall_model = keras.Sequential(tall)
     handler = _Collect()
     tf.get_logger().addHandler(handler)
     try:
         for function in (lsuv_init, weightnorm_data_init):
             for compile in ("auto", "eager"):
                 function(model, normal((32, 4), 16), compile=compile, verbose=0)
+        lsuv_init(tall_model, normal((32, 64), 17), verbose=0)
     finally:
         tf.get_logger().removeHandler(handler)
     assert not [m for m in handler.messages if "retracing" in m], handler.messages

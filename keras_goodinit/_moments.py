@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -328,8 +328,3 @@ def _args(layer) -> str:
     if float(layer.threshold):
         parts.append(f"threshold={float(layer.threshold):g}")
     return f"({', '.join(parts)})" if parts else ""
-
-
-def builtin_names() -> Sequence[str]:
-    """Names of the Keras activations with a known spec."""
-    return sorted(spec.name for spec in _REGISTRY.values())

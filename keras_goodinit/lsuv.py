@@ -23,12 +23,14 @@ PRE_INITS = ("orthogonal", None)
 # exact and unbounded: a 1e30-scale input converges in one step, not fifteen.
 MAX_STEP = 100.0
 
-_SEARCHING, _OK, _MAX_ITER, _NON_FINITE, _DEAD, _STEP_DEAD = -1, 0, 1, 2, 3, 4
+_SEARCHING, _OK, _MAX_ITER, _NON_FINITE, _DEAD, _STEP_DEAD, _UNREACHABLE = range(-1, 6)
 _STATUS = {_OK: ("ok", ""), _MAX_ITER: ("max_iter", "reached max_iter"),
            _NON_FINITE: ("skipped", "non-finite variance"),
            _DEAD: ("skipped", "variance below epsilon (dead or constant output)"),
            _STEP_DEAD: ("max_iter", "stopped: the next step made the activation output "
-                                    "constant (every unit dead); kept the last live scale")}
+                                    "constant (every unit dead); kept the last live scale"),
+           _UNREACHABLE: ("max_iter", "no kernel scale reaches target_var: the bias alone "
+                                      "gives more variance; took one LSUV step")}
 
 
 def _relative_floor(dtype) -> float:
@@ -42,17 +44,19 @@ def _relative_floor(dtype) -> float:
     return eps**2 + (64 * float(ml_dtypes.finfo("float32").eps)) ** 2
 
 
-def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead,
+def _solve_scale(variance, *, target_var, tol: float, max_iter: int, dead,
                  max_step: float = MAX_STEP, unrolled: bool = False) -> dict:
     """The LSUV iteration on a variance function of the kernel scale c, as tensors.
 
     Bounded by `max_iter`, so it runs inside a compiled pass with no host
     decision between layers: a `tf.while_loop`, or (`unrolled`, for a cheap
     scalar `variance`) `max_iter` steps that stop changing once done, which
-    trace and optimize far faster than one loop per layer. Returns scale,
+    trace and optimize far faster than a loop. `target_var` may be a tensor
+    (a residual branch end's target is measured in the pass). Returns scale,
     var_before, var_after, iterations and the status code (int32).
     """
     f64 = tf.float64
+    target_var = tf.cast(target_var, f64)
     var_before = variance(tf.constant(1.0, f64))
     # Relative: an absolute tol would accept any variance below it for a small target_var.
     margin = tol * target_var
@@ -77,8 +81,7 @@ def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead
         return (tf.where(alive, scale * factor, scale), tf.where(alive, new_var, var),
                 iterations, code)
 
-    code = tf.where(~tf.math.is_finite(var_before), _NON_FINITE,
-                    tf.where(dead, _DEAD, code_of(var_before, tf.constant(0))))
+    code = _first_code(var_before, dead, code_of(var_before, tf.constant(0)))
     state = (tf.constant(1.0, f64), var_before, tf.constant(0), code)
     if unrolled:
         for _ in range(max_iter):
@@ -91,19 +94,56 @@ def _solve_scale(variance, *, target_var: float, tol: float, max_iter: int, dead
             "iterations": iterations, "code": code}
 
 
-def _quadratic(mean, var, bias):
-    """The total variance of `c * (y - b) + b` as a function of c, from y's cells.
+def _first_code(var_before, dead, code):
+    """Before any step: non-finite and dead outputs are skipped, else `code`."""
+    return tf.where(~tf.math.is_finite(var_before), _NON_FINITE, tf.where(dead, _DEAD, code))
 
-    `mean(c^2 var) + var_cells(c d + b)` with `d = mean - b`, that is
-    `A c^2 + B c + C`: three scalars, so each step of the iteration is a few
-    scalar ops whatever the layer's size.
+
+def _solve_quadratic(coefficients, *, target_var, tol: float, dead) -> dict:
+    """`_solve_scale` for a pre-activation variance `A c^2 + B c + C`, in closed form.
+
+    The LSUV iteration `c <- c sqrt(t / var(c))` converges to the positive
+    root of `var(c) = t`, which exists whenever the bias part C alone is
+    below t (or the curve dips below t); the root is taken at once, so the
+    compiled pass holds no loop. Where there is none, no kernel scale reaches
+    t: one LSUV step is taken and the row says `max_iter`, since more steps
+    would only shrink the kernel towards zero.
+    """
+    a, b, c = coefficients
+    f64 = tf.float64
+    target_var = tf.cast(target_var, f64)
+    variance = lambda scale: (a * scale + b) * scale + c  # noqa: E731
+    var_before = variance(tf.constant(1.0, f64))
+    margin = tol * target_var
+    discriminant = b * b - 4.0 * a * (c - target_var)
+    root_of = tf.sqrt(tf.maximum(discriminant, 0.0))
+    # The larger root of A c^2 + B c + (C - t), in the form without cancellation.
+    root = tf.where(b >= 0, 2.0 * (target_var - c) / (b + root_of), (root_of - b) / (2.0 * a))
+    solvable = (discriminant >= 0) & (a > 0) & tf.math.is_finite(root) & (root > 0)
+    step = tf.where(solvable, root, tf.sqrt(target_var / var_before))
+    code = _first_code(var_before, dead, tf.where(tf.abs(var_before - target_var) < margin,
+                                                  _OK, _SEARCHING))
+    searching = code == _SEARCHING
+    scale = tf.where(searching, step, tf.ones_like(step))
+    var = variance(scale)
+    reached = tf.where(tf.abs(var - target_var) < margin, _OK,
+                       tf.where(solvable, _MAX_ITER, _UNREACHABLE))
+    return {"scale": scale, "var_before": var_before, "var_after": var,
+            "iterations": tf.where(searching, 1, 0), "code": tf.where(searching, reached, code)}
+
+
+def _quadratic(mean, var, bias):
+    """The total variance of `c * (y - b) + b` as `A c^2 + B c + C`, from y's cells.
+
+    `mean(c^2 var) + var_cells(c d + b)` with `d = mean - b`: three scalars,
+    so solving for c costs a few scalar ops whatever the layer's size.
     """
     d = mean - bias
     centred_d, centred_b = d - tf.reduce_mean(d), bias - tf.reduce_mean(bias)
     a = tf.reduce_mean(var) + tf.reduce_mean(tf.square(centred_d))
     b = 2.0 * tf.reduce_mean(centred_d * centred_b)
     c = tf.reduce_mean(tf.square(centred_b))
-    return lambda scale: (a * scale + b) * scale + c
+    return a, b, c
 
 
 def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str,
@@ -126,10 +166,12 @@ def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str,
             axes = target.cell_axes(len(y.shape))
             if measure == "pre_activation":
                 # One compiled kernel per output signature: one op in the traced pass.
-                y, state = _lsuv_pre_activation(y, weights, bias, axes=axes, **options)
+                y, state = _lsuv_pre_activation(y, weights, bias, None, axes=axes, tol=tol,
+                                                target_var=target_var)
                 return activation(y), state
             mean, var = _sweep.moments_of(y, weights, axes)
-            state = _post_activation_scale(y, weights, mean, var, bias, post, **options)
+            state = _post_activation_scale(y, weights, mean, var,
+                                           _sweep.with_zeros(bias, mean.shape), post, **options)
         return activation(_sweep.affine(y, state["scale"], state["shift"])), state
 
     return policy
@@ -142,12 +184,19 @@ def _dead(y, mean, var, bias):
     return kernel_var <= _relative_floor(y.dtype) * power
 
 
-def _pre_activation(y, weights, bias, *, axes, target_var, tol, max_iter):
-    """The rescaled output and the state of one layer, on its pre-activation variance."""
+def _pre_activation(y, weights, bias, ratio, *, axes, tol, target_var):
+    """The rescaled output and the state of one layer, on its pre-activation variance.
+
+    The layer's target is `target_var`, times `ratio` (a float64 scalar
+    computed in the pass) when given: layers with different targets then
+    share one compiled kernel per output signature.
+    """
     mean, var = _sweep.moments_of(y, weights, axes)
-    state = _solve_scale(_quadratic(mean, var, bias), target_var=target_var, tol=tol,
-                         max_iter=max_iter, dead=_dead(y, mean, var, bias), max_step=math.inf,
-                         unrolled=False)
+    bias = _sweep.with_zeros(bias, mean.shape)
+    if ratio is not None:
+        target_var = target_var * ratio
+    state = _solve_quadratic(_quadratic(mean, var, bias), target_var=target_var, tol=tol,
+                             dead=_dead(y, mean, var, bias))
     state["shift"] = (1.0 - state["scale"]) * bias
     return _sweep.affine(y, state["scale"], state["shift"]), state
 
@@ -173,11 +222,12 @@ def _data_init_policy():
 
     def policy(target, y, activation, state):
         if state is None:
-            bias = target.bias_tensor(target.cell_shape(tuple(y.shape)))
+            cells = target.cell_shape(tuple(y.shape))
+            bias = target.bias_tensor(cells)
             g = None
             if target.is_weight_normalized:
                 g = tf.reshape(tf.cast(ops.convert_to_tensor(target.layer.g), tf.float64),
-                               bias.shape)
+                               cells)
             y, state = _unit_kernel(y, _sweep.mask_weights(y, target.mask), bias, g,
                                     axes=target.cell_axes(len(y.shape)),
                                     has_bias=target.bias is not None)
@@ -191,6 +241,7 @@ def _data_init_policy():
 
 def _unit_step(y, weights, bias, g, *, axes, has_bias):
     mean, var = _sweep.moments_of(y, weights, axes)
+    bias = _sweep.with_zeros(bias, mean.shape)
     state = _unit_init(mean, var, bias, g, _relative_floor(y.dtype), has_bias=has_bias)
     if g is not None:
         y = _sweep.affine(y, state["scale"], state["shift"])
@@ -365,10 +416,13 @@ def lsuv_init(
     divided by its peak (so any finite input scale works), as one compiled
     program by default (see `compile`), leaving out
     positions a Keras mask marks as padding. A layer inside `TimeDistributed`
-    is measured over every time step at once. One more forward pass then
-    measures every layer's `var_after` on the same batch; a row whose
-    measurement departs from the in-flight estimate beyond rounding says so
-    (status `"drift"` if it then misses `tol`).
+    is measured over every time step at once. Each row's `var_after` is the
+    variance of the rescaled output in flight, which is the model's own to
+    float32 rounding when every target is a Keras linear layer as shipped
+    computing in float32 or wider. Otherwise (mixed precision, a subclass
+    with its own `call`) one more forward pass measures it on the same batch,
+    and a row whose measurement departs from the in-flight estimate beyond
+    rounding says so (status `"drift"` if it then misses `tol`).
 
     A layer whose variance is not finite or is below a dtype-aware epsilon
     (dead or constant) is skipped and keeps its (pre-initialized) weights.
@@ -445,7 +499,7 @@ def lsuv_init(
     variables = [v for t in targets for v in t.variables()]
     followers = _followers(targets, checked["measure"])
     notes = {}
-    with _sweep.guarded(model, variables):
+    with _sweep.atomic(variables):
         if checked["pre_init"] == "orthogonal":
             notes = _orthogonal_pre_init(targets, seed)
         if checked["new_batch_per_trial"]:
@@ -459,10 +513,11 @@ def lsuv_init(
             result = _sweep.run(model, x, targets, policy, compile=compile, key=_lsuv_key(
                 target_var, tol, max_iter, checked["measure"], targets, followers))
             pairs, batches = _commit_lsuv(result, targets, verbose), 1
-        # The pass just run says which mode works: a failed trace is not tried again.
-        _measure_after(model, x, targets, pairs, followers=followers,
-                       post=checked["measure"] == "post_activation",
-                       target_var=target_var, tol=tol, compile=result.mode)
+        if not _sweep.in_flight_is_exact(targets):
+            # The pass just run says which mode works: a failed trace is not tried again.
+            _measure_after(model, x, targets, pairs, followers=followers,
+                           post=checked["measure"] == "post_activation",
+                           target_var=target_var, tol=tol, compile=result.mode)
         _add_notes(pairs, notes)
         summary = _normalization_notes(pairs) + ([result.note] if result.note else [])
         _distribute.broadcast_from_chief(variables)
@@ -746,8 +801,9 @@ def weightnorm_data_init(
     that are not weight-normalized are reported as skipped, as is every
     other layer with weights of its own. Statistics leave out masked
     positions and cover every step of a `TimeDistributed` layer; `var_after`
-    is measured by one more forward pass, and a layer without a bias says by
-    how much it cannot centre its units.
+    is measured as for `lsuv_init` (by one more forward pass under mixed
+    precision or with subclassed layers), and a layer without a bias says
+    by how much it cannot centre its units.
 
     Examples:
 
@@ -779,7 +835,7 @@ def weightnorm_data_init(
     layers, verbose, compile = checked["layers"], checked["verbose"], checked["compile"]
     x, targets, other_rows = _prepare(model, _data.replayable(data), layers)
     variables = [v for t in targets for v in t.variables()]
-    with _sweep.guarded(model, variables):
+    with _sweep.atomic(variables):
         result = _sweep.run(model, x, targets, _data_init_policy(), key=("data_init",),
                             compile=compile)
         order, missed = _reached(targets, result)
@@ -798,8 +854,11 @@ def weightnorm_data_init(
         pairs += [(t, _not_called(t, result)) for t in missed]
         estimates = {id(t): result.states[id(t)]["cells"] for t in order
                      if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
-        measured = _measure_after(model, x, targets, pairs, estimates=estimates,
-                                  compile=result.mode)
+        if _sweep.in_flight_is_exact(targets):
+            measured = {key: {"mean": mean, "var": var} for key, (mean, var) in estimates.items()}
+        else:
+            measured = _measure_after(model, x, targets, pairs, estimates=estimates,
+                                      compile=result.mode)
         _bias_free_notes(pairs, measured, estimates)
         _distribute.broadcast_from_chief(variables)
         return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows,

@@ -230,7 +230,7 @@ def mean_field_init(
              for t in targets}
     written = [v for t in targets for v in t.variables()]
     written += [t.inner.depthwise_kernel for t in targets if isinstance(t.inner, _SEPARABLE)]
-    with _sweep.guarded(model, written):
+    with _sweep.atomic(written):
         for target in targets:
             decision = plan.decisions.get(id(target))
             if decision is not None and decision.status == "ok":

@@ -190,8 +190,9 @@ def test_a_second_init_reuses_the_traced_pass():
     targets = [layer for _, layer in kernel_layers(model)]
     with counting_calls(targets) as counts:
         first = lsuv_init(model, x, verbose=0)
-    # Traced: each layer's Python runs once for the init pass and once for the measuring one.
-    assert counts == {layer.name: 2 for layer in targets}
+    # Traced: each layer's Python runs once, for the init pass (no measuring pass is needed
+    # for Keras' own float32 layers).
+    assert counts == {layer.name: 1 for layer in targets}
     with counting_calls(targets) as counts:
         second = lsuv_init(model, x, pre_init=None, verbose=0)
     assert counts == {}  # no trace and no eager pass: the cached program ran
@@ -201,7 +202,7 @@ def test_a_second_init_reuses_the_traced_pass():
     # A new input signature is a new trace.
     with counting_calls(targets) as counts:
         lsuv_init(model, {k: v[:16] for k, v in x.items()}, verbose=0)
-    assert counts == {layer.name: 2 for layer in targets}
+    assert counts == {layer.name: 1 for layer in targets}
 
 
 def test_post_activation_through_a_separate_layer_reuses_the_traced_pass():
@@ -297,3 +298,92 @@ def test_bad_compile_values_raise(value):
     for function in (lsuv_init, weightnorm_data_init):
         with pytest.raises(ValueError, match="`compile`"):
             function(model, normal((8, 16)), compile=value, verbose=0)
+
+
+# ----------------------------------------------------------------------------
+# One pass where it is exact; a measuring pass where it is not.
+
+
+def _features(model, names, x):
+    outputs = [model.get_layer(n).output for n in names]
+    return [keras.ops.convert_to_numpy(y).astype("float64")
+            for y in keras.Model(model.inputs, outputs)(x)]
+
+
+def test_keras_float32_layers_need_no_measuring_pass_and_report_the_true_variance():
+    # Separate ReLU layers, so that each kernel layer's `.output` is its pre-activation.
+    model = keras.Sequential([keras.Input((16,)), L.Dense(32, name="d0"), L.ReLU(),
+                              L.Dense(32, name="d1"), L.ReLU(), L.Dense(4, name="out")])
+    x = normal((128, 16), 31, scale=3.0)
+    targets = [layer for _, layer in kernel_layers(model)]
+    with counting_calls(targets) as counts:
+        report = lsuv_init(model, x, verbose=0)
+    assert counts == {layer.name: 1 for layer in targets}
+    names = [layer.name for layer in targets]
+    # The in-flight variance is the rescaled model's own: a fresh forward pass agrees to
+    # float32 rounding of the scales (the 2e-5 MATCH of test_lsuv.py).
+    for name, y in zip(names, _features(model, names, x)):
+        assert float(np.var(y)) == pytest.approx(report[name].var_after, rel=2e-5), name
+
+
+class _OwnCall(L.Dense):
+    """A Dense subclass with a `call` of its own: the sweep cannot know what it computes."""
+
+    def call(self, inputs):
+        return super().call(inputs)
+
+
+@pytest.mark.parametrize("case", ["subclass", "mixed_float16"])
+def test_a_measuring_pass_follows_where_the_in_flight_estimate_may_differ(case):
+    if case == "subclass":
+        model = keras.Sequential([keras.Input((16,)), _OwnCall(32, name="d0"),
+                                  L.Dense(4, name="out")])
+    else:
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("mixed_float16")
+        try:
+            model = mlp(depth=2)
+        finally:
+            keras.config.set_dtype_policy(policy)
+    targets = [layer for _, layer in kernel_layers(model)]
+    assert not _sweep.in_flight_is_exact(_sweep.find_targets(model))
+    with counting_calls(targets) as counts:
+        lsuv_init(model, normal((64, 16), 32), verbose=0)
+    assert counts == {layer.name: 2 for layer in targets}
+
+
+def test_the_closed_form_scale_is_where_the_lsuv_iteration_converges():
+    from keras_goodinit import lsuv
+
+    rng = np.random.default_rng(5)
+    for trial in range(20):
+        mean = tf.constant(rng.normal(size=(1, 8)) * rng.uniform(0, 3), tf.float64)
+        var = tf.constant(rng.uniform(0.1, 4, size=(1, 8)) * 10.0 ** rng.uniform(-3, 3),
+                          tf.float64)
+        bias = tf.constant(rng.normal(size=(1, 8)) * rng.uniform(0, 0.5), tf.float64)
+        coefficients = lsuv._quadratic(mean, var, bias)
+        a, b, c = (float(v) for v in coefficients)
+        closed = lsuv._solve_quadratic(coefficients, target_var=1.0, tol=0.1,
+                                       dead=tf.constant(False))
+        # The paper's iteration, run to float64 convergence.
+        loop = lsuv._solve_scale(lambda s, a=a, b=b, c=c: (a * s + b) * s + c, tol=1e-12,
+                                 target_var=1.0,
+                                 max_iter=200, dead=tf.constant(False), max_step=np.inf)
+        if abs((a + b + c) - 1.0) < 0.1:  # already within tol: no step
+            assert float(closed["scale"]) == 1.0 and int(closed["iterations"]) == 0
+            continue
+        assert int(closed["code"]) == 0 and int(closed["iterations"]) == 1, trial
+        assert float(closed["scale"]) == pytest.approx(float(loop["scale"]), rel=1e-9), trial
+        assert float(closed["var_after"]) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_no_reachable_target_takes_one_step_and_says_why():
+    from keras_goodinit import lsuv
+
+    # Bias variance 4 alone exceeds the target 1, and a positive B keeps the curve above it.
+    coefficients = tuple(tf.constant(v, tf.float64) for v in (2.0, 1.0, 4.0))
+    state = lsuv._solve_quadratic(coefficients, target_var=1.0, tol=0.1,
+                                  dead=tf.constant(False))
+    assert float(state["scale"]) == pytest.approx(np.sqrt(1.0 / 7.0))
+    assert lsuv._STATUS[int(state["code"])][0] == "max_iter"
+    assert "no kernel scale reaches" in lsuv._STATUS[int(state["code"])][1]

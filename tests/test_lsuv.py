@@ -570,12 +570,13 @@ def test_dead_layers_are_skipped_not_blown_up(pre_init):
 def test_max_iter_is_reported():
     model = mlp(depth=1)
     # Biases of +-10 put a between-unit variance of 100 into the output that no kernel
-    # scale can remove, so the layer cannot converge in one step (or ever).
+    # scale can remove, so no scale reaches the target: one LSUV step, then it says why.
     bias = model.get_layer("d0").bias
     bias.assign(np.where(np.arange(32) % 2 == 0, 10.0, -10.0).astype("float32"))
     report = lsuv_init(model, normal((64, 16), 16), max_iter=1, verbose=0)
     row = report["d0"]
-    assert row.status == "max_iter" and row.iterations == 1 and "max_iter" in row.reason
+    assert row.status == "max_iter" and row.iterations == 1
+    assert "no kernel scale reaches target_var" in row.reason
     assert abs(row.var_after - 1.0) >= TOL
     assert report["out"].status == "ok"
 
@@ -765,8 +766,9 @@ def test_each_target_is_evaluated_once_per_pass_and_no_model_is_built(monkeypatc
 
     with counting_calls(targets) as counts:
         report = lsuv_init(model, data, measure=measure, verbose=0)
-    # The init pass, then one measuring pass that reports var_after as it now is.
-    assert counts == {layer.name: 2 for layer in targets}
+    # The init pass alone: with Keras' own float32 layers its in-flight statistics are the
+    # model's, so no measuring pass follows (tests/test_compiled_sweep.py checks both cases).
+    assert counts == {layer.name: 1 for layer in targets}
     assert built == []
     # (tanh's post-activation variance cannot reach 1 within max_iter, so not report.ok.)
     assert [r.name for r in report.rows] == ["a1", "b1", "mix", "inner1", "inner2", "out"]

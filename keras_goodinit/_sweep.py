@@ -340,6 +340,19 @@ def prepare(model: keras.layers.Layer, x,
 Policy = Callable[[Target, Any, Callable, dict | None], tuple[Any, dict]]
 
 
+@dataclasses.dataclass(eq=False)
+class Probe:
+    """The variance of one call's output of `layer` (a residual stream), read by a policy.
+
+    `call` counts the layer's calls in execution order from 0; `value` is a
+    float64 scalar tensor once the pass has made that call, None before.
+    """
+
+    layer: keras.layers.Layer
+    call: int
+    value: Any = None
+
+
 @dataclasses.dataclass
 class SweepResult:
     order: list[Target]  # targets in execution order
@@ -358,7 +371,8 @@ class SweepResult:
 
 
 @contextlib.contextmanager
-def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
+def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult,
+            probes: Sequence[Probe] = ()):
     patched = []
 
     def make_hook(target, activation):
@@ -394,7 +408,8 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
             patched.append((target, target.inner.activation, vars(target.inner).get("call")))
             target.inner.activation = make_hook(target, activation)
             target.inner.call = make_call(target, target.inner.call)
-        yield
+        with _probing(probes, result):
+            yield
     finally:
         for target, activation, call in patched:
             target.inner.activation = activation
@@ -408,6 +423,49 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult):
                 vars(wrapper).pop("call", None)
             else:
                 wrapper.call = call
+
+
+@contextlib.contextmanager
+def _probing(probes: Sequence[Probe], result: SweepResult):
+    """Each probe's layer records its output's variance at the probe's call."""
+    by_layer: dict[int, list[Probe]] = {}
+    for probe in probes:
+        probe.value = None
+        by_layer.setdefault(id(probe.layer), []).append(probe)
+    saved = []
+
+    def make_call(layer, mine, call):
+        seen = [0]
+
+        def probed(*args, **kwargs):
+            outputs = call(*args, **kwargs)
+            if _in_pass(result):
+                for probe in mine:
+                    if probe.call == seen[0] and hasattr(outputs, "shape"):
+                        probe.value = stream_variance(outputs)
+                seen[0] += 1
+            return outputs
+        return probed
+
+    try:
+        for mine in by_layer.values():
+            layer = mine[0].layer
+            saved.append((layer, vars(layer).get("call")))
+            layer.call = make_call(layer, mine, layer.call)
+        yield
+    finally:
+        for layer, call in reversed(saved):
+            if call is None:
+                vars(layer).pop("call", None)
+            else:
+                layer.call = call
+
+
+def stream_variance(y) -> tf.Tensor:
+    """The variance of the whole tensor `y`, a float64 scalar."""
+    rank = len(y.shape)
+    _, var = moments(y, tuple(range(rank)))
+    return tf.reshape(var, [])
 
 
 def _in_pass(result: SweepResult) -> bool:
@@ -457,14 +515,14 @@ def _input_mask(inputs):
 
 
 def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
-          training: bool = False) -> SweepResult:
+          training: bool = False, probes: Sequence[Probe] = ()) -> SweepResult:
     """One eager forward pass of `model` on `x`, `policy` at each target; inference by default.
 
     Eager, because the policies decide on host-side numbers between layers;
     the heavy per-layer statistics are compiled functions of the policies.
     """
     result = SweepResult(order=[], states={}, calls={})
-    with preserving(model), _hooked(targets, policy, result):
+    with preserving(model), _hooked(targets, policy, result, probes):
         result.outputs = model(x, training=training)
     return result
 
@@ -581,7 +639,8 @@ _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
-        key: tuple, compile: str = "auto", training: bool = False) -> SweepResult:
+        key: tuple, compile: str = "auto", training: bool = False,
+        probes: Sequence[Probe] = ()) -> SweepResult:
     """The sweep as one compiled program where it can be; states come back as NumPy.
 
     `policy` must be written with TensorFlow ops (it then runs eagerly too).
@@ -591,19 +650,23 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
     XLA) or `"eager"`; an explicit compiled mode raises if it cannot run. The
     traced function is cached per model, input signature, targets, model
     variables and `key` (which must name every option the policy bakes in):
-    a second call reuses it. `SweepResult.mode` says which ran.
+    a second call reuses it. `SweepResult.mode` says which ran. `probes`
+    measure the variance of other layers' outputs for the policy to read.
     """
+    def eager():
+        return sweep(model, x, targets, policy, training=training, probes=probes)
+
     if compile == "eager":
-        return _on_host(sweep(model, x, targets, policy, training=training))
+        return _on_host(eager())
     if compile == "auto" and _under_strategy(model):
         # The eager pass is the one proven to give identical replicas.
-        return _on_host(sweep(model, x, targets, policy, training=training),
-                        note="eager sweep: the model runs under a tf.distribute strategy")
+        return _on_host(eager(), note="eager sweep: the model runs under a tf.distribute "
+                                      "strategy")
     modes = [compile] if compile != "auto" else (
         ["xla", "compiled"] if _xla_by_default(model) else ["compiled"])
     for mode in modes:
         try:
-            return _compiled_sweep(model, x, targets, policy, key, mode, training)
+            return _compiled_sweep(model, x, targets, policy, key, mode, training, probes)
         except tf.errors.OpError as error:  # XLA could not compile an op
             if compile != "auto" or mode != "xla":
                 raise
@@ -615,7 +678,7 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
             break  # tf.function without XLA traces the same Python
     note = (f"eager sweep: the model could not be traced ({type(reason).__name__}: "
             f"{str(reason).splitlines()[0][:200] if str(reason) else ''})")
-    return _on_host(sweep(model, x, targets, policy, training=training), note=note)
+    return _on_host(eager(), note=note)
 
 
 def _under_strategy(model) -> bool:
@@ -644,16 +707,18 @@ def _numpy(value):
     return np.asarray(value) if isinstance(value, (tf.Tensor, tf.Variable)) else value
 
 
-def _compiled_sweep(model, x, targets, policy, key, mode, training) -> SweepResult:
+def _compiled_sweep(model, x, targets, policy, key, mode, training, probes) -> SweepResult:
     inputs = keras.tree.map_structure(tf.convert_to_tensor, x)
     signature = repr(keras.tree.map_structure(lambda t: (tuple(t.shape), t.dtype.name), inputs))
     # A new LoRA, quantization or activation changes the traced program: part of the key.
     structure = (tuple(id(t.layer) for t in targets),
                  tuple(id(t.inner.activation) for t in targets),
-                 tuple(id(v) for v in model.variables))
+                 tuple(id(v) for v in model.variables),
+                 tuple((id(p.layer), p.call) for p in probes))
     cache = _TRACED.setdefault(model, {})
     full_key = (key, mode, bool(training), signature, structure)
-    traced = cache.get(full_key) or _trace(model, inputs, targets, policy, mode, training)
+    traced = cache.get(full_key) or _trace(model, inputs, targets, policy, mode, training,
+                                           probes)
     function, record, writes = traced
     # Only a pass that writes variables (as a forced `bn(x, training=True)` does) needs
     # every weight put back: reading and restoring them all costs as much as a small pass.
@@ -669,7 +734,7 @@ def _compiled_sweep(model, x, targets, policy, key, mode, training) -> SweepResu
     return _on_host(result, mode=mode)
 
 
-def _trace(model, inputs, targets, policy, mode, training):
+def _trace(model, inputs, targets, policy, mode, training, probes):
     """A tf.function of the hooked pass, traced now, and its trace-time record."""
     model_ref = weakref.ref(model)  # the cache must not keep the model alive
     index = {id(t): i for i, t in enumerate(targets)}
@@ -681,7 +746,7 @@ def _trace(model, inputs, targets, policy, mode, training):
         record.calls.clear()
         record.traced.clear()
         record.graph = tf.compat.v1.get_default_graph()
-        with _hooked(targets, policy, record):
+        with _hooked(targets, policy, record, probes):
             model_ref()(inputs, training=training)
         record.graph = None
         record.order[:] = [index[id(t)] for t in record.order]

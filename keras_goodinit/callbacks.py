@@ -93,7 +93,7 @@ class LSUVCallback(keras.callbacks.Callback):
             initialized before.
         verbose: 0 silent, 1 or 2 a progress bar, the report's table and
             why the callback stood down.
-        **lsuv_kwargs: Passed to `lsuv_init` (`tol`, `max_iter`, ...);
+        **lsuv_kwargs: Passed to `lsuv_init` (`tol`, `max_iter`, `residual`, ...);
             `weightnorm_data_init` takes only `layers` and `compile`.
 
     Reference:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -11,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_goodinit import _data, _distribute, _sweep, _validate
+from keras_goodinit import _data, _distribute, _residual, _sweep, _validate
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import unit_norms
@@ -146,35 +147,96 @@ def _quadratic(mean, var, bias):
     return a, b, c
 
 
-def _lsuv_policy(*, target_var: float, tol: float, max_iter: int, measure: str,
-                 followers: dict | None = None):
-    """Per layer: scale the kernel by c until the output variance is within tol of target_var.
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Spec:
+    """What an LSUV sweep aims at: the options every trial's policy bakes into its pass.
 
-    Scaling the kernel by c turns the output y into c * y + (1 - c) * b exactly.
     `followers` maps id(target) to a separate activation layer that alone
-    consumes its output; post-activation statistics apply it. TensorFlow ops
-    only, so the same policy runs eagerly or in the compiled pass.
+    consumes its output (post-activation statistics apply it); `ends` maps
+    id(target) to its `BranchEnd` under `residual="scaled"`.
     """
-    followers = followers or {}
-    options = dict(target_var=target_var, tol=tol, max_iter=max_iter)
 
-    def policy(target, y, activation, state):
-        post = followers.get(id(target)) or activation
-        if state is None:
-            bias = target.bias_tensor(target.cell_shape(tuple(y.shape)))
-            weights = _sweep.mask_weights(y, target.mask)
-            axes = target.cell_axes(len(y.shape))
-            if measure == "pre_activation":
-                # One compiled kernel per output signature: one op in the traced pass.
-                y, state = _lsuv_pre_activation(y, weights, bias, None, axes=axes, tol=tol,
-                                                target_var=target_var)
+    target_var: float
+    tol: float
+    max_iter: int
+    measure: str
+    followers: dict
+    ends: dict
+
+    @property
+    def probes(self) -> list:
+        return [end.probe for end in self.ends.values() if end.probe is not None]
+
+    def key(self, targets, max_iter: int) -> tuple:
+        """Every option `policy` bakes into a traced pass (by target position)."""
+        position = {id(t): i for i, t in enumerate(targets)}
+        ends = tuple(sorted((position[k], end.num_blocks) for k, end in self.ends.items()))
+        return ("lsuv", self.target_var, self.tol, max_iter, self.measure,
+                _follower_key(targets, self.followers), ends)
+
+    def target_of(self, state) -> float:
+        """The variance a row aimed at: target_var, or its branch end's measured share."""
+        ratio = float(state.get("ratio", 1.0))
+        return self.target_var * ratio if math.isfinite(ratio) else self.target_var
+
+    def policy(self, max_iter: int):
+        """Per layer: scale the kernel by c until the output variance is within tol of its target.
+
+        Scaling the kernel by c turns the output y into c * y + (1 - c) * b
+        exactly. TensorFlow ops only, so the same policy runs eagerly or in
+        the compiled pass.
+        """
+        target_var, tol, measure = self.target_var, self.tol, self.measure
+
+        def policy(target, y, activation, state):
+            post = self.followers.get(id(target)) or activation
+            if state is None:
+                bias = target.bias_tensor(target.cell_shape(tuple(y.shape)))
+                weights = _sweep.mask_weights(y, target.mask)
+                axes = target.cell_axes(len(y.shape))
+                ratio = _share(self.ends.get(id(target)))
+                # A float share is static (a constant argument would make Grappler
+                # specialize the kernel); a measured one is a tensor of the pass.
+                aim = target_var * ratio if isinstance(ratio, float) else target_var
+                measured = ratio if tf.is_tensor(ratio) else None
+                if measure == "pre_activation":
+                    # One compiled kernel per output signature: one op in the traced pass.
+                    y, state = _lsuv_pre_activation(y, weights, bias, measured, axes=axes,
+                                                    tol=tol, target_var=aim)
+                else:
+                    mean, var = _sweep.moments_of(y, weights, axes)
+                    state = _post_activation_scale(
+                        y, weights, mean, var, _sweep.with_zeros(bias, mean.shape), post,
+                        target_var=aim if measured is None else aim * measured, tol=tol,
+                        max_iter=max_iter)
+                    y = _sweep.affine(y, state["scale"], state["shift"])
+                if ratio is not None:
+                    state["ratio"] = (measured if measured is not None else tf.constant(
+                        math.nan if ratio is _UNPROBED else ratio, tf.float64))
                 return activation(y), state
-            mean, var = _sweep.moments_of(y, weights, axes)
-            state = _post_activation_scale(y, weights, mean, var,
-                                           _sweep.with_zeros(bias, mean.shape), post, **options)
-        return activation(_sweep.affine(y, state["scale"], state["shift"])), state
+            return activation(_sweep.affine(y, state["scale"], state["shift"])), state
 
-    return policy
+        return policy
+
+
+_UNPROBED = object()
+
+
+def _share(end):
+    """A branch end's target as a fraction of target_var, s / target_var / N.
+
+    A tensor of the pass for an identity skip (its stream measured in the
+    pass), a float `1 / N` for a projection skip, None for a layer that ends
+    no branch, and `_UNPROBED` for one whose stream the pass has not
+    measured by the time it runs (it keeps target_var).
+    """
+    if end is None:
+        return None
+    if end.probe is None:
+        return 1.0 / end.num_blocks
+    if end.probe.value is None:
+        return _UNPROBED
+    return end.probe.value / float(end.num_blocks)
 
 
 def _dead(y, mean, var, bias):
@@ -290,6 +352,7 @@ _CHECKS = {
     "verbose": _validate.verbose,
     "seed": _validate.seed,
     "compile": lambda v: _validate.one_of("compile", v, _sweep.COMPILE_MODES),
+    "residual": lambda v: _validate.one_of("residual", v, _residual.RESIDUAL_MODES),
 }
 _ACCEPTED = {"lsuv": tuple(_CHECKS), "weightnorm_data_init": ("layers", "verbose", "compile")}
 
@@ -402,6 +465,7 @@ def lsuv_init(
     verbose: int = 1,
     seed: int | None = None,
     compile: str = "auto",
+    residual: str | None = "scaled",
 ) -> InitReport:
     """Layer-sequential unit-variance init: rescales every kernel so its output has unit variance.
 
@@ -471,7 +535,7 @@ def lsuv_init(
             Keras' global seed generator (`keras.utils.set_random_seed`).
         compile: How the sweep runs. `"auto"` (default): one traced
             `tf.function` whose in-graph policy computes every layer's
-            statistics and scale (a bounded loop per layer, no host sync),
+            statistics and scale (in closed form, no host sync),
             with XLA on an accelerator where every layer supports it; eager
             when the model cannot be traced (a host read in a subclassed
             `call`) or runs under a `tf.distribute` strategy. `"xla"`,
@@ -479,55 +543,59 @@ def lsuv_init(
             a forced compiled mode raises if the model cannot be traced.
             The traced pass is cached per model and input signature, so a
             second call reuses it. `InitReport.mode` says which ran.
+        residual: `"scaled"` (default): in a Sequential or functional model,
+            the last kernel layer of each residual branch (an `Add` of a skip
+            and a branch, as `mean_field_init` finds them) targets
+            `target_var * s / N` instead, with `s` the variance of the
+            stream at the block's input, measured in the same pass, and `N`
+            the blocks in its stage: the stream's variance then grows by at
+            most a factor e per stage, not by `target_var` per block.
+            `None`: every layer targets `target_var` (the paper's LSUV).
+            Each row's `target_var` says what it aimed at.
 
     Returns:
         An `InitReport` with one row per target layer, in execution order.
 
     Reference:
         - [Mishkin & Matas, 2016](https://arxiv.org/abs/1511.06422)
+        - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
+          (the 1/N residual rule)
     """
     _check_model(model)
     checked = _checked("lsuv", dict(
         tol=tol, max_iter=max_iter, target_var=target_var, pre_init=pre_init, measure=measure,
         layers=layers, new_batch_per_trial=new_batch_per_trial, verbose=verbose, seed=seed,
-        compile=compile))
-    compile = checked["compile"]
-    tol, max_iter, target_var = checked["tol"], checked["max_iter"], checked["target_var"]
-    verbose, seed, layers = checked["verbose"], checked["seed"], checked["layers"]
+        compile=compile, residual=residual))
+    compile, verbose, seed = checked["compile"], checked["verbose"], checked["seed"]
     data = _data.replayable(data)
-    x, targets, other_rows = _prepare(model, data, layers)
+    x, targets, other_rows = _prepare(model, data, checked["layers"])
     variables = [v for t in targets for v in t.variables()]
-    followers = _followers(targets, checked["measure"])
+    ends, residual_notes = ({}, []) if checked["residual"] is None else \
+        _residual.branch_ends(model, targets)
+    spec = _Spec(checked["target_var"], checked["tol"], checked["max_iter"], checked["measure"],
+                 _followers(targets, checked["measure"]), ends)
     notes = {}
     with _sweep.atomic(variables):
         if checked["pre_init"] == "orthogonal":
             notes = _orthogonal_pre_init(targets, seed)
         if checked["new_batch_per_trial"]:
-            pairs, result, x, batches = _lsuv_trials(
-                model, data, targets, target_var=target_var, tol=tol, max_iter=max_iter,
-                measure=checked["measure"], followers=followers, verbose=verbose,
-                compile=compile)
+            pairs, result, x, batches = _lsuv_trials(model, data, targets, spec,
+                                                     verbose=verbose, compile=compile)
         else:
-            policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=max_iter,
-                                  measure=checked["measure"], followers=followers)
-            result = _sweep.run(model, x, targets, policy, compile=compile, key=_lsuv_key(
-                target_var, tol, max_iter, checked["measure"], targets, followers))
-            pairs, batches = _commit_lsuv(result, targets, verbose), 1
+            result = _sweep.run(model, x, targets, spec.policy(spec.max_iter), compile=compile,
+                                key=spec.key(targets, spec.max_iter), probes=spec.probes)
+            pairs, batches = _commit_lsuv(result, targets, spec, verbose), 1
         if not _sweep.in_flight_is_exact(targets):
             # The pass just run says which mode works: a failed trace is not tried again.
-            _measure_after(model, x, targets, pairs, followers=followers,
-                           post=checked["measure"] == "post_activation",
-                           target_var=target_var, tol=tol, compile=result.mode)
+            _measure_after(model, x, targets, pairs, followers=spec.followers,
+                           post=spec.measure == "post_activation", tol=spec.tol,
+                           compile=result.mode)
         _add_notes(pairs, notes)
-        summary = _normalization_notes(pairs) + ([result.note] if result.note else [])
+        summary = (residual_notes + _normalization_notes(pairs)
+                   + ([result.note] if result.note else []))
         _distribute.broadcast_from_chief(variables)
         return InitReport("lsuv", [row for _, row in pairs] + other_rows, batches=batches,
                           notes=summary, mode=result.mode)
-
-
-def _lsuv_key(target_var, tol, max_iter, measure, targets, followers) -> tuple:
-    """Every option `_lsuv_policy` bakes into a traced pass."""
-    return ("lsuv", target_var, tol, max_iter, measure, _follower_key(targets, followers))
 
 
 def _follower_key(targets, followers) -> tuple:
@@ -586,7 +654,7 @@ def _measure_policy(followers, post: bool):
 
 
 def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
-                   target_var=None, tol=None, estimates=None, compile="auto") -> dict:
+                   tol=None, estimates=None, compile="auto") -> dict:
     """One more forward pass on `x`: each row's `var_after` becomes the measured value.
 
     A row whose measurement departs from the in-flight estimate by more than
@@ -622,8 +690,7 @@ def _measure_after(model, x, targets, pairs, *, followers=None, post=False,
                   if estimates else "")
         note = (f"measured var {measured:.4g} departs from the in-flight estimate "
                 f"{estimate:.4g} (relative {gap:.2g}, beyond rounding{spread})")
-        missed = (target_var is None
-                  or abs(measured - target_var) >= tol * target_var)
+        missed = tol is None or abs(measured - row.target_var) >= tol * row.target_var
         if missed and row.status == "ok":
             row.status = "drift"
         row.reason = "; ".join(r for r in (row.reason, note) if r)
@@ -714,22 +781,34 @@ def _followers(targets, measure) -> dict:
     return {key: layer for key, layer in found.items() if layer is not None}
 
 
-def _lsuv_rows(result, targets, progbar=None):
+def _lsuv_rows(result, targets, spec, progbar=None):
     """(target, report row) pairs, in execution order then the missed, and the scales."""
     order, missed = _reached(targets, result)
     pairs, scales = [], []
     for target in order:
         state = result.states[id(target)]
         status, reason = _STATUS[int(state["code"])]
-        note = _shared_note(result, target)
+        notes = (reason, _shared_note(result, target), _branch_note(spec, target, state))
         pairs.append((target, LayerRecord(
             target.name, target.class_name, float(state["var_before"]),
             float(state["var_after"]), int(state["iterations"]), float(state["scale"]),
-            status, "; ".join(r for r in (reason, note) if r))))
+            status, "; ".join(r for r in notes if r), target_var=spec.target_of(state))))
         scales.append((target, float(state["scale"])))
         if progbar is not None:
             progbar.add(1)
     return pairs + [(t, _not_called(t, result)) for t in missed], scales
+
+
+def _branch_note(spec, target, state) -> str:
+    end = spec.ends.get(id(target))
+    if end is None:
+        return ""
+    ratio = float(state["ratio"])
+    if not math.isfinite(ratio):
+        return (f"residual branch end of {end.block!r}, but its stream was not measured "
+                "before it ran: target_var kept")
+    return (f"residual branch end of {end.block!r}: target s / N = "
+            f"{ratio * end.num_blocks:.3g} / {end.num_blocks}")
 
 
 def _apply_scales(scales) -> None:
@@ -739,29 +818,27 @@ def _apply_scales(scales) -> None:
                 variable.assign(variable.value * ops.cast(scale, variable.dtype))
 
 
-def _commit_lsuv(result, targets, verbose):
-    pairs, scales = _lsuv_rows(result, targets, _progbar(len(targets), verbose, "layer"))
+def _commit_lsuv(result, targets, spec, verbose):
+    pairs, scales = _lsuv_rows(result, targets, spec, _progbar(len(targets), verbose, "layer"))
     _apply_scales(scales)
     return pairs
 
 
-def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, followers,
-                 verbose, compile):
+def _lsuv_trials(model, data, targets, spec, *, verbose, compile):
     """One sweep per trial, each on the next batch, each taking one scale step per layer.
 
     Every trial calls the same traced pass (traced once per batch signature).
     Returns the (target, row) pairs, the last sweep and the number of batches.
     """
-    policy = _lsuv_policy(target_var=target_var, tol=tol, max_iter=1, measure=measure,
-                          followers=followers)
-    progbar = _progbar(max_iter, verbose, "trial")
+    policy = spec.policy(max_iter=1)
+    progbar = _progbar(spec.max_iter, verbose, "trial")
     # Keyed by the target itself: nested models may repeat layer names.
     first_var, scales, steps, pairs = {}, {}, {}, []
     for trial, x in enumerate(_data.batches(data)):
         _data.check_batch(x)
         result = _sweep.run(model, x, targets, policy, compile=compile,
-                            key=_lsuv_key(target_var, tol, 1, measure, targets, followers))
-        pairs, trial_scales = _lsuv_rows(result, targets)
+                            key=spec.key(targets, 1), probes=spec.probes)
+        pairs, trial_scales = _lsuv_rows(result, targets, spec)
         _apply_scales(trial_scales)
         for target, row in pairs:
             key = id(target)
@@ -771,7 +848,7 @@ def _lsuv_trials(model, data, targets, *, target_var, tol, max_iter, measure, fo
         if progbar is not None:
             progbar.add(1)
         converged = all(row.iterations == 0 for _, row in pairs)
-        if converged or trial + 1 == max_iter:
+        if converged or trial + 1 == spec.max_iter:
             break
     for target, row in pairs:
         key = id(target)

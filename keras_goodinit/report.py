@@ -17,8 +17,10 @@ class LayerRecord:
         name: The layer's name.
         class_name: Its class, e.g. `"Dense"` or `"WeightNormalization(Conv2D)"`.
         var_before: Variance of its output (whole tensor) before the init.
-        var_after: Variance after the init, measured by one more forward pass
-            on the same batch (not the in-flight estimate).
+        var_after: Variance after the init on the same batch: that of the
+            rescaled output in flight where it is the model's own to float32
+            rounding (Keras' linear layers as shipped, in float32 or wider),
+            else measured by one more forward pass.
         iterations: Scale steps taken.
         scale: Factor the layer's output was multiplied by (mean over units
             for per-unit inits).
@@ -27,6 +29,9 @@ class LayerRecord:
             measured `var_after` departs from the in-flight estimate beyond
             rounding and misses the target, see `reason`).
         reason: Why a layer was skipped or capped, or a note; empty if none.
+        target_var: The variance the layer aimed at (LSUV: `target_var`, or a
+            residual branch end's `target_var * s / N`); NaN for inits without
+            a variance target.
     """
 
     name: str
@@ -37,6 +42,7 @@ class LayerRecord:
     scale: float
     status: str
     reason: str = ""
+    target_var: float = math.nan
 
 
 def json_safe(value):
@@ -102,8 +108,11 @@ class InitReport:
         }
 
     def table(self) -> str:
-        header = ("layer", "class", "var before", "var after", "iters", "scale", "status")
+        targets = any(math.isfinite(r.target_var) for r in self.rows)
+        header = ("layer", "class", "var before", "var after", *(("target",) if targets else ()),
+                  "iters", "scale", "status")
         lines = [(r.name, r.class_name, f"{r.var_before:.4g}", f"{r.var_after:.4g}",
+                  *((f"{r.target_var:.4g}",) if targets else ()),
                   str(r.iterations), f"{r.scale:.4g}",
                   r.status + (f" ({r.reason})" if r.reason else "")) for r in self.rows]
         counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES}

@@ -680,7 +680,7 @@ def test_report_rows_dict_and_summary(capsys):
     assert isinstance(report, InitReport) and report.method == "lsuv"
     fields = [f.name for f in dataclasses.fields(LayerRecord)]
     assert fields == ["name", "class_name", "var_before", "var_after", "iterations", "scale",
-                      "status", "reason"]
+                      "status", "reason", "target_var"]
     assert all(isinstance(row, LayerRecord) for row in report.rows)
     row = report["out"]
     assert row.status == "skipped" and "non-finite" in row.reason and math.isnan(row.var_before)

@@ -24,9 +24,7 @@ the same data as 8x8x1 images, once per graph-level init:
 | `lsuv_residual` | residual-aware LSUV, `lsuv_init(..., residual="scaled")` |
 | `lsuv` | plain LSUV: every layer, branch ends included, to variance 1 |
 
-`lsuv_residual` needs a `lsuv_init` with a `residual` argument; with one
-that has none, its row says "not available" (and nothing is trained). The
-ResNet table adds the largest average channel variance of the residual
+The ResNet table adds the largest average channel variance of the residual
 stream (the `Add` outputs) at init, on the held-out batch.
 
 Everything but the bookkeeping comes from `examples/train.py`: data loading,
@@ -70,7 +68,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -240,7 +237,6 @@ def _train_and_record(model: keras.Model, init: str, label: str, data, args, *, 
     result = {
         "init": init,
         "label": label,
-        "available": True,
         **metrics,
         "diverged_at_step": step if metrics["diverged"] else None,
         "seconds": time.perf_counter() - start,
@@ -272,7 +268,7 @@ def run_init(init: str, data, args: argparse.Namespace, verbose: int = 0) -> dic
     Returns:
         A dict with the metrics of `train.train` (`final_train_accuracy`,
         `final_test_accuracy`, `best_test_accuracy`, `final_train_loss`,
-        `epochs_run`, `diverged`), plus `init`, `label`, `available` (True),
+        `epochs_run`, `diverged`), plus `init`, `label`,
         `diverged_at_step` (the 1-based training step whose loss was first
         NaN or infinite, or `None`), `seconds` (build, init and training),
         `history` (per-epoch `loss`, `accuracy`, `val_loss`, `val_accuracy`)
@@ -292,11 +288,6 @@ def run_init(init: str, data, args: argparse.Namespace, verbose: int = 0) -> dic
                              verbose=verbose)
 
 
-def residual_lsuv_available() -> bool:
-    """Whether this keras_goodinit's `lsuv_init` has the `residual` argument."""
-    return "residual" in inspect.signature(kg.lsuv_init).parameters
-
-
 def run_resnet_init(init: str, data, args: argparse.Namespace, verbose: int = 0) -> dict:
     """Builds, initializes and trains the no-BN ResNet with `init` (one of `RESNET_INITS`).
 
@@ -308,14 +299,9 @@ def run_resnet_init(init: str, data, args: argparse.Namespace, verbose: int = 0)
         The dict of `run_init`, whose `signal` also holds, per residual block
         at init, `blocks` (the `Add` names), `stream_variance` and
         `branch_variance` (average channel variances), with
-        `max_stream_variance` their largest stream variance. For
-        `lsuv_residual` without a residual-aware `lsuv_init`: only `init`,
-        `label`, `available` (False) and `reason`.
+        `max_stream_variance` their largest stream variance.
     """
     label = RESNET_LABELS[init]
-    if init == "lsuv_residual" and not residual_lsuv_available():
-        return {"init": init, "label": label, "available": False,
-                "reason": "this keras_goodinit's lsuv_init has no `residual` argument"}
     start = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
     model = models.wn_resnet(data.x_train.shape[1:], data.num_classes, args.resnet_blocks,
@@ -324,10 +310,8 @@ def run_resnet_init(init: str, data, args: argparse.Namespace, verbose: int = 0)
     if init == "mean_field":
         kg.mean_field_init(model, seed=args.seed, verbose=0)
     elif init.startswith("lsuv"):
-        # Plain LSUV is `residual=None` where the argument exists, the only LSUV where not.
-        residual = {"residual": "scaled" if init == "lsuv_residual" else None}
         kg.lsuv_init(model, data.x_train[init_batch], verbose=0,
-                     **(residual if residual_lsuv_available() else {}))
+                     residual="scaled" if init == "lsuv_residual" else None)
     return _train_and_record(model, init, label, data, args, epochs=args.resnet_epochs,
                              lr=args.resnet_lr, held_out=held_out, start=start,
                              verbose=verbose)
@@ -354,8 +338,7 @@ def format_table(results: Sequence[dict]) -> str:
     training loss, `||h_L|| / ||x||` at the last hidden layer at init and the
     seconds taken (build, init and training). Results with residual blocks
     (the ResNet's) add the largest average channel variance of the residual
-    stream at init, before the seconds. An init that is not available gets
-    "n/a" cells and its reason under the table.
+    stream at init, before the seconds.
     """
     streams = any("max_stream_variance" in result for result in results)
     extra = " max stream var at init |" if streams else ""
@@ -363,14 +346,8 @@ def format_table(results: Sequence[dict]) -> str:
               f"| max epoch loss | h_L/x at init |{extra} seconds |")
     lines = [header, "|---|---:|---:|---:|---|---:|---:|" + ("---:|" if streams else "")
              + "---:|"]
-    notes = []
     for result in results:
         name = f"| {result['label']} (`{result['init']}`) "
-        if not result.get("available", True):
-            after = 4 if streams else 3  # the cells after "diverged"
-            lines.append(name + "| n/a " * 3 + "| not available " + "| n/a " * after + "|")
-            notes.append(f"`{result['init']}` not available: {result['reason']}.")
-            continue
         if result["diverged"]:
             diverged = f"yes, step {result['diverged_at_step']}"
         else:
@@ -381,7 +358,7 @@ def format_table(results: Sequence[dict]) -> str:
             f"| {result['best_test_accuracy']:.3f} | {diverged} "
             f"| {_max_loss(result):.3g} | {_last_hidden_ratio(result):.3g} "
             f"{stream}| {result['seconds']:.0f} |")
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines)
 
 
 def _plot_row(axes, results: Sequence[dict], *, steps_per_epoch: int, signal_key: str) -> None:
@@ -390,8 +367,6 @@ def _plot_row(axes, results: Sequence[dict], *, steps_per_epoch: int, signal_key
     for index, result in enumerate(results):
         color = f"C{index}"
         label = result["label"]
-        if not result.get("available", True):
-            continue
         # MLP: the hidden layers (the last row is the classifier). ResNet: every block.
         values = result["signal"][signal_key]
         values = np.asarray(values[:-1] if signal_key == "norm_ratio" else values,
@@ -467,9 +442,6 @@ def plot(results: Sequence[dict], path: str, *, title: str, steps_per_epoch: int
 
 
 def _print_outcome(result: dict) -> None:
-    if not result.get("available", True):
-        print(f"  not available: {result['reason']}", flush=True)
-        return
     status = (f"DIVERGED at step {result['diverged_at_step']}" if result["diverged"]
               else "done")
     print(f"  {status}: test accuracy {result['final_test_accuracy']:.3f} "

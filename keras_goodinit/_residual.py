@@ -2,7 +2,7 @@
 
 LSUV that sets every branch end to `target_var` makes the residual stream's
 variance grow by about `target_var` per block. With `residual="scaled"`, the
-last kernel of a residual branch instead targets `target_var * s / N`: `s` is
+last kernel of a residual branch instead targets `s / N`: `s` is
 the variance of the block's skip input and `N` the number of blocks in its
 stage (Arpit et al.'s 1/N rule, driven by data). For an identity skip `s` is
 the stream's variance at the block's input, measured in the same pass; for a
@@ -72,7 +72,7 @@ def branch_ends(model: keras.layers.Layer,
     if ends:
         sizes = sorted({end.num_blocks for end in ends.values()})
         notes.append(f"residual='scaled': {len(ends)} residual branch ends target "
-                     f"target_var * s / N (N = {', '.join(map(str, sizes))} blocks per stage; "
+                     f"s / N (N = {', '.join(map(str, sizes))} blocks per stage; "
                      "s the variance of the block's skip input)")
     if skipped:
         notes.append("residual branch ends kept at target_var: " + "; ".join(skipped))

@@ -194,7 +194,7 @@ class _Spec:
                 bias = target.bias_tensor(target.cell_shape(tuple(y.shape)))
                 weights = _sweep.mask_weights(y, target.mask)
                 axes = target.cell_axes(len(y.shape))
-                ratio = _share(self.ends.get(id(target)))
+                ratio = _share(self.ends.get(id(target)), target_var)
                 # A float share is static (a constant argument would make Grappler
                 # specialize the kernel); a measured one is a tensor of the pass.
                 aim = target_var * ratio if isinstance(ratio, float) else target_var
@@ -222,11 +222,12 @@ class _Spec:
 _UNPROBED = object()
 
 
-def _share(end):
-    """A branch end's target as a fraction of target_var, s / target_var / N.
+def _share(end, target_var: float):
+    """A branch end's target `s / N` as a fraction of target_var.
 
-    A tensor of the pass for an identity skip (its stream measured in the
-    pass), a float `1 / N` for a projection skip, None for a layer that ends
+    `s` is the variance of the block's skip input: the stream, measured in
+    the pass (a tensor), for an identity skip; target_var, what LSUV gives
+    it, for a projection skip (a float, `1 / N`). None for a layer that ends
     no branch, and `_UNPROBED` for one whose stream the pass has not
     measured by the time it runs (it keeps target_var).
     """
@@ -236,7 +237,7 @@ def _share(end):
         return 1.0 / end.num_blocks
     if end.probe.value is None:
         return _UNPROBED
-    return end.probe.value / float(end.num_blocks)
+    return end.probe.value / float(end.num_blocks * target_var)
 
 
 def _dead(y, mean, var, bias):
@@ -476,8 +477,9 @@ def lsuv_init(
     evaluated once: scaling a kernel by c turns its output y into
     `c * (y - b) + b` exactly, so the iterations reuse y and the next layer
     sees the rescaled signal. The sweep costs about one forward pass, runs
-    with `training=False`, and computes statistics in float32 on the output
-    divided by its peak (so any finite input scale works), as one compiled
+    with `training=False`, and computes statistics in float32 (on the output
+    divided by its peak where its squares would overflow or underflow, so
+    any finite input scale works), as one compiled
     program by default (see `compile`), leaving out
     positions a Keras mask marks as padding. A layer inside `TimeDistributed`
     is measured over every time step at once. Each row's `var_after` is the
@@ -545,11 +547,12 @@ def lsuv_init(
             second call reuses it. `InitReport.mode` says which ran.
         residual: `"scaled"` (default): in a Sequential or functional model,
             the last kernel layer of each residual branch (an `Add` of a skip
-            and a branch, as `mean_field_init` finds them) targets
-            `target_var * s / N` instead, with `s` the variance of the
-            stream at the block's input, measured in the same pass, and `N`
-            the blocks in its stage: the stream's variance then grows by at
-            most a factor e per stage, not by `target_var` per block.
+            and a branch, as `mean_field_init` finds them) targets `s / N`
+            instead, with `s` the variance of the block's skip input and `N`
+            the blocks in its stage. For an identity skip `s` is the stream,
+            measured in the same pass; for a projection that LSUV itself
+            normalizes it is `target_var`. The stream's variance then grows
+            by at most a factor e per stage, not by `target_var` per block.
             `None`: every layer targets `target_var` (the paper's LSUV).
             Each row's `target_var` says what it aimed at.
 
@@ -808,7 +811,7 @@ def _branch_note(spec, target, state) -> str:
         return (f"residual branch end of {end.block!r}, but its stream was not measured "
                 "before it ran: target_var kept")
     return (f"residual branch end of {end.block!r}: target s / N = "
-            f"{ratio * end.num_blocks:.3g} / {end.num_blocks}")
+            f"{spec.target_of(state) * end.num_blocks:.3g} / {end.num_blocks}")
 
 
 def _apply_scales(scales) -> None:

@@ -30,8 +30,8 @@ class LayerRecord:
             rounding and misses the target, see `reason`).
         reason: Why a layer was skipped or capped, or a note; empty if none.
         target_var: The variance the layer aimed at (LSUV: `target_var`, or a
-            residual branch end's `target_var * s / N`); NaN for inits without
-            a variance target.
+            residual branch end's `s / N`); NaN for inits without a variance
+            target.
     """
 
     name: str

@@ -68,10 +68,6 @@ def test_quick_run_trains_the_resnet_row(quick_run):
     results = json.loads((out / "curves.json").read_text())["resnet_results"]
     assert [r["init"] for r in results] == list(_RESNET_INITS)
     for result in results:
-        if not result["available"]:
-            # Only residual-aware LSUV may be missing, and only with a reason.
-            assert result["init"] == "lsuv_residual" and "residual" in result["reason"]
-            continue
         assert 0.0 <= result["final_test_accuracy"] <= 1.0 and result["epochs_run"] == 1
         # ResNet-8: 3 stages of 1 block, each with its stream variance at init.
         assert len(result["signal"]["stream_variance"]) == 3

@@ -154,3 +154,17 @@ def test_the_callback_passes_residual_through():
     callback = LSUVCallback(x, residual=None, verbose=0)
     model.fit(x, np.zeros(32, "int32"), epochs=1, batch_size=32, verbose=0, callbacks=[callback])
     assert all(row.target_var == 1.0 for row in callback.report.rows)
+
+
+def test_branch_ends_aim_at_a_share_of_the_skip_whatever_target_var():
+    # target_var = 4: the stream is 4-ish, and a branch end aims at s / N, not 4 * s / N.
+    model = resnet(num_blocks=2)
+    x = normal((64, 16, 16, 3), 9)
+    report = lsuv_init(model, x, seed=0, target_var=4.0, verbose=0)
+    adds = [layer for layer in model.layers if isinstance(layer, L.Add)]
+    skips = keras.Model(model.inputs, [layer.input[0] for layer in adds])(x)
+    ends = [row for row in report.rows if "residual branch end" in row.reason]
+    for skip, row in zip(skips, ends):
+        s = float(np.var(keras.ops.convert_to_numpy(skip)))
+        assert row.target_var == pytest.approx(s / 2, rel=1e-4), row
+    assert max(add_variances(model, x).values()) <= 4.0 * STREAM_BOUND

@@ -8,31 +8,53 @@ from collections.abc import Callable
 import tensorflow as tf
 
 
-def per_signature(fn: Callable) -> Callable:
+def per_signature(fn: Callable, *, any_shape: bool = False) -> Callable:
     """`fn(*tensors, **static)` as one `tf.function` per signature, each traced once.
 
     Called eagerly it is a compiled kernel; called while a pass is traced it
     is one call op, however many layers share the signature, which is what
     keeps tracing a deep model cheap. A new `tf.function` per signature (not
     one retraced per shape) never triggers TensorFlow's retracing warning.
-    `static` values must be hashable; `tensors` may hold None. Pass no
+    `static` values must be hashable; `tensors` may hold None. With
+    `any_shape`, the signature is each tensor's rank and dtype only: one
+    trace serves every shape (`fn` must then read sizes with `tf.shape`),
+    which makes a first call on a model of many shapes much cheaper. Pass no
     constant tensor: Grappler specializes the function for every call site
     that gets one (seconds of optimization on a deep pass). Make constants
     inside `fn`, or pass them as `static` values.
     """
     functions = {}
 
+    def signature(tensor):
+        if tensor is None:
+            return None
+        shape = (None,) * tensor.shape.rank if any_shape else tuple(tensor.shape)
+        return shape, tensor.dtype
+
     def call(*tensors, **static):
         tensors = tuple(None if t is None else tf.convert_to_tensor(t) for t in tensors)
-        key = (tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors),
-               tuple(sorted(static.items())))
+        key = (tuple(signature(t) for t in tensors), tuple(sorted(static.items())))
         compiled = functions.get(key)
         if compiled is None:
-            # Not inlined: Grappler then optimizes one body per signature, not one per
-            # layer (inlining a deep model's copies cost more than the pass itself).
-            compiled = functions[key] = tf.function(
-                functools.partial(fn, **static), autograph=False,
-                experimental_attributes={"_noinline": True})
-        return compiled(*tensors)
+            compiled = functions[key] = _compile(fn, key[0], static)
+        return compiled(*(t for t in tensors if t is not None))
 
     return call
+
+
+def _compile(fn, signature, static):
+    """A tf.function of the tensors that are not None; the Nones are put back inside."""
+    present = tuple(s is not None for s in signature)
+    specs = [tf.TensorSpec(*s) for s in signature if s is not None]
+    # A partial, not a closure: TensorFlow counts new tf.functions of one code object
+    # as retracing, and would warn on a model of many shapes.
+    body = functools.partial(_with_nones, fn, present, static)
+    # Not inlined: Grappler then optimizes one body per signature, not one per
+    # layer (inlining a deep model's copies cost more than the pass itself).
+    return tf.function(body, input_signature=specs, autograph=False,
+                       experimental_attributes={"_noinline": True})
+
+
+def _with_nones(fn, present, static, *tensors):
+    given = iter(tensors)
+    return fn(*(next(given) if here else None for here in present), **static)

@@ -135,7 +135,8 @@ class Target:
 
     def bias_cells(self, cell_shape: tuple[int, ...]) -> np.ndarray:
         """The bias as float64, in the keepdims shape of per-cell statistics."""
-        return np.asarray(with_zeros(self.bias_tensor(cell_shape), cell_shape))
+        bias = self.bias_tensor(cell_shape)
+        return np.zeros(cell_shape) if bias is None else np.asarray(bias)
 
     def cell_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The keepdims shape of per-cell statistics of an output of this `shape`."""
@@ -179,14 +180,14 @@ def in_flight_is_exact(targets: Sequence[Target]) -> bool:
     return True
 
 
-def with_zeros(bias, shape) -> tf.Tensor:
-    """`bias`, or float64 zeros of `shape` for a layer without one.
+def with_zeros(bias, like) -> tf.Tensor:
+    """`bias`, or float64 zeros shaped like `like` (per-cell statistics) without one.
 
     Made inside the compiled kernels rather than passed in: Grappler
     specializes a function for every call that gets a constant argument,
     which made the first call of a deep pass cost seconds.
     """
-    return tf.zeros(shape, tf.float64) if bias is None else bias
+    return tf.zeros_like(like, tf.float64) if bias is None else bias
 
 
 def check_layers(layers) -> list | None:
@@ -594,7 +595,7 @@ def _scaled_moments(y, weights, axes):
     return tf.cast(mean, tf.float64) * peak, tf.cast(var, tf.float64) * peak**2
 
 
-_moments = per_signature(lambda y, weights, axes: moments_of(y, weights, axes))
+_moments = per_signature(lambda y, weights, axes: moments_of(y, weights, axes), any_shape=True)
 
 
 def moments(y, axes: tuple[int, ...], mask=None) -> tuple[tf.Tensor, tf.Tensor]:

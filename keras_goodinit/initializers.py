@@ -11,7 +11,6 @@ from keras import ops
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
 from keras_goodinit import _layouts, _validate
-from keras_goodinit._compiled import per_signature
 
 SCHEMES = ("wn_relu", "wn_linear", "wn_residual", "wn_hanin", "wn_relu_backward")
 DISTRIBUTIONS = ("orthogonal", "normal")
@@ -336,11 +335,11 @@ def _cholesky_qr2(sample):
     return q
 
 
-@per_signature
 def _orthonormal(sample):
     """Orthonormal columns for a Gaussian `sample` (..., m, n), m >= n, Haar-distributed.
 
-    Compiled once per shape and dtype. A tall sample (`m >= 2 n`) goes
+    Eager: a traced function per kernel shape cost more to trace than the
+    dozen ops it runs (a first `lsuv_init` meets many shapes). A tall sample (`m >= 2 n`) goes
     through CholeskyQR2, about 2-3x faster on CPU than Householder QR for
     conv kernels such as (4608, 512); a squarer one, whose condition number
     grows like `n` (a square Gaussian's is about 4.6 n), through Householder

@@ -206,7 +206,7 @@ class _Spec:
                 else:
                     mean, var = _sweep.moments_of(y, weights, axes)
                     state = _post_activation_scale(
-                        y, weights, mean, var, _sweep.with_zeros(bias, mean.shape), post,
+                        y, weights, mean, var, _sweep.with_zeros(bias, mean), post,
                         target_var=aim if measured is None else aim * measured, tol=tol,
                         max_iter=max_iter)
                     y = _sweep.affine(y, state["scale"], state["shift"])
@@ -255,7 +255,7 @@ def _pre_activation(y, weights, bias, ratio, *, axes, tol, target_var):
     share one compiled kernel per output signature.
     """
     mean, var = _sweep.moments_of(y, weights, axes)
-    bias = _sweep.with_zeros(bias, mean.shape)
+    bias = _sweep.with_zeros(bias, mean)
     if ratio is not None:
         target_var = target_var * ratio
     state = _solve_quadratic(_quadratic(mean, var, bias), target_var=target_var, tol=tol,
@@ -264,7 +264,7 @@ def _pre_activation(y, weights, bias, ratio, *, axes, tol, target_var):
     return _sweep.affine(y, state["scale"], state["shift"]), state
 
 
-_lsuv_pre_activation = _sweep.per_signature(_pre_activation)
+_lsuv_pre_activation = _sweep.per_signature(_pre_activation, any_shape=True)
 
 
 def _post_activation_scale(y, weights, mean, var, bias, post, *, target_var, tol, max_iter):
@@ -304,7 +304,7 @@ def _data_init_policy():
 
 def _unit_step(y, weights, bias, g, *, axes, has_bias):
     mean, var = _sweep.moments_of(y, weights, axes)
-    bias = _sweep.with_zeros(bias, mean.shape)
+    bias = _sweep.with_zeros(bias, mean)
     state = _unit_init(mean, var, bias, g, _relative_floor(y.dtype), has_bias=has_bias)
     if g is not None:
         y = _sweep.affine(y, state["scale"], state["shift"])

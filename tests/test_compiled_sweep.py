@@ -237,7 +237,7 @@ def test_no_retracing_warning_on_a_model_of_many_shapes():
     # Every layer a new output shape: a tf.function retraced per shape would warn.
     layers = [keras.Input((4,))] + [L.Dense(4 + i, activation="relu") for i in range(12)]
     model = keras.Sequential(layers)
-    # Tall kernels of six shapes, (64, k) and (k, 64): the pre-init's compiled QR per shape.
+    # Tall kernels of six shapes, (64, k) and (k, 64): the pre-init's QR per shape.
     tall = [keras.Input((64,))]
     for k in range(4, 28, 4):
         tall += [L.Dense(k, activation="relu"), L.Dense(64, activation="relu")]

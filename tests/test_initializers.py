@@ -477,3 +477,65 @@ def test_batched_draw_gives_independent_orthonormal_kernels():
         assert np.abs(kernels[i].T @ kernels[i] - np.eye(64)).max() < 8 * math.sqrt(512) * F32_EPS
     # Independent draws: cross inner products are those of random unit vectors, sd 1/sqrt(512).
     assert np.abs(kernels[0].T @ kernels[1]).max() > 0.05
+
+
+# ----------------------------------------------------------------------------
+# Large kernels: a structured random orthogonal matrix instead of the QR.
+
+
+@pytest.fixture
+def structured_everywhere(monkeypatch):
+    """Every orthogonal draw takes the structured path (normally only above 1e10 flops)."""
+    from keras_goodinit import initializers
+
+    monkeypatch.setattr(initializers, "_STRUCTURED_FLOPS", 0)
+
+
+@pytest.mark.parametrize(("lead", "m", "n"), [((), 300, 96), ((2,), 500, 360), ((3,), 128, 128)])
+def test_structured_draw_is_orthonormal_and_spread_like_haar(lead, m, n):
+    """Orthonormal columns to rounding, and no coordinate singled out.
+
+    The map is a product of DCTs, signs and permutations, each orthogonal:
+    what remains of Q^T Q - I is the rounding of three length-m DCTs, a
+    random walk of about sqrt(m) eps per entry, under the QR test's 8 sqrt(m)
+    eps. Spread: a Haar column's entries are about N(0, 1/m), whose largest
+    of m n is about sqrt(2 ln(m n) / m); 2x that bound fails for a
+    permutation-like matrix (entries 1) or one concentrated on few
+    coordinates.
+    """
+    from keras_goodinit.initializers import _structured_orthonormal
+
+    q = keras.ops.convert_to_numpy(_structured_orthonormal(lead, m, n, "float32", 3))
+    assert q.shape == (*lead, m, n)
+    stacked = q.reshape((-1, m, n)).astype("float64")
+    for matrix in stacked:
+        error = np.abs(matrix.T @ matrix - np.eye(n)).max()
+        assert error < 8 * math.sqrt(m) * F32_EPS, error
+        assert np.abs(matrix).max() < 2 * math.sqrt(2 * math.log(m * n) / m)
+    if len(stacked) > 1:  # stacked kernels are distinct draws
+        assert not np.allclose(stacked[0], stacked[1])
+
+
+def test_structured_goodinit_kernels_are_orthonormal_with_unit_norm_units(
+        structured_everywhere):
+    init = GoodInit("wn_relu_backward", gamma=1.0, seed=3)
+    kernels = keras.ops.convert_to_numpy(init.draw((3, 3, 40, 64), "float32", count=2))
+    for kernel in kernels.astype("float64"):
+        matrix = kernel.reshape(360, 64)
+        assert np.abs(matrix.T @ matrix - np.eye(64)).max() < 8 * math.sqrt(360) * F32_EPS
+
+
+def test_structured_draw_is_reproducible_by_seed(structured_everywhere):
+    draw = lambda seed: keras.ops.convert_to_numpy(  # noqa: E731
+        GoodInit("wn_relu", seed=seed).draw((200, 64), "float32"))
+    np.testing.assert_array_equal(draw(5), draw(5))
+    assert not np.allclose(draw(5), draw(6))
+
+
+def test_only_large_kernels_take_the_structured_path():
+    from keras_goodinit import initializers
+
+    # (4608, 4096): VGG16's first Dense at 96x96 inputs, 7.7e10 flops of QR.
+    assert 4608 * 4096**2 > initializers._STRUCTURED_FLOPS
+    # (4608, 512), a 3x3x512x512 conv kernel, keeps the Haar QR.
+    assert 4608 * 512**2 < initializers._STRUCTURED_FLOPS

@@ -24,7 +24,8 @@ Columns, all on a held-out batch of N(0, 1) inputs (not the batch LSUV saw):
 - `spread`: max / min of the pre-activation variance (over the whole output
   tensor, LSUV's statistic) over the kernel layers that are neither a
   residual branch end (meant to carry `1/N` of the stream) nor the last
-  layer. 1 is best.
+  layer. 1 is best. `pre-act var range` shows the min and max themselves
+  (issue 10's band for ResNets is [0.8, 1.25]).
 - `logits var`: variance of the model's output. Closest to 1 is best.
 - `max Add var`: the largest variance (whole tensor) at an `Add` output,
   the issue's "bounded residual stream" target (<= 3).
@@ -157,7 +158,7 @@ def _held_out(model: keras.Model, x: np.ndarray, training: bool, branch_ends: se
     add_var = (max(v for _, v in measured_moments(model, x, adds, training=training).values())
                if adds else math.nan)
     return {"spread": float(variances.max() / variances.min()), "logits_var": float(logits.var()),
-            "max_add_var": add_var}
+            "max_add_var": add_var, "var_range": (float(variances.min()), float(variances.max()))}
 
 
 def measure(name: str) -> list[dict]:
@@ -215,14 +216,16 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    header = "| model | method | init s | init / fwd | spread | logits var | max Add var |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    header = ("| model | method | init s | init / fwd | spread | pre-act var range | logits var "
+              "| max Add var |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row["skipped"]:
-            lines.append(f"| {row['model']} | {row['method']} | {row['skipped']} | | | | |")
+            lines.append(f"| {row['model']} | {row['method']} | {row['skipped']} | | | | | |")
             continue
+        low, high = row["var_range"]
         lines.append(f"| {row['model']} | {row['method']} | {row['seconds']:.2f} "
-                     f"| {row['time_ratio']:.3g} | {row['spread']:.3g} "
+                     f"| {row['time_ratio']:.3g} | {row['spread']:.3g} | {low:.3g}-{high:.3g} "
                      f"| {row['logits_var']:.3g} | {row['max_add_var']:.3g} |")
     return "\n".join(lines)
 

@@ -601,8 +601,9 @@ _moments = per_signature(lambda y, weights, axes: moments_of(y, weights, axes), 
 def moments(y, axes: tuple[int, ...], mask=None) -> tuple[tf.Tensor, tf.Tensor]:
     """Per-cell mean and (centered) variance of `y` as float64 tensors (keepdims).
 
-    Computed in float32 on `y / max|y|`, so any finite float32 scale survives,
-    then rescaled in float64; positions where `mask` (a Keras mask over the
+    Two-pass float32 moments, on `y / max|y|` (rescaled in float64) where
+    the squares of `y` itself would overflow or underflow, so any finite
+    float32 scale survives; positions where `mask` (a Keras mask over the
     leading axes) is False do not count. Runs eagerly or inside a traced pass.
     """
     y = tf.convert_to_tensor(y)

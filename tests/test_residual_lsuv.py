@@ -176,3 +176,33 @@ def test_branch_ends_aim_at_a_share_of_the_skip_whatever_target_var():
         s = float(np.var(keras.ops.convert_to_numpy(skip)))
         assert row.target_var == pytest.approx(s / 2, rel=1e-4), row
     assert max(add_variances(model, x).values()) <= 4.0 * STREAM_BOUND
+
+
+def test_new_batch_per_trial_aims_branch_ends_at_each_trial_s_over_n():
+    model = resnet(num_blocks=2)
+    batches = [normal((32, 16, 16, 3), 20 + i) for i in range(4)]
+    report = lsuv_init(model, iter(batches), seed=0, new_batch_per_trial=True, verbose=0)
+    ends = [row for row in report.rows if "residual branch end" in row.reason]
+    assert len(ends) == 6 and all(row.target_var < 1.0 for row in ends), report
+    streams = add_variances(model, normal((64, 16, 16, 3), 30))
+    assert max(streams.values()) <= STREAM_BOUND, streams
+
+
+def test_blocks_inside_nested_models_are_found_and_probed():
+    def block(channels, name):
+        inputs = keras.Input((8, 8, channels))
+        y = L.Conv2D(channels, 3, padding="same", activation="relu", name=f"{name}_c1")(inputs)
+        y = L.Conv2D(channels, 3, padding="same", name=f"{name}_c2")(y)
+        return keras.Model(inputs, L.Add(name=f"{name}_add")([inputs, y]), name=name)
+
+    inputs = keras.Input((8, 8, 3))
+    h = L.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    for index in range(4):
+        h = block(8, f"block{index}")(h)
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(h)))
+    x = normal((32, 8, 8, 3), 31)
+    report = lsuv_init(model, x, seed=0, verbose=0)
+    ends = {row.name: row for row in report.rows if "residual branch end" in row.reason}
+    assert sorted(ends) == [f"block{i}_c2" for i in range(4)], report
+    assert all("/ 4" in row.reason and row.target_var < 1.0 for row in ends.values())
+    assert report.ok and report.mode == "compiled"

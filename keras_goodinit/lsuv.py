@@ -46,13 +46,11 @@ def _relative_floor(dtype) -> float:
 
 
 def _solve_scale(variance, *, target_var, tol: float, max_iter: int, dead,
-                 max_step: float = MAX_STEP, unrolled: bool = False) -> dict:
+                 max_step: float = MAX_STEP) -> dict:
     """The LSUV iteration on a variance function of the kernel scale c, as tensors.
 
-    Bounded by `max_iter`, so it runs inside a compiled pass with no host
-    decision between layers: a `tf.while_loop`, or (`unrolled`, for a cheap
-    scalar `variance`) `max_iter` steps that stop changing once done, which
-    trace and optimize far faster than a loop. `target_var` may be a tensor
+    A `tf.while_loop` bounded by `max_iter`, so it runs inside a compiled
+    pass with no host decision between layers. `target_var` may be a tensor
     (a residual branch end's target is measured in the pass). Returns scale,
     var_before, var_after, iterations and the status code (int32).
     """
@@ -84,13 +82,8 @@ def _solve_scale(variance, *, target_var, tol: float, max_iter: int, dead,
 
     code = _first_code(var_before, dead, code_of(var_before, tf.constant(0)))
     state = (tf.constant(1.0, f64), var_before, tf.constant(0), code)
-    if unrolled:
-        for _ in range(max_iter):
-            going = searching(*state)
-            state = tuple(tf.where(going, new, old) for new, old in zip(step(*state), state))
-    else:
-        state = tf.while_loop(searching, step, state, maximum_iterations=max_iter)
-    scale, var, iterations, code = state
+    scale, var, iterations, code = tf.while_loop(searching, step, state,
+                                                 maximum_iterations=max_iter)
     return {"scale": scale, "var_before": var_before, "var_after": var,
             "iterations": iterations, "code": code}
 

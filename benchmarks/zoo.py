@@ -22,9 +22,10 @@ tracing with cold `tf.function` caches:
   `keras.models.clone_model(..., clone_function=...)`, its forward measured the
   same way), and of `signal_report(model, x)` (forward and backward);
 - pre-init: the orthogonal pre-init alone, as `lsuv_init` draws it (one
-  batched `GoodInit.draw` per kernel shape), with the factorization of this
-  version (CholeskyQR2 for tall samples) and with the Householder QR of every
-  sample that earlier versions ran, side by side in one process;
+  batched `GoodInit.draw` per kernel shape), with the draw of this version
+  (CholeskyQR2 for tall samples, a structured random orthogonal matrix for
+  kernels whose QR would cost over 1e10 flops) and with the Householder QR of
+  every sample that earlier versions ran, side by side in one process;
 - naive (ResNet-110 only): for every kernel layer in execution order,
   `keras.Model(model.input, layer.output)`, predict, divide the kernel by
   sqrt(var), predict again, until |var - 1| < 0.1 or 10 trials.
@@ -190,17 +191,18 @@ def measure_preinit(name: str) -> dict:
             ops.convert_to_numpy(init.draw(shape, dtype, count=count)[:1, :1])
 
     householder = tf.function(initializers._householder, autograph=False)
-    new = initializers._orthonormal
+    new, threshold = initializers._orthonormal, initializers._STRUCTURED_FLOPS
     t0 = time.perf_counter()
     draw_all()  # tracing included
     new_first = time.perf_counter() - t0
     new_warm = _median_time(draw_all, 2)
-    initializers._orthonormal = householder
+    # Earlier versions: Householder QR of every sample, the largest included.
+    initializers._orthonormal, initializers._STRUCTURED_FLOPS = householder, float("inf")
     try:
         draw_all()
         old_warm = _median_time(draw_all, 2)
     finally:
-        initializers._orthonormal = new
+        initializers._orthonormal, initializers._STRUCTURED_FLOPS = new, threshold
     forward = tf.function(lambda inputs: model(inputs, training=False))
     forward(x).numpy()
     return {"new_first_s": new_first, "new_s": new_warm, "householder_s": old_warm,

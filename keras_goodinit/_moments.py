@@ -208,15 +208,7 @@ def spec_of(activation) -> ActivationSpec | None:
         return activation
     if activation is None:
         return _REGISTRY[keras.activations.linear]
-    if isinstance(activation, str):
-        try:
-            activation = keras.activations.get(activation)
-        except (ValueError, TypeError):
-            return None
-    try:
-        return _REGISTRY.get(activation)
-    except TypeError:  # unhashable
-        return None
+    return _REGISTRY.get(_hashable(activation))
 
 
 def gamma(activation, q: float = 1.0) -> float:
@@ -264,15 +256,21 @@ def gamma(activation, q: float = 1.0) -> float:
 
 
 def _not_elementwise(activation) -> bool:
+    return _hashable(activation) in NOT_ELEMENTWISE
+
+
+def _hashable(activation):
+    """A Keras activation name as its function, else the object; None if neither resolves."""
     if isinstance(activation, str):
         try:
             activation = keras.activations.get(activation)
         except (ValueError, TypeError):
-            return False
+            return None
     try:
-        return activation in NOT_ELEMENTWISE
+        hash(activation)
     except TypeError:
-        return False
+        return None
+    return activation
 
 
 def layer_spec(layer) -> tuple[ActivationSpec | None, str]:

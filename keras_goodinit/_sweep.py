@@ -516,14 +516,18 @@ def _input_mask(inputs):
 
 
 def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
-          training: bool = False, probes: Sequence[Probe] = ()) -> SweepResult:
+          training: bool = False, probes: Sequence[Probe] = (),
+          preserve: bool = True) -> SweepResult:
     """One eager forward pass of `model` on `x`, `policy` at each target; inference by default.
 
-    Eager, because the policies decide on host-side numbers between layers;
+    The fallback of `run`, and the pass of host-side policies (diagnostics);
     the heavy per-layer statistics are compiled functions of the policies.
+    Every weight of `model` ends as it was, unless `preserve=False` (for a
+    caller that restores every variable itself).
     """
     result = SweepResult(order=[], states={}, calls={})
-    with preserving(model), _hooked(targets, policy, result, probes):
+    with preserving(model) if preserve else contextlib.nullcontext(), \
+            _hooked(targets, policy, result, probes):
         result.outputs = model(x, training=training)
     return result
 

@@ -625,7 +625,8 @@ def _measure(model, x, labels, targets, blocks, *, gradients, loss, seed,
     with (tf.GradientTape() as tape, _standing_in(targets, kernels, gradients),
           _blocks_hooked(blocks, found)):
         tape.watch(list(kernels.values()))
-        result = _sweep.sweep(model, x, targets, record, training=training)
+        # signal_report restores every variable itself (`_restore_changed`).
+        result = _sweep.sweep(model, x, targets, record, training=training, preserve=False)
         if gradients:
             loss_value, loss_name = _total_loss(model, result.outputs, labels, loss, seed)
     outputs = [result.states[id(t)]["output"] for t in result.order]

@@ -532,10 +532,18 @@ def test_structured_draw_is_reproducible_by_seed(structured_everywhere):
     assert not np.allclose(draw(5), draw(6))
 
 
-def test_only_large_kernels_take_the_structured_path():
+def test_only_large_kernels_take_the_structured_path(monkeypatch):
     from keras_goodinit import initializers
 
-    # (4608, 4096): VGG16's first Dense at 96x96 inputs, 7.7e10 flops of QR.
-    assert 4608 * 4096**2 > initializers._STRUCTURED_FLOPS
-    # (4608, 512), a 3x3x512x512 conv kernel, keeps the Haar QR.
-    assert 4608 * 512**2 < initializers._STRUCTURED_FLOPS
+    # The default threshold: VGG16's first Dense at 96x96 inputs, (4608, 4096), costs 7.7e10
+    # flops of QR; a 3x3x512x512 conv kernel, (4608, 512), 1.2e9, keeps the Haar QR.
+    assert 4608 * 512**2 < initializers._STRUCTURED_FLOPS < 4608 * 4096**2
+    # The dispatch, with the threshold between two small shapes' m n^2.
+    taken = []
+    real = initializers._structured_orthonormal
+    monkeypatch.setattr(initializers, "_STRUCTURED_FLOPS", 300 * 40**2)
+    monkeypatch.setattr(initializers, "_structured_orthonormal",
+                        lambda *args: taken.append(args[1:3]) or real(*args))
+    GoodInit("wn_relu", seed=1).draw((300, 40), "float32")  # 300 * 40^2: at the threshold
+    GoodInit("wn_relu", seed=1).draw((41, 300), "float32")  # wide: m = 300, n = 41, above it
+    assert taken == [(300, 41)]

@@ -651,8 +651,8 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
 
     `policy` must be written with TensorFlow ops (it then runs eagerly too).
     `compile` is `"auto"` (XLA where Keras would use it on an accelerator,
-    else `tf.function`; eager when the model cannot be traced or runs under a
-    `tf.distribute` strategy), `"xla"`, `"compiled"` (`tf.function` without
+    else `tf.function`; eager when the model cannot be traced), `"xla"`,
+    `"compiled"` (`tf.function` without
     XLA) or `"eager"`; an explicit compiled mode raises if it cannot run. The
     traced function is cached per model, input signature, targets, model
     variables and `key` (which must name every option the policy bakes in):
@@ -664,10 +664,6 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
 
     if compile == "eager":
         return _on_host(eager())
-    if compile == "auto" and _under_strategy(model):
-        # The eager pass is the one proven to give identical replicas.
-        return _on_host(eager(), note="eager sweep: the model runs under a tf.distribute "
-                                      "strategy")
     modes = [compile] if compile != "auto" else (
         ["xla", "compiled"] if _xla_by_default(model) else ["compiled"])
     for mode in modes:
@@ -685,13 +681,6 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
     note = (f"eager sweep: the model could not be traced ({type(reason).__name__}: "
             f"{str(reason).splitlines()[0][:200] if str(reason) else ''})")
     return _on_host(eager(), note=note)
-
-
-def _under_strategy(model) -> bool:
-    if tf.distribute.has_strategy():
-        return True
-    # Callbacks run outside `strategy.scope()`: the variables know their strategy.
-    return any(isinstance(v.value, tf.distribute.DistributedValues) for v in model.weights[:1])
 
 
 def _xla_by_default(model) -> bool:

@@ -533,7 +533,8 @@ def lsuv_init(
             statistics and scale (in closed form, no host sync),
             with XLA on an accelerator where every layer supports it; eager
             when the model cannot be traced (a host read in a subclassed
-            `call`) or runs under a `tf.distribute` strategy. `"xla"`,
+            `call`). Under a `tf.distribute` strategy the traced pass runs
+            in cross-replica context, on the whole batch. `"xla"`,
             `"compiled"` (`tf.function` without XLA) or `"eager"` force one;
             a forced compiled mode raises if the model cannot be traced.
             The traced pass is cached per model and input signature, so a

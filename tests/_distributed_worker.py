@@ -173,7 +173,7 @@ def mirrored():
         with scope:
             report = init(model, x, verbose=0)
         result = {"identical": replicas_identical(model), "ok": report.ok,
-                  "statuses": [r.status for r in report.rows],
+                  "statuses": [r.status for r in report.rows], "mode": report.mode,
                   "changed": max_diff(first_copies(model), start) > 0}
         for label, (twin, batch) in twins.items():
             twin_report = init(twin, batch, verbose=0)
@@ -206,7 +206,7 @@ def mirrored():
             report = lsuv_init(model, batches, new_batch_per_trial=True, seed=9, verbose=0)
         return {"identical": replicas_identical(model),
                 "statuses": sorted({r.status for r in report.rows}),
-                "batches": report.batches}
+                "batches": report.batches, "mode": report.mode}
 
     @scenario
     def weightnorm_data_init_in_scope():
@@ -232,6 +232,7 @@ def mirrored():
         return {"init_identical": snapshot.begin_identical,
                 "fit_identical": replicas_identical(model),
                 "statuses": [r.status for r in callback.report.rows],
+                "mode": callback.report.mode,
                 "weights_vs_single": max_diff(snapshot.begin, single.get_weights()),
                 "stats_vs_single": report_diff(callback.report, single_report),
                 "steps": int(model.optimizer.iterations.numpy())}
@@ -339,7 +340,7 @@ def multiworker():
                 report = function(model, x, verbose=0)  # lsuv: seed=None, this worker's draws
         else:
             report = function(model, x, verbose=0)
-        return {"built": built, "digest": digest(model),
+        return {"built": built, "digest": digest(model), "mode": report.mode,
                 "statuses": [r.status for r in report.rows],
                 "var_before": [r.var_before for r in report.rows]}
 
@@ -371,6 +372,7 @@ def multiworker():
         init_digest = digest(model)
         steps = train_steps(strategy, model, x, y)
         return {"init_digest": init_digest, "fit_digest": digest(model), "steps": steps,
+                "mode": callback.report.mode,
                 "statuses": [r.status for r in callback.report.rows],
                 "var_before": [r.var_before for r in callback.report.rows]}
 

@@ -155,6 +155,7 @@ def test_mirrored_goodinit_and_weight_norm_replicas_identical_after_build_and_fi
 
 def _matches_single(r, *, contrast=True):
     assert r["identical"], r
+    assert r["mode"] == "compiled", r  # the traced pass, not the eager fallback
     assert r["weights_vs_single"] < MATCH and r["stats_vs_single"] < MATCH, r
     if contrast:  # a per-replica (half-batch) init would be visibly different
         assert r["weights_vs_half_batch"] > CONTRAST and r["stats_vs_half_batch"] > CONTRAST, r
@@ -180,6 +181,7 @@ def test_mirrored_lsuv_init_orthogonal_pre_init_and_batch_per_trial(results):
     def check():
         r = scenario(results, "mirrored", "lsuv_init_orthogonal_and_trials")
         assert r["identical"] and r["statuses"] == ["ok"] and r["batches"] >= 2, r
+        assert r["mode"] == "compiled", r
     cell(MIRRORED, "lsuv_init orthogonal, dataset trials", check)
 
 
@@ -208,7 +210,7 @@ def test_mirrored_callback_replicas_identical_and_match_single(results, name, fe
         r = scenario(results, "mirrored", name)
         assert r["init_identical"] and r["fit_identical"] and r["steps"] == 4, r
         assert r["weights_vs_single"] < MATCH and r["stats_vs_single"] < MATCH, r
-        assert "ok" in r["statuses"], r
+        assert "ok" in r["statuses"] and r["mode"] == "compiled", r
     cell(MIRRORED, feature, check)
 
 
@@ -257,6 +259,7 @@ def _synced(a, b):
     assert a["var_before"][0] != pytest.approx(b["var_before"][0], rel=0.1), (a, b)
     # ...and yet both end with bit-identical weights.
     assert a["digest"] == b["digest"], "workers ended with different weights"
+    assert a["mode"] == b["mode"] == "compiled", (a["mode"], b["mode"])
 
 
 @pytest.mark.parametrize("name, feature", [
@@ -280,6 +283,7 @@ def test_multiworker_callback_as_fit_calls_it_then_train_steps(results, name, fe
         assert a["var_before"][1] != pytest.approx(b["var_before"][1], rel=0.01), (a, b)
         assert a["init_digest"] == b["init_digest"], "workers differ after the init"
         assert a["fit_digest"] == b["fit_digest"], "workers differ after training steps"
+        assert a["mode"] == b["mode"] == "compiled", (a["mode"], b["mode"])
     cell(MULTI, feature, check)
 
 

@@ -369,6 +369,9 @@ class SweepResult:
     # The graph the pass is traced into (None: eager); a hook met in any other graph
     # (a nested tf.function, vectorized_map, a while_loop) is in traced code.
     graph: Any = None
+    # What `run`'s `program` returned: its tensors (as NumPy) and its trace-time values.
+    extra: Any = None
+    static: Any = None
 
 
 @contextlib.contextmanager
@@ -379,7 +382,7 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult,
     def make_hook(target, activation):
         def hook(y):
             key = id(target)
-            if not _in_pass(result):
+            if not in_pass(result.graph):
                 result.traced.add(key)
                 return activation(y)
             count = result.calls.get(key, 0)
@@ -440,7 +443,7 @@ def _probing(probes: Sequence[Probe], result: SweepResult):
 
         def probed(*args, **kwargs):
             outputs = call(*args, **kwargs)
-            if _in_pass(result):
+            if in_pass(result.graph):
                 for probe in mine:
                     if probe.call == seen[0] and hasattr(outputs, "shape"):
                         probe.value = stream_variance(outputs)
@@ -469,13 +472,19 @@ def stream_variance(y) -> tf.Tensor:
     return tf.reshape(var, [])
 
 
-def _in_pass(result: SweepResult) -> bool:
-    """Whether a hook runs in the pass itself, not in code traced inside it."""
-    if result.graph is None:
+def pass_graph():
+    """The graph a pass is being traced into now; None when it runs eagerly."""
+    return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+
+
+def in_pass(graph) -> bool:
+    """Whether a hook runs in the pass itself (traced into `graph`, or eager when None),
+    not in code traced inside it (a nested tf.function, vectorized_map, a while_loop)."""
+    if graph is None:
         return tf.executing_eagerly()
-    graph = tf.compat.v1.get_default_graph()
+    current = tf.compat.v1.get_default_graph()
     # In a graph, vectorized_map (pfor) traces its function in place, under "loop_body".
-    return graph is result.graph and "loop_body" not in graph.get_name_scope().split("/")
+    return current is graph and "loop_body" not in current.get_name_scope().split("/")
 
 
 def _merged_time_call(wrapper):
@@ -520,7 +529,8 @@ def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Polic
           preserve: bool = True) -> SweepResult:
     """One eager forward pass of `model` on `x`, `policy` at each target; inference by default.
 
-    The fallback of `run`, and the pass of host-side policies (diagnostics);
+    The fallback of `run`, and the pass of host-side policies (`mean_field_init`'s
+    measurement);
     the heavy per-layer statistics are compiled functions of the policies.
     Every weight of `model` ends as it was, unless `preserve=False` (for a
     caller that restores every variable itself).
@@ -644,9 +654,15 @@ _UNTRACEABLE = (AttributeError, TypeError, NotImplementedError, ValueError)
 _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# `program(forward, x, aux) -> (tensors, static)`: a computation around the hooked pass
+# (`forward(x)` runs it and returns its `SweepResult`), traced with it.
+Program = Callable[[Callable[[Any], SweepResult], Any, Any], tuple[Any, Any]]
+
+
 def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
         key: tuple, compile: str = "auto", training: bool = False,
-        probes: Sequence[Probe] = ()) -> SweepResult:
+        probes: Sequence[Probe] = (), program: Program | None = None,
+        aux=()) -> SweepResult:
     """The sweep as one compiled program where it can be; states come back as NumPy.
 
     `policy` must be written with TensorFlow ops (it then runs eagerly too).
@@ -658,9 +674,27 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
     variables and `key` (which must name every option the policy bakes in):
     a second call reuses it. `SweepResult.mode` says which ran. `probes`
     measure the variance of other layers' outputs for the policy to read.
+
+    With a `program` (a loss and its gradients, say), the traced function is
+    `program(forward, x, aux)` instead of the pass alone; `aux` (tensors, such
+    as labels) are inputs of the function, so new values reuse the trace. Its
+    tensors come back in `SweepResult.extra` as NumPy, its trace-time Python
+    values in `SweepResult.static`.
     """
     def eager():
-        return sweep(model, x, targets, policy, training=training, probes=probes)
+        def forward(inputs):
+            return sweep(model, inputs, targets, policy, training=training, probes=probes)
+        if program is None:
+            return forward(x)
+        result = SweepResult(order=[], states={}, calls={})
+
+        def recorded(inputs):
+            nonlocal result
+            result = forward(inputs)
+            return result
+        extra, static = program(recorded, x, aux)
+        result.extra, result.static = extra, static
+        return result
 
     if compile == "eager":
         return _on_host(eager())
@@ -668,7 +702,8 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
         ["xla", "compiled"] if _xla_by_default(model) else ["compiled"])
     for mode in modes:
         try:
-            return _compiled_sweep(model, x, targets, policy, key, mode, training, probes)
+            return _compiled_sweep(model, x, targets, policy, key, mode, training, probes,
+                                   program, aux)
         except tf.errors.OpError as error:  # XLA could not compile an op
             if compile != "auto" or mode != "xla":
                 raise
@@ -694,6 +729,7 @@ def _on_host(result: SweepResult, *, mode: str = "eager", note: str = "") -> Swe
     """`result` with every tensor of its states as a NumPy array (one sync, at the end)."""
     result.states = {k: keras.tree.map_structure(_numpy, state)
                      for k, state in result.states.items()}
+    result.extra = keras.tree.map_structure(_numpy, result.extra)
     result.mode, result.note, result.graph = mode, note, None
     return result
 
@@ -702,9 +738,12 @@ def _numpy(value):
     return np.asarray(value) if isinstance(value, (tf.Tensor, tf.Variable)) else value
 
 
-def _compiled_sweep(model, x, targets, policy, key, mode, training, probes) -> SweepResult:
-    inputs = keras.tree.map_structure(tf.convert_to_tensor, x)
-    signature = repr(keras.tree.map_structure(lambda t: (tuple(t.shape), t.dtype.name), inputs))
+def _compiled_sweep(model, x, targets, policy, key, mode, training, probes, program,
+                    aux) -> SweepResult:
+    inputs = keras.tree.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t),
+                                      (x, aux))
+    signature = repr(keras.tree.map_structure(
+        lambda t: None if t is None else (tuple(t.shape), t.dtype.name), inputs))
     # A new LoRA, quantization or activation changes the traced program: part of the key.
     structure = (tuple(id(t.layer) for t in targets),
                  tuple(id(t.inner.activation) for t in targets),
@@ -713,45 +752,55 @@ def _compiled_sweep(model, x, targets, policy, key, mode, training, probes) -> S
     cache = _TRACED.setdefault(model, {})
     full_key = (key, mode, bool(training), signature, structure)
     traced = cache.get(full_key) or _trace(model, inputs, targets, policy, mode, training,
-                                           probes)
+                                           probes, program)
     function, record, writes = traced
     # Only a pass that writes variables (as a forced `bn(x, training=True)` does) needs
     # every weight put back: reading and restoring them all costs as much as a small pass.
     with preserving(model) if writes else contextlib.nullcontext():
-        states = function(inputs)  # XLA compiles here, on the first call
+        states, extra = function(*inputs)  # XLA compiles here, on the first call
     cache[full_key] = traced  # only once it ran
     # The record holds positions: a cached pass serves new Target objects of the same layers.
     result = SweepResult(
         order=[targets[i] for i in record.order], calls={
             id(targets[i]): count for i, count in record.calls.items()},
         traced={id(targets[i]) for i in record.traced},
-        states={id(targets[int(i)]): state for i, state in states.items()})
+        states={id(targets[int(i)]): state for i, state in states.items()},
+        extra=extra, static=record.static)
     return _on_host(result, mode=mode)
 
 
-def _trace(model, inputs, targets, policy, mode, training, probes):
+def _trace(model, inputs, targets, policy, mode, training, probes, program):
     """A tf.function of the hooked pass, traced now, and its trace-time record."""
     model_ref = weakref.ref(model)  # the cache must not keep the model alive
     index = {id(t): i for i, t in enumerate(targets)}
     record = SweepResult(order=[], states={}, calls={})
 
-    def hooked_pass(inputs):
+    def forward(x):
         record.order.clear()
         record.states.clear()
         record.calls.clear()
         record.traced.clear()
         record.graph = tf.compat.v1.get_default_graph()
         with _hooked(targets, policy, record, probes):
-            model_ref()(inputs, training=training)
+            record.outputs = model_ref()(x, training=training)
         record.graph = None
+        return record
+
+    def hooked_pass(x, aux):
+        if program is None:
+            forward(x)
+            extra = None
+        else:
+            extra, record.static = program(forward, x, aux)
+        record.outputs = None  # graph tensors must not outlive the trace
         record.order[:] = [index[id(t)] for t in record.order]
         record.calls = {index[k]: count for k, count in record.calls.items()}
         record.traced = {index[k] for k in record.traced}
         states, record.states = record.states, {}
-        return {str(index[k]): state for k, state in states.items()}
+        return {str(index[k]): state for k, state in states.items()}, extra
 
     function = tf.function(hooked_pass, jit_compile=mode == "xla", autograph=False)
-    concrete = function.get_concrete_function(inputs)
+    concrete = function.get_concrete_function(*inputs)
     return function, record, _writes_variables(concrete.graph.as_graph_def())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import keras
@@ -98,6 +99,8 @@ class SignalReport:
         samples: Per layer, a sample of output values for histograms.
         blocks: One `BlockSignal` per residual block, in execution order
             (empty for a subclassed model, whose graph is unknown).
+        mode: How the pass ran: `"xla"`, `"compiled"` or `"eager"`.
+        note: Why it ran eagerly under `compile="auto"` (empty otherwise).
     """
 
     rows: list[LayerSignal]
@@ -108,6 +111,8 @@ class SignalReport:
     grad_reference: str | None = None
     samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     blocks: list[BlockSignal] = dataclasses.field(default_factory=list)
+    mode: str = "eager"
+    note: str = ""
 
     def column(self, field: str) -> np.ndarray:
         """One statistic for every layer, e.g. `report.column("norm_ratio")`."""
@@ -124,7 +129,8 @@ class SignalReport:
 
         return {"input_norm": json_safe(self.input_norm), "loss": json_safe(self.loss),
                 "training": self.training, "loss_name": self.loss_name,
-                "grad_reference": self.grad_reference, "rows": safe(self.rows),
+                "grad_reference": self.grad_reference, "mode": self.mode,
+                "rows": safe(self.rows),
                 "blocks": safe(self.blocks)}
 
     def table(self) -> str:
@@ -298,27 +304,29 @@ def _channel_axis(block: _graph.Block) -> int:
     return 1 if getattr(inner, "data_format", None) == "channels_first" else -1
 
 
-def _channel_moments(y, axis: int) -> tuple[float, float]:
+def _channel_moments(y, axis: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(mean_c mean(y_c)^2, mean_c var(y_c)): moments per channel over all other axes."""
     rank = len(y.shape)
     axes = tuple(i for i in range(rank) if rank == 1 or i != axis % rank)
-    mean, var = _sweep.cell_moments(tf.stop_gradient(y), axes)
-    return float(np.mean(np.square(mean))), float(np.mean(var))
+    mean, var = _sweep.moments(tf.stop_gradient(y), axes)
+    return tf.reduce_mean(tf.square(mean)), tf.reduce_mean(var)
 
 
-def _block_signal(block: _graph.Block, inputs, output) -> BlockSignal:
+def _block_moments(block: _graph.Block, inputs, output) -> dict[str, tf.Tensor]:
+    """The statistics of a `BlockSignal`, as tensors of the pass."""
     axis = _channel_axis(block)
     branch = inputs[block.add.inputs.index(block.branch)]
     skip = inputs[block.add.inputs.index(block.skip)]
     squared_mean, variance = _channel_moments(output, axis)
-    return BlockSignal(block.add.layer.name, block.stage, block.num_blocks, squared_mean,
-                       variance, _channel_moments(branch, axis)[1],
-                       _channel_moments(skip, axis)[1])
+    return {"squared_mean": squared_mean, "variance": variance,
+            "branch_variance": _channel_moments(branch, axis)[1],
+            "skip_variance": _channel_moments(skip, axis)[1]}
 
 
 @contextlib.contextmanager
-def _blocks_hooked(calls: dict, found: list[BlockSignal]):
-    """While active, each residual `Add` call appends its `BlockSignal` to `found`."""
+def _blocks_hooked(calls: dict, found: list, graph):
+    """While active, each residual `Add` call of the pass (traced into `graph`, or eager
+    when None) appends `(block, its statistics)` to `found`."""
     patched = []
 
     def make_call(blocks, call):
@@ -327,8 +335,8 @@ def _blocks_hooked(calls: dict, found: list[BlockSignal]):
         def watched_call(inputs, *args, **kwargs):
             output = call(inputs, *args, **kwargs)
             index, count[0] = count[0], count[0] + 1
-            if index < len(blocks) and blocks[index] is not None and tf.executing_eagerly():
-                found.append(_block_signal(blocks[index], inputs, output))
+            if index < len(blocks) and blocks[index] is not None and _sweep.in_pass(graph):
+                found.append((blocks[index], _block_moments(blocks[index], inputs, output)))
             return output
         return watched_call
 
@@ -351,25 +359,62 @@ def _blocks_hooked(calls: dict, found: list[BlockSignal]):
 _EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
 
 
-def _sums_to_one(values: np.ndarray, dtype: str) -> bool:
-    """Whether every row along the last axis is a probability distribution."""
+def _sums_to_one(values, dtype: str):
+    """Whether every row along the last axis is a probability distribution (a bool tensor)."""
     # A sum of k values, each rounded to relative eps, is off by at most eps * (sum = 1).
     tolerance = max(1e-3, 4 * _EPS.get(dtype, 2.0**-23))
-    return bool(np.all(values >= 0)
-                and np.all(np.abs(values.sum(axis=-1) - 1.0) <= tolerance))
+    return ops.logical_and(ops.all(values >= 0),
+                           ops.all(ops.abs(ops.sum(values, axis=-1) - 1.0) <= tolerance))
 
 
-def _labels_array(y, name: str) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class _LabelFacts:
+    """What the default loss reads of one label array, on the host before the pass.
+
+    The compared fields are part of the traced pass's cache key: labels
+    with the same facts take the same loss, so a new batch reuses the trace.
+    """
+
+    shape: tuple[int, ...]
+    one_hot: bool  # every row along the last axis is a distribution
+    classes: int | None  # max + 1 when every value is an integer >= 0, else None
+    low: float = dataclasses.field(default=math.nan, compare=False)
+    high: float = dataclasses.field(default=math.nan, compare=False)
+
+
+def _label_facts(y) -> _LabelFacts:
     array = np.asarray(ops.convert_to_numpy(y))
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(
-            f"The default loss needs numeric labels{name}: pass `loss=`. "
-            f"Received: y of dtype {array.dtype}")
-    return array
+        raise ValueError(f"The default loss needs numeric labels: pass `loss=`. "
+                         f"Received: y of dtype {array.dtype}")
+    if array.size == 0:
+        return _LabelFacts(array.shape, False, None)
+    values = array.astype("float64")
+    integral = bool(np.all(np.mod(values, 1) == 0) and np.all(values >= 0))
+    return _LabelFacts(array.shape, bool(_sums_to_one(values, "float64")),
+                       int(values.max()) + 1 if integral else None,
+                       float(values.min()), float(values.max()))
 
 
-def _default_term(pred, y, rng: np.random.Generator, name: str):
-    """The default loss of one output and what it is: see `signal_report`."""
+# In a loss description, where "probabilities" or "logits" goes once the pass has run.
+_KIND = "{kind}"
+
+
+def _from_values_or_logits(loss_fn, labels, pred, probabilities):
+    """`loss_fn` from probabilities where `probabilities` (a bool tensor) holds, else from
+    logits; a `tf.cond`, so the branch not taken adds no gradient (nor NaN) of its own."""
+    def from_logits():
+        with warnings.catch_warnings():
+            # Traced for a softmax output too, where Keras warns; that branch is then not taken.
+            warnings.filterwarnings("ignore", message=".*received `from_logits=True`")
+            return loss_fn(labels, pred, from_logits=True)
+
+    return tf.cond(probabilities, lambda: loss_fn(labels, pred, from_logits=False), from_logits)
+
+
+def _default_term(pred, y, facts: _LabelFacts | None, rng: np.random.Generator, name: str):
+    """The default loss of one output, what it is, and whether the output holds
+    probabilities (a bool tensor; None where that does not matter): see `signal_report`."""
     dtype = keras.backend.standardize_dtype(pred.dtype)
     pred = ops.cast(pred, "float32")
     shape = tuple(pred.shape)
@@ -379,43 +424,40 @@ def _default_term(pred, y, rng: np.random.Generator, name: str):
         if y is None:
             target = rng.standard_normal(shape).astype("float32")
             return (keras.losses.mean_squared_error(target, pred),
-                    "mean_squared_error vs seeded N(0, 1) targets")
-        target = _labels_array(y, name)
-        if target.size != int(np.prod(shape)):
+                    "mean_squared_error vs seeded N(0, 1) targets", None)
+        if int(np.prod(facts.shape)) != int(np.prod(shape)):
             raise ValueError(
                 f"The default loss pairs y{name} with an output of shape {shape}: they must have "
-                f"as many values. Received: y of shape {target.shape}")
-        target = target.reshape(shape).astype("float32")
-        return keras.losses.mean_squared_error(target, pred), "mean_squared_error vs y"
-    probabilities = _sums_to_one(ops.convert_to_numpy(pred), dtype)
-    kind = "probabilities" if probabilities else "logits"
+                f"as many values. Received: y of shape {facts.shape}")
+        target = ops.reshape(ops.cast(y, "float32"), shape)
+        return keras.losses.mean_squared_error(target, pred), "mean_squared_error vs y", None
+    probabilities = _sums_to_one(pred, dtype)
     if y is None:
         labels = rng.integers(0, units, shape[:-1])
-        return (keras.losses.sparse_categorical_crossentropy(
-            labels, pred, from_logits=not probabilities),
-            f"sparse_categorical_crossentropy from {kind} vs seeded labels")
-    labels = _labels_array(y, name)
-    if labels.shape == shape and _sums_to_one(labels.astype("float64"), "float64"):
-        return (keras.losses.categorical_crossentropy(
-            labels.astype("float32"), pred, from_logits=not probabilities),
-            f"categorical_crossentropy from {kind} vs y")
-    if labels.shape in (shape[:-1], shape[:-1] + (1,)):
-        if not (np.all(np.mod(labels, 1) == 0) and np.all(labels >= 0)
-                and np.all(labels < units)):
+        return (_from_values_or_logits(keras.losses.sparse_categorical_crossentropy, labels,
+                                       pred, probabilities),
+                f"sparse_categorical_crossentropy from {_KIND} vs seeded labels", probabilities)
+    if facts.shape == shape and facts.one_hot:
+        return (_from_values_or_logits(keras.losses.categorical_crossentropy,
+                                       ops.cast(y, "float32"), pred, probabilities),
+                f"categorical_crossentropy from {_KIND} vs y", probabilities)
+    if facts.shape in (shape[:-1], shape[:-1] + (1,)):
+        if facts.classes is None or facts.classes > units:
             raise ValueError(
                 f"The default loss reads y{name} as class indices of an output with {units} "
                 f"units: they must be integers in [0, {units}). Pass `loss=` otherwise. "
-                f"Received: y with values in [{labels.min()}, {labels.max()}]")
-        return (keras.losses.sparse_categorical_crossentropy(
-            labels.reshape(shape[:-1]).astype("int64"), pred, from_logits=not probabilities),
-            f"sparse_categorical_crossentropy from {kind} vs y")
-    if labels.shape == shape:  # same shape, not distributions: regression targets
-        return (keras.losses.mean_squared_error(labels.astype("float32"), pred),
-                "mean_squared_error vs y")
+                f"Received: y with values in [{facts.low:g}, {facts.high:g}]")
+        labels = ops.reshape(ops.cast(y, "int64"), shape[:-1])
+        return (_from_values_or_logits(keras.losses.sparse_categorical_crossentropy, labels,
+                                       pred, probabilities),
+                f"sparse_categorical_crossentropy from {_KIND} vs y", probabilities)
+    if facts.shape == shape:  # same shape, not distributions: regression targets
+        return (keras.losses.mean_squared_error(ops.cast(y, "float32"), pred),
+                "mean_squared_error vs y", None)
     raise ValueError(
         f"The default loss cannot pair y{name} with an output of shape {shape}: y must be class "
         "indices, one-hot rows or targets of the output's shape. Pass `loss=` otherwise. "
-        f"Received: y of shape {labels.shape}")
+        f"Received: y of shape {facts.shape}")
 
 
 def _paired(model, outputs, labels) -> list[tuple[str, object, object]]:
@@ -440,7 +482,7 @@ def _paired(model, outputs, labels) -> list[tuple[str, object, object]]:
         return list(zip(names, preds, labels))
     what = (f"a dict with keys {sorted(labels)}" if isinstance(labels, dict) else
             f"a {type(labels).__name__} of length {len(labels)}"
-            if isinstance(labels, (list, tuple)) else f"one array of shape {np.shape(labels)}")
+            if isinstance(labels, (list, tuple)) else f"one array of shape {tuple(labels.shape)}")
     expected = (f"a dict with keys {sorted(outputs)}" if isinstance(outputs, dict)
                 else f"a list or tuple of {len(preds)} arrays")
     raise ValueError(
@@ -454,21 +496,43 @@ def _loss_name(loss) -> str:
     return getattr(loss, "name", None) or getattr(loss, "__name__", None) or type(loss).__name__
 
 
-def _total_loss(model, outputs, labels, loss, seed: int):
-    """The loss summed over the model's outputs, and what each term is."""
+def _total_loss(model, outputs, labels, facts, loss, seed: int):
+    """The loss summed over the model's outputs, what each term is, and each term's
+    probabilities flag (see `_default_term`)."""
     rng = np.random.default_rng(seed)
     loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
-    total, parts = None, []
-    for name, pred, y in _paired(model, outputs, labels):
+    pairs = _paired(model, outputs, labels)
+    facts = ([f for _, _, f in _paired(model, outputs, facts)] if loss is None
+             else [None] * len(pairs))
+    total, parts, flags = None, [], []
+    for (name, pred, y), fact in zip(pairs, facts):
         where = f" of {name!r}" if name else ""
         if loss is None:
-            values, what = _default_term(pred, y, rng, where)
+            values, what, flag = _default_term(pred, y, fact, rng, where)
         else:
-            values, what = loss_fn(y, pred), f"{_loss_name(loss)} vs y"
+            values, what, flag = loss_fn(y, pred), f"{_loss_name(loss)} vs y", None
         term = ops.mean(ops.cast(values, "float32"))
         total = term if total is None else total + term
         parts.append(f"{name}: {what}" if name else what)
-    return total, " + ".join(parts)
+        flags.append(flag)
+    return total, parts, flags
+
+
+def _output_statistics(out, rng: np.random.Generator) -> dict[str, tf.Tensor]:
+    """Mean, std and norm of a layer's output, and a sample of its values for histograms.
+
+    The sample's positions are drawn on the host from the output's static
+    size, as `rng.choice` draws them from the values themselves.
+    """
+    values = tf.reshape(tf.stop_gradient(out), [-1])
+    size = int(values.shape[0])
+    mean, var = _sweep.moments(values, (0,))
+    mean, var = tf.reshape(mean, []), tf.reshape(var, [])
+    positions = rng.choice(size, min(size, _HISTOGRAM_SAMPLES), replace=False)
+    return {"mean": mean, "std": tf.sqrt(var),
+            # ||h||^2 = n (var + mean^2), in float64: no float32 overflow of the squares.
+            "norm": tf.sqrt(size * (var + tf.square(mean))),
+            "sample": tf.gather(tf.cast(values, tf.float32), positions)}
 
 
 def signal_report(
@@ -480,6 +544,7 @@ def signal_report(
     layers: Sequence[keras.layers.Layer | str] | None = None,
     seed: int = 0,
     training: bool = False,
+    compile: str = "auto",
 ) -> SignalReport:
     """Measures the signal through every target layer and residual block: one pass each way.
 
@@ -569,6 +634,12 @@ def signal_report(
         training: Run the forward pass in training mode (BatchNormalization
             normalizes by the batch's statistics, dropout is active) rather
             than inference mode. The report records which.
+        compile: `"auto"` (default): the forward pass, the loss and the
+            backward pass as one traced `tf.function` (XLA on an
+            accelerator), cached per model and input signature, falling
+            back to eager where the model or `loss` cannot be traced;
+            `"xla"`, `"compiled"` or `"eager"` force one, as for
+            `lsuv_init`. `SignalReport.mode` says which ran.
 
     Returns:
         A `SignalReport`.
@@ -582,6 +653,7 @@ def signal_report(
     gradients = _validate.boolean("gradients", gradients)
     training = _validate.boolean("training", training)
     seed = _validate.seed(seed, allow_none=False)
+    compile = _validate.one_of("compile", compile, _sweep.COMPILE_MODES)
     if loss is not None:
         bad_name = False
         if isinstance(loss, str):
@@ -597,6 +669,9 @@ def signal_report(
     if loss is not None and labels is None:
         raise ValueError(
             "A given `loss` needs labels: pass `data=(x, y)`. Received: data without y")
+    # The default loss reads the labels on the host, before the pass.
+    facts = (keras.tree.map_structure(_label_facts, labels)
+             if gradients and loss is None and labels is not None else None)
     targets = _sweep.prepare(model, x, layers)  # also checks `layers`
     blocks = _block_steps(model)
     # With gradients the pass runs in a StatelessScope, which keeps its writes; without, the
@@ -604,56 +679,93 @@ def signal_report(
     # subclassed call that forces bn(x, training=True)). Either way, everything is put back.
     saved = _sweep.snapshot(model.variables)
     try:
-        return _measure(model, x, labels, targets, blocks, gradients=gradients, loss=loss,
-                        seed=seed, training=training)
+        return _measure(model, x, labels, facts, targets, blocks, gradients=gradients,
+                        loss=loss, seed=seed, training=training, compile=compile)
     finally:
         _restore_changed(saved)
 
 
-def _measure(model, x, labels, targets, blocks, *, gradients, loss, seed,
-             training) -> SignalReport:
+def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed, training,
+             compile) -> SignalReport:
+    outputs: dict[int, tf.Tensor] = {}  # id(target) -> its output, in the pass
+    draws: dict[str, np.random.Generator] = {}
+
     def record(target, y, activation, state):
         out = activation(y)
-        return out, state or {"output": out}
+        if state is None:
+            outputs[id(target)] = out
+            state = _output_statistics(out, draws["samples"])
+        return out, state
 
-    # The kernel gradients are taken with respect to tensors that stand in for the kernel
-    # variables during the pass: a variable mirrored by a tf.distribute strategy cannot be
-    # watched in cross-replica context, where the sweep runs.
-    kernels = ({id(t): tf.convert_to_tensor(t.direction_variable.value) for t in targets}
-               if gradients else {})
-    found: list[BlockSignal] = []
-    with (tf.GradientTape() as tape, _standing_in(targets, kernels, gradients),
-          _blocks_hooked(blocks, found)):
-        tape.watch(list(kernels.values()))
-        # signal_report restores every variable itself (`_restore_changed`).
-        result = _sweep.sweep(model, x, targets, record, training=training, preserve=False)
-        if gradients:
-            loss_value, loss_name = _total_loss(model, result.outputs, labels, loss, seed)
-    outputs = [result.states[id(t)]["output"] for t in result.order]
-    input_norm = _flat_norm(x)
+    def program(forward, x, labels):
+        """The forward pass, the loss and the backward pass: traced as one function."""
+        draws["samples"] = np.random.default_rng(seed)
+        # The kernel gradients are taken with respect to tensors that stand in for the
+        # kernel variables during the pass: a variable mirrored by a tf.distribute strategy
+        # cannot be watched in cross-replica context, where the sweep runs.
+        kernels = ({id(t): tf.convert_to_tensor(t.direction_variable.value) for t in targets}
+                   if gradients else {})
+        found: list = []
+        with (tf.GradientTape() as tape, _standing_in(targets, kernels, gradients),
+              _blocks_hooked(blocks, found, _sweep.pass_graph())):
+            tape.watch(list(kernels.values()))
+            result = forward(x)
+            if gradients:
+                loss_value, parts, flags = _total_loss(model, result.outputs, labels, facts,
+                                                       loss, seed)
+        extra = {"blocks": [moments for _, moments in found]}
+        static = {"blocks": [(b.add.layer.name, b.stage, b.num_blocks) for b, _ in found]}
+        if not gradients:
+            return extra, static
+        order = result.order
+        grads = tape.gradient(loss_value, [outputs[id(t)] for t in order]
+                              + [kernels[id(t)] for t in order])
+        output_grads, kernel_grads = grads[:len(order)], grads[len(order):]
+        # A None gradient: the output never reaches the loss (a discarded head, say).
+        static.update(parts=parts, reaching=[i for i, g in enumerate(output_grads)
+                                             if g is not None],
+                      kernel_grads=[i for i, g in enumerate(kernel_grads) if g is not None])
+        extra.update(
+            loss=loss_value, flags=[f for f in flags if f is not None],
+            grad_norms=[tf.norm(tf.cast(g, tf.float32)) for g in output_grads if g is not None],
+            weight_grad_std=[tf.math.reduce_std(tf.cast(tf.convert_to_tensor(g), tf.float32))
+                             for g in kernel_grads if g is not None])
+        return extra, static
+
+    aux = None if labels is None else keras.tree.map_structure(tf.convert_to_tensor, labels)
+    key = ("signal_report", gradients, loss, seed,
+           None if facts is None else tuple(keras.tree.flatten(facts)))
+    result = _sweep.run(model, x, targets, record, key=key, compile=compile, training=training,
+                        program=program, aux=aux)
+    return _assembled(result, _flat_norm(x), training=training)
+
+
+def _assembled(result: _sweep.SweepResult, input_norm: float, *, training: bool) -> SignalReport:
+    """The report from what the pass returned (NumPy values and trace-time facts)."""
     rows, samples = [], {}
-    rng = np.random.default_rng(seed)
-    for target, out in zip(result.order, outputs):
-        values = ops.convert_to_numpy(ops.cast(out, "float32")).ravel()
-        rows.append(LayerSignal(target.name, target.class_name, float(values.mean()),
-                                float(values.std()), _ratio(float(np.linalg.norm(values)),
-                                                            input_norm)))
-        take = min(values.size, _HISTOGRAM_SAMPLES)
-        samples[target.name] = rng.choice(values, take, replace=False)
-    report = SignalReport(rows, input_norm, training=training, samples=samples, blocks=found)
-    if not gradients:
+    for target in result.order:
+        state = result.states[id(target)]
+        rows.append(LayerSignal(target.name, target.class_name, float(state["mean"]),
+                                float(state["std"]), _ratio(float(state["norm"]), input_norm)))
+        samples[target.name] = state["sample"]
+    extra, static = result.extra, result.static
+    blocks = [BlockSignal(name, stage, num_blocks, **{k: float(v) for k, v in moments.items()})
+              for (name, stage, num_blocks), moments in zip(static["blocks"], extra["blocks"])]
+    report = SignalReport(rows, input_norm, training=training, samples=samples, blocks=blocks,
+                          mode=result.mode, note=result.note)
+    if "loss" not in extra:
         return report
-    grads = tape.gradient(loss_value, outputs + [kernels[id(t)] for t in result.order])
-    output_grads, kernel_grads = grads[:len(outputs)], grads[len(outputs):]
-    norms = [_flat_norm(g) if g is not None else math.nan for g in output_grads]
-    # A None gradient: the output never reaches the loss (a discarded head, say).
-    reaching = [index for index, g in enumerate(output_grads) if g is not None]
-    reference = norms[reaching[-1]] if reaching else math.nan
-    for row, norm, grad in zip(rows, norms, kernel_grads):
-        row.grad_norm_ratio = _ratio(norm, reference)
-        if grad is not None:
-            row.weight_grad_std = float(ops.std(ops.cast(grad, "float32")))
-    report.loss = float(loss_value)
-    report.loss_name = loss_name
+    norms = [float(n) for n in extra["grad_norms"]]
+    reference = norms[-1] if norms else math.nan
+    for index, norm in zip(static["reaching"], norms):
+        rows[index].grad_norm_ratio = _ratio(norm, reference)
+    for index, std in zip(static["kernel_grads"], extra["weight_grad_std"]):
+        rows[index].weight_grad_std = float(std)
+    flags = iter(extra["flags"])
+    report.loss = float(extra["loss"])
+    report.loss_name = " + ".join(
+        part.replace(_KIND, "probabilities" if bool(next(flags)) else "logits")
+        if _KIND in part else part for part in static["parts"])
+    reaching = static["reaching"]
     report.grad_reference = result.order[reaching[-1]].name if reaching else None
     return report

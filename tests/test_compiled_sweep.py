@@ -36,6 +36,7 @@ from keras_goodinit import (  # noqa: E402
     WeightNormalization,
     _sweep,
     lsuv_init,
+    signal_report,
     weightnorm_data_init,
 )
 
@@ -187,6 +188,132 @@ def test_xla_gives_the_same_scales():
 
 
 # ----------------------------------------------------------------------------
+# signal_report: forward, loss and backward as one traced function.
+
+_SIGNAL_FIELDS = ("mean", "std", "norm_ratio", "grad_norm_ratio", "weight_grad_std")
+_BLOCK_FIELDS = ("squared_mean", "variance", "branch_variance", "skip_variance")
+
+
+def assert_same_signal(compiled, eager):
+    assert [r.name for r in compiled.rows] == [r.name for r in eager.rows]
+    assert (compiled.loss_name, compiled.grad_reference) == (eager.loss_name,
+                                                             eager.grad_reference)
+    np.testing.assert_allclose(compiled.loss, eager.loss, rtol=ROUNDING)
+    for field in _SIGNAL_FIELDS:
+        # atol: a mean of zero-mean values is a sum of cancelling float32 terms.
+        np.testing.assert_allclose(compiled.column(field), eager.column(field), rtol=ROUNDING,
+                                   atol=1e-6, err_msg=field)
+    assert [b.name for b in compiled.blocks] == [b.name for b in eager.blocks]
+    for field in _BLOCK_FIELDS:
+        np.testing.assert_allclose(compiled.block_column(field), eager.block_column(field),
+                                   rtol=ROUNDING, err_msg=field)
+    for name, sample in eager.samples.items():  # the same positions, drawn from the seed
+        np.testing.assert_allclose(compiled.samples[name], sample, rtol=ROUNDING, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_signal_report_compiled_and_eager_agree(kind):
+    build, data = KINDS[kind]
+    x = data()
+    model = build()
+    model(x)
+    before = model.get_weights()
+    compiled = signal_report(model, x, seed=3)
+    eager = signal_report(model, x, seed=3, compile="eager")
+    assert compiled.mode == "compiled" and eager.mode == "eager" and not compiled.note
+    assert np.isfinite(compiled.column("grad_norm_ratio")).any()
+    assert_same_signal(compiled, eager)
+    if kind == "resnet_bn":
+        assert compiled.blocks  # the residual curves come from the traced pass too
+    assert_same_weights_as(model, before)
+
+
+def assert_same_weights_as(model, values):
+    for a, b in zip(model.get_weights(), values):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_signal_report_xla_and_training_mode_agree_with_eager():
+    x = normal((16, 8, 8, 3), 8)
+    model = small_resnet()
+    model(x)
+    labels = np.arange(16) % 3
+    for training in (False, True):
+        xla = signal_report(model, (x, labels), training=training, compile="xla")
+        eager = signal_report(model, (x, labels), training=training, compile="eager")
+        assert xla.mode == "xla" and xla.training == training
+        assert_same_signal(xla, eager)
+
+
+def _softmax_head(units=4):
+    return keras.Sequential([keras.Input((16,)), L.Dense(16, activation="relu", name="d0"),
+                             L.Dense(units, activation="softmax", name="probs")])
+
+
+def test_signal_report_reuses_the_traced_pass_for_new_labels():
+    model = _softmax_head()
+    x = normal((32, 16), 30)
+    targets = [layer for _, layer in kernel_layers(model)]
+    first = signal_report(model, (x, np.arange(32) % 4))
+    assert first.loss_name == "sparse_categorical_crossentropy from probabilities vs y"
+    # New values of the same kind (class indices, all classes present): the cached function.
+    with counting_calls(targets) as counts:
+        second = signal_report(model, (x * 2, (np.arange(32) + 1) % 4))
+    assert counts == {} and second.mode == "compiled"
+    assert second.loss != pytest.approx(first.loss)
+    assert second.loss_name == first.loss_name
+    # One-hot rows are another loss: a new trace, and the right name.
+    with counting_calls(targets) as counts:
+        third = signal_report(model, (x, np.eye(4)[np.arange(32) % 4]))
+    assert counts == {"d0": 1, "probs": 1}
+    assert third.loss_name == "categorical_crossentropy from probabilities vs y"
+    assert third.loss == pytest.approx(first.loss, rel=ROUNDING)
+
+
+def test_signal_report_class_indices_out_of_range_are_refused_on_a_cached_pass():
+    model = _softmax_head()
+    x = normal((32, 16), 31)
+    signal_report(model, (x, np.arange(32) % 4))
+    with pytest.raises(ValueError, match=r"integers in \[0, 4\).*values in \[0, 4\]"):
+        signal_report(model, (x, np.arange(32) % 5))
+
+
+def test_signal_report_logits_and_probabilities_are_told_apart_in_the_pass():
+    # One traced function serves both: whether the output sums to 1 is decided in the graph.
+    model = keras.Sequential([keras.Input((4,)), L.Dense(4, use_bias=False, name="out",
+                                                         kernel_initializer="identity")])
+    rng = np.random.default_rng(32)
+    logits = rng.normal(size=(16, 4)).astype("float32")
+    probs = rng.dirichlet(np.ones(4), size=16).astype("float32")
+    labels = np.arange(16) % 4
+    got = {name: signal_report(model, (x, labels)) for name, x in
+           (("logits", logits), ("probabilities", probs))}
+    for kind, report in got.items():
+        assert report.loss_name == f"sparse_categorical_crossentropy from {kind} vs y"
+    expected = -np.mean(np.log(probs[np.arange(16), labels]))
+    assert got["probabilities"].loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_signal_report_untraceable_model_or_loss_falls_back_to_eager():
+    x = normal((64, 16), 33)
+    model = _HostSideEffect()
+    model(x)
+    report = signal_report(model, x)
+    assert report.mode == "eager" and "could not be traced" in report.note
+    assert_same_signal(report, signal_report(model, x, compile="eager"))
+
+    def host_loss(y_true, y_pred):  # NumPy on a tensor: not traceable
+        return keras.ops.convert_to_tensor(np.mean((np.asarray(y_pred) - y_true) ** 2))
+
+    plain = mlp(depth=1)
+    y = np.zeros((64, 4), "float32")
+    report = signal_report(plain, (x, y), loss=host_loss)
+    assert report.mode == "eager" and "could not be traced" in report.note
+    with pytest.raises(_sweep._UNTRACEABLE):
+        signal_report(plain, (x, y), loss=host_loss, compile="compiled")
+
+
+# ----------------------------------------------------------------------------
 # Traced once; no retracing warnings.
 
 
@@ -248,6 +375,8 @@ def test_no_retracing_warning_on_a_model_of_many_shapes():
         for function in (lsuv_init, weightnorm_data_init):
             for compile in ("auto", "eager"):
                 function(model, normal((32, 4), 16), compile=compile, verbose=0)
+        for seed in range(6):  # a new trace per seed, each its own tf.function
+            signal_report(model, normal((32, 4), 16), seed=seed)
         lsuv_init(tall_model, normal((32, 64), 17), verbose=0)
     finally:
         tf.get_logger().removeHandler(handler)
@@ -289,14 +418,21 @@ def test_an_untraceable_model_falls_back_to_eager_and_says_so():
         assert np.array_equal(a, b)
 
 
-def test_under_a_distribution_strategy_the_sweep_is_eager_and_says_so():
+def test_under_a_distribution_strategy_the_sweep_is_compiled_and_matches_eager():
+    # Two replicas are tested in their own process (test_distributed.py); one here.
     strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    with strategy.scope():
-        model = mlp(depth=1)
-    x = normal((32, 16), 18)
-    report = lsuv_init(model, x, verbose=0)
-    assert report.mode == "eager" and report.ok
-    assert any("tf.distribute" in note for note in report.notes), report.notes
+    reports, weights = {}, {}
+    for compile in ("auto", "eager"):
+        keras.utils.set_random_seed(18)
+        with strategy.scope():
+            model = mlp(depth=1)
+        reports[compile] = lsuv_init(model, normal((32, 16), 18), verbose=0, seed=1,
+                                     compile=compile)
+        weights[compile] = model.get_weights()
+    assert reports["auto"].mode == "compiled" and reports["auto"].ok
+    assert not any("eager" in note for note in reports["auto"].notes), reports["auto"].notes
+    for a, b in zip(weights["auto"], weights["eager"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("value", ["jit", True, None])

@@ -1,14 +1,7 @@
 """keras-goodinit: initializers, weight normalization and LSUV that make deep Keras nets train."""
 
-try:
-    import tensorflow  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "keras-goodinit needs TensorFlow, which comes through an extra: "
-        "`pip install keras-goodinit[tf]` (or `[tf-cpu]` for the CPU-only build; "
-        "`tensorflow[and-cuda]` for GPUs)."
-    ) from error
-
+# First: a clear ImportError where the backend Keras will use is not installed.
+from keras_goodinit import _installed  # noqa: F401, I001
 from keras_goodinit._moments import register_activation
 from keras_goodinit.callbacks import LSUVCallback
 from keras_goodinit.diagnostics import BlockSignal, LayerSignal, SignalReport, signal_report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import tensorflow as tf
+from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 
 
 def per_signature(fn: Callable, *, any_shape: bool = False) -> Callable:

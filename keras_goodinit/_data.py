@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Iterator
 
 import keras
@@ -49,15 +50,15 @@ def replayable(data):
 
 def elements(data) -> Iterator:
     """Yields the batch itself (forever), or successive elements of a dataset."""
-    import tensorflow as tf
-
-    if isinstance(data, tf.distribute.DistributedDataset):
+    # Data can only be a TensorFlow dataset where TensorFlow has been imported.
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(data, tf.distribute.DistributedDataset):
         raise ValueError(
             "Argument `data` must not be a distributed dataset: its elements are per-replica "
             "parts of a batch, and the init needs the global batch. Pass the tf.data.Dataset "
             f"itself (the sweep runs in cross-replica context). Received: data={data!r}"
         )
-    if isinstance(data, (tf.data.Dataset, Replayable)):
+    if isinstance(data, Replayable) or (tf is not None and isinstance(data, tf.data.Dataset)):
         yield from data
     elif isinstance(data, Iterator):  # a generator: its elements, like a dataset's
         yield from data

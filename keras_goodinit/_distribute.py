@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
+
+from keras_goodinit import _backend
+from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 
 
 def _worker_count(strategy: tf.distribute.Strategy) -> int:
@@ -30,7 +32,7 @@ def broadcast_from_chief(variables: Sequence[keras.Variable]) -> None:
     draws, so the first replica's result is all-reduced to everyone. Every
     worker must call this, in the same order, as collectives require.
     """
-    if not variables:
+    if not variables or not _backend.is_tensorflow():
         return
     strategy = _strategy_of(variables[0])
     if _worker_count(strategy) < 2:
@@ -48,7 +50,7 @@ def chief_decides(flag: bool, variables: Sequence[keras.Variable]) -> bool:
     can differ between workers; if some then run collectives and others do
     not, the collectives hang or mismatch. `variables` tells the strategy.
     """
-    if not variables:
+    if not variables or not _backend.is_tensorflow():
         return flag
     strategy = _strategy_of(variables[0])
     if _worker_count(strategy) < 2:

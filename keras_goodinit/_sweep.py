@@ -25,11 +25,11 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import layers as klayers
 from keras import ops
 
 from keras_goodinit import _layouts
+from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit._compiled import per_signature
 from keras_goodinit.weight_norm import WeightNormalization, kernel_variable
 

@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
-from keras_goodinit import _data, _graph, _sweep, _validate
+from keras_goodinit import _backend, _data, _graph, _sweep, _validate
+from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit.report import format_table, json_safe
 
 # Values kept per layer for the optional histograms.
@@ -648,6 +648,7 @@ def signal_report(
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
         - [Brock, De & Smith, 2021](https://arxiv.org/abs/2101.08692)
     """
+    _backend.require_tensorflow("signal_report")
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(f"Argument `model` must be a Keras model. Received: model={model!r}")
     gradients = _validate.boolean("gradients", gradients)

@@ -6,11 +6,10 @@ import math
 
 import keras
 import ml_dtypes
-import tensorflow as tf
 from keras import ops
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from keras_goodinit import _layouts, _validate
+from keras_goodinit import _backend, _layouts, _validate
 
 SCHEMES = ("wn_relu", "wn_linear", "wn_residual", "wn_hanin", "wn_relu_backward")
 DISTRIBUTIONS = ("orthogonal", "normal")
@@ -288,7 +287,7 @@ class GoodInit(keras.initializers.Initializer):
         else:
             # The sample is drawn eagerly, exactly as before, so every seed keeps its stream.
             sample = keras.random.normal(lead + (m, n), dtype=dtype, seed=self.seed)
-            q = _orthonormal(tf.convert_to_tensor(sample))
+            q = _orthonormal(ops.convert_to_tensor(sample))
         return q if tall else ops.swapaxes(q, -1, -2)
 
     def get_config(self) -> dict:
@@ -332,19 +331,20 @@ def _structured_orthonormal(lead: tuple[int, ...], m: int, n: int, dtype: str, s
     reproducible and each stacked kernel gets its own.
     """
     rounds = _STRUCTURED_ROUNDS
-    noise = tf.convert_to_tensor(keras.random.uniform(lead + (2 * rounds + 2, m),
-                                                      dtype="float32", seed=seed))
-    batch = len(lead)
-    z = tf.eye(n, m, batch_shape=lead, dtype=dtype)  # rows: e_1 ... e_n of R^m
+    noise = ops.convert_to_tensor(keras.random.uniform(lead + (2 * rounds + 2, m),
+                                                       dtype="float32", seed=seed))
+    # Rows: e_1 ... e_n of R^m.
+    z = ops.broadcast_to(ops.eye(n, m, dtype=dtype), lead + (n, m))
 
     def sign_and_permute(z, row):
-        signs = tf.where(noise[..., row:row + 1, :] < 0.5, -1.0, 1.0)
-        order = tf.argsort(noise[..., row + 1, :], axis=-1)
-        return tf.gather(z * tf.cast(signs, dtype), order, axis=batch + 1, batch_dims=batch)
+        signs = ops.where(noise[..., row:row + 1, :] < 0.5, -1.0, 1.0)
+        order = ops.argsort(noise[..., row + 1, :], axis=-1)
+        order = ops.broadcast_to(ops.expand_dims(order, -2), lead + (n, m))
+        return ops.take_along_axis(z * ops.cast(signs, dtype), order, axis=-1)
 
     for step in range(rounds):
-        z = tf.signal.dct(sign_and_permute(z, 2 * step), type=2, norm="ortho")
-    return tf.linalg.matrix_transpose(sign_and_permute(z, 2 * rounds))
+        z = _backend.dct_ortho(sign_and_permute(z, 2 * step))
+    return ops.swapaxes(sign_and_permute(z, 2 * rounds), -1, -2)
 
 
 def _householder(sample):
@@ -366,13 +366,13 @@ def _cholesky_qr2(sample):
     to rounding), hence the same Haar distribution.
     """
     n = sample.shape[-1]
-    eye = tf.eye(n, batch_shape=sample.shape[:-2], dtype=sample.dtype)
+    eye = ops.broadcast_to(ops.eye(n, dtype=sample.dtype), tuple(sample.shape[:-2]) + (n, n))
     q = sample
     for _ in range(2):
-        lower = tf.linalg.cholesky(tf.matmul(q, q, transpose_a=True))  # A^T A = L L^T
+        lower = ops.cholesky(ops.matmul(ops.swapaxes(q, -1, -2), q))  # A^T A = L L^T
         # R^-1 = (L^T)^-1 = (L^-1)^T; one triangular solve on n x n, then a matmul.
-        inverse_r = tf.linalg.matrix_transpose(tf.linalg.triangular_solve(lower, eye, lower=True))
-        q = tf.matmul(q, inverse_r)
+        inverse_r = ops.swapaxes(ops.solve_triangular(lower, eye, lower=True), -1, -2)
+        q = ops.matmul(q, inverse_r)
     return q
 
 

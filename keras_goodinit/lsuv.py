@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import keras
 import ml_dtypes
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
-from keras_goodinit import _data, _distribute, _residual, _sweep, _validate
+from keras_goodinit import _backend, _data, _distribute, _residual, _sweep, _validate
+from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import unit_norms
@@ -559,6 +559,7 @@ def lsuv_init(
           (the 1/N residual rule)
     """
     _check_model(model)
+    _backend.require_tensorflow("lsuv_init")
     checked = _checked("lsuv", dict(
         tol=tol, max_iter=max_iter, target_var=target_var, pre_init=pre_init, measure=measure,
         layers=layers, new_batch_per_trial=new_batch_per_trial, verbose=verbose, seed=seed,
@@ -904,6 +905,7 @@ def weightnorm_data_init(
         - [Salimans & Kingma, 2016](https://arxiv.org/abs/1602.07868)
     """
     _check_model(model)
+    _backend.require_tensorflow("weightnorm_data_init")
     checked = _checked("weightnorm_data_init", dict(layers=layers, verbose=verbose,
                                                     compile=compile))
     layers, verbose, compile = checked["layers"], checked["verbose"], checked["compile"]

@@ -10,7 +10,16 @@ import numpy as np
 from keras import layers as klayers
 from keras import ops
 
-from keras_goodinit import _data, _distribute, _graph, _layouts, _moments, _sweep, _validate
+from keras_goodinit import (
+    _backend,
+    _data,
+    _distribute,
+    _graph,
+    _layouts,
+    _moments,
+    _sweep,
+    _validate,
+)
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
 from keras_goodinit.report import InitReport, LayerRecord, format_table
 from keras_goodinit.weight_norm import unit_norms
@@ -221,6 +230,7 @@ def mean_field_init(
     targets = _sweep.find_targets(model)
     x = None
     if data is not None:
+        _backend.require_tensorflow("mean_field_init(data=...)")
         x = _data.first_batch(data)
         _data.check_batch(x)
     plan = _Planner(graph, targets, residual, input_variance).run()

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_goodinit import _validate
+from keras_goodinit import _backend, _validate
+from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
 from keras_goodinit.models import _kernel_initializer
 from keras_goodinit.weight_norm import WeightNormalization
@@ -183,6 +183,7 @@ def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np
         Two float64 arrays of length `L + 1`, indexed by layer `l = 0..L`
         (`forward[0] = 1`, `backward[L] = 1`).
     """
+    _backend.require_tensorflow("norm_ratios")
     if not isinstance(model, keras.Model):
         raise ValueError(f"Argument `model` must be a keras.Model. Received: model={model!r}")
     seed = _validate.seed(seed, allow_none=False)

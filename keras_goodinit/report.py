@@ -73,8 +73,7 @@ class InitReport:
             normalization layer follows), printed under the table.
         mode: How the sweep ran: `"xla"` or `"compiled"` (one traced
             `tf.function`, with or without XLA) or `"eager"` (the model could
-            not be traced, it runs under a `tf.distribute` strategy, or
-            `compile="eager"` was asked; `notes` says which).
+            not be traced, or `compile="eager"` was asked; `notes` says which).
     """
 
     method: str

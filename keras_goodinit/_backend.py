@@ -1,0 +1,85 @@
+"""What differs by Keras backend; the rest of the package uses `keras.ops`.
+
+TensorFlow is imported on first use, not with the package, so that
+`import keras_goodinit` works under `KERAS_BACKEND=jax` or `torch` without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+# The extras that bring each backend, for error messages.
+EXTRAS = ("tf", "tf-cpu", "jax", "torch")
+
+
+def name() -> str:
+    """The Keras backend in use: "tensorflow", "jax", "torch" or "numpy"."""
+    return keras.backend.backend()
+
+
+def is_tensorflow() -> bool:
+    return name() == "tensorflow"
+
+
+class _Lazy:
+    """A module imported on first attribute access (`tf.function`, `tf.Tensor`...)."""
+
+    def __init__(self, module: str):
+        self._name = module
+        self._module = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(self._name)
+            except ImportError as error:
+                raise ImportError(
+                    f"This part of keras-goodinit needs TensorFlow, which is not installed: "
+                    f"`pip install keras-goodinit[tf]` (or `[tf-cpu]`). Keras runs on "
+                    f"{name()!r}.") from error
+        return getattr(self._module, attribute)
+
+
+tf = _Lazy("tensorflow")
+
+
+def require_tensorflow(feature: str) -> None:
+    """Raises a clear error where `feature` does not run on Keras' backend yet."""
+    if not is_tensorflow():
+        raise NotImplementedError(
+            f"`{feature}` runs on the TensorFlow backend only in this version: its sweep is a "
+            "traced TensorFlow program. GoodInit, WeightNormalization, bake_weight_norm, "
+            "mean_field_init without `data` and the model builders run on every backend. "
+            f"Received: KERAS_BACKEND={name()!r}")
+
+
+def dct_ortho(x):
+    """The orthonormal DCT-II of `x` along its last axis."""
+    backend = name()
+    if backend == "tensorflow":
+        return tf.signal.dct(x, type=2, norm="ortho")
+    if backend == "jax":
+        import jax
+
+        return jax.scipy.fft.dct(x, type=2, norm="ortho")
+    return _dct_by_fft(x)
+
+
+def _dct_by_fft(x):
+    """DCT-II by one FFT of the even-odd reordered signal (Makhoul, 1980), orthonormal."""
+    m = x.shape[-1]
+    # v = (x_0, x_2, x_4, ..., x_5, x_3, x_1): then DCT_k = Re(exp(-i pi k / 2m) FFT(v)_k).
+    order = list(range(0, m, 2)) + [i for i in range(m - 1, 0, -1) if i % 2 == 1]
+    v = ops.take(x, order, axis=-1)
+    real, imag = ops.fft((v, ops.zeros_like(v)))
+    k = ops.cast(ops.arange(m), x.dtype)
+    angle = -math.pi * k / (2 * m)
+    out = real * ops.cos(angle) - imag * ops.sin(angle)
+    # Orthonormal scaling: sqrt(1/m) for k = 0, sqrt(2/m) otherwise.
+    scale = ops.where(k == 0, math.sqrt(1.0 / m), math.sqrt(2.0 / m))
+    return out * ops.cast(scale, x.dtype)

@@ -7,6 +7,8 @@ nothing shared between them.
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -30,8 +32,28 @@ def test_the_readme_has_python_blocks():
     assert len(BLOCKS) >= 3, BLOCKS
 
 
+# A block that picks a backend: Keras reads KERAS_BACKEND once, at import.
+_BACKEND = re.compile(r"""^os\.environ\["KERAS_BACKEND"\] = "(\w+)"$""", re.M)
+
+
 @pytest.mark.parametrize("line, source", BLOCKS, ids=[f"line{line}" for line, _ in BLOCKS])
 def test_block_runs_as_written(line, source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that save files write them here
+    if _BACKEND.search(source):
+        _runs_in_a_fresh_process_without_tensorflow(line, source, tmp_path)
+        return
     code = compile(source, f"README.md:{line}", "exec")
     exec(code, {"__name__": "__readme__"})
+
+
+def _runs_in_a_fresh_process_without_tensorflow(line, source, folder):
+    backend = _BACKEND.search(source).group(1)
+    # None in sys.modules: `import tensorflow` fails as if it were not installed.
+    script = folder / f"readme_{line}.py"
+    script.write_text('import sys\nsys.modules["tensorflow"] = None\n' + source)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("KERAS_BACKEND", None)
+    process = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             cwd=folder, env=env, timeout=300)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
+    assert process.stdout.split()[0] == backend, process.stdout

@@ -1,0 +1,236 @@
+"""Scenarios run under another Keras backend by tests/test_backends.py (not collected).
+
+    KERAS_BACKEND=jax python _backend_worker.py OUT.json SHARED_DIR
+
+TensorFlow is made unimportable first (as if it were not installed), so any
+import of it by the package fails loudly. Each scenario records plain facts in
+a JSON file, and the test process makes the assertions; a scenario that
+raises is recorded with its error and the others still run. SHARED_DIR holds
+the TensorFlow process's saved model (`from_tf.keras`, `from_tf.npz`); this
+process writes its own (`from_BACKEND.keras`, `from_BACKEND.npz`) for the
+TensorFlow process to load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import traceback
+
+# As if TensorFlow were not installed: `import tensorflow` raises ModuleNotFoundError and
+# `importlib.util.find_spec("tensorflow")` returns None (torch's dynamo asks that way).
+sys.modules["tensorflow"] = None
+
+OUT, SHARED = sys.argv[1], sys.argv[2]
+BACKEND = os.environ["KERAS_BACKEND"]
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import layers as L  # noqa: E402
+
+import keras_goodinit as kg  # noqa: E402
+from keras_goodinit import GoodInit, WeightNormalization, bake_weight_norm  # noqa: E402
+
+RESULTS: dict = {"backend": keras.backend.backend()}
+F32_EPS = float(np.finfo("float32").eps)
+
+
+def scenario(function):
+    """Runs `function()` now and records its dict, or the error it raised."""
+    try:
+        RESULTS[function.__name__] = function()
+    except Exception as error:  # noqa: BLE001 - recorded for the test to report
+        RESULTS[function.__name__] = {
+            "error": f"{type(error).__name__}: {error}"[:1000],
+            "traceback": "".join(traceback.format_tb(error.__traceback__))[-4000:]}
+    with open(OUT, "w") as handle:
+        json.dump(RESULTS, handle, indent=1, default=str)
+    return function
+
+
+def numpy(value):
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def wn_model():
+    """Conv, weight-normalized conv and depthwise, Dense: the shapes of every layout."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv",
+                 kernel_initializer=GoodInit("wn_relu", seed=1))(inputs)
+    x = WeightNormalization(L.Conv2D(8, 3, padding="same", activation="relu",
+                                     kernel_initializer=GoodInit("wn_relu", seed=2)),
+                            name="wn_conv")(x)
+    x = WeightNormalization(L.DepthwiseConv2D(3, padding="same", activation="relu",
+                                              depthwise_initializer=GoodInit(
+                                                  "wn_relu", layout="depthwise", seed=3)),
+                            name="wn_depthwise")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    x = WeightNormalization(L.Dense(16, activation="relu",
+                                    kernel_initializer=GoodInit("wn_relu", seed=4)),
+                            name="wn_dense")(x)
+    return keras.Model(inputs, L.Dense(2, name="out")(x))
+
+
+rng = np.random.default_rng(0)
+X = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+Y = rng.normal(size=(32, 2)).astype("float32")
+
+
+@scenario
+def imported_without_tensorflow():
+    return {"tensorflow_loaded": any(module is not None for name, module in sys.modules.items()
+                                     if name.split(".")[0] == "tensorflow"),
+            "exports": sorted(kg.__all__)}
+
+
+@scenario
+def goodinit_norms_and_seeds():
+    # Every unit's fan-in vector has norm sqrt(gamma * C_in / C_out): exactly, to rounding.
+    cases = {"dense": ((64, 32), {}, 2.0 * 64 / 32),
+             "conv": ((3, 3, 16, 8), {}, 2.0 * 16 / 8),
+             "linear": ((32, 64), {"scheme": "wn_linear"}, 32 / 64),
+             "residual": ((48, 48), {"scheme": "wn_residual", "num_blocks": 4}, 1 / 4)}
+    errors = {}
+    for name, (shape, kwargs, squared) in cases.items():
+        kernel = numpy(GoodInit(**{"scheme": "wn_relu", **kwargs}, seed=7)(shape))
+        columns = kernel.reshape(-1, shape[-1])
+        errors[name] = float(np.max(np.abs(np.linalg.norm(columns, axis=0)
+                                           - math.sqrt(squared))) / math.sqrt(squared))
+    orthogonal = numpy(GoodInit("wn_linear", seed=7)((64, 32)))
+    gram = orthogonal.T @ orthogonal / (64 / 32)
+    same = np.array_equal(numpy(GoodInit("wn_relu", seed=11)((16, 8))),
+                          numpy(GoodInit("wn_relu", seed=11)((16, 8))))
+    generator = GoodInit("wn_relu", seed=keras.random.SeedGenerator(5))
+    fresh = not np.array_equal(numpy(generator((16, 8))), numpy(generator((16, 8))))
+    return {"norm_errors": errors, "gram_error": float(np.abs(gram - np.eye(32)).max()),
+            "int_seed_repeats": same, "generator_differs": fresh}
+
+
+@scenario
+def structured_draw_is_orthonormal():
+    # 4608 x 4096 is over the structured threshold: signs, permutations and DCTs.
+    m, n = 4608, 4096
+    kernel = numpy(GoodInit("wn_linear", seed=3)((m, n)))
+    columns = kernel / np.linalg.norm(kernel, axis=0)
+    sample = columns[:, :512]
+    error = float(np.abs(sample.T @ sample - np.eye(512)).max())
+    norms = np.linalg.norm(kernel, axis=0)
+    return {"orthogonality_error": error, "bound": 8 * math.sqrt(m) * F32_EPS,
+            "norm_error": float(np.abs(norms - math.sqrt(m / n)).max()),
+            "max_entry": float(np.abs(columns).max()),
+            "haar_bound": 2 * math.sqrt(2 * math.log(m * n) / m)}
+
+
+@scenario
+def weight_norm_fit():
+    keras.utils.set_random_seed(0)
+    model = wn_model()
+    model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=False)
+    start = model.get_weights()
+    history = model.fit(X, Y, batch_size=16, epochs=3, verbose=0)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(start, model.get_weights()))
+    # w = g v / ||v||: the effective kernel's column norms are |g| after training too.
+    layer = model.get_layer("wn_dense")
+    kernel = numpy(layer.normalized_kernel())
+    norms = np.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), axis=0)
+    return {"losses": [float(v) for v in history.history["loss"]], "moved": moved,
+            "norms_are_g": float(np.abs(norms - np.abs(numpy(layer.g).ravel())).max())}
+
+
+@scenario
+def weight_norm_jit_compile():
+    keras.utils.set_random_seed(1)
+    model = wn_model()
+    model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=True)
+    history = model.fit(X, Y, batch_size=16, epochs=2, verbose=0)
+    eager = wn_model()
+    eager.set_weights(model.get_weights())
+    return {"losses": [float(v) for v in history.history["loss"]],
+            "predict_vs_call": float(np.abs(model.predict(X, verbose=0)
+                                            - numpy(eager(X))).max())}
+
+
+@scenario
+def weight_norm_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(2)
+        model = wn_model()
+        model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=False)
+        history = model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+        layer = model.get_layer("wn_dense")
+        dense_out = layer(np.ones((2, 8), "float16"))
+        return {"loss_finite": bool(np.isfinite(history.history["loss"][0])),
+                "output_dtype": keras.backend.standardize_dtype(dense_out.dtype),
+                "variable_dtype": layer.g.dtype,
+                "kernel_dtype": keras.backend.standardize_dtype(
+                    layer.normalized_kernel().dtype)}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@scenario
+def bake_weight_norm_equal_outputs():
+    keras.utils.set_random_seed(3)
+    model = wn_model()
+    baked = bake_weight_norm(model)
+    return {"max_diff": float(np.abs(numpy(model(X)) - numpy(baked(X))).max()),
+            "has_wn": any(isinstance(layer, WeightNormalization)
+                          for layer in baked._flatten_layers())}
+
+
+@scenario
+def mean_field_init_without_data():
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((64,))]
+                             + [L.Dense(64, activation="relu") for _ in range(4)]
+                             + [L.Dense(10)])
+    report = kg.mean_field_init(model, seed=0, verbose=0)
+    # ReLU: gamma = 2, so each 64 -> 64 unit gets norm sqrt(2).
+    first = numpy(model.layers[0].kernel)
+    return {"gammas": [float(r.gamma) for r in report.rows],
+            "first_norm_error": float(np.abs(np.linalg.norm(first, axis=0)
+                                             - math.sqrt(2.0)).max())}
+
+
+@scenario
+def tensorflow_only_features_say_so():
+    model = wn_model()
+    calls = {"lsuv_init": lambda: kg.lsuv_init(model, X, verbose=0),
+             "weightnorm_data_init": lambda: kg.weightnorm_data_init(model, X, verbose=0),
+             "LSUVCallback": lambda: kg.LSUVCallback(X),
+             "signal_report": lambda: kg.signal_report(model, X),
+             "mean_field_init(data=...)": lambda: kg.mean_field_init(model, data=X, verbose=0)}
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+            messages[name] = None
+        except NotImplementedError as error:
+            messages[name] = str(error)
+    return {"messages": messages}
+
+
+@scenario
+def loads_a_model_saved_under_tensorflow():
+    model = keras.saving.load_model(os.path.join(SHARED, "from_tf.keras"))
+    saved = np.load(os.path.join(SHARED, "from_tf.npz"))
+    return {"max_diff": float(np.abs(numpy(model(saved["x"])) - saved["y"]).max()),
+            "wn_layers": sum(isinstance(layer, WeightNormalization)
+                             for layer in model._flatten_layers())}
+
+
+@scenario
+def saves_a_model_for_tensorflow():
+    keras.utils.set_random_seed(5)
+    model = wn_model()
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)  # g and v no longer at their init
+    model.save(os.path.join(SHARED, f"from_{BACKEND}.keras"))
+    np.savez(os.path.join(SHARED, f"from_{BACKEND}.npz"), x=X, y=numpy(model(X)))
+    return {"saved": True}
+
+
+print("DONE")

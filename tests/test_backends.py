@@ -1,0 +1,160 @@
+"""The backend-portable features under Keras' JAX and PyTorch backends (issue 11).
+
+Keras reads KERAS_BACKEND once, at import, so each backend runs
+tests/_backend_worker.py in its own process, with TensorFlow made
+unimportable there (as if it were not installed). The worker records facts,
+these tests assert them. A `.keras` file goes each way between this
+(TensorFlow) process and each worker: saved under one backend, loaded under
+the other, with the same outputs on the same batch.
+
+Tolerances: a kernel's unit norms are exact to float32 rounding (1e-5
+relative, a few ulps of a 64-term sum); orthogonality of the structured draw
+within 8 sqrt(m) eps, as in test_initializers.py; a model loaded on another
+backend computes the same float32 convolutions in another order (1e-5).
+
+Only GoodInit, WeightNormalization, bake_weight_norm, mean_field_init without
+data and the model builders run on JAX and torch so far; the sweep-based
+features (lsuv_init, weightnorm_data_init, LSUVCallback, signal_report) must
+say so with a clear error, which is tested here too.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from keras_goodinit import WeightNormalization
+from keras_goodinit.models import wn_resnet
+
+WORKER = Path(__file__).with_name("_backend_worker.py")
+TIMEOUT = 300  # seconds per worker (measured about 40 s on 2 shared cores)
+BACKENDS = ("jax", "torch")
+ROUNDING = 1e-5
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A weight-normalized ResNet saved under TensorFlow, with its outputs on a batch."""
+    folder = tmp_path_factory.mktemp("backends")
+    keras.utils.set_random_seed(0)
+    model = wn_resnet((8, 8, 3), 3, num_blocks=1, width=8)
+    x = np.random.default_rng(1).normal(size=(8, 8, 8, 3)).astype("float32")
+    # Move g and v off their init so the file carries trained values.
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    model.fit(x, np.arange(8) % 3, epochs=1, verbose=0)
+    model.save(folder / "from_tf.keras")
+    np.savez(folder / "from_tf.npz", x=x, y=keras.ops.convert_to_numpy(model(x)))
+    return folder
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def worker(request, shared):
+    backend = request.param
+    out = shared / f"{backend}.json"
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.run([sys.executable, str(WORKER), str(out), str(shared)],
+                             capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    output = process.stdout[-3000:] + process.stderr[-3000:]
+    assert out.exists() and "DONE" in process.stdout, output
+    return backend, json.loads(out.read_text()), shared
+
+
+def fact(worker, name):
+    _, results, _ = worker
+    result = results[name]
+    assert "error" not in result, f"{result['error']}\n{result.get('traceback', '')}"
+    return result
+
+
+def test_the_worker_ran_on_its_backend_without_tensorflow(worker):
+    backend, results, _ = worker
+    assert results["backend"] == backend
+    imported = fact(worker, "imported_without_tensorflow")
+    assert not imported["tensorflow_loaded"]
+    assert {"GoodInit", "WeightNormalization", "lsuv_init"} <= set(imported["exports"])
+
+
+def test_goodinit_norms_orthogonality_and_seeds(worker):
+    r = fact(worker, "goodinit_norms_and_seeds")
+    assert max(r["norm_errors"].values()) < ROUNDING, r["norm_errors"]
+    assert r["gram_error"] < 8 * math.sqrt(64) * float(np.finfo("float32").eps), r
+    # What Keras' RNG guarantees on every backend: an int seed repeats, a generator moves
+    # on. The values themselves differ between backends (each has its own generator).
+    assert r["int_seed_repeats"] and r["generator_differs"], r
+
+
+def test_structured_orthogonal_draw(worker):
+    r = fact(worker, "structured_draw_is_orthonormal")
+    assert r["orthogonality_error"] < r["bound"], r
+    assert r["norm_error"] < 1e-5 and r["max_entry"] < r["haar_bound"], r
+
+
+def test_weight_norm_fit_and_jit_compile(worker):
+    fit = fact(worker, "weight_norm_fit")
+    assert fit["moved"] > 1e-3 and all(np.isfinite(fit["losses"])), fit
+    assert fit["norms_are_g"] < 1e-5, fit
+    jit = fact(worker, "weight_norm_jit_compile")
+    assert all(np.isfinite(jit["losses"])) and jit["predict_vs_call"] < ROUNDING, jit
+
+
+def test_weight_norm_mixed_precision(worker):
+    r = fact(worker, "weight_norm_mixed_precision")
+    assert r["loss_finite"] and r["output_dtype"] == "float16", r
+    # Variables stay float32, and so does the effective kernel.
+    assert r["variable_dtype"] == "float32" and r["kernel_dtype"] == "float32", r
+
+
+def test_bake_weight_norm(worker):
+    r = fact(worker, "bake_weight_norm_equal_outputs")
+    assert r["max_diff"] < ROUNDING and not r["has_wn"], r
+
+
+def test_mean_field_init_without_data(worker):
+    r = fact(worker, "mean_field_init_without_data")
+    assert r["gammas"][:4] == [2.0] * 4 and r["first_norm_error"] < ROUNDING, r
+
+
+def test_sweep_features_say_they_need_tensorflow(worker):
+    backend, _, _ = worker
+    messages = fact(worker, "tensorflow_only_features_say_so")["messages"]
+    for name, message in messages.items():
+        assert message is not None, f"{name} ran on {backend} without an error"
+        assert f"KERAS_BACKEND={backend!r}" in message and "TensorFlow backend" in message
+
+
+def test_a_model_saved_under_tensorflow_loads_with_equal_outputs(worker):
+    r = fact(worker, "loads_a_model_saved_under_tensorflow")
+    assert r["wn_layers"] > 0 and r["max_diff"] < ROUNDING, r
+
+
+def test_a_model_saved_under_the_backend_loads_under_tensorflow(worker):
+    backend, _, folder = worker
+    assert fact(worker, "saves_a_model_for_tensorflow")["saved"]
+    model = keras.saving.load_model(folder / f"from_{backend}.keras")
+    saved = np.load(folder / f"from_{backend}.npz")
+    assert any(isinstance(layer, WeightNormalization) for layer in model._flatten_layers())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(saved["x"])), saved["y"],
+                               rtol=ROUNDING, atol=ROUNDING)
+
+
+@pytest.mark.parametrize("backend, package, extra", [
+    ("tensorflow", "tensorflow", "[tf]"), ("jax", "jax", "[jax]"), ("torch", "torch", "[torch]")])
+def test_a_missing_backend_package_names_its_extra(backend, package, extra):
+    # Checked before Keras is imported: Keras' own error would name no extra.
+    code = (f"import sys\nsys.modules[{package!r}] = None\n"
+            "try:\n    import keras_goodinit\nexcept ImportError as error:\n"
+            "    print(error)\nelse:\n    print('imported')\n")
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=120)
+    message = process.stdout
+    assert f"keras-goodinit{extra}" in message and f"{package} is not installed" in message, (
+        message + process.stderr[-2000:])
+    assert all(name in message for name in ("[tf]", "[tf-cpu]", "[jax]", "[torch]")), message

@@ -233,4 +233,36 @@ def saves_a_model_for_tensorflow():
     return {"saved": True}
 
 
+def replicas_identical(model) -> tuple[int, bool]:
+    """(copies per variable, whether every device holds the same values) under JAX."""
+    counts, same = set(), True
+    for variable in model.weights:
+        shards = [np.asarray(shard.data) for shard in variable.value.addressable_shards]
+        counts.add(len(shards))
+        same &= all(np.array_equal(shards[0], shard) for shard in shards[1:])
+    return min(counts), bool(same)
+
+
+if BACKEND == "jax":
+    @scenario
+    def data_parallel():
+        # Two CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2).
+        devices = keras.distribution.list_devices("cpu")
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        try:
+            keras.utils.set_random_seed(6)
+            model = wn_model()
+            built = replicas_identical(model)
+            kg.mean_field_init(model, seed=0, verbose=0)
+            initialized = replicas_identical(model)
+            model.compile(keras.optimizers.SGD(0.05), "mse")
+            start = model.get_weights()
+            model.fit(X, Y, batch_size=16, epochs=2, verbose=0)
+            moved = max(float(np.abs(a - b).max()) for a, b in zip(start, model.get_weights()))
+            return {"devices": len(devices), "built": built, "initialized": initialized,
+                    "fit": replicas_identical(model), "moved": moved}
+        finally:
+            keras.distribution.set_distribution(None)
+
+
 print("DONE")

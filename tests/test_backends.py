@@ -58,7 +58,9 @@ def worker(request, shared):
     backend = request.param
     out = shared / f"{backend}.json"
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+           "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "",
+           # Two CPU devices for JAX's DataParallel scenario.
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     process = subprocess.run([sys.executable, str(WORKER), str(out), str(shared)],
                              capture_output=True, text=True, timeout=TIMEOUT, env=env)
     output = process.stdout[-3000:] + process.stderr[-3000:]
@@ -142,6 +144,16 @@ def test_a_model_saved_under_the_backend_loads_under_tensorflow(worker):
     assert any(isinstance(layer, WeightNormalization) for layer in model._flatten_layers())
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(saved["x"])), saved["y"],
                                rtol=ROUNDING, atol=ROUNDING)
+
+
+@pytest.mark.parametrize("worker", ["jax"], indirect=True)  # keras.distribution is JAX's
+def test_jax_data_parallel_keeps_replicas_identical(worker):
+    r = fact(worker, "data_parallel")
+    assert r["devices"] == 2, r
+    # [copies per variable, identical]: replicated on both devices, equal after GoodInit,
+    # after mean_field_init and after training.
+    assert r["built"] == r["initialized"] == r["fit"] == [2, True], r
+    assert r["moved"] > 1e-3, r
 
 
 @pytest.mark.parametrize("backend, package, extra", [

@@ -15,8 +15,9 @@ import pytest  # noqa: E402
 
 import keras_goodinit  # noqa: E402
 
-# A script the distributed tests run in a subprocess, with arguments; not importable here.
-collect_ignore = ["tests/_distributed_worker.py"]
+# Scripts the distributed and backend tests run in a subprocess, with arguments; not
+# importable here (the backend worker makes TensorFlow unimportable in its process).
+collect_ignore = ["tests/_distributed_worker.py", "tests/_backend_worker.py"]
 
 
 @pytest.fixture(autouse=True)

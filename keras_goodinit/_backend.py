@@ -52,9 +52,8 @@ def require_tensorflow(feature: str) -> None:
     """Raises a clear error where `feature` does not run on Keras' backend yet."""
     if not is_tensorflow():
         raise NotImplementedError(
-            f"`{feature}` runs on the TensorFlow backend only in this version: its sweep is a "
-            "traced TensorFlow program. GoodInit, WeightNormalization, bake_weight_norm, "
-            "mean_field_init without `data` and the model builders run on every backend. "
+            f"`{feature}` runs on the TensorFlow backend only in this version (it takes "
+            "gradients with tf.GradientTape). Every other feature runs on every backend. "
             f"Received: KERAS_BACKEND={name()!r}")
 
 
@@ -83,3 +82,30 @@ def _dct_by_fft(x):
     # Orthonormal scaling: sqrt(1/m) for k = 0, sqrt(2/m) otherwise.
     scale = ops.where(k == 0, math.sqrt(1.0 / m), math.sqrt(2.0 / m))
     return out * ops.cast(scale, x.dtype)
+
+
+def wide() -> str:
+    """The dtype of statistics: float64, or float32 where the backend has none (JAX
+    without `jax_enable_x64`, where a float64 request silently gives float32)."""
+    if name() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
+
+
+def is_traced(value) -> bool:
+    """Whether `value` belongs to code JAX is tracing (a `lax.scan` step, a jit), where
+    no host-side policy can run. TensorFlow's traced code is told by its graph."""
+    if name() == "jax":
+        import jax
+
+        return isinstance(value, jax.core.Tracer)
+    return False
+
+
+def to_numpy(value):
+    """`value` as a NumPy array if it is a tensor of the backend, else itself."""
+    if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
+        return ops.convert_to_numpy(value)
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from keras_goodinit import _backend
 from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 
 
@@ -32,6 +33,8 @@ def per_signature(fn: Callable, *, any_shape: bool = False) -> Callable:
         return shape, tensor.dtype
 
     def call(*tensors, **static):
+        if not _backend.is_tensorflow():  # the sweep runs eagerly there, op by op
+            return fn(*tensors, **static)
         tensors = tuple(None if t is None else tf.convert_to_tensor(t) for t in tensors)
         key = (tuple(signature(t) for t in tensors), tuple(sorted(static.items())))
         compiled = functions.get(key)

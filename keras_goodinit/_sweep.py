@@ -28,7 +28,7 @@ import numpy as np
 from keras import layers as klayers
 from keras import ops
 
-from keras_goodinit import _layouts
+from keras_goodinit import _backend, _layouts
 from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit._compiled import per_signature
 from keras_goodinit.weight_norm import WeightNormalization, kernel_variable
@@ -143,12 +143,13 @@ class Target:
         axes = self.cell_axes(len(shape))
         return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
-    def bias_tensor(self, cell_shape: tuple[int, ...]) -> tf.Tensor | None:
+    def bias_tensor(self, cell_shape: tuple[int, ...]):
         """The bias as a float64 tensor of `cell_shape`, read when the (compiled) pass
         runs; None without a bias (see `with_zeros`)."""
         if self.bias is None:
             return None
-        return tf.reshape(tf.cast(ops.convert_to_tensor(self.bias), tf.float64), cell_shape)
+        return ops.reshape(ops.cast(ops.convert_to_tensor(self.bias), _backend.wide()),
+                           cell_shape)
 
     def variables(self) -> list[keras.Variable]:
         """Every variable an init policy may write."""
@@ -180,14 +181,14 @@ def in_flight_is_exact(targets: Sequence[Target]) -> bool:
     return True
 
 
-def with_zeros(bias, like) -> tf.Tensor:
+def with_zeros(bias, like):
     """`bias`, or float64 zeros shaped like `like` (per-cell statistics) without one.
 
     Made inside the compiled kernels rather than passed in: Grappler
     specializes a function for every call that gets a constant argument,
     which made the first call of a deep pass cost seconds.
     """
-    return tf.zeros_like(like, tf.float64) if bias is None else bias
+    return ops.zeros_like(like, _backend.wide()) if bias is None else bias
 
 
 def check_layers(layers) -> list | None:
@@ -382,7 +383,7 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult,
     def make_hook(target, activation):
         def hook(y):
             key = id(target)
-            if not in_pass(result.graph):
+            if not in_pass(result.graph) or _backend.is_traced(y):
                 result.traced.add(key)
                 return activation(y)
             count = result.calls.get(key, 0)
@@ -443,7 +444,7 @@ def _probing(probes: Sequence[Probe], result: SweepResult):
 
         def probed(*args, **kwargs):
             outputs = call(*args, **kwargs)
-            if in_pass(result.graph):
+            if in_pass(result.graph) and not _backend.is_traced(outputs):
                 for probe in mine:
                     if probe.call == seen[0] and hasattr(outputs, "shape"):
                         probe.value = stream_variance(outputs)
@@ -465,21 +466,25 @@ def _probing(probes: Sequence[Probe], result: SweepResult):
                 layer.call = call
 
 
-def stream_variance(y) -> tf.Tensor:
+def stream_variance(y):
     """The variance of the whole tensor `y`, a float64 scalar."""
     rank = len(y.shape)
     _, var = moments(y, tuple(range(rank)))
-    return tf.reshape(var, [])
+    return ops.reshape(var, ())
 
 
 def pass_graph():
     """The graph a pass is being traced into now; None when it runs eagerly."""
-    return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+    if not _backend.is_tensorflow() or tf.executing_eagerly():
+        return None
+    return tf.compat.v1.get_default_graph()
 
 
 def in_pass(graph) -> bool:
     """Whether a hook runs in the pass itself (traced into `graph`, or eager when None),
     not in code traced inside it (a nested tf.function, vectorized_map, a while_loop)."""
+    if not _backend.is_tensorflow():
+        return True  # the sweep is eager there; `_backend.is_traced` tells traced values
     if graph is None:
         return tf.executing_eagerly()
     current = tf.compat.v1.get_default_graph()
@@ -543,17 +548,23 @@ def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Polic
 
 
 def _peak_moments(y, axes, weights):
-    y = tf.cast(y, tf.float32)
+    y = ops.cast(y, "float32")
     # Divided by the peak before squaring, so neither 1e20 (overflow) nor 1e-20
     # (underflow) inputs break float32; float64 undoes it.
-    peak = tf.reduce_max(tf.abs(y))
-    peak = tf.where(peak > 0, peak, tf.ones_like(peak))
+    peak = ops.max(ops.abs(y))
+    peak = ops.where(peak > 0, peak, ops.ones_like(peak))
     z = y / peak
     if weights is None:
-        mean, var = tf.nn.moments(z, axes, keepdims=True)
-    else:
-        mean, var = tf.nn.weighted_moments(z, axes, weights, keepdims=True)
-    return mean, var, peak
+        mean = ops.mean(z, axes, keepdims=True)
+        return mean, ops.mean(ops.square(z - ops.stop_gradient(mean)), axes, keepdims=True), peak
+    # Frequency-weighted two-pass moments; a cell with no weight gets 0, not NaN.
+    weights = weights + ops.zeros_like(z)
+    total = ops.sum(weights, axes, keepdims=True)
+    some = total > 0
+    safe = ops.where(some, total, ops.ones_like(total))
+    mean = ops.where(some, ops.sum(weights * z, axes, keepdims=True) / safe, 0.0)
+    spread = ops.sum(weights * ops.square(z - ops.stop_gradient(mean)), axes, keepdims=True)
+    return mean, ops.where(some, spread / safe, 0.0), peak
 
 
 def mask_weights(y, mask):
@@ -563,18 +574,18 @@ def mask_weights(y, mask):
     mask_shape, shape = tuple(mask.shape), tuple(y.shape)
     if len(mask_shape) > len(shape) or shape[:len(mask_shape)] != mask_shape:
         return None
-    weights = tf.cast(mask, tf.float32)
-    return tf.reshape(weights, mask_shape + (1,) * (len(shape) - len(mask_shape)))
+    weights = ops.cast(mask, "float32")
+    return ops.reshape(weights, mask_shape + (1,) * (len(shape) - len(mask_shape)))
 
 
-def moments_of(y, weights, axes: tuple[int, ...]) -> tuple[tf.Tensor, tf.Tensor]:
+def moments_of(y, weights, axes: tuple[int, ...]):
     """Per-cell float64 mean and variance (keepdims): the ops of `moments`, inline."""
     if weights is None:
-        y = tf.cast(y, tf.float32)
+        y = ops.cast(y, "float32")
         mean, var, fits = _direct_moments(y, axes)
         # Overflow (|y| > 1e19) or underflow (|y| < 1e-15) of the squares: divide by the
         # peak first. A cond, so that the extra passes run only where they are needed.
-        return tf.cond(fits, lambda: (mean, var), lambda: _scaled_moments(y, None, axes))
+        return ops.cond(fits, lambda: (mean, var), lambda: _scaled_moments(y, None, axes))
     return _scaled_moments(y, weights, axes)
 
 
@@ -586,33 +597,35 @@ def _direct_moments(y, axes):
     reduction over several axes.
     """
     rank = len(y.shape)
-    cells = [1 if i in axes else (y.shape[i] if y.shape[i] is not None else tf.shape(y)[i])
-             for i in range(rank)]
+    shape = ops.shape(y)  # dynamic sizes where the traced shape has None
+    cells = [1 if i in axes else shape[i] for i in range(rank)]
     leading = rank > 1 and tuple(axes) == tuple(range(rank - 1))
 
     def column_mean(z):
         if leading:
-            return tf.reshape(tf.reduce_mean(tf.reshape(z, (-1, tf.shape(z)[-1])), 0), cells)
-        return tf.reduce_mean(z, axes, keepdims=True)
+            return ops.reshape(ops.mean(ops.reshape(z, (-1, shape[-1])), 0), cells)
+        return ops.mean(z, axes, keepdims=True)
 
     mean = column_mean(y)
-    var = column_mean(tf.math.squared_difference(y, tf.stop_gradient(mean)))
-    mean, var = tf.cast(mean, tf.float64), tf.cast(var, tf.float64)
-    fits = (tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(tf.math.is_finite(var))
-            & (tf.reduce_max(var + tf.square(mean)) > 1e-30))
+    var = column_mean(ops.square(y - ops.stop_gradient(mean)))
+    wide = _backend.wide()
+    mean, var = ops.cast(mean, wide), ops.cast(var, wide)
+    fits = (ops.all(ops.isfinite(mean)) & ops.all(ops.isfinite(var))
+            & (ops.max(var + ops.square(mean)) > 1e-30))
     return mean, var, fits
 
 
 def _scaled_moments(y, weights, axes):
     mean, var, peak = _peak_moments(y, axes, weights)
-    peak = tf.cast(peak, tf.float64)
-    return tf.cast(mean, tf.float64) * peak, tf.cast(var, tf.float64) * peak**2
+    wide = _backend.wide()
+    peak = ops.cast(peak, wide)
+    return ops.cast(mean, wide) * peak, ops.cast(var, wide) * peak**2
 
 
 _moments = per_signature(lambda y, weights, axes: moments_of(y, weights, axes), any_shape=True)
 
 
-def moments(y, axes: tuple[int, ...], mask=None) -> tuple[tf.Tensor, tf.Tensor]:
+def moments(y, axes: tuple[int, ...], mask=None):
     """Per-cell mean and (centered) variance of `y` as float64 tensors (keepdims).
 
     Two-pass float32 moments, on `y / max|y|` (rescaled in float64) where
@@ -620,28 +633,29 @@ def moments(y, axes: tuple[int, ...], mask=None) -> tuple[tf.Tensor, tf.Tensor]:
     float32 scale survives; positions where `mask` (a Keras mask over the
     leading axes) is False do not count. Runs eagerly or inside a traced pass.
     """
-    y = tf.convert_to_tensor(y)
+    y = ops.convert_to_tensor(y)
     return _moments(y, mask_weights(y, mask), axes=tuple(axes))
 
 
 def cell_moments(y, axes: tuple[int, ...], mask=None) -> tuple[np.ndarray, np.ndarray]:
     """`moments` as float64 NumPy arrays (for host-side policies)."""
     mean, var = moments(y, axes, mask)
-    return np.asarray(mean), np.asarray(var)
+    return ops.convert_to_numpy(mean), ops.convert_to_numpy(var)
 
 
-def total_variance(mean, var) -> tf.Tensor:
+def total_variance(mean, var):
     """Variance of the whole tensor from per-cell moments (cells of equal size)."""
     # Law of total variance.
-    mean, var = tf.convert_to_tensor(mean, tf.float64), tf.convert_to_tensor(var, tf.float64)
-    grand = tf.reduce_mean(mean)
-    return tf.reduce_mean(var) + tf.reduce_mean(tf.square(mean - grand))
+    wide = _backend.wide()
+    mean, var = ops.cast(mean, wide), ops.cast(var, wide)
+    grand = ops.mean(mean)
+    return ops.mean(var) + ops.mean(ops.square(mean - grand))
 
 
 def affine(y, scale, shift):
     """`y * scale + shift` computed in float32, returned in `y`'s dtype."""
-    scale, shift = tf.cast(scale, tf.float32), tf.cast(shift, tf.float32)
-    return tf.cast(tf.cast(y, tf.float32) * scale + shift, y.dtype)
+    scale, shift = ops.cast(scale, "float32"), ops.cast(shift, "float32")
+    return ops.cast(ops.cast(y, "float32") * scale + shift, y.dtype)
 
 
 COMPILE_MODES = ("auto", "xla", "compiled", "eager")
@@ -667,8 +681,8 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
 
     `policy` must be written with TensorFlow ops (it then runs eagerly too).
     `compile` is `"auto"` (XLA where Keras would use it on an accelerator,
-    else `tf.function`; eager when the model cannot be traced), `"xla"`,
-    `"compiled"` (`tf.function` without
+    else `tf.function`; eager when the model cannot be traced, or on another
+    Keras backend than TensorFlow), `"xla"`, `"compiled"` (`tf.function` without
     XLA) or `"eager"`; an explicit compiled mode raises if it cannot run. The
     traced function is cached per model, input signature, targets, model
     variables and `key` (which must name every option the policy bakes in):
@@ -698,6 +712,13 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
 
     if compile == "eager":
         return _on_host(eager())
+    if not _backend.is_tensorflow():
+        if compile != "auto":
+            raise NotImplementedError(
+                f"The compiled sweep is a TensorFlow program: on Keras' {_backend.name()!r} "
+                f"backend the sweep runs eagerly. Received: compile={compile!r}")
+        return _on_host(eager(), note=f"eager sweep: the compiled sweep is TensorFlow's only, "
+                                      f"and Keras runs on {_backend.name()!r}")
     modes = [compile] if compile != "auto" else (
         ["xla", "compiled"] if _xla_by_default(model) else ["compiled"])
     for mode in modes:
@@ -735,7 +756,7 @@ def _on_host(result: SweepResult, *, mode: str = "eager", note: str = "") -> Swe
 
 
 def _numpy(value):
-    return np.asarray(value) if isinstance(value, (tf.Tensor, tf.Variable)) else value
+    return _backend.to_numpy(value)
 
 
 def _compiled_sweep(model, x, targets, policy, key, mode, training, probes, program,

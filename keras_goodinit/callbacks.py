@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras.src.utils.io_utils import print_msg
 
-from keras_goodinit import _backend, _distribute, _freshness, _validate
+from keras_goodinit import _distribute, _freshness, _validate
 from keras_goodinit.lsuv import check_init_kwargs, lsuv_init, weightnorm_data_init
 
 METHODS = {"lsuv": lsuv_init, "weightnorm_data_init": weightnorm_data_init}
@@ -103,7 +103,6 @@ class LSUVCallback(keras.callbacks.Callback):
     def __init__(self, data, method: str = "lsuv", force: bool = False, verbose: int = 1,
                  **lsuv_kwargs):
         super().__init__()
-        _backend.require_tensorflow("LSUVCallback")
         method = _validate.one_of("method", method, tuple(METHODS))
         force = _validate.boolean("force", force)
         verbose = _validate.verbose(verbose)

@@ -12,7 +12,6 @@ import numpy as np
 from keras import ops
 
 from keras_goodinit import _backend, _data, _distribute, _residual, _sweep, _validate
-from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import unit_norms
@@ -49,48 +48,49 @@ def _solve_scale(variance, *, target_var, tol: float, max_iter: int, dead,
                  max_step: float = MAX_STEP) -> dict:
     """The LSUV iteration on a variance function of the kernel scale c, as tensors.
 
-    A `tf.while_loop` bounded by `max_iter`, so it runs inside a compiled
+    A `while_loop` bounded by `max_iter`, so it runs inside a compiled
     pass with no host decision between layers. `target_var` may be a tensor
     (a residual branch end's target is measured in the pass). Returns scale,
     var_before, var_after, iterations and the status code (int32).
     """
-    f64 = tf.float64
-    target_var = tf.cast(target_var, f64)
-    var_before = variance(tf.constant(1.0, f64))
+    wide = _backend.wide()
+    target_var = ops.cast(target_var, wide)
+    var_before = variance(ops.convert_to_tensor(1.0, wide))
     # Relative: an absolute tol would accept any variance below it for a small target_var.
     margin = tol * target_var
 
     def code_of(var, iterations):
-        return tf.where(tf.abs(var - target_var) < margin, _OK,
-                        tf.where(iterations >= max_iter, _MAX_ITER, _SEARCHING))
+        return ops.where(ops.abs(var - target_var) < margin, _OK,
+                         ops.where(iterations >= max_iter, _MAX_ITER, _SEARCHING))
 
     def searching(scale, var, iterations, code):
         return code == _SEARCHING
 
     def step(scale, var, iterations, code):
-        factor = tf.sqrt(target_var / var)
+        factor = ops.sqrt(target_var / var)
         if math.isfinite(max_step):
-            factor = tf.clip_by_value(factor, 1.0 / max_step, max_step)
+            factor = ops.clip(factor, 1.0 / max_step, max_step)
         new_var = variance(scale * factor)
         iterations += 1
         # A step that makes the output constant (e.g. every biased ReLU dead) or overflow
         # stops at the last scale whose output was alive.
-        alive = (new_var > 0) & tf.math.is_finite(new_var)
-        code = tf.where(alive, code_of(new_var, iterations), _STEP_DEAD)
-        return (tf.where(alive, scale * factor, scale), tf.where(alive, new_var, var),
-                iterations, code)
+        alive = (new_var > 0) & ops.isfinite(new_var)
+        code = ops.where(alive, code_of(new_var, iterations), _STEP_DEAD)
+        return (ops.where(alive, scale * factor, scale), ops.where(alive, new_var, var),
+                iterations, ops.cast(code, "int32"))
 
-    code = _first_code(var_before, dead, code_of(var_before, tf.constant(0)))
-    state = (tf.constant(1.0, f64), var_before, tf.constant(0), code)
-    scale, var, iterations, code = tf.while_loop(searching, step, state,
-                                                 maximum_iterations=max_iter)
+    zero = ops.convert_to_tensor(0, "int32")
+    code = ops.cast(_first_code(var_before, dead, code_of(var_before, zero)), "int32")
+    state = (ops.convert_to_tensor(1.0, wide), var_before, zero, code)
+    scale, var, iterations, code = ops.while_loop(searching, step, state,
+                                                  maximum_iterations=max_iter)
     return {"scale": scale, "var_before": var_before, "var_after": var,
             "iterations": iterations, "code": code}
 
 
 def _first_code(var_before, dead, code):
     """Before any step: non-finite and dead outputs are skipped, else `code`."""
-    return tf.where(~tf.math.is_finite(var_before), _NON_FINITE, tf.where(dead, _DEAD, code))
+    return ops.where(~ops.isfinite(var_before), _NON_FINITE, ops.where(dead, _DEAD, code))
 
 
 def _solve_quadratic(coefficients, *, target_var, tol: float, dead) -> dict:
@@ -104,26 +104,27 @@ def _solve_quadratic(coefficients, *, target_var, tol: float, dead) -> dict:
     would only shrink the kernel towards zero.
     """
     a, b, c = coefficients
-    f64 = tf.float64
-    target_var = tf.cast(target_var, f64)
+    wide = _backend.wide()
+    target_var = ops.cast(target_var, wide)
     variance = lambda scale: (a * scale + b) * scale + c  # noqa: E731
-    var_before = variance(tf.constant(1.0, f64))
+    var_before = variance(ops.convert_to_tensor(1.0, wide))
     margin = tol * target_var
     discriminant = b * b - 4.0 * a * (c - target_var)
-    root_of = tf.sqrt(tf.maximum(discriminant, 0.0))
+    root_of = ops.sqrt(ops.maximum(discriminant, 0.0))
     # The larger root of A c^2 + B c + (C - t), in the form without cancellation.
-    root = tf.where(b >= 0, 2.0 * (target_var - c) / (b + root_of), (root_of - b) / (2.0 * a))
-    solvable = (discriminant >= 0) & (a > 0) & tf.math.is_finite(root) & (root > 0)
-    step = tf.where(solvable, root, tf.sqrt(target_var / var_before))
-    code = _first_code(var_before, dead, tf.where(tf.abs(var_before - target_var) < margin,
-                                                  _OK, _SEARCHING))
+    root = ops.where(b >= 0, 2.0 * (target_var - c) / (b + root_of), (root_of - b) / (2.0 * a))
+    solvable = (discriminant >= 0) & (a > 0) & ops.isfinite(root) & (root > 0)
+    step = ops.where(solvable, root, ops.sqrt(target_var / var_before))
+    code = _first_code(var_before, dead, ops.where(ops.abs(var_before - target_var) < margin,
+                                                   _OK, _SEARCHING))
     searching = code == _SEARCHING
-    scale = tf.where(searching, step, tf.ones_like(step))
+    scale = ops.where(searching, step, ops.ones_like(step))
     var = variance(scale)
-    reached = tf.where(tf.abs(var - target_var) < margin, _OK,
-                       tf.where(solvable, _MAX_ITER, _UNREACHABLE))
+    reached = ops.where(ops.abs(var - target_var) < margin, _OK,
+                        ops.where(solvable, _MAX_ITER, _UNREACHABLE))
     return {"scale": scale, "var_before": var_before, "var_after": var,
-            "iterations": tf.where(searching, 1, 0), "code": tf.where(searching, reached, code)}
+            "iterations": ops.cast(ops.where(searching, 1, 0), "int32"),
+            "code": ops.cast(ops.where(searching, reached, code), "int32")}
 
 
 def _quadratic(mean, var, bias):
@@ -133,10 +134,10 @@ def _quadratic(mean, var, bias):
     so solving for c costs a few scalar ops whatever the layer's size.
     """
     d = mean - bias
-    centred_d, centred_b = d - tf.reduce_mean(d), bias - tf.reduce_mean(bias)
-    a = tf.reduce_mean(var) + tf.reduce_mean(tf.square(centred_d))
-    b = 2.0 * tf.reduce_mean(centred_d * centred_b)
-    c = tf.reduce_mean(tf.square(centred_b))
+    centred_d, centred_b = d - ops.mean(d), bias - ops.mean(bias)
+    a = ops.mean(var) + ops.mean(ops.square(centred_d))
+    b = 2.0 * ops.mean(centred_d * centred_b)
+    c = ops.mean(ops.square(centred_b))
     return a, b, c
 
 
@@ -191,7 +192,7 @@ class _Spec:
                 # A float share is static (a constant argument would make Grappler
                 # specialize the kernel); a measured one is a tensor of the pass.
                 aim = target_var * ratio if isinstance(ratio, float) else target_var
-                measured = ratio if tf.is_tensor(ratio) else None
+                measured = ratio if ops.is_tensor(ratio) else None
                 if measure == "pre_activation":
                     # One compiled kernel per output signature: one op in the traced pass.
                     y, state = _lsuv_pre_activation(y, weights, bias, measured, axes=axes,
@@ -204,8 +205,8 @@ class _Spec:
                         max_iter=max_iter)
                     y = _sweep.affine(y, state["scale"], state["shift"])
                 if ratio is not None:
-                    state["ratio"] = (measured if measured is not None else tf.constant(
-                        math.nan if ratio is _UNPROBED else ratio, tf.float64))
+                    state["ratio"] = (measured if measured is not None else ops.convert_to_tensor(
+                        math.nan if ratio is _UNPROBED else ratio, _backend.wide()))
                 return activation(y), state
             return activation(_sweep.affine(y, state["scale"], state["shift"])), state
 
@@ -236,7 +237,7 @@ def _share(end, target_var: float):
 def _dead(y, mean, var, bias):
     """Whether the kernel's part y - b of the output is rounding noise (so is any scale)."""
     kernel_var = _sweep.total_variance(mean - bias, var)
-    power = tf.reduce_mean(var) + tf.reduce_mean(tf.square(mean))
+    power = ops.mean(var) + ops.mean(ops.square(mean))
     return kernel_var <= _relative_floor(y.dtype) * power
 
 
@@ -282,8 +283,8 @@ def _data_init_policy():
             bias = target.bias_tensor(cells)
             g = None
             if target.is_weight_normalized:
-                g = tf.reshape(tf.cast(ops.convert_to_tensor(target.layer.g), tf.float64),
-                               cells)
+                g = ops.reshape(ops.cast(ops.convert_to_tensor(target.layer.g),
+                                         _backend.wide()), cells)
             y, state = _unit_kernel(y, _sweep.mask_weights(y, target.mask), bias, g,
                                     axes=target.cell_axes(len(y.shape)),
                                     has_bias=target.bias is not None)
@@ -315,22 +316,22 @@ def _unit_init(mean, var, bias, g, relative_floor: float, *, has_bias: bool) -> 
     before = _sweep.total_variance(mean, var)
     if g is None:
         return {"var_before": before, "var_after": before,
-                "valid": tf.zeros([math.prod(mean.shape)], tf.bool),
-                "scale": tf.ones(mean.shape, tf.float64)}
+                "valid": ops.zeros([math.prod(mean.shape)], "bool"),
+                "scale": ops.ones(mean.shape, _backend.wide())}
     # The statistics of x . v/||v|| (the normalized v): undo the current g.
     mu = (mean - bias) / g
-    sigma = tf.sqrt(var) / tf.abs(g)
-    valid = (tf.math.is_finite(sigma) & tf.math.is_finite(mu)
-             & (var > relative_floor * (var + tf.square(mean))))
-    safe_sigma = tf.where(valid, sigma, 1.0)
-    new_g = tf.where(valid, 1.0 / safe_sigma, g)
-    new_bias = tf.where(valid, -mu / safe_sigma, bias) if has_bias else bias
+    sigma = ops.sqrt(var) / ops.abs(g)
+    valid = (ops.isfinite(sigma) & ops.isfinite(mu)
+             & (var > relative_floor * (var + ops.square(mean))))
+    safe_sigma = ops.where(valid, sigma, 1.0)
+    new_g = ops.where(valid, 1.0 / safe_sigma, g)
+    new_bias = ops.where(valid, -mu / safe_sigma, bias) if has_bias else bias
     # y = g * n + b becomes new_g * n + new_b, i.e. y * (new_g / g) + (new_b - b * new_g / g).
-    scale = tf.where(valid, new_g / tf.where(valid, g, 1.0), 1.0)
+    scale = ops.where(valid, new_g / ops.where(valid, g, 1.0), 1.0)
     shift = new_bias - bias * scale
     cells = (mean * scale + shift, var * scale**2)  # the in-flight estimate per unit
     return {"var_before": before, "var_after": _sweep.total_variance(*cells),
-            "valid": tf.reshape(valid, [-1]), "g": new_g, "bias": tf.reshape(new_bias, [-1]),
+            "valid": ops.reshape(valid, [-1]), "g": new_g, "bias": ops.reshape(new_bias, [-1]),
             "scale": scale, "shift": shift, "cells": cells}
 
 
@@ -534,7 +535,8 @@ def lsuv_init(
             with XLA on an accelerator where every layer supports it; eager
             when the model cannot be traced (a host read in a subclassed
             `call`). Under a `tf.distribute` strategy the traced pass runs
-            in cross-replica context, on the whole batch. `"xla"`,
+            in cross-replica context, on the whole batch. On Keras' JAX and
+            PyTorch backends the sweep runs eagerly (a note says so). `"xla"`,
             `"compiled"` (`tf.function` without XLA) or `"eager"` force one;
             a forced compiled mode raises if the model cannot be traced.
             The traced pass is cached per model and input signature, so a
@@ -559,7 +561,6 @@ def lsuv_init(
           (the 1/N residual rule)
     """
     _check_model(model)
-    _backend.require_tensorflow("lsuv_init")
     checked = _checked("lsuv", dict(
         tol=tol, max_iter=max_iter, target_var=target_var, pre_init=pre_init, measure=measure,
         layers=layers, new_batch_per_trial=new_batch_per_trial, verbose=verbose, seed=seed,
@@ -905,7 +906,6 @@ def weightnorm_data_init(
         - [Salimans & Kingma, 2016](https://arxiv.org/abs/1602.07868)
     """
     _check_model(model)
-    _backend.require_tensorflow("weightnorm_data_init")
     checked = _checked("weightnorm_data_init", dict(layers=layers, verbose=verbose,
                                                     compile=compile))
     layers, verbose, compile = checked["layers"], checked["verbose"], checked["compile"]

@@ -11,7 +11,6 @@ from keras import layers as klayers
 from keras import ops
 
 from keras_goodinit import (
-    _backend,
     _data,
     _distribute,
     _graph,
@@ -230,7 +229,6 @@ def mean_field_init(
     targets = _sweep.find_targets(model)
     x = None
     if data is not None:
-        _backend.require_tensorflow("mean_field_init(data=...)")
         x = _data.first_batch(data)
         _data.check_batch(x)
     plan = _Planner(graph, targets, residual, input_variance).run()

@@ -13,11 +13,9 @@ TensorFlow process to load.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import traceback
 
 # As if TensorFlow were not installed: `import tensorflow` raises ModuleNotFoundError and
 # `importlib.util.find_spec("tensorflow")` returns None (torch's dynamo asks that way).
@@ -28,26 +26,21 @@ BACKEND = os.environ["KERAS_BACKEND"]
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _scenarios import recorder  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 import keras_goodinit as kg  # noqa: E402
-from keras_goodinit import GoodInit, WeightNormalization, bake_weight_norm  # noqa: E402
+from keras_goodinit import (  # noqa: E402
+    GoodInit,
+    WeightNormalization,
+    bake_weight_norm,
+    propagation,
+)
 
-RESULTS: dict = {"backend": keras.backend.backend()}
+RESULTS, scenario = recorder(OUT)
+RESULTS["backend"] = keras.backend.backend()
+
 F32_EPS = float(np.finfo("float32").eps)
-
-
-def scenario(function):
-    """Runs `function()` now and records its dict, or the error it raised."""
-    try:
-        RESULTS[function.__name__] = function()
-    except Exception as error:  # noqa: BLE001 - recorded for the test to report
-        RESULTS[function.__name__] = {
-            "error": f"{type(error).__name__}: {error}"[:1000],
-            "traceback": "".join(traceback.format_tb(error.__traceback__))[-4000:]}
-    with open(OUT, "w") as handle:
-        json.dump(RESULTS, handle, indent=1, default=str)
-    return function
 
 
 def numpy(value):
@@ -198,11 +191,8 @@ def mean_field_init_without_data():
 @scenario
 def tensorflow_only_features_say_so():
     model = wn_model()
-    calls = {"lsuv_init": lambda: kg.lsuv_init(model, X, verbose=0),
-             "weightnorm_data_init": lambda: kg.weightnorm_data_init(model, X, verbose=0),
-             "LSUVCallback": lambda: kg.LSUVCallback(X),
-             "signal_report": lambda: kg.signal_report(model, X),
-             "mean_field_init(data=...)": lambda: kg.mean_field_init(model, data=X, verbose=0)}
+    calls = {"signal_report": lambda: kg.signal_report(model, X),
+             "norm_ratios": lambda: propagation.norm_ratios(model, X)}
     messages = {}
     for name, call in calls.items():
         try:
@@ -211,6 +201,58 @@ def tensorflow_only_features_say_so():
         except NotImplementedError as error:
             messages[name] = str(error)
     return {"messages": messages}
+
+
+def after_tensorflow(method):
+    """`method` on the TensorFlow process's model and batch, against its weights after it."""
+    model = keras.saving.load_model(os.path.join(SHARED, "init_before.keras"))
+    saved = np.load(os.path.join(SHARED, f"{method}_after.npz"))
+    function = {"lsuv": lambda: kg.lsuv_init(model, saved["x"], pre_init=None, verbose=0),
+                "data_init": lambda: kg.weightnorm_data_init(model, saved["x"], verbose=0)}
+    report = function[method]()
+    after = model.get_weights()
+    expected = [saved[f"w{i}"] for i in range(len(after))]
+    return {"mode": report.mode, "notes": report.notes,
+            "statuses": [row.status for row in report.rows],
+            "var_after": [row.var_after for row in report.rows],
+            "same_shapes": [a.shape for a in after] == [e.shape for e in expected],
+            "max_rel_diff": max(float(np.max(np.abs(a - e)) / (np.max(np.abs(e)) or 1.0))
+                                for a, e in zip(after, expected))}
+
+
+@scenario
+def lsuv_init_matches_tensorflow():
+    return after_tensorflow("lsuv")
+
+
+@scenario
+def weightnorm_data_init_matches_tensorflow():
+    return after_tensorflow("data_init")
+
+
+@scenario
+def lsuv_orthogonal_pre_init_and_callback_in_fit():
+    keras.utils.set_random_seed(7)
+    model = wn_model()
+    report = kg.lsuv_init(model, X, seed=1, verbose=0)  # orthogonal pre-init, then LSUV
+    fresh = wn_model()
+    fresh.compile(keras.optimizers.SGD(0.01), "mse")
+    callback = kg.LSUVCallback(X, verbose=0)
+    fresh.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    again = kg.LSUVCallback(X, verbose=0)  # a second fit: the model is already initialized
+    fresh.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[again])
+    return {"statuses": [row.status for row in report.rows],
+            "var_after": [row.var_after for row in report.rows if row.status == "ok"],
+            "callback_statuses": [row.status for row in callback.report.rows],
+            "second_reason": again.reason}
+
+
+@scenario
+def mean_field_init_with_data():
+    keras.utils.set_random_seed(8)
+    model = wn_model()
+    report = kg.mean_field_init(model, data=X, seed=0, verbose=0)
+    return {"measured": [float(row.measured) for row in report.rows]}
 
 
 @scenario

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -32,6 +31,7 @@ if MODE == "mirrored":
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _scenarios import recorder  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 from keras_goodinit import (  # noqa: E402
@@ -43,20 +43,7 @@ from keras_goodinit import (  # noqa: E402
     weightnorm_data_init,
 )
 
-RESULTS: dict = {}
-
-
-def scenario(function):
-    """Runs `function()` now and records its dict, or the error it raised."""
-    try:
-        RESULTS[function.__name__] = function()
-    except Exception as error:  # noqa: BLE001 - recorded for the test to report
-        RESULTS[function.__name__] = {
-            "error": f"{type(error).__name__}: {error}"[:1000],
-            "traceback": "".join(traceback.format_tb(error.__traceback__))[-4000:]}
-    with open(OUT, "w") as handle:
-        json.dump(RESULTS, handle, indent=1, default=str)
-    return function
+_, scenario = recorder(OUT)
 
 
 def build(wn_everywhere=False):

@@ -12,10 +12,10 @@ relative, a few ulps of a 64-term sum); orthogonality of the structured draw
 within 8 sqrt(m) eps, as in test_initializers.py; a model loaded on another
 backend computes the same float32 convolutions in another order (1e-5).
 
-Only GoodInit, WeightNormalization, bake_weight_norm, mean_field_init without
-data and the model builders run on JAX and torch so far; the sweep-based
-features (lsuv_init, weightnorm_data_init, LSUVCallback, signal_report) must
-say so with a clear error, which is tested here too.
+The sweep (lsuv_init, weightnorm_data_init, LSUVCallback, mean_field_init
+with data) runs eagerly there: on a model and batch saved by this process it
+must give the weights TensorFlow's compiled sweep gives. signal_report and
+norm_ratios take TensorFlow gradients, and must say so with a clear error.
 """
 
 import json
@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_goodinit import WeightNormalization
+from keras_goodinit import WeightNormalization, lsuv_init, weightnorm_data_init
 from keras_goodinit.models import wn_resnet
 
 WORKER = Path(__file__).with_name("_backend_worker.py")
@@ -50,6 +50,17 @@ def shared(tmp_path_factory):
     model.fit(x, np.arange(8) % 3, epochs=1, verbose=0)
     model.save(folder / "from_tf.keras")
     np.savez(folder / "from_tf.npz", x=x, y=keras.ops.convert_to_numpy(model(x)))
+    # A model before LSUV and data-dependent init, and its weights after each, here.
+    keras.utils.set_random_seed(2)
+    before = wn_resnet((8, 8, 3), 3, num_blocks=2, width=8, init="he")
+    before.save(folder / "init_before.keras")
+    batch = np.random.default_rng(3).normal(size=(32, 8, 8, 3)).astype("float32")
+    for method, init in (("lsuv", lambda m: lsuv_init(m, batch, pre_init=None, verbose=0)),
+                         ("data_init", lambda m: weightnorm_data_init(m, batch, verbose=0))):
+        model = keras.saving.load_model(folder / "init_before.keras")
+        init(model)
+        np.savez(folder / f"{method}_after.npz", x=batch,
+                 **{f"w{i}": w for i, w in enumerate(model.get_weights())})
     return folder
 
 
@@ -123,7 +134,33 @@ def test_mean_field_init_without_data(worker):
     assert r["gammas"][:4] == [2.0] * 4 and r["first_norm_error"] < ROUNDING, r
 
 
-def test_sweep_features_say_they_need_tensorflow(worker):
+@pytest.mark.parametrize("method", ["lsuv", "data_init"])
+def test_the_eager_sweep_gives_the_weights_tensorflow_gives(worker, method):
+    backend, _, _ = worker
+    name = {"lsuv": "lsuv_init", "data_init": "weightnorm_data_init"}[method]
+    r = fact(worker, f"{name}_matches_tensorflow")
+    assert r["mode"] == "eager" and any(backend in note for note in r["notes"]), r
+    assert "ok" in r["statuses"] and r["same_shapes"], r
+    # The same float32 forward on the same weights and batch; the statistics are float64
+    # on torch and float32 on JAX (no x64), so the scales agree to float32 rounding of
+    # sums over the batch: relative 1e-4.
+    assert r["max_rel_diff"] < 1e-4, r
+
+
+def test_lsuv_orthogonal_pre_init_and_the_callback_in_fit(worker):
+    r = fact(worker, "lsuv_orthogonal_pre_init_and_callback_in_fit")
+    assert set(r["statuses"]) <= {"ok", "skipped"} and "ok" in r["statuses"], r
+    assert all(abs(v - 1.0) < 0.1 for v in r["var_after"]), r  # tol = 0.1
+    assert "ok" in r["callback_statuses"], r
+    assert r["second_reason"] and "already" in r["second_reason"], r
+
+
+def test_mean_field_init_measures_with_data(worker):
+    measured = fact(worker, "mean_field_init_with_data")["measured"]
+    assert measured and all(np.isfinite(measured)) and min(measured) > 0, measured
+
+
+def test_gradient_features_say_they_need_tensorflow(worker):
     backend, _, _ = worker
     messages = fact(worker, "tensorflow_only_features_say_so")["messages"]
     for name, message in messages.items():

@@ -22,11 +22,18 @@ fresh process, and the other models, methods and the pre-init alone are in
 `benchmarks/zoo.py`. The script prints PASS/FAIL per target and exits 0 either
 way.
 
+`--backend jax|torch|tensorflow` (default tensorflow) runs every process on
+that Keras backend. The compiled forward is then `jax.jit` of the model's
+`stateless_call` on JAX and the eager forward on torch (its `torch.compile`
+costs more than the init it would be compared with); on JAX and torch
+`lsuv_init` runs its eager sweep.
+
 Usage:
 
     python benchmarks/lsuv_speed.py               # all depths, fresh subprocesses
     python benchmarks/lsuv_speed.py --processes 1 # one process per depth (faster)
     python benchmarks/lsuv_speed.py --depth 56    # one depth, prints one JSON line
+    python benchmarks/lsuv_speed.py --backend jax --processes 1 --no-naive
 """
 
 from __future__ import annotations
@@ -42,11 +49,35 @@ DEPTHS = (20, 56, 110)
 BATCH = 128
 
 
+def compiled_forward(model):
+    """The backend's compiled inference pass of `model`, returning NumPy."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(lambda inputs: model(inputs, training=False))
+        return lambda x: forward(x).numpy()
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def forward(trainable, non_trainable, x):
+            return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+        def call(x):
+            trainable = [v.value for v in model.trainable_variables]
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            return keras.ops.convert_to_numpy(forward(trainable, non_trainable, x))
+        return call
+    return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
+
+
 def measure(depth: int, naive: bool = True) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from keras_goodinit import lsuv_init
     from keras_goodinit.models import wn_resnet
@@ -74,15 +105,17 @@ def measure(depth: int, naive: bool = True) -> dict:
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    forward = tf.function(lambda inputs: model(inputs, training=False))
+    forward = compiled_forward(model)
     t0 = time.perf_counter()
-    forward(x).numpy()
+    forward(x)
     forward_first_s = time.perf_counter() - t0  # tracing included, for context
-    forward(x).numpy()
-    forward_s = median_time(lambda: forward(x).numpy())
-    eager_s = median_time(lambda: model(x, training=False).numpy(), repeats=3)
+    forward(x)
+    forward_s = median_time(lambda: forward(x))
+    eager_s = median_time(lambda: keras.ops.convert_to_numpy(model(x, training=False)),
+                          repeats=3)
 
-    result = {"depth": depth, "targets": len(report.rows), "lsuv_ok": report.ok,
+    result = {"depth": depth, "backend": keras.backend.backend(), "mode": report.mode,
+              "targets": len(report.rows), "lsuv_ok": report.ok,
               "forward_s": forward_s, "forward_first_s": forward_first_s, "eager_s": eager_s,
               "lsuv_s": lsuv_s, "lsuv_warm_s": lsuv_warm_s}
     if not naive:
@@ -107,9 +140,10 @@ def measure(depth: int, naive: bool = True) -> dict:
     return {**result, "naive_s": naive_s, "naive_predictions": predictions}
 
 
-def _child(depth: int, naive: bool) -> dict | None:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    command = [sys.executable, __file__, "--depth", str(depth)] + ([] if naive else ["--no-naive"])
+def _child(depth: int, naive: bool, backend: str) -> dict | None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": backend}
+    command = ([sys.executable, __file__, "--depth", str(depth), "--backend", backend]
+               + ([] if naive else ["--no-naive"]))
     process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode or not lines:
@@ -122,11 +156,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, choices=DEPTHS)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loop")
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
+                        default="tensorflow", help="the Keras backend of every process")
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes per depth; times are their medians (the "
                              "naive loop, 10-100x slower, runs in the first one only)")
     args = parser.parse_args()
     if args.depth:
+        os.environ["KERAS_BACKEND"] = args.backend  # before keras is imported
         print("RESULT " + json.dumps(measure(args.depth, naive=not args.no_naive)), flush=True)
         return
 
@@ -134,9 +171,10 @@ def main() -> None:
 
     rows = []
     for depth in DEPTHS:
-        runs = [_child(depth, naive=i == 0) for i in range(args.processes)]
+        runs = [_child(depth, naive=i == 0 and not args.no_naive, backend=args.backend)
+                for i in range(args.processes)]
         runs = [r for r in runs if r is not None]
-        if not runs or "naive_s" not in runs[0]:
+        if not runs:
             continue
         row = dict(runs[0])
         for key in ("forward_s", "forward_first_s", "eager_s", "lsuv_s", "lsuv_warm_s"):
@@ -144,20 +182,24 @@ def main() -> None:
         row["lsuv_ok"] = all(r["lsuv_ok"] for r in runs)
         rows.append(row)
 
+    print(f"backend: {args.backend}; lsuv_init mode: "
+          f"{', '.join(sorted({r['mode'] for r in rows}))}")
     header = (f"{'depth':>5}  {'forward s':>9}  {'lsuv s':>7}  {'lsuv/forward':>12}  "
               f"{'naive s':>8}  {'naive/forward':>13}  {'naive/lsuv':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
+        naive = (f"{r['naive_s']:>8.1f}  {r['naive_s'] / r['forward_s']:>13.0f}  "
+                 f"{r['naive_s'] / r['lsuv_s']:>10.1f}" if "naive_s" in r
+                 else f"{'-':>8}  {'-':>13}  {'-':>10}")
         print(f"{r['depth']:>5}  {r['forward_s']:>9.3f}  {r['lsuv_s']:>7.2f}  "
-              f"{r['lsuv_s'] / r['forward_s']:>12.1f}  {r['naive_s']:>8.1f}  "
-              f"{r['naive_s'] / r['forward_s']:>13.0f}  {r['naive_s'] / r['lsuv_s']:>10.1f}")
+              f"{r['lsuv_s'] / r['forward_s']:>12.1f}  {naive}")
     print()
     for r in rows:
         print(f"ResNet-{r['depth']}: {r['targets']} target layers (all ok: {r['lsuv_ok']}); "
               f"lsuv warm (2nd call) {r['lsuv_warm_s']:.2f} s "
-              f"= {r['lsuv_warm_s'] / r['forward_s']:.1f} forward; "
-              f"naive ran {r['naive_predictions']} predicts")
+              f"= {r['lsuv_warm_s'] / r['forward_s']:.1f} forward"
+              + (f"; naive ran {r['naive_predictions']} predicts" if "naive_s" in r else ""))
         print(f"    context: compiled forward's first call (tracing) {r['forward_first_s']:.2f} s "
               f"= {r['forward_first_s'] / r['forward_s']:.1f} forward; one eager forward "
               f"{r['eager_s']:.3f} s = {r['eager_s'] / r['forward_s']:.1f} forward")
@@ -172,7 +214,7 @@ def main() -> None:
         spread = max(ratios.values()) / min(ratios.values())
         checks.append(("lsuv/forward roughly flat in depth (max/min <= 2)", spread <= 2,
                        f"max/min = {spread:.2f}"))
-    if 110 in by_depth:
+    if 110 in by_depth and "naive_s" in by_depth[110]:
         r = by_depth[110]
         checks.append(("naive/lsuv >= 10 at ResNet-110", r["naive_s"] / r["lsuv_s"] >= 10,
                        f"{r['naive_s'] / r['lsuv_s']:.1f}"))

@@ -109,3 +109,47 @@ def to_numpy(value):
     if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type):
         return ops.convert_to_numpy(value)
     return value
+
+
+def loss_gradients(compute, kernels):
+    """The loss of a pass and its gradients with respect to the pass's outputs and `kernels`.
+
+    `compute(kernels, perturbations)` runs the pass with `kernels` standing
+    in for the kernel variables and returns `(loss, outputs, aux)`; with
+    `perturbations` (JAX only) it adds each to the matching output. Returns
+    `(loss, outputs, aux, gradients)`, the gradients of `outputs + kernels`,
+    None where one does not reach the loss. TensorFlow and PyTorch record the
+    pass on a tape. JAX differentiates functions: the pass runs once for its
+    values, then once more under `jax.grad`, where each output's gradient is
+    that of a zero added to it; JAX has no None gradient, so an all-zero one
+    is taken as not reaching the loss.
+    """
+    backend = name()
+    if backend == "tensorflow":
+        kernels = [tf.convert_to_tensor(k) for k in kernels]
+        with tf.GradientTape() as tape:
+            tape.watch(kernels)
+            loss, outputs, aux = compute(kernels, None)
+        return loss, outputs, aux, tape.gradient(loss, list(outputs) + kernels)
+    if backend == "torch":
+        import torch
+
+        kernels = [ops.convert_to_tensor(k).detach().clone().requires_grad_(True)
+                   for k in kernels]
+        with torch.enable_grad():
+            loss, outputs, aux = compute(kernels, None)
+        wrt = list(outputs) + kernels
+        if not loss.requires_grad:  # nothing the loss depends on was met
+            return loss, outputs, aux, [None] * len(wrt)
+        return loss, outputs, aux, list(torch.autograd.grad(loss, wrt, allow_unused=True))
+    if backend == "jax":
+        import jax
+
+        loss, outputs, aux = compute(kernels, None)
+        zeros = [ops.zeros_like(output) for output in outputs]
+        kernel_grads, output_grads = jax.grad(lambda k, e: compute(k, e)[0], argnums=(0, 1))(
+            [ops.convert_to_tensor(k) for k in kernels], zeros)
+        grads = list(output_grads) + list(kernel_grads)
+        return loss, outputs, aux, [g if bool(ops.any(g != 0)) else None for g in grads]
+    raise NotImplementedError(f"Gradients on Keras' {backend!r} backend. Received: "
+                              f"KERAS_BACKEND={backend!r}")

@@ -370,6 +370,9 @@ class SweepResult:
     # The graph the pass is traced into (None: eager); a hook met in any other graph
     # (a nested tf.function, vectorized_map, a while_loop) is in traced code.
     graph: Any = None
+    # Whether the whole pass is being traced by JAX on purpose (a gradient): its hooks then
+    # see tracers, and still run.
+    traced_pass: bool = False
     # What `run`'s `program` returned: its tensors (as NumPy) and its trace-time values.
     extra: Any = None
     static: Any = None
@@ -383,7 +386,7 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult,
     def make_hook(target, activation):
         def hook(y):
             key = id(target)
-            if not in_pass(result.graph) or _backend.is_traced(y):
+            if not in_pass(result.graph) or (_backend.is_traced(y) and not result.traced_pass):
                 result.traced.add(key)
                 return activation(y)
             count = result.calls.get(key, 0)
@@ -531,16 +534,17 @@ def _input_mask(inputs):
 
 def sweep(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy, *,
           training: bool = False, probes: Sequence[Probe] = (),
-          preserve: bool = True) -> SweepResult:
+          preserve: bool = True, traced: bool = False) -> SweepResult:
     """One eager forward pass of `model` on `x`, `policy` at each target; inference by default.
 
     The fallback of `run`, and the pass of host-side policies (`mean_field_init`'s
     measurement);
     the heavy per-layer statistics are compiled functions of the policies.
     Every weight of `model` ends as it was, unless `preserve=False` (for a
-    caller that restores every variable itself).
+    caller that restores every variable itself). `traced=True`: the caller
+    traces the whole pass (`jax.grad`), so the hooks run on its tracers.
     """
-    result = SweepResult(order=[], states={}, calls={})
+    result = SweepResult(order=[], states={}, calls={}, traced_pass=traced)
     with preserving(model) if preserve else contextlib.nullcontext(), \
             _hooked(targets, policy, result, probes):
         result.outputs = model(x, training=training)

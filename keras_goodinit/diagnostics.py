@@ -13,7 +13,6 @@ import numpy as np
 from keras import ops
 
 from keras_goodinit import _backend, _data, _graph, _sweep, _validate
-from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit.report import format_table, json_safe
 
 # Values kept per layer for the optional histograms.
@@ -258,12 +257,13 @@ def _flat_norm(tensors) -> float:
     return math.sqrt(total)
 
 
-def _standing_in(targets, kernels: dict, enabled: bool):
-    """Within the block, each target's kernel variable reads as `kernels[id(target)]`."""
-    if not enabled:
+def _standing_in(targets, kernels):
+    """Within the block, each target's kernel variable reads as its entry of `kernels`
+    (a list aligned with `targets`; None: the variables themselves)."""
+    if kernels is None:
         return contextlib.nullcontext()
     return keras.StatelessScope(
-        state_mapping=[(t.direction_variable, kernels[id(t)]) for t in targets])
+        state_mapping=[(t.direction_variable, k) for t, k in zip(targets, kernels)])
 
 
 def _ratio(norm: float, reference: float) -> float:
@@ -304,15 +304,15 @@ def _channel_axis(block: _graph.Block) -> int:
     return 1 if getattr(inner, "data_format", None) == "channels_first" else -1
 
 
-def _channel_moments(y, axis: int) -> tuple[tf.Tensor, tf.Tensor]:
+def _channel_moments(y, axis: int):
     """(mean_c mean(y_c)^2, mean_c var(y_c)): moments per channel over all other axes."""
     rank = len(y.shape)
     axes = tuple(i for i in range(rank) if rank == 1 or i != axis % rank)
-    mean, var = _sweep.moments(tf.stop_gradient(y), axes)
-    return tf.reduce_mean(tf.square(mean)), tf.reduce_mean(var)
+    mean, var = _sweep.moments(ops.stop_gradient(y), axes)
+    return ops.mean(ops.square(mean)), ops.mean(var)
 
 
-def _block_moments(block: _graph.Block, inputs, output) -> dict[str, tf.Tensor]:
+def _block_moments(block: _graph.Block, inputs, output) -> dict:
     """The statistics of a `BlockSignal`, as tensors of the pass."""
     axis = _channel_axis(block)
     branch = inputs[block.add.inputs.index(block.branch)]
@@ -402,14 +402,15 @@ _KIND = "{kind}"
 
 def _from_values_or_logits(loss_fn, labels, pred, probabilities):
     """`loss_fn` from probabilities where `probabilities` (a bool tensor) holds, else from
-    logits; a `tf.cond`, so the branch not taken adds no gradient (nor NaN) of its own."""
+    logits; a `cond`, so the branch not taken adds no gradient (nor NaN) of its own."""
     def from_logits():
         with warnings.catch_warnings():
             # Traced for a softmax output too, where Keras warns; that branch is then not taken.
             warnings.filterwarnings("ignore", message=".*received `from_logits=True`")
             return loss_fn(labels, pred, from_logits=True)
 
-    return tf.cond(probabilities, lambda: loss_fn(labels, pred, from_logits=False), from_logits)
+    return ops.cond(probabilities, lambda: loss_fn(labels, pred, from_logits=False),
+                    from_logits)
 
 
 def _default_term(pred, y, facts: _LabelFacts | None, rng: np.random.Generator, name: str):
@@ -433,7 +434,7 @@ def _default_term(pred, y, facts: _LabelFacts | None, rng: np.random.Generator, 
         return keras.losses.mean_squared_error(target, pred), "mean_squared_error vs y", None
     probabilities = _sums_to_one(pred, dtype)
     if y is None:
-        labels = rng.integers(0, units, shape[:-1])
+        labels = rng.integers(0, units, shape[:-1]).astype("int32")  # every backend has int32
         return (_from_values_or_logits(keras.losses.sparse_categorical_crossentropy, labels,
                                        pred, probabilities),
                 f"sparse_categorical_crossentropy from {_KIND} vs seeded labels", probabilities)
@@ -447,7 +448,7 @@ def _default_term(pred, y, facts: _LabelFacts | None, rng: np.random.Generator, 
                 f"The default loss reads y{name} as class indices of an output with {units} "
                 f"units: they must be integers in [0, {units}). Pass `loss=` otherwise. "
                 f"Received: y with values in [{facts.low:g}, {facts.high:g}]")
-        labels = ops.reshape(ops.cast(y, "int64"), shape[:-1])
+        labels = ops.reshape(ops.cast(y, "int32"), shape[:-1])
         return (_from_values_or_logits(keras.losses.sparse_categorical_crossentropy, labels,
                                        pred, probabilities),
                 f"sparse_categorical_crossentropy from {_KIND} vs y", probabilities)
@@ -518,21 +519,21 @@ def _total_loss(model, outputs, labels, facts, loss, seed: int):
     return total, parts, flags
 
 
-def _output_statistics(out, rng: np.random.Generator) -> dict[str, tf.Tensor]:
+def _output_statistics(out, rng: np.random.Generator) -> dict:
     """Mean, std and norm of a layer's output, and a sample of its values for histograms.
 
     The sample's positions are drawn on the host from the output's static
     size, as `rng.choice` draws them from the values themselves.
     """
-    values = tf.reshape(tf.stop_gradient(out), [-1])
+    values = ops.reshape(ops.stop_gradient(out), (-1,))
     size = int(values.shape[0])
     mean, var = _sweep.moments(values, (0,))
-    mean, var = tf.reshape(mean, []), tf.reshape(var, [])
+    mean, var = ops.reshape(mean, ()), ops.reshape(var, ())
     positions = rng.choice(size, min(size, _HISTOGRAM_SAMPLES), replace=False)
-    return {"mean": mean, "std": tf.sqrt(var),
+    return {"mean": mean, "std": ops.sqrt(var),
             # ||h||^2 = n (var + mean^2), in float64: no float32 overflow of the squares.
-            "norm": tf.sqrt(size * (var + tf.square(mean))),
-            "sample": tf.gather(tf.cast(values, tf.float32), positions)}
+            "norm": ops.sqrt(size * (var + ops.square(mean))),
+            "sample": ops.take(ops.cast(values, "float32"), positions)}
 
 
 def signal_report(
@@ -648,7 +649,6 @@ def signal_report(
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
         - [Brock, De & Smith, 2021](https://arxiv.org/abs/2101.08692)
     """
-    _backend.require_tensorflow("signal_report")
     if not isinstance(model, keras.layers.Layer):
         raise ValueError(f"Argument `model` must be a Keras model. Received: model={model!r}")
     gradients = _validate.boolean("gradients", gradients)
@@ -688,7 +688,7 @@ def signal_report(
 
 def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed, training,
              compile) -> SignalReport:
-    outputs: dict[int, tf.Tensor] = {}  # id(target) -> its output, in the pass
+    outputs: dict[int, object] = {}  # id(target) -> its output, in the pass
     draws: dict[str, np.random.Generator] = {}
 
     def record(target, y, activation, state):
@@ -701,44 +701,79 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
     def program(forward, x, labels):
         """The forward pass, the loss and the backward pass: traced as one function."""
         draws["samples"] = np.random.default_rng(seed)
-        # The kernel gradients are taken with respect to tensors that stand in for the
-        # kernel variables during the pass: a variable mirrored by a tf.distribute strategy
-        # cannot be watched in cross-replica context, where the sweep runs.
-        kernels = ({id(t): tf.convert_to_tensor(t.direction_variable.value) for t in targets}
-                   if gradients else {})
         found: list = []
-        with (tf.GradientTape() as tape, _standing_in(targets, kernels, gradients),
-              _blocks_hooked(blocks, found, _sweep.pass_graph())):
-            tape.watch(list(kernels.values()))
-            result = forward(x)
-            if gradients:
-                loss_value, parts, flags = _total_loss(model, result.outputs, labels, facts,
-                                                       loss, seed)
+
+        def compute(kernels, perturbations):
+            """The pass with `kernels` standing in for the kernel variables: the loss, the
+            targets' outputs in execution order, and what else the report needs."""
+            with (_standing_in(targets, kernels), _blocks_hooked(
+                    blocks, [] if perturbations is not None else found, _sweep.pass_graph())):
+                if perturbations is None:
+                    result = forward(x)
+                else:  # JAX's gradient pass: each output plus a zero, to differentiate by
+                    result = _sweep.sweep(model, x, targets, _adding(perturbations),
+                                          training=training, preserve=False, traced=True)
+                if not gradients:
+                    return None, [], (result, [], [])
+                total, parts, flags = _total_loss(model, result.outputs, labels, facts, loss,
+                                                  seed)
+            if perturbations is None:
+                met = [outputs[id(t)] for t in result.order]
+            else:
+                met = [result.states[id(t)]["out"] for t in result.order]
+            return total, met, (result, parts, flags)
+
+        # Tensors that stand in for the kernel variables: a variable mirrored by a
+        # tf.distribute strategy cannot be watched in cross-replica context, where the
+        # sweep runs.
+        kernels = [t.direction_variable.value for t in targets] if gradients else None
+        if gradients:
+            loss_value, _, (result, parts, flags), grads = _backend.loss_gradients(
+                compute, kernels)
+        else:
+            loss_value, _, (result, parts, flags) = compute(None, None)
         extra = {"blocks": [moments for _, moments in found]}
         static = {"blocks": [(b.add.layer.name, b.stage, b.num_blocks) for b, _ in found]}
         if not gradients:
             return extra, static
+        position = {id(t): i for i, t in enumerate(targets)}
         order = result.order
-        grads = tape.gradient(loss_value, [outputs[id(t)] for t in order]
-                              + [kernels[id(t)] for t in order])
-        output_grads, kernel_grads = grads[:len(order)], grads[len(order):]
+        output_grads = grads[:len(order)]
+        kernel_grads = [grads[len(order) + position[id(t)]] for t in order]
         # A None gradient: the output never reaches the loss (a discarded head, say).
         static.update(parts=parts, reaching=[i for i, g in enumerate(output_grads)
                                              if g is not None],
                       kernel_grads=[i for i, g in enumerate(kernel_grads) if g is not None])
         extra.update(
             loss=loss_value, flags=[f for f in flags if f is not None],
-            grad_norms=[tf.norm(tf.cast(g, tf.float32)) for g in output_grads if g is not None],
-            weight_grad_std=[tf.math.reduce_std(tf.cast(tf.convert_to_tensor(g), tf.float32))
-                             for g in kernel_grads if g is not None])
+            grad_norms=[_norm(g) for g in output_grads if g is not None],
+            weight_grad_std=[ops.std(ops.cast(g, "float32")) for g in kernel_grads
+                             if g is not None])
         return extra, static
 
-    aux = None if labels is None else keras.tree.map_structure(tf.convert_to_tensor, labels)
+    aux = None if labels is None else keras.tree.map_structure(ops.convert_to_tensor, labels)
     key = ("signal_report", gradients, loss, seed,
            None if facts is None else tuple(keras.tree.flatten(facts)))
     result = _sweep.run(model, x, targets, record, key=key, compile=compile, training=training,
                         program=program, aux=aux)
     return _assembled(result, _flat_norm(x), training=training)
+
+
+def _adding(perturbations):
+    """A policy adding `perturbations[i]` to the i-th target output met (first calls)."""
+    def policy(target, y, activation, state):
+        if state is not None:
+            return activation(y), state
+        out = activation(y) + perturbations[policy.met]
+        policy.met += 1
+        return out, {"out": out}
+
+    policy.met = 0
+    return policy
+
+
+def _norm(tensor):
+    return ops.sqrt(ops.sum(ops.square(ops.cast(tensor, "float32"))))
 
 
 def _assembled(result: _sweep.SweepResult, input_norm: float, *, training: bool) -> SignalReport:

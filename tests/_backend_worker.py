@@ -189,10 +189,24 @@ def mean_field_init_without_data():
 
 
 @scenario
+def signal_report_matches_tensorflow():
+    model = keras.saving.load_model(os.path.join(SHARED, "init_before.keras"))
+    saved = np.load(os.path.join(SHARED, "signal.npz"))
+    report = kg.signal_report(model, (saved["x"], saved["y"]), seed=3)
+    return {"mode": report.mode, "loss_name": report.loss_name,
+            "grad_reference": report.grad_reference, "blocks": len(report.blocks),
+            "loss": report.loss,
+            **{field: report.column(field).tolist() for field in SIGNAL_FIELDS},
+            "block_variance": report.block_column("variance").tolist()}
+
+
+SIGNAL_FIELDS = ("mean", "std", "norm_ratio", "grad_norm_ratio", "weight_grad_std")
+
+
+@scenario
 def tensorflow_only_features_say_so():
     model = wn_model()
-    calls = {"signal_report": lambda: kg.signal_report(model, X),
-             "norm_ratios": lambda: propagation.norm_ratios(model, X)}
+    calls = {"norm_ratios": lambda: propagation.norm_ratios(model, X)}
     messages = {}
     for name, call in calls.items():
         try:

@@ -29,13 +29,14 @@ import keras
 import numpy as np
 import pytest
 
-from keras_goodinit import WeightNormalization, lsuv_init, weightnorm_data_init
+from keras_goodinit import WeightNormalization, lsuv_init, signal_report, weightnorm_data_init
 from keras_goodinit.models import wn_resnet
 
 WORKER = Path(__file__).with_name("_backend_worker.py")
 TIMEOUT = 300  # seconds per worker (measured about 40 s on 2 shared cores)
 BACKENDS = ("jax", "torch")
 ROUNDING = 1e-5
+SIGNAL_FIELDS = ("mean", "std", "norm_ratio", "grad_norm_ratio", "weight_grad_std")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,14 @@ def shared(tmp_path_factory):
         init(model)
         np.savez(folder / f"{method}_after.npz", x=batch,
                  **{f"w{i}": w for i, w in enumerate(model.get_weights())})
+    labels = np.arange(32) % 3
+    report = signal_report(keras.saving.load_model(folder / "init_before.keras"),
+                           (batch, labels), seed=3)
+    np.savez(folder / "signal.npz", x=batch, y=labels, loss=report.loss,
+             block_variance=report.block_column("variance"),
+             **{field: report.column(field) for field in SIGNAL_FIELDS})
+    (folder / "signal.json").write_text(json.dumps(
+        {"loss_name": report.loss_name, "grad_reference": report.grad_reference}))
     return folder
 
 
@@ -158,6 +167,22 @@ def test_lsuv_orthogonal_pre_init_and_the_callback_in_fit(worker):
 def test_mean_field_init_measures_with_data(worker):
     measured = fact(worker, "mean_field_init_with_data")["measured"]
     assert measured and all(np.isfinite(measured)) and min(measured) > 0, measured
+
+
+def test_signal_report_gives_tensorflows_figures(worker):
+    backend, _, folder = worker
+    r = fact(worker, "signal_report_matches_tensorflow")
+    expected = np.load(folder / "signal.npz")
+    names = json.loads((folder / "signal.json").read_text())
+    assert r["mode"] == "eager" and r["blocks"] > 0, r
+    assert (r["loss_name"], r["grad_reference"]) == (names["loss_name"],
+                                                     names["grad_reference"]), r
+    # The same forward and backward pass, through the backend's own autodiff.
+    for field in SIGNAL_FIELDS:
+        np.testing.assert_allclose(r[field], expected[field], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"{backend} {field}")
+    np.testing.assert_allclose(r["loss"], expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(r["block_variance"], expected["block_variance"], rtol=1e-4)
 
 
 def test_gradient_features_say_they_need_tensorflow(worker):

@@ -640,7 +640,9 @@ def signal_report(
             accelerator), cached per model and input signature, falling
             back to eager where the model or `loss` cannot be traced;
             `"xla"`, `"compiled"` or `"eager"` force one, as for
-            `lsuv_init`. `SignalReport.mode` says which ran.
+            `lsuv_init`. `SignalReport.mode` says which ran. On Keras' JAX
+            and PyTorch backends the pass runs eagerly, with gradients
+            through the backend's own autodiff.
 
     Returns:
         A `SignalReport`.

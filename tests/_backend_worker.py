@@ -41,6 +41,7 @@ RESULTS, scenario = recorder(OUT)
 RESULTS["backend"] = keras.backend.backend()
 
 F32_EPS = float(np.finfo("float32").eps)
+SIGNAL_FIELDS = ("mean", "std", "norm_ratio", "grad_norm_ratio", "weight_grad_std")
 
 
 def numpy(value):
@@ -198,9 +199,6 @@ def signal_report_matches_tensorflow():
             "loss": report.loss,
             **{field: report.column(field).tolist() for field in SIGNAL_FIELDS},
             "block_variance": report.block_column("variance").tolist()}
-
-
-SIGNAL_FIELDS = ("mean", "std", "norm_ratio", "grad_norm_ratio", "weight_grad_std")
 
 
 @scenario

@@ -13,9 +13,9 @@ within 8 sqrt(m) eps, as in test_initializers.py; a model loaded on another
 backend computes the same float32 convolutions in another order (1e-5).
 
 The sweep (lsuv_init, weightnorm_data_init, LSUVCallback, mean_field_init
-with data) runs eagerly there: on a model and batch saved by this process it
-must give the weights TensorFlow's compiled sweep gives. signal_report and
-norm_ratios take TensorFlow gradients, and must say so with a clear error.
+with data, signal_report) runs eagerly there: on a model and batch saved by
+this process it must give the weights and figures TensorFlow's compiled sweep
+gives. norm_ratios takes TensorFlow gradients, and must say so clearly.
 """
 
 import json

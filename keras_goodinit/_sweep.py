@@ -386,7 +386,7 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult,
     def make_hook(target, activation):
         def hook(y):
             key = id(target)
-            if not in_pass(result.graph) or (_backend.is_traced(y) and not result.traced_pass):
+            if not _of_the_pass(result, y):
                 result.traced.add(key)
                 return activation(y)
             count = result.calls.get(key, 0)
@@ -447,7 +447,7 @@ def _probing(probes: Sequence[Probe], result: SweepResult):
 
         def probed(*args, **kwargs):
             outputs = call(*args, **kwargs)
-            if in_pass(result.graph) and not _backend.is_traced(outputs):
+            if _of_the_pass(result, outputs):
                 for probe in mine:
                     if probe.call == seen[0] and hasattr(outputs, "shape"):
                         probe.value = stream_variance(outputs)
@@ -474,6 +474,11 @@ def stream_variance(y):
     rank = len(y.shape)
     _, var = moments(y, tuple(range(rank)))
     return ops.reshape(var, ())
+
+
+def _of_the_pass(result: SweepResult, value) -> bool:
+    """Whether a hook meets `value` in the pass itself, not in code traced inside it."""
+    return in_pass(result.graph) and (result.traced_pass or not _backend.is_traced(value))
 
 
 def pass_graph():
@@ -717,12 +722,8 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
     if compile == "eager":
         return _on_host(eager())
     if not _backend.is_tensorflow():
-        if compile != "auto":
-            raise NotImplementedError(
-                f"The compiled sweep is a TensorFlow program: on Keras' {_backend.name()!r} "
-                f"backend the sweep runs eagerly. Received: compile={compile!r}")
-        return _on_host(eager(), note=f"eager sweep: the compiled sweep is TensorFlow's only, "
-                                      f"and Keras runs on {_backend.name()!r}")
+        return _off_tensorflow(model, x, targets, policy, key=key, compile=compile,
+                               training=training, probes=probes, program=program, eager=eager)
     modes = [compile] if compile != "auto" else (
         ["xla", "compiled"] if _xla_by_default(model) else ["compiled"])
     for mode in modes:
@@ -741,6 +742,59 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
     note = (f"eager sweep: the model could not be traced ({type(reason).__name__}: "
             f"{str(reason).splitlines()[0][:200] if str(reason) else ''})")
     return _on_host(eager(), note=note)
+
+
+def _off_tensorflow(model, x, targets, policy, *, key, compile, training, probes, program,
+                    eager) -> SweepResult:
+    """`run` on Keras' JAX or PyTorch backend: `jax.jit` on JAX, eager otherwise."""
+    backend = _backend.name()
+    jitted = backend == "jax" and program is None
+    if compile not in ("auto", "xla") or (compile == "xla" and not jitted):
+        raise NotImplementedError(
+            f"On Keras' {backend!r} backend the sweep runs "
+            + ("through jax.jit (XLA) or eagerly" if jitted else "eagerly")
+            + f". Received: compile={compile!r}")
+    if not jitted:
+        why = ("signal_report's gradients run eagerly on JAX" if backend == "jax"
+               else f"the compiled sweep is for TensorFlow and JAX, and Keras runs on {backend!r}")
+        return _on_host(eager(), note=f"eager sweep: {why}")
+    try:
+        return _jitted_sweep(model, x, targets, policy, key, training, probes)
+    except _UNTRACEABLE as error:
+        if compile != "auto":
+            raise
+        reason = error
+    return _on_host(eager(), note=f"eager sweep: the model could not be traced "
+                                  f"({type(reason).__name__}: {str(reason).splitlines()[0][:200]})")
+
+
+def _jitted_sweep(model, x, targets, policy, key, training, probes) -> SweepResult:
+    """The sweep as one `jax.jit` program of the model's variable values and the batch."""
+    import jax
+
+    inputs = keras.tree.map_structure(ops.convert_to_tensor, x)
+    cache = _TRACED.setdefault(model, {})
+    full_key = _cache_key(model, targets, probes, key, "xla", training, inputs)
+    traced = cache.get(full_key)
+    if traced is None:
+        model_ref = weakref.ref(model)
+        record = SweepResult(order=[], states={}, calls={}, traced_pass=True)
+
+        def hooked_pass(values, x):
+            # Stateless: the variables' values are arguments, so a cached program reads the
+            # weights of the call, and writes (BatchNorm statistics) stay in the scope.
+            _cleared(record)
+            model = model_ref()
+            with (keras.StatelessScope(state_mapping=list(zip(model.variables, values))),
+                  _hooked(targets, policy, record, probes)):
+                model(x, training=training)
+            return _by_position(record, targets)
+
+        traced = (jax.jit(hooked_pass), record)
+    function, record = traced
+    states = function([v.value for v in model.variables], inputs)  # traced on the first call
+    cache[full_key] = traced
+    return _on_host(_of_targets(record, states, targets), mode="xla")
 
 
 def _xla_by_default(model) -> bool:
@@ -767,15 +821,8 @@ def _compiled_sweep(model, x, targets, policy, key, mode, training, probes, prog
                     aux) -> SweepResult:
     inputs = keras.tree.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t),
                                       (x, aux))
-    signature = repr(keras.tree.map_structure(
-        lambda t: None if t is None else (tuple(t.shape), t.dtype.name), inputs))
-    # A new LoRA, quantization or activation changes the traced program: part of the key.
-    structure = (tuple(id(t.layer) for t in targets),
-                 tuple(id(t.inner.activation) for t in targets),
-                 tuple(id(v) for v in model.variables),
-                 tuple((id(p.layer), p.call) for p in probes))
     cache = _TRACED.setdefault(model, {})
-    full_key = (key, mode, bool(training), signature, structure)
+    full_key = _cache_key(model, targets, probes, key, mode, training, inputs)
     traced = cache.get(full_key) or _trace(model, inputs, targets, policy, mode, training,
                                            probes, program)
     function, record, writes = traced
@@ -784,27 +831,57 @@ def _compiled_sweep(model, x, targets, policy, key, mode, training, probes, prog
     with preserving(model) if writes else contextlib.nullcontext():
         states, extra = function(*inputs)  # XLA compiles here, on the first call
     cache[full_key] = traced  # only once it ran
-    # The record holds positions: a cached pass serves new Target objects of the same layers.
-    result = SweepResult(
-        order=[targets[i] for i in record.order], calls={
-            id(targets[i]): count for i, count in record.calls.items()},
+    return _on_host(_of_targets(record, states, targets, extra=extra, static=record.static),
+                    mode=mode)
+
+
+def _cache_key(model, targets, probes, key, mode, training, inputs) -> tuple:
+    """What a traced pass depends on: `key`, the mode, the inputs' signature, the layers."""
+    signature = repr(keras.tree.map_structure(
+        lambda t: None if t is None else (tuple(t.shape),
+                                          keras.backend.standardize_dtype(t.dtype)), inputs))
+    # A new LoRA, quantization or activation changes the traced program: part of the key.
+    structure = (tuple(id(t.layer) for t in targets),
+                 tuple(id(t.inner.activation) for t in targets),
+                 tuple(id(v) for v in model.variables),
+                 tuple((id(p.layer), p.call) for p in probes))
+    return key, mode, bool(training), signature, structure
+
+
+def _cleared(record: SweepResult) -> None:
+    for part in (record.order, record.states, record.calls, record.traced):
+        part.clear()
+
+
+def _by_position(record: SweepResult, targets) -> dict:
+    """At the end of a trace: the record in target positions, and its states by position.
+
+    A cached pass then serves new Target objects of the same layers.
+    """
+    index = {id(t): i for i, t in enumerate(targets)}
+    record.order[:] = [index[id(t)] for t in record.order]
+    record.calls = {index[k]: count for k, count in record.calls.items()}
+    record.traced = {index[k] for k in record.traced}
+    states, record.states = record.states, {}
+    return {str(index[k]): state for k, state in states.items()}
+
+
+def _of_targets(record: SweepResult, states: dict, targets, **fields) -> SweepResult:
+    """A traced pass's record and states (by position) as a result of these `targets`."""
+    return SweepResult(
+        order=[targets[i] for i in record.order],
+        calls={id(targets[i]): count for i, count in record.calls.items()},
         traced={id(targets[i]) for i in record.traced},
-        states={id(targets[int(i)]): state for i, state in states.items()},
-        extra=extra, static=record.static)
-    return _on_host(result, mode=mode)
+        states={id(targets[int(i)]): state for i, state in states.items()}, **fields)
 
 
 def _trace(model, inputs, targets, policy, mode, training, probes, program):
     """A tf.function of the hooked pass, traced now, and its trace-time record."""
     model_ref = weakref.ref(model)  # the cache must not keep the model alive
-    index = {id(t): i for i, t in enumerate(targets)}
     record = SweepResult(order=[], states={}, calls={})
 
     def forward(x):
-        record.order.clear()
-        record.states.clear()
-        record.calls.clear()
-        record.traced.clear()
+        _cleared(record)
         record.graph = tf.compat.v1.get_default_graph()
         with _hooked(targets, policy, record, probes):
             record.outputs = model_ref()(x, training=training)
@@ -818,11 +895,7 @@ def _trace(model, inputs, targets, policy, mode, training, probes, program):
         else:
             extra, record.static = program(forward, x, aux)
         record.outputs = None  # graph tensors must not outlive the trace
-        record.order[:] = [index[id(t)] for t in record.order]
-        record.calls = {index[k]: count for k, count in record.calls.items()}
-        record.traced = {index[k] for k in record.traced}
-        states, record.states = record.states, {}
-        return {str(index[k]): state for k, state in states.items()}, extra
+        return _by_position(record, targets), extra
 
     function = tf.function(hooked_pass, jit_compile=mode == "xla", autograph=False)
     concrete = function.get_concrete_function(*inputs)

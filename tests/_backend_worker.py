@@ -216,20 +216,25 @@ def tensorflow_only_features_say_so():
 
 
 def after_tensorflow(method):
-    """`method` on the TensorFlow process's model and batch, against its weights after it."""
-    model = keras.saving.load_model(os.path.join(SHARED, "init_before.keras"))
+    """`method` on the TensorFlow process's model and batch, against its weights after it:
+    on the default path (jax.jit on JAX, eager on torch) and on the eager one."""
     saved = np.load(os.path.join(SHARED, f"{method}_after.npz"))
-    function = {"lsuv": lambda: kg.lsuv_init(model, saved["x"], pre_init=None, verbose=0),
-                "data_init": lambda: kg.weightnorm_data_init(model, saved["x"], verbose=0)}
-    report = function[method]()
-    after = model.get_weights()
-    expected = [saved[f"w{i}"] for i in range(len(after))]
-    return {"mode": report.mode, "notes": report.notes,
+    found = {}
+    for compile in ("auto", "eager"):
+        model = keras.saving.load_model(os.path.join(SHARED, "init_before.keras"))
+        if method == "lsuv":
+            report = kg.lsuv_init(model, saved["x"], pre_init=None, verbose=0, compile=compile)
+        else:
+            report = kg.weightnorm_data_init(model, saved["x"], verbose=0, compile=compile)
+        after = model.get_weights()
+        expected = [saved[f"w{i}"] for i in range(len(after))]
+        found[compile] = {
+            "mode": report.mode, "notes": report.notes,
             "statuses": [row.status for row in report.rows],
-            "var_after": [row.var_after for row in report.rows],
             "same_shapes": [a.shape for a in after] == [e.shape for e in expected],
             "max_rel_diff": max(float(np.max(np.abs(a - e)) / (np.max(np.abs(e)) or 1.0))
                                 for a, e in zip(after, expected))}
+    return found
 
 
 @scenario
@@ -298,6 +303,26 @@ def replicas_identical(model) -> tuple[int, bool]:
 
 
 if BACKEND == "jax":
+    @scenario
+    def jitted_sweep_is_traced_once():
+        model = wn_model()
+        layer = model.get_layer("conv")
+        calls = [0]
+        original = layer.call
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        layer.call = counted
+        first = kg.lsuv_init(model, X, seed=1, verbose=0)
+        traced = calls[0]
+        second = kg.lsuv_init(model, X, pre_init=None, verbose=0)
+        return {"modes": [first.mode, second.mode], "first_calls": traced,
+                "second_calls": calls[0] - traced,
+                "second_iterations": [row.iterations for row in second.rows
+                                      if row.status == "ok"]}
+
     @scenario
     def data_parallel():
         # Two CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2).

@@ -535,8 +535,9 @@ def lsuv_init(
             with XLA on an accelerator where every layer supports it; eager
             when the model cannot be traced (a host read in a subclassed
             `call`). Under a `tf.distribute` strategy the traced pass runs
-            in cross-replica context, on the whole batch. On Keras' JAX and
-            PyTorch backends the sweep runs eagerly (a note says so). `"xla"`,
+            in cross-replica context, on the whole batch. On Keras' JAX
+            backend the sweep is one `jax.jit` program (`"xla"`); on PyTorch
+            it runs eagerly (a note says so). `"xla"`,
             `"compiled"` (`tf.function` without XLA) or `"eager"` force one;
             a forced compiled mode raises if the model cannot be traced.
             The traced pass is cached per model and input signature, so a

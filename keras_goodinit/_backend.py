@@ -48,15 +48,6 @@ class _Lazy:
 tf = _Lazy("tensorflow")
 
 
-def require_tensorflow(feature: str) -> None:
-    """Raises a clear error where `feature` does not run on Keras' backend yet."""
-    if not is_tensorflow():
-        raise NotImplementedError(
-            f"`{feature}` runs on the TensorFlow backend only in this version (it takes "
-            "gradients with tf.GradientTape). Every other feature runs on every backend. "
-            f"Received: KERAS_BACKEND={name()!r}")
-
-
 def dct_ortho(x):
     """The orthonormal DCT-II of `x` along its last axis."""
     backend = name()
@@ -111,6 +102,12 @@ def to_numpy(value):
     return value
 
 
+def has_none_gradients() -> bool:
+    """Whether the backend's autodiff says None for what does not reach the loss. JAX
+    differentiates functions and gives zeros instead."""
+    return name() != "jax"
+
+
 def loss_gradients(compute, kernels):
     """The loss of a pass and its gradients with respect to the pass's outputs and `kernels`.
 
@@ -121,8 +118,8 @@ def loss_gradients(compute, kernels):
     None where one does not reach the loss. TensorFlow and PyTorch record the
     pass on a tape. JAX differentiates functions: the pass runs once for its
     values, then once more under `jax.grad`, where each output's gradient is
-    that of a zero added to it; JAX has no None gradient, so an all-zero one
-    is taken as not reaching the loss.
+    that of a zero added to it; JAX has no None gradient (`has_none_gradients`):
+    the caller tells an all-zero one, in the traced program or out of it.
     """
     backend = name()
     if backend == "tensorflow":
@@ -149,7 +146,6 @@ def loss_gradients(compute, kernels):
         zeros = [ops.zeros_like(output) for output in outputs]
         kernel_grads, output_grads = jax.grad(lambda k, e: compute(k, e)[0], argnums=(0, 1))(
             [ops.convert_to_tensor(k) for k in kernels], zeros)
-        grads = list(output_grads) + list(kernel_grads)
-        return loss, outputs, aux, [g if bool(ops.any(g != 0)) else None for g in grads]
+        return loss, outputs, aux, list(output_grads) + list(kernel_grads)
     raise NotImplementedError(f"Gradients on Keras' {backend!r} backend. Received: "
                               f"KERAS_BACKEND={backend!r}")

@@ -124,8 +124,9 @@ def _same(variable, expected) -> bool:
     # Rounded to the variable's dtype first, as the build stored it.
     expected = ops.cast(ops.cast(expected, variable.dtype), work)
     value = ops.cast(variable.value, work)
-    difference = float(ops.max(ops.abs(value - expected)))
-    scale = float(ops.max(ops.abs(expected)))
+    # Through NumPy: a torch parameter's value carries autograd, which float() warns about.
+    difference = float(ops.convert_to_numpy(ops.max(ops.abs(value - expected))))
+    scale = float(ops.convert_to_numpy(ops.max(ops.abs(expected))))
     # NaN compares False: a diverged weight counts as changed.
     return difference <= _ULPS * _EPS[variable.dtype] * scale
 

@@ -188,7 +188,7 @@ class Block:
     reason: str = ""  # why the branch end cannot be scaled, if it cannot
 
 
-def _ancestors(graph: Graph) -> dict[int, frozenset]:
+def ancestors(graph: Graph) -> dict[int, frozenset]:
     found: dict[int, frozenset] = {k: frozenset((k,)) for k in graph.inputs}
     for step in graph.steps:
         above = frozenset().union(*(found.get(k, frozenset((k,))) for k in step.inputs))
@@ -221,7 +221,7 @@ def residual_blocks(graph: Graph, kernels: set[int]) -> tuple[list[Block], list[
         `(blocks, plain)`: `plain` lists `(add step, reason)` for the `Add`s
         treated as plain sums.
     """
-    ancestors = _ancestors(graph)
+    above = ancestors(graph)
     blocks, plain = [], []
     for step in graph.steps:
         if not isinstance(step.layer, klayers.Add):
@@ -229,7 +229,7 @@ def residual_blocks(graph: Graph, kernels: set[int]) -> tuple[list[Block], list[
         if len(step.inputs) != 2:
             plain.append((step, f"Add of {len(step.inputs)} inputs: treated as a plain sum"))
             continue
-        block = _block(graph, step, ancestors, kernels)
+        block = _block(graph, step, above, kernels)
         if isinstance(block, str):
             plain.append((step, block))
         else:

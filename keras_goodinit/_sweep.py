@@ -379,9 +379,30 @@ class SweepResult:
 
 
 @contextlib.contextmanager
+def wrapped_calls(wrapping: Iterable[tuple[keras.layers.Layer, Callable[[Callable], Callable]]]):
+    """Within the block, each `(layer, wrap)` layer's `call` is `wrap(its call)`.
+
+    The instance attribute shadows the class's `call` (or someone else's wrapper,
+    which is wrapped in turn) and is taken away again on exit, in reverse order.
+    """
+    saved = []
+    try:
+        for layer, wrap in wrapping:
+            saved.append((layer, vars(layer).get("call")))
+            layer.call = wrap(layer.call)
+        yield
+    finally:
+        for layer, call in reversed(saved):
+            if call is None:
+                vars(layer).pop("call", None)  # the class's call shows through again
+            else:
+                layer.call = call
+
+
+@contextlib.contextmanager
 def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult,
             probes: Sequence[Probe] = ()):
-    patched = []
+    targets = list(targets)
 
     def make_hook(target, activation):
         def hook(y):
@@ -398,75 +419,54 @@ def _hooked(targets: Iterable[Target], policy: Policy, result: SweepResult,
             return out
         return hook
 
-    def make_call(target, call):
-        def masked_call(inputs, *args, **kwargs):
-            target.mask = _input_mask(inputs)
-            return call(inputs, *args, **kwargs)
-        return masked_call
+    def masked(target):
+        def wrap(call):
+            def masked_call(inputs, *args, **kwargs):
+                target.mask = _input_mask(inputs)
+                return call(inputs, *args, **kwargs)
+            return masked_call
+        return wrap
 
     wrappers = {id(t.time_distributed): t.time_distributed for t in targets
                 if t.time_distributed is not None}
-    saved_calls = [(w, vars(w).get("call")) for w in wrappers.values()]
+    activations = [(target, target.inner.activation) for target in targets]
     try:
-        for wrapper in wrappers.values():
-            wrapper.call = _merged_time_call(wrapper)
-        for target in targets:
-            activation = target.inner.activation or keras.activations.linear
-            # An instance may already carry its own `call` (someone else's wrapper).
-            patched.append((target, target.inner.activation, vars(target.inner).get("call")))
-            target.inner.activation = make_hook(target, activation)
-            target.inner.call = make_call(target, target.inner.call)
-        with _probing(probes, result):
+        for target, activation in activations:
+            target.inner.activation = make_hook(target,
+                                                activation or keras.activations.linear)
+        with wrapped_calls([(w, lambda _, w=w: _merged_time_call(w)) for w in wrappers.values()]
+                           + [(t.inner, masked(t)) for t in targets]), \
+                _probing(probes, result):
             yield
     finally:
-        for target, activation, call in patched:
+        for target, activation in activations:
             target.inner.activation = activation
-            if call is None:
-                del target.inner.call  # the class's call shows through again
-            else:
-                target.inner.call = call
             target.mask = None
-        for wrapper, call in saved_calls:
-            if call is None:
-                vars(wrapper).pop("call", None)
-            else:
-                wrapper.call = call
 
 
-@contextlib.contextmanager
 def _probing(probes: Sequence[Probe], result: SweepResult):
     """Each probe's layer records its output's variance at the probe's call."""
     by_layer: dict[int, list[Probe]] = {}
     for probe in probes:
         probe.value = None
         by_layer.setdefault(id(probe.layer), []).append(probe)
-    saved = []
 
-    def make_call(layer, mine, call):
-        seen = [0]
+    def probed(mine):
+        def wrap(call):
+            seen = [0]
 
-        def probed(*args, **kwargs):
-            outputs = call(*args, **kwargs)
-            if _of_the_pass(result, outputs):
-                for probe in mine:
-                    if probe.call == seen[0] and hasattr(outputs, "shape"):
-                        probe.value = stream_variance(outputs)
-                seen[0] += 1
-            return outputs
-        return probed
+            def probed_call(*args, **kwargs):
+                outputs = call(*args, **kwargs)
+                if _of_the_pass(result, outputs):
+                    for probe in mine:
+                        if probe.call == seen[0] and hasattr(outputs, "shape"):
+                            probe.value = stream_variance(outputs)
+                    seen[0] += 1
+                return outputs
+            return probed_call
+        return wrap
 
-    try:
-        for mine in by_layer.values():
-            layer = mine[0].layer
-            saved.append((layer, vars(layer).get("call")))
-            layer.call = make_call(layer, mine, layer.call)
-        yield
-    finally:
-        for layer, call in reversed(saved):
-            if call is None:
-                vars(layer).pop("call", None)
-            else:
-                layer.call = call
+    return wrapped_calls([(mine[0].layer, probed(mine)) for mine in by_layer.values()])
 
 
 def stream_variance(y):
@@ -723,7 +723,8 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
         return _on_host(eager())
     if not _backend.is_tensorflow():
         return _off_tensorflow(model, x, targets, policy, key=key, compile=compile,
-                               training=training, probes=probes, program=program, eager=eager)
+                               training=training, probes=probes, program=program, aux=aux,
+                               eager=eager)
     modes = [compile] if compile != "auto" else (
         ["xla", "compiled"] if _xla_by_default(model) else ["compiled"])
     for mode in modes:
@@ -739,62 +740,64 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
                 raise
             reason = error
             break  # tf.function without XLA traces the same Python
-    note = (f"eager sweep: the model could not be traced ({type(reason).__name__}: "
-            f"{str(reason).splitlines()[0][:200] if str(reason) else ''})")
-    return _on_host(eager(), note=note)
+    return _on_host(eager(), note=_untraced(reason))
+
+
+def _untraced(reason: Exception) -> str:
+    """The note of an eager sweep that ran because the compiled one could not trace."""
+    first = str(reason).splitlines()[0][:200] if str(reason) else ""
+    return f"eager sweep: the model could not be traced ({type(reason).__name__}: {first})"
 
 
 def _off_tensorflow(model, x, targets, policy, *, key, compile, training, probes, program,
-                    eager) -> SweepResult:
+                    aux, eager) -> SweepResult:
     """`run` on Keras' JAX or PyTorch backend: `jax.jit` on JAX, eager otherwise."""
     backend = _backend.name()
-    jitted = backend == "jax" and program is None
+    jitted = backend == "jax"
     if compile not in ("auto", "xla") or (compile == "xla" and not jitted):
         raise NotImplementedError(
             f"On Keras' {backend!r} backend the sweep runs "
             + ("through jax.jit (XLA) or eagerly" if jitted else "eagerly")
             + f". Received: compile={compile!r}")
     if not jitted:
-        why = ("signal_report's gradients run eagerly on JAX" if backend == "jax"
-               else f"the compiled sweep is for TensorFlow and JAX, and Keras runs on {backend!r}")
-        return _on_host(eager(), note=f"eager sweep: {why}")
+        return _on_host(eager(), note="eager sweep: the compiled sweep is for TensorFlow and "
+                                      f"JAX, and Keras runs on {backend!r}")
     try:
-        return _jitted_sweep(model, x, targets, policy, key, training, probes)
+        return _jitted_sweep(model, x, targets, policy, key, training, probes, program, aux)
     except _UNTRACEABLE as error:
         if compile != "auto":
             raise
         reason = error
-    return _on_host(eager(), note=f"eager sweep: the model could not be traced "
-                                  f"({type(reason).__name__}: {str(reason).splitlines()[0][:200]})")
+    return _on_host(eager(), note=_untraced(reason))
 
 
-def _jitted_sweep(model, x, targets, policy, key, training, probes) -> SweepResult:
-    """The sweep as one `jax.jit` program of the model's variable values and the batch."""
+def _jitted_sweep(model, x, targets, policy, key, training, probes, program,
+                  aux) -> SweepResult:
+    """The sweep (and `program`) as one `jax.jit` program of the variables' values and inputs."""
     import jax
 
-    inputs = keras.tree.map_structure(ops.convert_to_tensor, x)
+    inputs = keras.tree.map_structure(lambda t: None if t is None else ops.convert_to_tensor(t),
+                                      (x, aux))
     cache = _TRACED.setdefault(model, {})
     full_key = _cache_key(model, targets, probes, key, "xla", training, inputs)
     traced = cache.get(full_key)
     if traced is None:
         model_ref = weakref.ref(model)
         record = SweepResult(order=[], states={}, calls={}, traced_pass=True)
+        body = _traced_body(model_ref, record, targets, policy, training, probes, program)
 
-        def hooked_pass(values, x):
-            # Stateless: the variables' values are arguments, so a cached program reads the
-            # weights of the call, and writes (BatchNorm statistics) stay in the scope.
-            _cleared(record)
-            model = model_ref()
-            with (keras.StatelessScope(state_mapping=list(zip(model.variables, values))),
-                  _hooked(targets, policy, record, probes)):
-                model(x, training=training)
-            return _by_position(record, targets)
+        def stateless(values, x, aux):
+            # The variables' values are arguments, so a cached program reads the weights of
+            # the call, and writes (BatchNorm statistics) stay in the scope.
+            with keras.StatelessScope(state_mapping=list(zip(model_ref().variables, values))):
+                return body(x, aux)
 
-        traced = (jax.jit(hooked_pass), record)
+        traced = (jax.jit(stateless), record)
     function, record = traced
-    states = function([v.value for v in model.variables], inputs)  # traced on the first call
+    states, extra = function([v.value for v in model.variables], *inputs)  # traced on 1st call
     cache[full_key] = traced
-    return _on_host(_of_targets(record, states, targets), mode="xla")
+    return _on_host(_of_targets(record, states, targets, extra=extra, static=record.static),
+                    mode="xla")
 
 
 def _xla_by_default(model) -> bool:
@@ -875,29 +878,35 @@ def _of_targets(record: SweepResult, states: dict, targets, **fields) -> SweepRe
         states={id(targets[int(i)]): state for i, state in states.items()}, **fields)
 
 
-def _trace(model, inputs, targets, policy, mode, training, probes, program):
-    """A tf.function of the hooked pass, traced now, and its trace-time record."""
-    model_ref = weakref.ref(model)  # the cache must not keep the model alive
-    record = SweepResult(order=[], states={}, calls={})
-
+def _traced_body(model_ref, record, targets, policy, training, probes, program):
+    """The function a compiled sweep traces: `(x, aux) -> (states by position, program's
+    tensors)`, with the trace-time facts in `record`. Shared by tf.function and jax.jit."""
     def forward(x):
         _cleared(record)
-        record.graph = tf.compat.v1.get_default_graph()
+        record.graph = pass_graph()
         with _hooked(targets, policy, record, probes):
             record.outputs = model_ref()(x, training=training)
         record.graph = None
         return record
 
-    def hooked_pass(x, aux):
+    def body(x, aux):
         if program is None:
             forward(x)
             extra = None
         else:
             extra, record.static = program(forward, x, aux)
-        record.outputs = None  # graph tensors must not outlive the trace
+        record.outputs = None  # traced tensors must not outlive the trace
         return _by_position(record, targets), extra
 
-    function = tf.function(hooked_pass, jit_compile=mode == "xla", autograph=False)
+    return body
+
+
+def _trace(model, inputs, targets, policy, mode, training, probes, program):
+    """A tf.function of the hooked pass, traced now, and its trace-time record."""
+    model_ref = weakref.ref(model)  # the cache must not keep the model alive
+    record = SweepResult(order=[], states={}, calls={})
+    body = _traced_body(model_ref, record, targets, policy, training, probes, program)
+    function = tf.function(body, jit_compile=mode == "xla", autograph=False)
     concrete = function.get_concrete_function(*inputs)
     return function, record, _writes_variables(concrete.graph.as_graph_def())
 

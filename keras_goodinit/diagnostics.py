@@ -262,8 +262,14 @@ def _standing_in(targets, kernels):
     (a list aligned with `targets`; None: the variables themselves)."""
     if kernels is None:
         return contextlib.nullcontext()
-    return keras.StatelessScope(
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    scope = keras.StatelessScope(
         state_mapping=[(t.direction_variable, k) for t, k in zip(targets, kernels)])
+    enclosing = get_stateless_scope()
+    if enclosing is not None:  # the jitted pass's: every other variable keeps its value there
+        scope.state_mapping = {**enclosing.state_mapping, **scope.state_mapping}
+    return scope
 
 
 def _ratio(norm: float, reference: float) -> float:
@@ -323,36 +329,24 @@ def _block_moments(block: _graph.Block, inputs, output) -> dict:
             "skip_variance": _channel_moments(skip, axis)[1]}
 
 
-@contextlib.contextmanager
 def _blocks_hooked(calls: dict, found: list, graph):
     """While active, each residual `Add` call of the pass (traced into `graph`, or eager
     when None) appends `(block, its statistics)` to `found`."""
-    patched = []
+    def watched(blocks):
+        def wrap(call):
+            count = [0]
 
-    def make_call(blocks, call):
-        count = [0]
+            def watched_call(inputs, *args, **kwargs):
+                output = call(inputs, *args, **kwargs)
+                index, count[0] = count[0], count[0] + 1
+                if index < len(blocks) and blocks[index] is not None and _sweep.in_pass(graph):
+                    found.append((blocks[index], _block_moments(blocks[index], inputs, output)))
+                return output
+            return watched_call
+        return wrap
 
-        def watched_call(inputs, *args, **kwargs):
-            output = call(inputs, *args, **kwargs)
-            index, count[0] = count[0], count[0] + 1
-            if index < len(blocks) and blocks[index] is not None and _sweep.in_pass(graph):
-                found.append((blocks[index], _block_moments(blocks[index], inputs, output)))
-            return output
-        return watched_call
-
-    try:
-        for layer, blocks in calls.values():
-            if not any(blocks):
-                continue
-            patched.append((layer, vars(layer).get("call")))
-            layer.call = make_call(blocks, layer.call)
-        yield
-    finally:
-        for layer, call in patched:
-            if call is None:
-                del layer.call  # the class's call shows through again
-            else:
-                layer.call = call
+    return _sweep.wrapped_calls([(layer, watched(blocks)) for layer, blocks in calls.values()
+                                 if any(blocks)])
 
 
 # Relative rounding of one value in the output's dtype, for the "sums to 1" test.
@@ -746,11 +740,15 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
         static.update(parts=parts, reaching=[i for i, g in enumerate(output_grads)
                                              if g is not None],
                       kernel_grads=[i for i, g in enumerate(kernel_grads) if g is not None])
+        output_grads = [g for g in output_grads if g is not None]
+        kernel_grads = [g for g in kernel_grads if g is not None]
         extra.update(
             loss=loss_value, flags=[f for f in flags if f is not None],
-            grad_norms=[_norm(g) for g in output_grads if g is not None],
-            weight_grad_std=[ops.std(ops.cast(g, "float32")) for g in kernel_grads
-                             if g is not None])
+            grad_norms=[_norm(g) for g in output_grads],
+            weight_grad_std=[ops.std(ops.cast(g, "float32")) for g in kernel_grads])
+        if not _backend.has_none_gradients():  # an unreached gradient is exactly zero there
+            extra.update(reaches=[ops.any(g != 0) for g in output_grads],
+                         kernel_reaches=[ops.any(g != 0) for g in kernel_grads])
         return extra, static
 
     aux = None if labels is None else keras.tree.map_structure(ops.convert_to_tensor, labels)
@@ -793,17 +791,24 @@ def _assembled(result: _sweep.SweepResult, input_norm: float, *, training: bool)
                           mode=result.mode, note=result.note)
     if "loss" not in extra:
         return report
-    norms = [float(n) for n in extra["grad_norms"]]
-    reference = norms[-1] if norms else math.nan
-    for index, norm in zip(static["reaching"], norms):
+    reaching = _reaching(static["reaching"], extra["grad_norms"], extra.get("reaches"))
+    reference = reaching[-1][1] if reaching else math.nan
+    for index, norm in reaching:
         rows[index].grad_norm_ratio = _ratio(norm, reference)
-    for index, std in zip(static["kernel_grads"], extra["weight_grad_std"]):
-        rows[index].weight_grad_std = float(std)
+    for index, std in _reaching(static["kernel_grads"], extra["weight_grad_std"],
+                                extra.get("kernel_reaches")):
+        rows[index].weight_grad_std = std
     flags = iter(extra["flags"])
     report.loss = float(extra["loss"])
     report.loss_name = " + ".join(
         part.replace(_KIND, "probabilities" if bool(next(flags)) else "logits")
         if _KIND in part else part for part in static["parts"])
-    reaching = static["reaching"]
-    report.grad_reference = result.order[reaching[-1]].name if reaching else None
+    report.grad_reference = result.order[reaching[-1][0]].name if reaching else None
     return report
+
+
+def _reaching(indices, values, reaches) -> list[tuple[int, float]]:
+    """`(row index, value)` of the gradients that reach the loss: those that are not None
+    (`indices`) and, where a backend has no None gradient, not exactly zero (`reaches`)."""
+    reaches = [True] * len(indices) if reaches is None else [bool(r) for r in reaches]
+    return [(i, float(v)) for i, v, r in zip(indices, values, reaches, strict=True) if r]

@@ -10,13 +10,14 @@ package's own layers and measures the two norm ratios, so that the example
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import keras
 import numpy as np
+from keras import ops
 
-from keras_goodinit import _backend, _validate
-from keras_goodinit._backend import tf  # TensorFlow, imported on first use
+from keras_goodinit import _backend, _graph, _sweep, _validate
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
 from keras_goodinit.models import _kernel_initializer
 from keras_goodinit.weight_norm import WeightNormalization
@@ -166,7 +167,10 @@ def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np
       `sum(h_L * r)` with respect to `h_l` and `r` is a fixed standard
       Gaussian probe (so `dh_L = r`, independent of the network).
 
-    Both come from one forward pass under one `tf.GradientTape`.
+    The gradients come from the backend's own autodiff: a tape over one
+    forward pass on TensorFlow and PyTorch; on JAX, `jax.grad` of zeros added
+    to the layers' outputs in the pass (which needs a functional or
+    Sequential model, whose layers are known).
 
     Examples:
 
@@ -183,39 +187,99 @@ def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np
         Two float64 arrays of length `L + 1`, indexed by layer `l = 0..L`
         (`forward[0] = 1`, `backward[L] = 1`).
     """
-    _backend.require_tensorflow("norm_ratios")
     if not isinstance(model, keras.Model):
         raise ValueError(f"Argument `model` must be a keras.Model. Received: model={model!r}")
     seed = _validate.seed(seed, allow_none=False)
-    x = tf.convert_to_tensor(x, dtype="float32")
-    if x.shape.rank != 2 or x.shape[0] == 0:
+    x = ops.convert_to_tensor(x, dtype="float32")
+    if len(x.shape) != 2 or x.shape[0] == 0:
         raise ValueError(
             f"Argument `x` must be a non-empty batch of shape (batch, width). "
             f"Received: x with shape {tuple(x.shape)}"
         )
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        activations = model(x, training=False)
-        if tf.is_tensor(activations):  # Keras unwraps a one-layer list
-            activations = [activations]
-        if (not isinstance(activations, (list, tuple)) or not activations
-                or not all(tf.is_tensor(h) for h in activations)):
-            raise ValueError(
-                "Argument `model` must output the list of its per-layer activations. "
-                f"Received: model={model.name!r} with output {type(activations).__name__}"
-            )
-        activations = list(activations)
-        top = activations[-1]
-        probe = np.random.default_rng(seed).standard_normal(tuple(top.shape))
-        loss = tf.reduce_sum(tf.cast(top, "float32") * probe.astype("float32"))
-    # The activations are the very tensors the next layer consumed, so the tape
-    # can differentiate with respect to them.
-    gradients = tape.gradient(loss, [x, *activations])
-    if any(g is None for g in gradients):
+    graph = _graph.flatten(model) if _graph.functional_of(model) is not None else None
+    if graph is None and not _backend.has_none_gradients():
+        raise ValueError(
+            f"On Keras' {_backend.name()!r} backend, argument `model` must be a functional or "
+            "Sequential model (its gradients are taken at its layers' outputs). "
+            f"Received: model={model!r}")
+
+    def compute(wrt, perturbations):
+        with _perturbed_outputs(graph, perturbations):
+            activations = _activations(model, model(wrt[0], training=False))
+        top = ops.cast(activations[-1], "float32")
+        probe = np.random.default_rng(seed).standard_normal(tuple(top.shape)).astype("float32")
+        return ops.sum(top * ops.convert_to_tensor(probe)), activations, None
+
+    _, activations, _, gradients = _backend.loss_gradients(compute, [x])
+    *gradients, input_gradient = gradients
+    if graph is not None:
+        _check_feeding(model, graph)
+        # An output that is the input itself has the input's gradient (and no layer to
+        # perturb on JAX); an output that reaches the top through dead units only, zero.
+        gradients = [input_gradient if key in graph.inputs else
+                     ops.zeros_like(h) if g is None else g
+                     for key, g, h in zip(graph.outputs, gradients, activations, strict=True)]
+    elif any(g is None for g in gradients):
         raise ValueError(
             "Every activation output by `model` must feed the last one. "
-            f"Received: model={model.name!r}"
-        )
-    forward = [float(tf.norm(tf.cast(h, "float32"))) for h in [x, *activations]]
-    backward = [float(tf.norm(tf.cast(g, "float32"))) for g in gradients]
+            f"Received: model={model.name!r}")
+    forward = [_norm(h) for h in [x, *activations]]
+    backward = [_norm(g) for g in [input_gradient, *gradients]]
     return np.asarray(forward) / forward[0], np.asarray(backward) / backward[-1]
+
+
+def _activations(model, outputs) -> list:
+    if not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]  # Keras unwraps a one-layer list
+    if not outputs or not all(hasattr(h, "shape") and hasattr(h, "dtype") for h in outputs):
+        raise ValueError(
+            "Argument `model` must output the list of its per-layer activations. "
+            f"Received: model={model.name!r} with output {type(outputs).__name__}")
+    return list(outputs)
+
+
+def _check_feeding(model, graph) -> None:
+    above = _graph.ancestors(graph)[graph.outputs[-1]]
+    if not all(key in above for key in graph.outputs):
+        raise ValueError(
+            "Every activation output by `model` must feed the last one. "
+            f"Received: model={model.name!r}")
+
+
+def _perturbed_outputs(graph, perturbations):
+    """Within the block, `perturbations[i]` is added to the model's i-th output where the
+    layer making it returns it (so the layers after it see the sum); None: nothing."""
+    if perturbations is None:
+        return contextlib.nullcontext()
+    # A layer called several times makes outputs at several calls, counted in graph order.
+    made: dict[int, dict[tuple[int, int], list]] = {}
+    calls: dict[int, int] = {}
+    for step in graph.steps:
+        index = calls.get(id(step.layer), 0)
+        calls[id(step.layer)] = index + 1
+        for position, key in enumerate(step.outputs):
+            for i, output in enumerate(graph.outputs):
+                if output == key:
+                    made.setdefault(id(step.layer), {}).setdefault((index, position), []).append(i)
+    layers = {id(step.layer): step.layer for step in graph.steps}
+
+    def adding(mine):
+        def wrap(call):
+            count = [0]
+
+            def perturbed_call(*args, **kwargs):
+                outputs = call(*args, **kwargs)
+                flat = keras.tree.flatten(outputs)
+                for (index, position), which in mine.items():
+                    if index == count[0]:
+                        flat[position] = flat[position] + sum(perturbations[i] for i in which)
+                count[0] += 1
+                return keras.tree.pack_sequence_as(outputs, flat)
+            return perturbed_call
+        return wrap
+
+    return _sweep.wrapped_calls([(layers[k], adding(mine)) for k, mine in made.items()])
+
+
+def _norm(tensor) -> float:
+    return float(np.linalg.norm(ops.convert_to_numpy(ops.cast(tensor, "float32"))))

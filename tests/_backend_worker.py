@@ -202,17 +202,39 @@ def signal_report_matches_tensorflow():
 
 
 @scenario
-def tensorflow_only_features_say_so():
-    model = wn_model()
-    calls = {"norm_ratios": lambda: propagation.norm_ratios(model, X)}
-    messages = {}
-    for name, call in calls.items():
-        try:
-            call()
-            messages[name] = None
-        except NotImplementedError as error:
-            messages[name] = str(error)
-    return {"messages": messages}
+def norm_ratios_match_tensorflow():
+    saved = np.load(os.path.join(SHARED, "norm_ratios.npz"))
+    ratios = {}
+    for name in ("mlp_chain", "residual_chain"):
+        model = keras.saving.load_model(os.path.join(SHARED, f"{name}.keras"))
+        forward, backward = propagation.norm_ratios(model, saved["x"], seed=4)
+        ratios[name] = {"forward": forward.tolist(), "backward": backward.tolist()}
+    return ratios
+
+
+class _ListsItsActivations(keras.Model):
+    """A subclassed two-layer chain that outputs both activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = L.Dense(8, activation="relu", kernel_initializer=GoodInit("wn_relu", seed=5))
+        self.second = L.Dense(8, activation="relu",
+                              kernel_initializer=GoodInit("wn_relu", seed=6))
+
+    def call(self, x):
+        h = self.first(x)
+        return [h, self.second(h)]
+
+
+@scenario
+def norm_ratios_of_a_subclassed_model():
+    x = np.random.default_rng(7).normal(size=(16, 8)).astype("float32")
+    model = _ListsItsActivations()
+    try:
+        forward, backward = propagation.norm_ratios(model, x)
+    except ValueError as error:
+        return {"error_message": str(error)}
+    return {"forward": forward.tolist(), "backward": backward.tolist()}
 
 
 def after_tensorflow(method):
@@ -322,6 +344,53 @@ if BACKEND == "jax":
                 "second_calls": calls[0] - traced,
                 "second_iterations": [row.iterations for row in second.rows
                                       if row.status == "ok"]}
+
+    @scenario
+    def jitted_signal_report_is_traced_once():
+        model = wn_model()
+        layer = model.get_layer("conv")
+        calls = [0]
+        original = layer.call
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        layer.call = counted
+        labels = [np.arange(32) % 2, (np.arange(32) // 2) % 2]
+        first = kg.signal_report(model, (X, labels[0]))
+        traced = calls[0]
+        second = kg.signal_report(model, (X, labels[1]))  # new labels: the same program
+        after_second = calls[0]
+        eager = kg.signal_report(model, (X, labels[1]), compile="eager")
+        return {"modes": [first.mode, second.mode, eager.mode], "first_calls": traced,
+                "second_calls": after_second - traced,
+                "losses": [first.loss, second.loss, eager.loss],
+                **{f"jitted_{f}": second.column(f).tolist() for f in SIGNAL_FIELDS},
+                **{f"eager_{f}": eager.column(f).tolist() for f in SIGNAL_FIELDS}}
+
+    @scenario
+    def jitted_signal_report_discards_an_unreached_head():
+        class DiscardsAux(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.d0 = L.Dense(8, name="d0")
+                self.d1 = L.Dense(4, name="d1")
+                self.aux = L.Dense(8, name="aux")
+
+            def call(self, x):
+                h = self.d0(x)
+                self.aux(h)  # its output is thrown away: its gradient is exactly zero
+                return self.d1(h)
+
+        x = np.random.default_rng(8).normal(size=(16, 8)).astype("float32")
+        report = kg.signal_report(DiscardsAux(), x)
+        return {"mode": report.mode, "grad_reference": report.grad_reference,
+                "rows": [row.name for row in report.rows],
+                "grad_norm_ratio": [None if math.isnan(r.grad_norm_ratio) else r.grad_norm_ratio
+                                    for r in report.rows],
+                "weight_grad_std": [None if math.isnan(r.weight_grad_std) else r.weight_grad_std
+                                    for r in report.rows]}
 
     @scenario
     def data_parallel():

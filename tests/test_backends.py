@@ -13,9 +13,9 @@ within 8 sqrt(m) eps, as in test_initializers.py; a model loaded on another
 backend computes the same float32 convolutions in another order (1e-5).
 
 The sweep (lsuv_init, weightnorm_data_init, LSUVCallback, mean_field_init
-with data, signal_report) runs eagerly there: on a model and batch saved by
-this process it must give the weights and figures TensorFlow's compiled sweep
-gives. norm_ratios takes TensorFlow gradients, and must say so clearly.
+with data, signal_report) runs through jax.jit on JAX and eagerly on torch: on
+a model and batch saved by this process it must give the weights and figures
+TensorFlow's compiled sweep gives, and norm_ratios TensorFlow's ratios.
 """
 
 import json
@@ -31,6 +31,7 @@ import pytest
 
 from keras_goodinit import WeightNormalization, lsuv_init, signal_report, weightnorm_data_init
 from keras_goodinit.models import wn_resnet
+from keras_goodinit.propagation import mlp_chain, norm_ratios, residual_chain
 
 WORKER = Path(__file__).with_name("_backend_worker.py")
 TIMEOUT = 300  # seconds per worker (measured about 40 s on 2 shared cores)
@@ -68,6 +69,14 @@ def shared(tmp_path_factory):
     np.savez(folder / "signal.npz", x=batch, y=labels, loss=report.loss,
              block_variance=report.block_column("variance"),
              **{field: report.column(field) for field in SIGNAL_FIELDS})
+    ratios = {}
+    chain_x = np.random.default_rng(4).normal(size=(64, 24)).astype("float32")
+    for name, chain in (("mlp_chain", mlp_chain([24] + [16] * 5, seed=1)),
+                        ("residual_chain", residual_chain(24, 12, 3, seed=1))):
+        chain.save(folder / f"{name}.keras")
+        ratios[f"{name}_forward"], ratios[f"{name}_backward"] = norm_ratios(chain, chain_x,
+                                                                            seed=4)
+    np.savez(folder / "norm_ratios.npz", x=chain_x, **ratios)
     (folder / "signal.json").write_text(json.dumps(
         {"loss_name": report.loss_name, "grad_reference": report.grad_reference}))
     return folder
@@ -179,7 +188,7 @@ def test_signal_report_gives_tensorflows_figures(worker):
     r = fact(worker, "signal_report_matches_tensorflow")
     expected = np.load(folder / "signal.npz")
     names = json.loads((folder / "signal.json").read_text())
-    assert r["mode"] == "eager" and r["blocks"] > 0, r
+    assert r["mode"] == ("xla" if backend == "jax" else "eager") and r["blocks"] > 0, r
     assert (r["loss_name"], r["grad_reference"]) == (names["loss_name"],
                                                      names["grad_reference"]), r
     # The same forward and backward pass, through the backend's own autodiff.
@@ -190,12 +199,27 @@ def test_signal_report_gives_tensorflows_figures(worker):
     np.testing.assert_allclose(r["block_variance"], expected["block_variance"], rtol=1e-4)
 
 
-def test_gradient_features_say_they_need_tensorflow(worker):
+def test_norm_ratios_give_tensorflows_figures(worker):
+    backend, _, folder = worker
+    r = fact(worker, "norm_ratios_match_tensorflow")
+    expected = np.load(folder / "norm_ratios.npz")
+    for name in ("mlp_chain", "residual_chain"):
+        for direction in ("forward", "backward"):
+            # float32 passes whose sums run in other orders: rounding, far below 1e-4.
+            np.testing.assert_allclose(r[name][direction], expected[f"{name}_{direction}"],
+                                       rtol=1e-4, err_msg=f"{backend} {name} {direction}")
+
+
+def test_norm_ratios_of_a_subclassed_model(worker):
     backend, _, _ = worker
-    messages = fact(worker, "tensorflow_only_features_say_so")["messages"]
-    for name, message in messages.items():
-        assert message is not None, f"{name} ran on {backend} without an error"
-        assert f"KERAS_BACKEND={backend!r}" in message and "TensorFlow backend" in message
+    r = fact(worker, "norm_ratios_of_a_subclassed_model")
+    if backend == "jax":  # gradients at the layers' outputs need the layer graph there
+        message = r["error_message"]
+        assert "functional or Sequential" in message and "KERAS_BACKEND" not in message
+        assert "'jax' backend" in message and "Received: model=" in message, message
+    else:  # a tape sees the subclassed call's tensors
+        assert r["forward"][0] == 1.0 and r["backward"][-1] == 1.0, r
+        assert len(r["forward"]) == 3 and all(v > 0 for v in r["forward"] + r["backward"]), r
 
 
 def test_a_model_saved_under_tensorflow_loads_with_equal_outputs(worker):
@@ -221,6 +245,29 @@ def test_the_jitted_sweep_is_traced_once_and_reused(worker):
     # program, which reads the weights the first call wrote (all within tol: 0 steps).
     assert r["first_calls"] == 1 and r["second_calls"] == 0, r
     assert r["second_iterations"] and not any(r["second_iterations"]), r
+
+
+@pytest.mark.parametrize("worker", ["jax"], indirect=True)
+def test_the_jitted_signal_report_is_traced_once_and_reads_new_labels(worker):
+    r = fact(worker, "jitted_signal_report_is_traced_once")
+    assert r["modes"] == ["xla", "xla", "eager"], r
+    assert r["first_calls"] >= 1 and r["second_calls"] == 0, r
+    # New labels are an input of the cached program, not a constant of its trace.
+    assert r["losses"][0] != r["losses"][1], r
+    np.testing.assert_allclose(r["losses"][1], r["losses"][2], rtol=1e-5)
+    for field in SIGNAL_FIELDS:
+        np.testing.assert_allclose(r[f"jitted_{field}"], r[f"eager_{field}"], rtol=1e-4,
+                                   atol=1e-7, err_msg=field)
+
+
+@pytest.mark.parametrize("worker", ["jax"], indirect=True)
+def test_the_jitted_signal_report_tells_an_unreached_head(worker):
+    r = fact(worker, "jitted_signal_report_discards_an_unreached_head")
+    assert r["mode"] == "xla" and r["rows"] == ["d0", "aux", "d1"], r
+    # The discarded head's gradient is all zeros in the program: not reaching the loss.
+    assert r["grad_reference"] == "d1", r
+    assert r["grad_norm_ratio"][1] is None and r["weight_grad_std"][1] is None, r
+    assert r["grad_norm_ratio"][2] == 1.0 and r["grad_norm_ratio"][0] > 0, r
 
 
 @pytest.mark.parametrize("worker", ["jax"], indirect=True)  # keras.distribution is JAX's

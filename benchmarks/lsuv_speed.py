@@ -24,9 +24,11 @@ way.
 
 `--backend jax|torch|tensorflow` (default tensorflow) runs every process on
 that Keras backend. The compiled forward is then `jax.jit` of the model's
-`stateless_call` on JAX and the eager forward on torch (its `torch.compile`
-costs more than the init it would be compared with); on JAX and torch
-`lsuv_init` runs its eager sweep.
+`stateless_call` on JAX and the eager forward on torch; `lsuv_init` runs its
+`jax.jit` sweep on JAX and its eager sweep on torch. `--torch-compile` (torch
+only) also times `torch.compile` of the forward, first call and warm, and
+how many eager forwards its compilation costs: what a compiled sweep would
+have to win back.
 
 Usage:
 
@@ -34,6 +36,7 @@ Usage:
     python benchmarks/lsuv_speed.py --processes 1 # one process per depth (faster)
     python benchmarks/lsuv_speed.py --depth 56    # one depth, prints one JSON line
     python benchmarks/lsuv_speed.py --backend jax --processes 1 --no-naive
+    python benchmarks/lsuv_speed.py --backend torch --processes 1 --no-naive --torch-compile
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def compiled_forward(model):
     return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
 
 
-def measure(depth: int, naive: bool = True) -> dict:
+def measure(depth: int, naive: bool = True, torch_compile: bool = False) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -118,6 +121,16 @@ def measure(depth: int, naive: bool = True) -> dict:
               "targets": len(report.rows), "lsuv_ok": report.ok,
               "forward_s": forward_s, "forward_first_s": forward_first_s, "eager_s": eager_s,
               "lsuv_s": lsuv_s, "lsuv_warm_s": lsuv_warm_s}
+    if torch_compile:
+        import torch
+
+        compiled = torch.compile(lambda inputs: model(inputs, training=False))
+        inputs = keras.ops.convert_to_tensor(x)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            compiled(inputs)
+            result["torch_compile_first_s"] = time.perf_counter() - t0
+            result["torch_compile_s"] = median_time(lambda: compiled(inputs).cpu().numpy())
     if not naive:
         return result
 
@@ -140,10 +153,11 @@ def measure(depth: int, naive: bool = True) -> dict:
     return {**result, "naive_s": naive_s, "naive_predictions": predictions}
 
 
-def _child(depth: int, naive: bool, backend: str) -> dict | None:
+def _child(depth: int, naive: bool, backend: str, torch_compile: bool) -> dict | None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": backend}
     command = ([sys.executable, __file__, "--depth", str(depth), "--backend", backend]
-               + ([] if naive else ["--no-naive"]))
+               + ([] if naive else ["--no-naive"])
+               + (["--torch-compile"] if torch_compile else []))
     process = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode or not lines:
@@ -161,24 +175,32 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes per depth; times are their medians (the "
                              "naive loop, 10-100x slower, runs in the first one only)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="torch only: also time torch.compile of the forward")
     args = parser.parse_args()
+    if args.torch_compile and args.backend != "torch":
+        parser.error(f"--torch-compile needs --backend torch. Received: --backend "
+                     f"{args.backend}")
     if args.depth:
         os.environ["KERAS_BACKEND"] = args.backend  # before keras is imported
-        print("RESULT " + json.dumps(measure(args.depth, naive=not args.no_naive)), flush=True)
+        print("RESULT " + json.dumps(measure(args.depth, naive=not args.no_naive,
+                                             torch_compile=args.torch_compile)), flush=True)
         return
 
     import statistics
 
     rows = []
     for depth in DEPTHS:
-        runs = [_child(depth, naive=i == 0 and not args.no_naive, backend=args.backend)
-                for i in range(args.processes)]
+        runs = [_child(depth, naive=i == 0 and not args.no_naive, backend=args.backend,
+                       torch_compile=args.torch_compile) for i in range(args.processes)]
         runs = [r for r in runs if r is not None]
         if not runs:
             continue
         row = dict(runs[0])
-        for key in ("forward_s", "forward_first_s", "eager_s", "lsuv_s", "lsuv_warm_s"):
-            row[key] = statistics.median(r[key] for r in runs)
+        for key in ("forward_s", "forward_first_s", "eager_s", "lsuv_s", "lsuv_warm_s",
+                    "torch_compile_first_s", "torch_compile_s"):
+            if key in row:
+                row[key] = statistics.median(r[key] for r in runs)
         row["lsuv_ok"] = all(r["lsuv_ok"] for r in runs)
         rows.append(row)
 
@@ -203,6 +225,15 @@ def main() -> None:
         print(f"    context: compiled forward's first call (tracing) {r['forward_first_s']:.2f} s "
               f"= {r['forward_first_s'] / r['forward_s']:.1f} forward; one eager forward "
               f"{r['eager_s']:.3f} s = {r['eager_s'] / r['forward_s']:.1f} forward")
+        if "torch_compile_s" in r:
+            saved = r["eager_s"] - r["torch_compile_s"]
+            print(f"    torch.compile forward: first call {r['torch_compile_first_s']:.1f} s "
+                  f"= {r['torch_compile_first_s'] / r['lsuv_s']:.0f} first lsuv_init calls; "
+                  f"warm {r['torch_compile_s']:.3f} s = "
+                  f"{r['torch_compile_s'] / r['eager_s']:.2f} eager forward; its compilation "
+                  "is won back after "
+                  + (f"{r['torch_compile_first_s'] / saved:.0f} forwards" if saved > 0
+                     else "no number of forwards"))
 
     by_depth = {r["depth"]: r for r in rows}
     ratios = {d: r["lsuv_s"] / r["forward_s"] for d, r in by_depth.items()}

@@ -635,8 +635,9 @@ def signal_report(
             back to eager where the model or `loss` cannot be traced;
             `"xla"`, `"compiled"` or `"eager"` force one, as for
             `lsuv_init`. `SignalReport.mode` says which ran. On Keras' JAX
-            and PyTorch backends the pass runs eagerly, with gradients
-            through the backend's own autodiff.
+            backend the same is one `jax.jit` program (`"xla"`), with
+            gradients by `jax.grad`; on PyTorch it runs eagerly, with
+            gradients by its autograd.
 
     Returns:
         A `SignalReport`.

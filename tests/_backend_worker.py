@@ -324,19 +324,25 @@ def replicas_identical(model) -> tuple[int, bool]:
     return min(counts), bool(same)
 
 
+def counted_model():
+    """`wn_model()` and a counter of its first layer's Python calls (each trace, on JAX)."""
+    model = wn_model()
+    layer = model.get_layer("conv")
+    calls = [0]
+    original = layer.call
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    layer.call = counted
+    return model, calls
+
+
 if BACKEND == "jax":
     @scenario
     def jitted_sweep_is_traced_once():
-        model = wn_model()
-        layer = model.get_layer("conv")
-        calls = [0]
-        original = layer.call
-
-        def counted(*args, **kwargs):
-            calls[0] += 1
-            return original(*args, **kwargs)
-
-        layer.call = counted
+        model, calls = counted_model()
         first = kg.lsuv_init(model, X, seed=1, verbose=0)
         traced = calls[0]
         second = kg.lsuv_init(model, X, pre_init=None, verbose=0)
@@ -347,16 +353,7 @@ if BACKEND == "jax":
 
     @scenario
     def jitted_signal_report_is_traced_once():
-        model = wn_model()
-        layer = model.get_layer("conv")
-        calls = [0]
-        original = layer.call
-
-        def counted(*args, **kwargs):
-            calls[0] += 1
-            return original(*args, **kwargs)
-
-        layer.call = counted
+        model, calls = counted_model()
         labels = [np.arange(32) % 2, (np.arange(32) // 2) % 2]
         first = kg.signal_report(model, (X, labels[0]))
         traced = calls[0]

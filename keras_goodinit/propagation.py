@@ -202,6 +202,8 @@ def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np
             f"On Keras' {_backend.name()!r} backend, argument `model` must be a functional or "
             "Sequential model (its gradients are taken at its layers' outputs). "
             f"Received: model={model!r}")
+    if graph is not None:
+        _check_feeding(model, graph)
 
     def compute(wrt, perturbations):
         with _perturbed_outputs(graph, perturbations):
@@ -213,16 +215,13 @@ def norm_ratios(model: keras.Model, x, *, seed: int = 0) -> tuple[np.ndarray, np
     _, activations, _, gradients = _backend.loss_gradients(compute, [x])
     *gradients, input_gradient = gradients
     if graph is not None:
-        _check_feeding(model, graph)
         # An output that is the input itself has the input's gradient (and no layer to
         # perturb on JAX); an output that reaches the top through dead units only, zero.
         gradients = [input_gradient if key in graph.inputs else
                      ops.zeros_like(h) if g is None else g
                      for key, g, h in zip(graph.outputs, gradients, activations, strict=True)]
     elif any(g is None for g in gradients):
-        raise ValueError(
-            "Every activation output by `model` must feed the last one. "
-            f"Received: model={model.name!r}")
+        raise _not_feeding(model)
     forward = [_norm(h) for h in [x, *activations]]
     backward = [_norm(g) for g in [input_gradient, *gradients]]
     return np.asarray(forward) / forward[0], np.asarray(backward) / backward[-1]
@@ -241,9 +240,12 @@ def _activations(model, outputs) -> list:
 def _check_feeding(model, graph) -> None:
     above = _graph.ancestors(graph)[graph.outputs[-1]]
     if not all(key in above for key in graph.outputs):
-        raise ValueError(
-            "Every activation output by `model` must feed the last one. "
-            f"Received: model={model.name!r}")
+        raise _not_feeding(model)
+
+
+def _not_feeding(model) -> ValueError:
+    return ValueError("Every activation output by `model` must feed the last one. "
+                      f"Received: model={model.name!r}")
 
 
 def _perturbed_outputs(graph, perturbations):

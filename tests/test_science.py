@@ -43,6 +43,7 @@ Seeds are fixed: the results are deterministic; the bands say how far theory let
 import functools
 import re
 
+import keras
 import numpy as np
 import pytest
 
@@ -267,6 +268,39 @@ def test_norm_ratios_are_normalized_at_their_reference_layer():
     # One layer: Keras returns a bare tensor rather than a one-element list.
     forward, backward = norm_ratios(mlp_chain([12, 10], seed=3), x)
     assert forward.shape == backward.shape == (2,)
+
+
+def _side_branch_model():
+    """Outputs [h1, side, h2] where `side` is computed from h1 but feeds nothing."""
+    inputs = keras.Input((6,))
+    h1 = keras.layers.Dense(5, activation="relu", name="h1")(inputs)
+    side = keras.layers.Dense(4, name="side")(h1)
+    h2 = keras.layers.Dense(3, name="h2")(h1)
+    return keras.Model(inputs, [h1, side, h2])
+
+
+def test_norm_ratios_reject_an_activation_that_does_not_feed_the_last():
+    model = _side_branch_model()
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(ValueError, match="must feed the last one.*Received: model="):
+        norm_ratios(model, np.ones((4, 6), "float32"))
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_norm_ratios_of_an_output_that_is_the_input():
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(4, name="h")(inputs)
+    x = np.random.default_rng(1).standard_normal((8, 6)).astype("float32")
+    forward, backward = norm_ratios(keras.Model(inputs, [inputs, h]), x)
+    # h_1 = x itself: its forward ratio is 1 and its gradient is x's.
+    assert forward[1] == 1.0 and backward[1] == backward[0]
+
+
+def test_norm_ratios_reject_an_output_that_is_no_activation_list():
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(4)(inputs)
+    with pytest.raises(ValueError, match="list of its per-layer activations"):
+        norm_ratios(keras.Model(inputs, {"h": h}), np.ones((2, 6), "float32"))
 
 
 @pytest.mark.parametrize(("call", "message"), [

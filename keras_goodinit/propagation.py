@@ -253,17 +253,18 @@ def _perturbed_outputs(graph, perturbations):
     layer making it returns it (so the layers after it see the sum); None: nothing."""
     if perturbations is None:
         return contextlib.nullcontext()
+    wanted: dict[int, list[int]] = {}  # tensor key -> the model outputs it is
+    for i, key in enumerate(graph.outputs):
+        wanted.setdefault(key, []).append(i)
     # A layer called several times makes outputs at several calls, counted in graph order.
-    made: dict[int, dict[tuple[int, int], list]] = {}
-    calls: dict[int, int] = {}
+    made: dict[int, dict[tuple[int, int], list[int]]] = {}
+    layers, calls = {}, {}
     for step in graph.steps:
-        index = calls.get(id(step.layer), 0)
-        calls[id(step.layer)] = index + 1
+        layers[id(step.layer)] = step.layer
+        index = calls[id(step.layer)] = calls.get(id(step.layer), -1) + 1
         for position, key in enumerate(step.outputs):
-            for i, output in enumerate(graph.outputs):
-                if output == key:
-                    made.setdefault(id(step.layer), {}).setdefault((index, position), []).append(i)
-    layers = {id(step.layer): step.layer for step in graph.steps}
+            if key in wanted:
+                made.setdefault(id(step.layer), {})[(index, position)] = wanted[key]
 
     def adding(mine):
         def wrap(call):

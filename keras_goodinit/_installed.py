@@ -35,6 +35,6 @@ if BACKEND in PACKAGES and importlib.util.find_spec(PACKAGES[BACKEND][0]) is Non
     raise ImportError(
         f"keras-goodinit runs on Keras' {BACKEND!r} backend here (KERAS_BACKEND, else "
         f"~/.keras/keras.json, else TensorFlow), and {package} is not installed: "
-        f"`pip install keras-goodinit[{extra}]`. The extras are [tf], [tf-cpu] (TensorFlow's "
-        "CPU-only build), [jax] and [torch]; for GPUs, `tensorflow[and-cuda]`, "
-        "`jax[cuda12]` or a CUDA build of torch.")
+        f"from a clone of keras-goodinit (it is not on PyPI), `pip install \".[{extra}]\"`. "
+        "The extras are [tf], [tf-cpu] (TensorFlow's CPU-only build), [jax] and [torch]; for "
+        "GPUs, `tensorflow[and-cuda]`, `jax[cuda12]` or a CUDA build of torch.")

@@ -8,6 +8,7 @@ from keras_goodinit.diagnostics import BlockSignal, LayerSignal, SignalReport, s
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
 from keras_goodinit.mean_field import MeanFieldRecord, MeanFieldReport, mean_field_init
+from keras_goodinit.monitor import SignalAlarm, SignalMonitor, SignalRecord
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import WeightNormalization, bake_weight_norm
 
@@ -19,6 +20,9 @@ __all__ = [
     "InitReport",
     "LSUVCallback",
     "LayerSignal",
+    "SignalAlarm",
+    "SignalMonitor",
+    "SignalRecord",
     "SignalReport",
     "LayerRecord",
     "MeanFieldRecord",

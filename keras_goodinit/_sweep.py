@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import types
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -673,7 +675,8 @@ COMPILE_MODES = ("auto", "xla", "compiled", "eager")
 # symbolic tensor, a Python `if` on one, a tensor leaking out of its graph.
 _UNTRACEABLE = (AttributeError, TypeError, NotImplementedError, ValueError)
 
-# model -> {key: (tf.function, the trace-time record)}; weak, so a model is not kept alive.
+# model -> (its fingerprint, {key: (traced function, the trace-time record...)}); weak, so
+# a model is not kept alive.
 _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -778,8 +781,7 @@ def _jitted_sweep(model, x, targets, policy, key, training, probes, program,
 
     inputs = keras.tree.map_structure(lambda t: None if t is None else ops.convert_to_tensor(t),
                                       (x, aux))
-    cache = _TRACED.setdefault(model, {})
-    full_key = _cache_key(model, targets, probes, key, "xla", training, inputs)
+    cache, full_key = _cached(model, targets, probes, key, "xla", training, inputs)
     traced = cache.get(full_key)
     if traced is None:
         model_ref = weakref.ref(model)
@@ -824,8 +826,7 @@ def _compiled_sweep(model, x, targets, policy, key, mode, training, probes, prog
                     aux) -> SweepResult:
     inputs = keras.tree.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t),
                                       (x, aux))
-    cache = _TRACED.setdefault(model, {})
-    full_key = _cache_key(model, targets, probes, key, mode, training, inputs)
+    cache, full_key = _cached(model, targets, probes, key, mode, training, inputs)
     traced = cache.get(full_key) or _trace(model, inputs, targets, policy, mode, training,
                                            probes, program)
     function, record, writes = traced
@@ -838,8 +839,23 @@ def _compiled_sweep(model, x, targets, policy, key, mode, training, probes, prog
                     mode=mode)
 
 
+def _cached(model, targets, probes, key, mode, training, inputs) -> tuple[dict, tuple]:
+    """The model's cache of traced passes, and the key of this pass in it.
+
+    The cache holds the traces of the model's current state only: when its
+    fingerprint changed (`Rescaling.scale = 100`, an `Activation` switched to
+    tanh), the old programs are dropped, not kept beside the new ones.
+    """
+    fingerprint = model_fingerprint(model)
+    held = _TRACED.get(model)
+    if held is None or held[0] != fingerprint:
+        held = _TRACED[model] = (fingerprint, {})
+    return held[1], _cache_key(model, targets, probes, key, mode, training, inputs)
+
+
 def _cache_key(model, targets, probes, key, mode, training, inputs) -> tuple:
-    """What a traced pass depends on: `key`, the mode, the inputs' signature, the layers."""
+    """What a traced pass depends on besides the model's fingerprint: `key`, the mode, the
+    inputs' signature, the targets, variables and probes."""
     signature = repr(keras.tree.map_structure(
         lambda t: None if t is None else (tuple(t.shape),
                                           keras.backend.standardize_dtype(t.dtype)), inputs))
@@ -849,6 +865,107 @@ def _cache_key(model, targets, probes, key, mode, training, inputs) -> tuple:
                  tuple(id(v) for v in model.variables),
                  tuple((id(p.layer), p.call) for p in probes))
     return key, mode, bool(training), signature, structure
+
+
+def model_fingerprint(model: keras.layers.Layer) -> tuple:
+    """What a traced pass read of the model besides its variables' values, as a hashable.
+
+    Per layer (nested ones included, in order): its identity and class, the
+    dtype policy, `trainable`, and every attribute whose value is plain data
+    (numbers, strings, small arrays, tuples, lists and dicts of them) or a
+    function (by identity). That is where Keras' layers keep what their
+    `get_config` returns (`Rescaling.scale`, `Activation.activation`,
+    `Dropout.rate`...) and where a subclassed model keeps its flags. No
+    tensor is read: it costs microseconds per layer, far less than a pass.
+    """
+    parts = []
+    skipped = _bookkeeping()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        policy = getattr(layer, "dtype_policy", None)
+        fields = [(name, frozen) for name, value in vars(layer).items()
+                  if name not in skipped
+                  and (frozen := _frozen(value, _FINGERPRINT_DEPTH)) is not _OPAQUE]
+        parts.append((id(layer), type(layer).__qualname__, getattr(policy, "name", None),
+                      bool(getattr(layer, "trainable", True)), tuple(fields)))
+    return tuple(parts)
+
+
+@functools.cache
+def _bookkeeping() -> frozenset:
+    """Attributes that change without changing what a pass computes (a changed one would
+    only cost a new trace): those every Keras layer and model has (call and tracking
+    bookkeeping; `trainable` and the dtype policy enter the fingerprint apart), save
+    `autocast` and masking support, and the training state of a compiled model. An
+    instance `call` is left out too: that is where a wrapper observes a layer's calls
+    (counting them, as the tests do) around the class's `call`, which it runs."""
+    base = set(vars(keras.layers.Layer())) | set(vars(keras.Model()))
+    return frozenset(base - {"autocast", "_supports_masking"}) | {
+        "_called", "built", "compiled", "train_function", "test_function", "predict_function",
+        "stop_training", "stop_predicting", "_eval_epoch_iterator", "_compile_loss",
+        "_compile_metrics", "_loss_tracker", "_jit_compile", "_run_eagerly", "optimizer",
+        "loss", "steps_per_execution", "_build_shapes_dict", "_self_update_uid", "call"}
+
+
+_FINGERPRINT_DEPTH = 3
+# Arrays up to this many values enter a fingerprint by content, larger ones by identity.
+_FINGERPRINT_ARRAY = 4096
+
+
+class _Opaque:
+    """The fingerprint of a value it does not read (a layer, a tensor, a tracker...)."""
+
+
+_OPAQUE = _Opaque()
+_PLAIN = frozenset({type(None), bool, int, float, str})
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+              functools.partial)
+
+
+def _frozen(value, depth: int):
+    """`value` as a hashable of plain data, or `_OPAQUE` if it holds anything else."""
+    if type(value) in _PLAIN:
+        return value if value == value else "nan"  # NaN != NaN: make equal prints equal
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return "nan"  # NaN != NaN: equal fingerprints must compare equal
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return value
+    if isinstance(value, _FUNCTIONS):
+        return ("function", id(value))  # the object is kept alive by the layer
+    if isinstance(value, np.ndarray):
+        if value.size > _FINGERPRINT_ARRAY or value.dtype == object:
+            return ("array", id(value), value.shape)
+        return ("array", value.dtype.str, value.shape, value.tobytes())
+    if depth == 0:
+        return _OPAQUE
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            return _OPAQUE
+        keys, value = tuple(value), tuple(value.values())
+    else:
+        keys = None
+    if not isinstance(value, (tuple, list)) or len(value) > _FINGERPRINT_ARRAY:
+        return _OPAQUE
+    items = []
+    for item in value:  # stops at the first opaque item (a list of layers, say)
+        item = _frozen(item, depth - 1)
+        if item is _OPAQUE:
+            return _OPAQUE
+        items.append(item)
+    return (type(value).__name__, keys, tuple(items))
+    if isinstance(value, (tuple, list)):
+        if len(value) > _FINGERPRINT_ARRAY:
+            return _OPAQUE
+        items = tuple(_frozen(item, depth - 1) for item in value)
+        return _OPAQUE if any(item is _OPAQUE for item in items) else (type(value).__name__,
+                                                                        items)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        if len(value) > _FINGERPRINT_ARRAY:
+            return _OPAQUE
+        items = tuple((k, _frozen(v, depth - 1)) for k, v in value.items())
+        return _OPAQUE if any(v is _OPAQUE for _, v in items) else ("dict", items)
+    return _OPAQUE
 
 
 def _cleared(record: SweepResult) -> None:

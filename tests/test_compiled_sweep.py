@@ -17,6 +17,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _rounding import magnitude, reordered  # noqa: E402
 from keras import layers as L  # noqa: E402
 from test_lsuv import (  # noqa: E402
     Shuffled,
@@ -41,7 +42,11 @@ from keras_goodinit import (  # noqa: E402
 )
 
 # The two paths run the same float32 ops on the same values; only the order of
-# float64 scalar ops and of graph-optimized float32 reductions may differ.
+# float64 scalar ops and of graph-optimized float32 reductions may differ
+# (tests/_rounding.py). LSUV renormalizes every layer, so a layer's statistic carries
+# the rounding of two layers' sums, its own and the one that set its input's scale,
+# not the whole chain's: 2 sqrt(n) eps with n = 2048 (the largest sum of squares here,
+# over a 64 x 32 output) is 1.1e-5.
 ROUNDING = 1e-5
 
 
@@ -194,21 +199,53 @@ _SIGNAL_FIELDS = ("mean", "std", "norm_ratio", "grad_norm_ratio", "weight_grad_s
 _BLOCK_FIELDS = ("squared_mean", "variance", "branch_variance", "skip_variance")
 
 
-def assert_same_signal(compiled, eager):
+def longest_sum(model, x):
+    """The longest float32 sum a layer of `model` takes on `x`, the n of _rounding.py:
+    a kernel's fan-in, or a batch statistic's positions (at most the batch's values)."""
+    fan_ins = [int(np.prod(w.shape[:-1])) for w in model.weights if w.path.endswith("kernel")]
+    arrays = x.values() if isinstance(x, dict) else [x]
+    return max(fan_ins + [int(np.size(a)) for a in arrays])
+
+
+def assert_same_signal(compiled, eager, n):
+    """The two reports agree to the rounding of their passes (tests/_rounding.py).
+
+    Rows are in execution order: row j's output is a chain of j layers whose
+    sums are at most `n` long, so its values differ by reordered(j, n) times their
+    scale (std, norm: relative; mean: the output's rms; samples: their largest
+    value). The loss ends the forward chain; a gradient goes forward through every
+    row and back to row j: depth 2L. A residual block is at most L deep.
+    """
     assert [r.name for r in compiled.rows] == [r.name for r in eager.rows]
     assert (compiled.loss_name, compiled.grad_reference) == (eager.loss_name,
                                                              eager.grad_reference)
-    np.testing.assert_allclose(compiled.loss, eager.loss, rtol=ROUNDING)
-    for field in _SIGNAL_FIELDS:
-        # atol: a mean of zero-mean values is a sum of cancelling float32 terms.
-        np.testing.assert_allclose(compiled.column(field), eager.column(field), rtol=ROUNDING,
-                                   atol=1e-6, err_msg=field)
+    depth = len(eager.rows)
+    np.testing.assert_allclose(compiled.loss, eager.loss, rtol=reordered(depth + 1, n))
+    rows = np.arange(1, depth + 1)
+    forward = np.array([reordered(j, n) for j in rows])
+    for field in ("std", "norm_ratio"):
+        np.testing.assert_array_less(np.abs(compiled.column(field) - eager.column(field)),
+                                     forward * eager.column(field) + np.finfo("float32").tiny,
+                                     err_msg=field)
+    for field in ("grad_norm_ratio", "weight_grad_std"):
+        # NaN where a row has no gradient, in both.
+        np.testing.assert_allclose(compiled.column(field), eager.column(field),
+                                   rtol=reordered(2 * depth, n), atol=0, err_msg=field)
+    # A mean of zero-mean values cancels: its difference is bounded by the values' size.
+    rms = np.hypot(eager.column("std"), eager.column("mean"))
+    np.testing.assert_array_less(np.abs(compiled.column("mean") - eager.column("mean")),
+                                 forward * rms + np.finfo("float32").tiny, err_msg="mean")
     assert [b.name for b in compiled.blocks] == [b.name for b in eager.blocks]
     for field in _BLOCK_FIELDS:
         np.testing.assert_allclose(compiled.block_column(field), eager.block_column(field),
-                                   rtol=ROUNDING, err_msg=field)
-    for name, sample in eager.samples.items():  # the same positions, drawn from the seed
-        np.testing.assert_allclose(compiled.samples[name], sample, rtol=ROUNDING, atol=1e-6)
+                                   rtol=reordered(depth, n), err_msg=field)
+    assert compiled.samples.keys() == eager.samples.keys()
+    for j, row in zip(rows, eager.rows):  # the same positions, drawn from the seed
+        if row.name in eager.samples:
+            sample = eager.samples[row.name]
+            np.testing.assert_allclose(compiled.samples[row.name], sample, rtol=0,
+                                       atol=reordered(j, n, magnitude(sample)),
+                                       err_msg=row.name)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -222,7 +259,7 @@ def test_signal_report_compiled_and_eager_agree(kind):
     eager = signal_report(model, x, seed=3, compile="eager")
     assert compiled.mode == "compiled" and eager.mode == "eager" and not compiled.note
     assert np.isfinite(compiled.column("grad_norm_ratio")).any()
-    assert_same_signal(compiled, eager)
+    assert_same_signal(compiled, eager, longest_sum(model, x))
     if kind == "resnet_bn":
         assert compiled.blocks  # the residual curves come from the traced pass too
     assert_same_weights_as(model, before)
@@ -242,7 +279,10 @@ def test_signal_report_xla_and_training_mode_agree_with_eager():
         xla = signal_report(model, (x, labels), training=training, compile="xla")
         eager = signal_report(model, (x, labels), training=training, compile="eager")
         assert xla.mode == "xla" and xla.training == training
-        assert_same_signal(xla, eager)
+        # XLA fuses and reorders the convolutions' and (training) batch norms' sums: on an
+        # AVX2 CPU a sample of block2_c2 (depth 5) was off by 1.3e-6, on AVX-512 by 1.8e-6,
+        # both within reordered(5, 3072, 2.2) = 7e-5 (_rounding.py).
+        assert_same_signal(xla, eager, longest_sum(model, x))
 
 
 def _softmax_head(units=4):
@@ -300,7 +340,7 @@ def test_signal_report_untraceable_model_or_loss_falls_back_to_eager():
     model(x)
     report = signal_report(model, x)
     assert report.mode == "eager" and "could not be traced" in report.note
-    assert_same_signal(report, signal_report(model, x, compile="eager"))
+    assert_same_signal(report, signal_report(model, x, compile="eager"), longest_sum(model, x))
 
     def host_loss(y_true, y_pred):  # NumPy on a tensor: not traceable
         return keras.ops.convert_to_tensor(np.mean((np.asarray(y_pred) - y_true) ** 2))
@@ -432,7 +472,8 @@ def test_under_a_distribution_strategy_the_sweep_is_compiled_and_matches_eager()
     assert reports["auto"].mode == "compiled" and reports["auto"].ok
     assert not any("eager" in note for note in reports["auto"].notes), reports["auto"].notes
     for a, b in zip(weights["auto"], weights["eager"]):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        # Each kernel is its start times an LSUV scale: as close as the scales (ROUNDING).
+        np.testing.assert_allclose(a, b, rtol=ROUNDING, atol=0)
 
 
 @pytest.mark.parametrize("value", ["jit", True, None])
@@ -530,3 +571,58 @@ def test_no_reachable_target_takes_one_step_and_says_why():
     assert float(state["scale"]) == pytest.approx(np.sqrt(1.0 / 7.0))
     assert lsuv._STATUS[int(state["code"])][0] == "max_iter"
     assert "no kernel scale reaches" in lsuv._STATUS[int(state["code"])][1]
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: the cache of traced passes is keyed on the model's state, not only its weights.
+
+
+def _rescaled_model():
+    inputs = keras.Input((16,))
+    h = L.Dense(32, name="d0")(inputs)
+    h = L.Activation("relu", name="act")(h)
+    h = L.Rescaling(1.0, name="rescale")(h)
+    return keras.Model(inputs, L.Dense(8, name="d1")(h))
+
+
+def test_a_changed_layer_config_is_not_served_a_stale_trace():
+    x = normal((256, 16), 41)
+    model = _rescaled_model()
+    lsuv_init(model, x, verbose=0)
+    model.get_layer("rescale").scale = 100.0  # d1's input variance grows 10^4-fold
+    report = lsuv_init(model, x, verbose=0)
+    assert report.mode == "compiled"
+    # The second init reads the new scale: d1 is rescaled to unit variance again, and its
+    # reported variance is the model's output variance (the old program reported 1.0 while
+    # the output's was 10^4). Both are float32 moments of the same values: 1e-5 relative
+    # (a 256-term mean, see ROUNDING).
+    row = {r.name: r for r in report.rows}["d1"]
+    output_var = float(np.var(keras.ops.convert_to_numpy(model(x)).astype("float64")))
+    assert row.var_after == pytest.approx(output_var, rel=ROUNDING)
+    assert abs(output_var - 1.0) < 0.1  # within LSUV's tol
+
+    model = _rescaled_model()
+    signal_report(model, x)
+    for change in (lambda m: setattr(m.get_layer("rescale"), "scale", 100.0),
+                   lambda m: setattr(m.get_layer("act"), "activation", keras.activations.tanh)):
+        change(model)
+        compiled = signal_report(model, x)
+        assert compiled.mode == "compiled"
+        assert_same_signal(compiled, signal_report(model, x, compile="eager"),
+                           longest_sum(model, x))
+
+
+def test_an_unchanged_model_keeps_one_trace_and_a_changed_one_drops_the_old():
+    x = normal((32, 16), 42)
+    model = _rescaled_model()
+    targets = [layer for _, layer in kernel_layers(model)]
+    signal_report(model, x)
+    with counting_calls(targets) as counts:
+        signal_report(model, x)
+    assert counts == {}  # the fingerprint of an unchanged model is stable
+    model.get_layer("rescale").scale = 2.0
+    with counting_calls(targets) as counts:
+        signal_report(model, x)
+    assert counts == {"d0": 1, "d1": 1}  # traced again
+    fingerprint, traces = _sweep._TRACED[model]
+    assert fingerprint == _sweep.model_fingerprint(model) and len(traces) == 1

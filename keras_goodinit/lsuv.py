@@ -938,6 +938,9 @@ def weightnorm_data_init(
                                       compile=result.mode)
         _bias_free_notes(pairs, measured, estimates)
         _distribute.broadcast_from_chief(variables)
+        for target, row in pairs:  # a `data_init=True` wrapper must not redo it in fit
+            if row.status == "ok":
+                target.layer.mark_data_initialized()
         return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows,
                           notes=[result.note] if result.note else [], mode=result.mode)
 

@@ -7,6 +7,7 @@ import json
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_goodinit import _layouts
@@ -33,14 +34,37 @@ def substituted(variable, value):
     stateless scope keeps them from the layers, so the caller must hand them
     on (`WeightNormalization.call` does).
     """
+    with _substituted([(variable, value)]) as losses:
+        yield losses
+
+
+@contextlib.contextmanager
+def _substituted(pairs):
+    """`substituted` for a list of `(variable, value)` pairs."""
     from keras.src.backend.common.stateless_scope import get_stateless_scope
 
     parent = get_stateless_scope()
-    scope = keras.StatelessScope(state_mapping=[(variable, value)], collect_losses=True)
+    scope = keras.StatelessScope(state_mapping=pairs, collect_losses=True)
     if parent is not None:
         scope.state_mapping = {**parent.state_mapping, **scope.state_mapping}
     with scope:
         yield scope.losses
+
+
+def _concrete(variable) -> bool:
+    """Whether `variable` holds a value that can be read and assigned here, eagerly."""
+    if keras.backend.backend() == "tensorflow":
+        from keras_goodinit._backend import tf
+
+        return tf.executing_eagerly()
+    value = variable._value
+    if value is None:  # Keras' JAX trainer holds the state while it runs
+        return False
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return not isinstance(value, jax.core.Tracer)
+    return True
 
 
 def kernel_variable(layer) -> keras.Variable:
@@ -125,6 +149,33 @@ class WeightNormalization(keras.layers.Wrapper):
     Supported layers: Dense, Conv1D/2D/3D, Conv1D/2D/3DTranspose and
     DepthwiseConv1D/2D.
 
+    With `data_init=True` the wrapper does the data-dependent init of
+    Salimans & Kingma once, on the first batch it sees in training (as
+    tensorflow-addons' `WeightNormalization` did): it computes what
+    `weightnorm_data_init` computes, `g = 1/sigma` and `bias = -mu/sigma`
+    for the mean mu and std sigma of each unit's `x . v/||v||` on that batch,
+    so that the layer's pre-activation output has zero mean and unit
+    variance per unit; that batch's output and gradients already use the new
+    values. A non-trainable boolean `initialized` records that it was done:
+    it is saved with the model's weights, so a reloaded model does not redo
+    it, and `weightnorm_data_init` sets it too. Under a `tf.distribute`
+    strategy the statistics are those of the global batch (a cross-replica
+    mean of every replica's moments; replicas get equal shares of the first
+    batch), so every replica gets the same `g` and bias. Keras' JAX trainer
+    keeps only the non-trainable variables a forward pass assigns, so on JAX
+    a wrapper whose init is still due raises a `ValueError` in `fit`: run
+    the init before `fit`, with `weightnorm_data_init(model, batch)` or one
+    eager `model(batch, training=True)`. A wrapper that is quantized or has
+    LoRA enabled does no data init (its `g` is frozen or its output is not
+    linear in `g`).
+
+    The default is `data_init=False`, unlike tensorflow-addons' `True`:
+    a model of this package built before `data_init` existed, or loaded
+    from a file saved then, has no `initialized` flag and would otherwise
+    have its trained `g` and bias overwritten by the first batch of a
+    fine-tuning `fit`. Code ported from tensorflow-addons that relied on
+    the default passes `data_init=True`.
+
     Examples:
 
     >>> from keras_goodinit import GoodInit
@@ -136,21 +187,36 @@ class WeightNormalization(keras.layers.Wrapper):
     >>> half = WeightNormalization(keras.layers.Dense(3), dtype="mixed_float16")
     >>> keras.backend.standardize_dtype(half(np.ones((2, 4))).dtype)
     'float16'
+    >>> tfa_style = WeightNormalization(keras.layers.Dense(3), data_init=True)
+    >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    >>> _ = tfa_style(x, training=True)  # the first training batch: init
+    >>> bool(tfa_style.initialized.numpy())
+    True
+    >>> pre = x @ keras.ops.convert_to_numpy(tfa_style.normalized_kernel()) + (
+    ...     keras.ops.convert_to_numpy(tfa_style.layer.bias))
+    >>> bool(np.allclose(pre.mean(0), 0, atol=1e-5) and np.allclose(pre.std(0), 1, atol=1e-4))
+    True
 
     Args:
         layer: The layer to wrap.
+        data_init: Whether to do the data-dependent init on the first
+            training batch (see above). Defaults to `False`.
         **kwargs: Base layer keyword arguments, such as `name` or `dtype`.
 
     Reference:
         - [Salimans & Kingma, 2016](https://arxiv.org/abs/1602.07868)
     """
 
-    def __init__(self, layer: keras.layers.Layer, **kwargs):
+    def __init__(self, layer: keras.layers.Layer, data_init: bool = False, **kwargs):
         if not isinstance(layer, keras.layers.Layer):
             raise ValueError(
                 "Argument `layer` must be a Keras layer. Supported: Dense, Conv1D/2D/3D, "
                 f"Conv1D/2D/3DTranspose, DepthwiseConv1D/2D. Received: layer={layer!r}"
             )
+        if not isinstance(data_init, (bool, np.bool_)):
+            raise ValueError(
+                f"Argument `data_init` must be True or False. Received: data_init={data_init!r}")
+        self.data_init = bool(data_init)
         self.layout = _layouts.layout_of(layer)
         if kwargs.get("dtype") is None:
             kwargs["dtype"] = layer.dtype_policy
@@ -175,11 +241,11 @@ class WeightNormalization(keras.layers.Wrapper):
             self.layer.build(input_shape)
         if self.layer.quantization_mode is not None:  # loaded quantized: g is unused
             shape = _layouts.unit_shape(tuple(self.layer.kernel.shape), self.layout)
-            self.g = self.add_weight(name="g", shape=shape, initializer="ones",
-                                     trainable=False, dtype=self.layer.variable_dtype)
+            self._g = self.add_weight(name="g", shape=shape, initializer="ones",
+                                      trainable=False, dtype=self.layer.variable_dtype)
         else:
             kernel = self.v
-            self.g = self.add_weight(
+            self._g = self.add_weight(
                 name="g",
                 shape=_layouts.unit_shape(tuple(kernel.shape), self.layout),
                 initializer=lambda shape, dtype: ops.cast(
@@ -187,30 +253,80 @@ class WeightNormalization(keras.layers.Wrapper):
                 trainable=True,
                 dtype=kernel.dtype,
             )
+        if self.data_init:
+            # Assigned in a replica's forward pass under a tf.distribute strategy, with the
+            # same value on every replica.
+            self.initialized = self.add_weight(
+                name="initialized", shape=(), initializer="zeros", dtype="bool",
+                trainable=False, aggregation="only_first_replica")
+            # Where a forward pass cannot keep an assignment to g and the bias (Keras' JAX
+            # trainer), the init goes here, and into g and the bias at the next eager use.
+            self._g_shift = self.add_weight(
+                name="g_shift", shape=self._g.shape, initializer="zeros",
+                dtype=self._g.dtype, trainable=False, aggregation="only_first_replica")
+            bias = getattr(self.layer, "bias", None)
+            self._bias_shift = None if bias is None else self.add_weight(
+                name="bias_shift", shape=bias.shape, initializer="zeros", dtype=bias.dtype,
+                trainable=False, aggregation="only_first_replica")
+            self._shift_pending = False
         self.built = True
+
+    @property
+    def g(self) -> keras.Variable:
+        """The gain variable: the norm of each unit's effective kernel."""
+        self._fold_shift()
+        return self._g
 
     @property
     def v(self) -> keras.Variable:
         """The direction variable: the wrapped layer's own kernel."""
         return kernel_variable(self.layer)
 
+    def _effective_g(self):
+        """g, plus the init not yet folded into it (`data_init` under a stateless trainer)."""
+        g = self._g.value
+        return g + self._g_shift.value if self.data_init else g
+
     def normalized_kernel(self):
         """The effective kernel `g * v / ||v||`, in the variables' dtype."""
         # `.value`, read here: the TF backend's convert_to_tensor(variable) is the variable
         # itself, which would read (and autocast) later, in the caller's compute dtype.
+        mode = self.layer.quantization_mode
+        if mode is not None:
+            raise ValueError(
+                f"WeightNormalization layer {self.name!r} is quantized ({mode}): g was folded "
+                "into its kernel when it was quantized, so the wrapped layer's quantized "
+                "kernel is the effective kernel, and there is no float `g * v / ||v||` to "
+                f"compute. Received: layer={self.layer.name!r}")
+        self._fold_shift()
         with _float32_reads():
             v = self.v.value
-            g = self.g.value
+            g = self._effective_g()
         u, sum_sq, _ = _directions(v, self.layout)
         # sum_sq >= 1 for a non-zero column; 0 marks an all-zero one, whose u is 0.
         scale = ops.reshape(ops.cast(g, u.dtype), sum_sq.shape) * ops.rsqrt(
             ops.where(sum_sq > 0, sum_sq, ops.ones_like(sum_sq)))
         return ops.cast(u * scale, v.dtype)
 
-    def call(self, inputs, *args, **kwargs):
+    def _substitutions(self):
+        """(variable, value) pairs under which the wrapped layer computes this layer."""
+        pairs = [(self.v, self.normalized_kernel())]
+        if self.data_init and self._bias_shift is not None:
+            with _float32_reads():
+                pairs.append((self.layer.bias,
+                              self.layer.bias.value + self._bias_shift.value))
+        return pairs
+
+    def call(self, inputs, *args, training=None, **kwargs):
+        if training is not None:
+            kwargs["training"] = training
         if self.layer.quantization_mode is not None:  # g was folded into the kernel
             return self.layer(inputs, *args, **kwargs)
-        with substituted(self.v, self.normalized_kernel()) as losses:
+        if self.data_init and not keras.backend.is_keras_tensor(inputs):
+            self._fold_shift()
+            if training and not self._lora_enabled():
+                self._data_init_once(inputs, args, kwargs)
+        with _substituted(self._substitutions()) as losses:
             outputs = self.layer(inputs, *args, **kwargs)
         for loss in losses:  # re-added outside the scope, where Keras keeps them
             self.layer.add_loss(loss)
@@ -222,9 +338,186 @@ class WeightNormalization(keras.layers.Wrapper):
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)
 
+    def get_config(self):
+        return {**super().get_config(), "data_init": self.data_init}
+
     def effective_kernel_scope(self):
         """A context in which the wrapped layer's kernel reads as `g * v / ||v||`."""
-        return substituted(self.v, self.normalized_kernel())
+        self._fold_shift()
+        return _substituted(self._substitutions())
+
+    def mark_data_initialized(self) -> None:
+        """Records that the data-dependent init was done (as `weightnorm_data_init` does)."""
+        if self.data_init and self.built:
+            self._fold_shift()
+            self.initialized.assign(True)
+
+    def _data_init_once(self, inputs, args, kwargs) -> None:
+        """`data_init`: sets g and the bias from this batch unless `initialized` says done.
+
+        Three ways, by where the forward pass runs:
+        - In a stateless scope (Keras' JAX trainer, `stateless_call`) only
+          non-trainable assignments are kept: the init goes into `g_shift`
+          and `bias_shift`, which the forward pass adds, and which the next
+          eager use folds into g and the bias (`_fold_shift`).
+        - TensorFlow branches on the flag with a `cond`, so a `tf.function`
+          (XLA included) runs the init only on its first call. A strategy's
+          cross-replica mean and assignment are synchronization points, which
+          TensorFlow does not allow inside a `cond`: with several replicas the
+          `cond` only computes the local moments, and the all-reduced values
+          are assigned on every step (the current ones once done).
+        - Eager JAX and torch: a Python branch.
+        """
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+        backend = keras.backend.backend()
+        done = ops.convert_to_tensor(self.initialized)
+        if in_stateless_scope():
+            self._shift_pending = True
+
+            def init():
+                g, bias = self._data_init_values(
+                    *self._pre_activation_moments(inputs, args, kwargs))
+                with _float32_reads():
+                    shifts = [g - self._g.value]
+                    if bias is not None:
+                        shifts.append(bias - self.layer.bias.value)
+                return shifts
+
+            def keep():
+                return [s.value for s in (self._g_shift, self._bias_shift) if s is not None]
+
+            shifts = ops.cond(done, keep, init)
+            for variable, value in zip((self._g_shift, self._bias_shift), shifts):
+                variable.assign(value)
+            self.initialized.assign(True)
+            return
+        if backend != "tensorflow":
+            if not bool(ops.convert_to_numpy(done)):
+                self._assign_data_init(*self._data_init_values(
+                    *self._pre_activation_moments(inputs, args, kwargs)))
+            return
+        from keras_goodinit._backend import tf
+
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            def init_now():
+                self._assign_data_init(*self._data_init_values(
+                    *self._pre_activation_moments(inputs, args, kwargs)))
+                return tf.constant(True)
+
+            tf.cond(done, lambda: tf.constant(False), init_now)
+            return
+
+        def local():
+            mean, var = self._pre_activation_moments(inputs, args, kwargs)
+            return mean, var + ops.square(mean)
+
+        cells = self._target().cell_shape(
+            tuple(self.layer.compute_output_shape(tuple(inputs.shape))))
+        zeros = tf.zeros(cells, tf.float64)
+        mean, square = tf.cond(done, lambda: (zeros, zeros), local)
+        # Replicas get equal shares of a batch: the mean of their moments is the batch's.
+        mean, square = context.all_reduce("MEAN", [mean, square])
+        g, bias = self._data_init_values(mean, square - ops.square(mean))
+        with _float32_reads():
+            g = tf.where(done, self._g.value, g)
+            if bias is not None:
+                bias = tf.where(done, self.layer.bias.value, bias)
+        self._assign_data_init(g, bias)
+
+    def _target(self):
+        from keras_goodinit import _sweep
+
+        return _sweep.Target(self, self.layer)
+
+    def _pre_activation_moments(self, inputs, args, kwargs):
+        """Per-unit mean and variance (float64 where the backend has it) of this batch's
+        pre-activation output."""
+        from keras_goodinit import _sweep
+
+        layer, activation = self.layer, self.layer.activation
+        layer.activation = keras.activations.linear
+        try:
+            # Losses the layer adds here (on a pre-activation output) are dropped.
+            with _substituted(self._substitutions()):
+                y = layer(inputs, *args, **kwargs)
+        finally:
+            layer.activation = activation
+        y = ops.stop_gradient(y)
+        return _sweep.moments_of(y, None, self._target().cell_axes(len(y.shape)))
+
+    def _data_init_values(self, mean, var):
+        """New g and bias from the pre-activation moments, by `weightnorm_data_init`'s rule."""
+        from keras_goodinit import _sweep, lsuv
+
+        cells = tuple(mean.shape)
+        has_bias = getattr(self.layer, "bias", None) is not None
+        with _float32_reads():
+            g = ops.reshape(ops.cast(self._effective_g(), mean.dtype), cells)
+            bias = None
+            if has_bias:
+                bias = self.layer.bias.value
+                if self._bias_shift is not None:
+                    bias = bias + self._bias_shift.value
+                bias = ops.reshape(ops.cast(bias, mean.dtype), cells)
+        state = lsuv._unit_init(mean, var, _sweep.with_zeros(bias, mean), g,
+                                lsuv._relative_floor(self.layer.compute_dtype),
+                                has_bias=has_bias)
+        new_g = ops.cast(ops.reshape(state["g"], self._g.shape), self._g.dtype)
+        if not has_bias:
+            return new_g, None
+        bias = self.layer.bias
+        return new_g, ops.cast(ops.reshape(state["bias"], bias.shape), bias.dtype)
+
+    def _assign_data_init(self, g, bias) -> None:
+        """Assigns g, the bias and the flag (through the strategy's update under TF)."""
+        pairs = [(self._g, g), (self.initialized, ops.convert_to_tensor(True))]
+        if bias is not None:
+            pairs.append((self.layer.bias, bias))
+        if keras.backend.backend() != "tensorflow":
+            for variable, value in pairs:
+                variable.assign(value)
+            return
+        from keras_goodinit._backend import tf
+
+        def update(strategy, values):
+            for (variable, _), value in zip(pairs, values):
+                with _float32_reads():
+                    target = variable.value
+                strategy.extended.update(target, lambda var, val: var.assign(val),
+                                         args=(value,), group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update, tf.distribute.get_strategy(), [value for _, value in pairs])
+
+    def _fold_shift(self) -> None:
+        """Moves an init held in `g_shift`/`bias_shift` into g and the bias, where it can.
+
+        Only eagerly and outside a stateless scope, where an assignment to g
+        is kept; the pair's sum, which the layer computes with, is unchanged.
+        """
+        if not (self.data_init and self.built and self._shift_pending):
+            return
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+        if in_stateless_scope() or not _concrete(self._g_shift):
+            return
+        shifts = [(self._g, self._g_shift)]
+        if self._bias_shift is not None:
+            shifts.append((self.layer.bias, self._bias_shift))
+        values = [(ops.convert_to_numpy(v.value), ops.convert_to_numpy(s.value))
+                  for v, s in shifts]
+        for (variable, shift), (value, offset) in zip(shifts, values):
+            if np.any(offset != 0):
+                variable.assign(value + offset)
+                shift.assign(np.zeros_like(offset))
+        self._shift_pending = False
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        if self.data_init:
+            self._shift_pending = True  # a file saved by a stateless trainer may hold one
 
     def _lora_enabled(self) -> bool:
         return bool(getattr(self.layer, "lora_enabled", False)) and self.built
@@ -233,11 +526,14 @@ class WeightNormalization(keras.layers.Wrapper):
         # With LoRA, Keras saves the layer's kernel as its kernel plus the update (and
         # zeroes the update at load): here that kernel is `g v / ||v|| + update`, so g is
         # saved as its norms, for the loaded wrapper to compute that kernel.
+        self._fold_shift()
         if not self._lora_enabled() or self.layer.quantization_mode is not None:
             return super().save_own_variables(store)
         layer_store = {}
         self._save_layer_variables(layer_store)
         store["0"] = ops.cast(unit_norms(layer_store["0"], self.layout), self.g.dtype)
+        for i, variable in enumerate(self._non_trainable_variables, 1):  # data_init's
+            store[str(i)] = variable.numpy()
 
     def _save_layer_variables(self, store):
         """The wrapped layer's `save_own_variables`, with LoRA merged into the effective kernel."""
@@ -428,7 +724,10 @@ def _copy_weights(model: keras.Model, baked: keras.Model) -> list[str]:
             else:
                 source = layer.layer
                 skip.add(id(source))
-                scope = layer.effective_kernel_scope()
+                # A quantized layer's kernel already is the effective kernel (g was
+                # folded in when it was quantized): its variables are copied as they are.
+                if source.quantization_mode is None:
+                    scope = layer.effective_kernel_scope()
         # By type, not name: a sublayer a custom layer creates itself gets a new name.
         if twin is None or type(twin) is not type(source):
             raise ValueError(

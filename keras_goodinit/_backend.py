@@ -108,6 +108,15 @@ def has_none_gradients() -> bool:
     return name() != "jax"
 
 
+def cuts_gradient(value, source) -> bool:
+    """Whether `value`, computed from `source`, is cut off from its gradient: on PyTorch,
+    it does not require one while `source` does (NumPy on the way detaches it).
+    TensorFlow's tape and JAX's tracer tell it otherwise (a None gradient; an error)."""
+    if name() != "torch":
+        return False
+    return bool(getattr(source, "requires_grad", False)) and not value.requires_grad
+
+
 def loss_gradients(compute, kernels):
     """The loss of a pass and its gradients with respect to the pass's outputs and `kernels`.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 import types
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -674,6 +675,8 @@ COMPILE_MODES = ("auto", "xla", "compiled", "eager")
 # What tracing a call that needs eager execution raises: `.numpy()` or NumPy on a
 # symbolic tensor, a Python `if` on one, a tensor leaking out of its graph.
 _UNTRACEABLE = (AttributeError, TypeError, NotImplementedError, ValueError)
+# The same, less ValueError: what only a trace raises (a ValueError may be a bad input's).
+UNTRACEABLE_ERRORS = (AttributeError, TypeError, NotImplementedError)
 
 # model -> (its fingerprint, {key: (traced function, the trace-time record...)}); weak, so
 # a model is not kept alive.
@@ -740,16 +743,58 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
             reason = error
         except _UNTRACEABLE as error:
             if compile != "auto":
-                raise
+                raise cannot_trace(error, compile) from error
             reason = error
             break  # tf.function without XLA traces the same Python
     return _on_host(eager(), note=_untraced(reason))
 
 
+def untraceable_cause(error: BaseException) -> BaseException:
+    """The error that made tracing fail, behind Keras' re-raise of it.
+
+    Keras' traceback filter re-raises a layer's error as `type(error)(message)`,
+    which JAX's tracer errors do not accept: what comes out is an
+    `AttributeError: 'str' object has no attribute '_error_repr'`, with the
+    real error (`ConcretizationTypeError`, `TracerArrayConversionError`...) as
+    its context.
+    """
+    seen, current = [], error
+    while current is not None and all(current is not e for e in seen):
+        seen.append(current)
+        if type(current).__module__.startswith("jax"):
+            return current
+        current = current.__cause__ or current.__context__
+    return error
+
+
+def describe(error: BaseException) -> str:
+    """`Type: first line of the message` of the error that made tracing fail."""
+    cause = untraceable_cause(error)
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).splitlines()
+             if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Exception encountered when calling"):
+        lines = [f"{lines[0]} {lines[1]}"]  # Keras' wrapper line, then the error's own
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def cannot_trace(error: BaseException, compile: str) -> Exception:
+    """What a forced compiled mode raises for a model (or loss) that cannot be traced.
+
+    A ValueError raised while tracing is already one of ours, or the user's,
+    with its own reason: it passes through unchanged.
+    """
+    if isinstance(error, ValueError):
+        return error
+    return ValueError(
+        f"The model (or the loss) cannot be traced into one compiled program, as "
+        f"compile={compile!r} asks: {describe(error)}. A Python branch on a tensor's value, "
+        "NumPy on a tensor or another host-side step needs eager execution: pass "
+        f"compile='auto' (which falls back to eager) or 'eager'. Received: compile={compile!r}")
+
+
 def _untraced(reason: Exception) -> str:
     """The note of an eager sweep that ran because the compiled one could not trace."""
-    first = str(reason).splitlines()[0][:200] if str(reason) else ""
-    return f"eager sweep: the model could not be traced ({type(reason).__name__}: {first})"
+    return f"eager sweep: the model could not be traced ({describe(reason)})"
 
 
 def _off_tensorflow(model, x, targets, policy, *, key, compile, training, probes, program,
@@ -769,7 +814,7 @@ def _off_tensorflow(model, x, targets, policy, *, key, compile, training, probes
         return _jitted_sweep(model, x, targets, policy, key, training, probes, program, aux)
     except _UNTRACEABLE as error:
         if compile != "auto":
-            raise
+            raise cannot_trace(error, compile) from error
         reason = error
     return _on_host(eager(), note=_untraced(reason))
 

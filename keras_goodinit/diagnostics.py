@@ -505,12 +505,37 @@ def _total_loss(model, outputs, labels, facts, loss, seed: int):
         if loss is None:
             values, what, flag = _default_term(pred, y, fact, rng, where)
         else:
-            values, what, flag = loss_fn(y, pred), f"{_loss_name(loss)} vs y", None
+            values, flag = _given_term(loss, loss_fn, y, pred), None
+            what = f"{_loss_name(loss)} vs y"
         term = ops.mean(ops.cast(values, "float32"))
         total = term if total is None else total + term
         parts.append(f"{name}: {what}" if name else what)
         flags.append(flag)
     return total, parts, flags
+
+
+def _no_gradient(loss, how: str) -> ValueError:
+    return ValueError(
+        f"Argument `loss` gives no gradient: {how}. Write it with `keras.ops` (or the "
+        f"backend's tensor ops), or pass `gradients=False`. Received: loss={loss!r}")
+
+
+def _given_term(loss, loss_fn, y, pred):
+    """`loss_fn(y, pred)`; a ValueError where it cannot give a gradient (a NumPy loss)."""
+    try:
+        values = loss_fn(y, pred)
+    except _sweep.UNTRACEABLE_ERRORS as error:
+        cause = _sweep.untraceable_cause(error)
+        # JAX's tracer met NumPy: under jax.grad as under jax.jit, no gradient can flow.
+        if type(cause).__name__ == "TracerArrayConversionError":
+            raise _no_gradient(loss, f"it converts the prediction to NumPy "
+                                     f"({_sweep.describe(error)})") from error
+        raise
+    if not ops.is_tensor(values) or _backend.cuts_gradient(values, pred):
+        what = f"{type(values).__module__.split('.')[0]}.{type(values).__name__}"
+        raise _no_gradient(loss, f"it returned a {what} cut off from the prediction "
+                                 "(NumPy on the way cuts the gradient)")
+    return values
 
 
 def _output_statistics(out, rng: np.random.Generator) -> dict:
@@ -699,6 +724,7 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
         """The forward pass, the loss and the backward pass: traced as one function."""
         draws["samples"] = np.random.default_rng(seed)
         found: list = []
+        with_loss = [gradients]  # whether `compute` computes the loss
 
         def compute(kernels, perturbations):
             """The pass with `kernels` standing in for the kernel variables: the loss, the
@@ -710,7 +736,7 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
                 else:  # JAX's gradient pass: each output plus a zero, to differentiate by
                     result = _sweep.sweep(model, x, targets, _adding(perturbations),
                                           training=training, preserve=False, traced=True)
-                if not gradients:
+                if not with_loss[0]:
                     return None, [], (result, [], [])
                 total, parts, flags = _total_loss(model, result.outputs, labels, facts, loss,
                                                   seed)
@@ -724,15 +750,33 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
         # tf.distribute strategy cannot be watched in cross-replica context, where the
         # sweep runs.
         kernels = [t.direction_variable.value for t in targets] if gradients else None
+        no_gradients = ""
         if gradients:
-            loss_value, _, (result, parts, flags), grads = _backend.loss_gradients(
-                compute, kernels)
-        else:
+            try:
+                loss_value, _, (result, parts, flags), grads = _backend.loss_gradients(
+                    compute, kernels)
+            except _sweep.UNTRACEABLE_ERRORS as error:
+                if not _differentiates_by_tracing(x):
+                    raise
+                # JAX differentiates a function by tracing it, eagerly too: a pass that
+                # cannot be traced has no gradient there. The forward statistics stand.
+                no_gradients = (f"no backward pass: JAX differentiates by tracing, and the "
+                                f"model or loss cannot be traced ({_sweep.describe(error)})")
+        if not gradients or no_gradients:
+            found.clear()  # the failed gradient pass may have met blocks
+            draws["samples"] = np.random.default_rng(seed)
+            with_loss[0] = False
             loss_value, _, (result, parts, flags) = compute(None, None)
         extra = {"blocks": [moments for _, moments in found]}
-        static = {"blocks": [(b.add.layer.name, b.stage, b.num_blocks) for b, _ in found]}
-        if not gradients:
+        static = {"blocks": [(b.add.layer.name, b.stage, b.num_blocks) for b, _ in found],
+                  "note": no_gradients}
+        if not gradients or no_gradients:
             return extra, static
+        if loss is not None and result.order and all(g is None for g in grads):
+            # Nothing the report measures reaches the given loss: it is cut off (a NumPy
+            # loss made into a tensor, say); TensorFlow and PyTorch then give None.
+            raise _no_gradient(loss, "no layer's output reaches it (NumPy on the way cuts "
+                                     "the gradient)")
         position = {id(t): i for i, t in enumerate(targets)}
         order = result.order
         output_grads = grads[:len(order)]
@@ -758,6 +802,13 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
     result = _sweep.run(model, x, targets, record, key=key, compile=compile, training=training,
                         program=program, aux=aux)
     return _assembled(result, _flat_norm(x), training=training)
+
+
+def _differentiates_by_tracing(x) -> bool:
+    """Whether gradients of the eager pass on `x` come from tracing it again: on JAX,
+    outside a traced program (where `x` is concrete)."""
+    leaves = [leaf for leaf in keras.tree.flatten(x) if leaf is not None]
+    return _backend.name() == "jax" and not any(_backend.is_traced(leaf) for leaf in leaves)
 
 
 def _adding(perturbations):
@@ -788,8 +839,9 @@ def _assembled(result: _sweep.SweepResult, input_norm: float, *, training: bool)
     extra, static = result.extra, result.static
     blocks = [BlockSignal(name, stage, num_blocks, **{k: float(v) for k, v in moments.items()})
               for (name, stage, num_blocks), moments in zip(static["blocks"], extra["blocks"])]
+    note = "; ".join(n for n in (result.note, static.get("note", "")) if n)
     report = SignalReport(rows, input_norm, training=training, samples=samples, blocks=blocks,
-                          mode=result.mode, note=result.note)
+                          mode=result.mode, note=note)
     if "loss" not in extra:
         return report
     reaching = _reaching(static["reaching"], extra["grad_norms"], extra.get("reaches"))

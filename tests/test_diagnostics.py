@@ -591,3 +591,25 @@ def test_mean_field_branches_carry_one_nth_of_the_stream_variance():
     variance = np.array([b.variance for b in blocks])
     assert np.all(variance[1:] / variance[:-1] < 1 + 1.1 / num_blocks)
     assert variance[-1] / blocks[0].skip_variance < np.e
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: a loss that gives no gradient is refused, not reported as NaN.
+
+
+@pytest.mark.parametrize("compile", ["auto", "eager"])
+@pytest.mark.parametrize("kind", ["numpy", "numpy_as_tensor"])
+def test_a_loss_that_gives_no_gradient_is_refused(batch, compile, kind):
+    def numpy_loss(y_true, y_pred):
+        value = np.mean((keras.ops.convert_to_numpy(y_pred) - y_true) ** 2)
+        return keras.ops.convert_to_tensor(value) if kind == "numpy_as_tensor" else value
+
+    model = _linear_chain([1.0, 1.0])
+    before = [v.numpy().copy() for v in model.weights]
+    with pytest.raises(ValueError, match=r"Argument `loss` gives no gradient.*Received: loss="):
+        signal_report(model, (batch, np.zeros_like(batch)), loss=numpy_loss, compile=compile)
+    assert all(np.array_equal(v.numpy(), b) for v, b in zip(model.weights, before))
+    # Without gradients the loss is not computed: the same loss is no error there.
+    report = signal_report(model, (batch, np.zeros_like(batch)), loss=numpy_loss,
+                           gradients=False)
+    assert len(report.rows) == 2

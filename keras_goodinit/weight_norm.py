@@ -464,11 +464,12 @@ class WeightNormalization(keras.layers.Wrapper):
         state = lsuv._unit_init(mean, var, _sweep.with_zeros(bias, mean), g,
                                 lsuv._relative_floor(self.layer.compute_dtype),
                                 has_bias=has_bias)
-        new_g = ops.cast(ops.reshape(state["g"], self._g.shape), self._g.dtype)
-        if not has_bias:
-            return new_g, None
-        bias = self.layer.bias
-        return new_g, ops.cast(ops.reshape(state["bias"], bias.shape), bias.dtype)
+        with _float32_reads():  # the variables' own dtypes, not an autocast one
+            new_g = ops.cast(ops.reshape(state["g"], self._g.shape), self._g.dtype)
+            if not has_bias:
+                return new_g, None
+            bias = self.layer.bias
+            return new_g, ops.cast(ops.reshape(state["bias"], bias.shape), bias.dtype)
 
     def _assign_data_init(self, g, bias) -> None:
         """Assigns g, the bias and the flag (through the strategy's update under TF)."""

@@ -270,6 +270,48 @@ def mirrored():
                 "unchanged": max_diff(first_copies(model), before) == 0.0,
                 "identical": replicas_identical(model)}
 
+    @scenario
+    def data_init_fit_mirrored():
+        # WeightNormalization(data_init=True) in model.fit: the init on the first global
+        # batch (each replica sees half of it), the same on every replica.
+        def data_init_model():
+            inputs = keras.Input((8, 8, 3))
+            h = WeightNormalization(L.Conv2D(6, 3, activation="relu"), data_init=True,
+                                    name="wn_conv")(inputs)
+            h = L.GlobalAveragePooling2D()(h)
+            outputs = WeightNormalization(L.Dense(2), data_init=True, name="wn_dense")(h)
+            model = keras.Model(inputs, outputs)
+            model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=False)
+            return model
+
+        shifted = x + 0.5  # a non-zero mean for the bias to remove
+        keras.utils.set_random_seed(9)
+        with strategy.scope():
+            model = data_init_model()
+        start = first_copies(model)
+        single, halved = data_init_model(), data_init_model()
+        single.set_weights(start)
+        halved.set_weights(start)
+        model.fit(shifted, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+        single.fit(shifted, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+        halved.fit(shifted[:16], y[:16], batch_size=16, epochs=1, verbose=0, shuffle=False)
+        flags = [bool(c) for name in ("wn_conv", "wn_dense")
+                 for c in local(model.get_layer(name).initialized)]
+        mirrored_g = [local(model.get_layer(n).g)[0] for n in ("wn_conv", "wn_dense")]
+
+        def relative(a, b):
+            return max(float(np.max(np.abs(p - q) / np.abs(q))) for p, q in zip(a, b))
+
+        single_g = [single.get_layer(n).g.numpy() for n in ("wn_conv", "wn_dense")]
+        halved_g = [halved.get_layer(n).g.numpy() for n in ("wn_conv", "wn_dense")]
+        # A second epoch on other data must not redo it (lr 0: nothing else moves g).
+        model.fit(shifted * 3.0, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+        again = [local(model.get_layer(n).g)[0] for n in ("wn_conv", "wn_dense")]
+        return {"identical": replicas_identical(model), "flags": flags,
+                "vs_single": relative(mirrored_g, single_g),
+                "vs_half_batch": relative(mirrored_g, halved_g),
+                "redone": max_diff(again, mirrored_g)}
+
 
 # ----------------------------------------------------------------------------
 # MultiWorkerMirroredStrategy: this process is one worker.

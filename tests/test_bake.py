@@ -215,3 +215,97 @@ def test_mobilenet_with_its_convolutions_wrapped():
     model = keras.models.clone_model(source, clone_function=wrap)
     assert len(_wrappers(model)) > 10
     _check_baked(model, _inputs((32, 32, 3), batch=2), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Quantized and data-initialized wrappers (issue 17).
+
+
+def _quantized_dense(mode="int8"):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((16,)), WeightNormalization(L.Dense(8), name="wn")])
+    _randomize(model)
+    x = _inputs((16,), batch=32, seed=5)
+    expected = keras.ops.convert_to_numpy(model(x))
+    model.quantize(mode)
+    return model, x, expected
+
+
+def test_bake_of_an_int8_model_computes_what_the_quantized_model_computes():
+    model, x, float_out = _quantized_dense()
+    quantized = keras.ops.convert_to_numpy(model(x))
+    weights = [np.array(w) for w in model.get_weights()]
+    baked = bake_weight_norm(model)
+    dense = baked.layers[0]
+    assert type(dense) is L.Dense and dense.quantization_mode == "int8"
+    got = keras.ops.convert_to_numpy(baked(x))
+    # The same integer kernel and scales, the same ops: equal to float32 rounding of a
+    # 16-term sum (16 eps of the output's size, however the backend orders it).
+    eps = float(np.finfo("float32").eps)
+    np.testing.assert_allclose(got, quantized, rtol=0, atol=16 * eps * np.abs(quantized).max())
+    # And within int8's rounding of the float model: each kernel entry is off by at most
+    # half a step 1/kernel_scale of its column, each input by half a step of its row
+    # (abs-max scales: 127 / max|row|), so |x.w - x'.w'| <= |x|_1 / (2 ks) + |w'|_1 / (2 xs).
+    wrapped = model.get_layer("wn").layer
+    scale = keras.ops.convert_to_numpy(wrapped.kernel_scale).reshape(1, -1)
+    kernel = keras.ops.convert_to_numpy(wrapped._kernel).astype("float64") / scale
+    row_scale = 127.0 / np.abs(x).max(axis=1, keepdims=True)
+    bound = (np.abs(x).sum(1, keepdims=True) / (2 * scale)
+             + np.abs(kernel).sum(0, keepdims=True) / (2 * row_scale))
+    assert np.all(np.abs(got - float_out) <= bound * (1 + 1e-3) + 1e-6), (
+        np.abs(got - float_out).max(), bound.min())
+    for old, new in zip(weights, model.get_weights(), strict=True):  # the original untouched
+        np.testing.assert_array_equal(old, new)
+
+
+@pytest.mark.parametrize("mode", ["int4", "float8"])
+def test_bake_of_other_quantized_modes_keeps_the_outputs(mode):
+    model, x, _ = _quantized_dense(mode)
+    quantized = keras.ops.convert_to_numpy(model(x))
+    baked = bake_weight_norm(model)
+    assert baked.layers[0].quantization_mode == mode
+    eps = float(np.finfo("float32").eps)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(baked(x)), quantized, rtol=0,
+                               atol=16 * eps * np.abs(quantized).max())
+
+
+def test_a_failed_bake_of_a_quantized_model_leaves_it_as_it_was(monkeypatch):
+    model, x, _ = _quantized_dense()
+    quantized = keras.ops.convert_to_numpy(model(x))
+    weights = [np.array(w) for w in model.get_weights()]
+
+    def broken(*args, **kwargs):
+        raise TypeError("injected")
+
+    monkeypatch.setattr(keras.saving, "deserialize_keras_object", broken)
+    with pytest.raises(ValueError, match="injected.*Received: model="):
+        bake_weight_norm(model)
+    for old, new in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), quantized)
+
+
+def test_a_quantized_wrapper_has_no_float_effective_kernel():
+    model, _, _ = _quantized_dense()
+    with pytest.raises(ValueError, match="'wn' is quantized \\(int8\\).*Received: layer="):
+        model.get_layer("wn").normalized_kernel()
+
+
+def test_bake_after_data_init_in_fit_keeps_the_outputs():
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        WeightNormalization(L.Conv2D(6, 3, activation="relu"), data_init=True, name="wn_conv"),
+        L.Flatten(),
+        WeightNormalization(L.Dense(4), data_init=True, name="wn_dense"),
+    ])
+    x = _inputs((8, 8, 3), batch=16) * 3.0 + 1.0
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    model.fit(x, np.zeros((16, 4)), batch_size=16, epochs=2, verbose=0)
+    assert all(bool(w.initialized.numpy()) for w in _wrappers(model))
+    expected = keras.ops.convert_to_numpy(model(x))
+    baked = bake_weight_norm(model)
+    assert not _wrappers(baked)
+    # The flag and the two shifts per wrapper go with the wrapper, as g does.
+    assert len(baked.weights) == len(model.weights) - 2 * 4
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(baked(x)), expected,
+                               rtol=1e-5, atol=1e-5)

@@ -231,6 +231,20 @@ def test_mirrored_distributed_dataset_is_refused_cleanly(results):
     cell(MIRRORED, "distributed dataset as data (refused)", check)
 
 
+def test_mirrored_weight_norm_data_init_in_fit_uses_the_global_batch(results):
+    r = scenario(results, "mirrored", "data_init_fit_mirrored")
+
+    def check():
+        assert r["identical"] and r["flags"] == [True] * 4, r
+        # The cross-replica moments are the global batch's: the single-device init on the
+        # same 32 samples (float32 moments summed in another order), not one replica's 16.
+        assert r["vs_single"] <= MATCH, r
+        assert r["vs_half_batch"] > CONTRAST, r
+        assert r["redone"] == 0.0, r
+
+    cell("mirrored", "WN data_init in fit", check)
+
+
 # ----------------------------------------------------------------------------
 # MultiWorkerMirroredStrategy: two workers, different data, different seeds.
 

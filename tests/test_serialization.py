@@ -312,3 +312,48 @@ def test_int_seeds_give_bit_identical_kernels_across_processes(tmp_path):
     exec(compile(DIGEST, "digests", "exec"), namespace)
     assert namespace["digests"]() == outputs[0]
     assert hashlib.sha256(b"").hexdigest() not in outputs[0].values()
+
+
+# ----------------------------------------------------------------------------
+# WeightNormalization(data_init=True): the flag travels with the weights (issue 17).
+
+
+def _data_init_model():
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        WeightNormalization(L.Conv2D(6, 3, activation="relu"), data_init=True, name="wn"),
+        L.Flatten(), L.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model
+
+
+def test_a_reloaded_data_init_model_does_not_redo_the_init(tmp_path):
+    model = _data_init_model()
+    x = normal((32, 8, 8, 3), seed=1, scale=3.0) + 1.0
+    model.fit(x, np.zeros((32, 2)), batch_size=32, epochs=1, verbose=0)
+    path = tmp_path / "initialized.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    wrapper = loaded.get_layer("wn")
+    assert wrapper.data_init is True and bool(wrapper.initialized.numpy())
+    before = values(loaded)
+    # Another batch, with other statistics: a redone init would move g and the bias.
+    loaded.compile(keras.optimizers.SGD(0.0), "mse")
+    loaded.fit(-x * 2.0, np.zeros((32, 2)), batch_size=32, epochs=1, verbose=0)
+    for old, new in zip(before, values(loaded), strict=True):
+        np.testing.assert_array_equal(new, old)
+
+
+def test_a_model_saved_before_its_data_init_does_it_after_loading(tmp_path):
+    model = _data_init_model()
+    path = tmp_path / "fresh.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    wrapper = loaded.get_layer("wn")
+    assert not bool(wrapper.initialized.numpy())
+    g = wrapper.g.numpy().copy()
+    loaded.compile(keras.optimizers.SGD(0.0), "mse")
+    x = normal((32, 8, 8, 3), seed=1, scale=3.0) + 1.0
+    loaded.fit(x, np.zeros((32, 2)), batch_size=32, epochs=1, verbose=0)
+    assert bool(wrapper.initialized.numpy()) and not np.array_equal(wrapper.g.numpy(), g)

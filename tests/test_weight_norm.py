@@ -533,3 +533,179 @@ def test_a_mask_passes_through_as_it_does_through_the_wrapped_layer():
                                keras.ops.convert_to_numpy(want), rtol=1e-5, atol=1e-6)
     mask = wn.compute_mask(None, keras.ops.convert_to_tensor(tokens != 0))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(mask), tokens != 0)
+
+
+# ----------------------------------------------------------------------------
+# data_init: tensorflow-addons' data-dependent init on the first training batch (issue 17).
+
+F32_EPS = float(np.finfo("float32").eps)
+
+
+def _data_init_model(name="Conv2D", **layer_kwargs):
+    factory = {"Conv2D": lambda: keras.layers.Conv2D(6, 3, activation="relu", **layer_kwargs),
+               "Dense": lambda: keras.layers.Dense(6, activation="relu", **layer_kwargs),
+               "DepthwiseConv2D": lambda: keras.layers.DepthwiseConv2D(
+                   3, depth_multiplier=2, activation="relu", **layer_kwargs)}[name]
+    input_shape = (5,) if name == "Dense" else (8, 8, 3)
+    wrapper = WeightNormalization(factory(), data_init=True, name="wn")
+    model = keras.Sequential([keras.Input(input_shape), wrapper, keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    # Far from zero mean and unit variance, so that the init has something to do.
+    x = (_inputs(input_shape, batch=64, seed=3) * 3.0 + 1.0).astype("float32")
+    y = _inputs((2,), batch=64, seed=4)
+    return model, wrapper, x, y
+
+
+def _pre_activation(wrapper, x):
+    """The wrapped layer's output before its activation, from its weights as they are now."""
+    config = {**wrapper.layer.get_config(), "activation": "linear", "name": "plain"}
+    plain = type(wrapper.layer).from_config(config)
+    plain.build(x.shape)
+    weights = [keras.ops.convert_to_numpy(wrapper.normalized_kernel())]
+    if getattr(wrapper.layer, "bias", None) is not None:
+        weights.append(keras.ops.convert_to_numpy(wrapper.layer.bias))
+    plain.set_weights(weights)
+    y = keras.ops.convert_to_numpy(plain(x))
+    return y.reshape(-1, y.shape[-1]).astype("float64")
+
+
+def _unit_bound(wrapper, y):
+    """How far float32 rounding alone moves a unit's mean or std from the init's target.
+
+    Each output is a float32 dot product over the unit's fan-in (relative error up
+    to fan_in eps, Higham's gamma_n), and the statistics sum it over the batch in
+    a tree (log2 of the count more); on outputs of size max|y|.
+    """
+    kernel = wrapper.v
+    fan_in = int(np.prod(kernel.shape)) // int(np.prod(wrapper.g.shape))
+    return (fan_in + np.log2(y.shape[0])) * F32_EPS * float(np.abs(y).max())
+
+
+def _fit_once(model, x, y, *, jit_compile=False, learning_rate=0.0):
+    """One training step on the whole batch (lr 0: only the init moves weights)."""
+    model.compile(keras.optimizers.SGD(learning_rate), "mse", jit_compile=jit_compile)
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+
+
+def test_data_init_is_an_argument_and_round_trips_in_get_config():
+    for value in (True, False):
+        wrapper = WeightNormalization(keras.layers.Conv2D(4, 3), data_init=value)
+        assert wrapper.data_init is value
+        config = wrapper.get_config()
+        assert config["data_init"] is value
+        assert WeightNormalization.from_config(dict(config)).data_init is value
+    # A config saved before data_init existed loads with the default, no data init.
+    config.pop("data_init")
+    assert WeightNormalization.from_config(config).data_init is False
+    assert WeightNormalization(keras.layers.Dense(3)).data_init is False
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_bad_data_init_raises_naming_it(value):
+    with pytest.raises(ValueError, match=re.escape(f"Received: data_init={value!r}")):
+        WeightNormalization(keras.layers.Dense(3), data_init=value)
+
+
+@pytest.mark.parametrize(("name", "jit_compile"), [("Conv2D", False), ("Conv2D", True),
+                                                   ("Dense", True), ("DepthwiseConv2D", False)])
+def test_data_init_normalizes_the_first_training_batch_once(name, jit_compile):
+    model, wrapper, x, y = _data_init_model(name)
+    assert not bool(wrapper.initialized.numpy())
+    model.predict(x, verbose=0)  # inference does not init
+    assert not bool(wrapper.initialized.numpy())
+    _fit_once(model, x, y, jit_compile=jit_compile)
+    assert bool(wrapper.initialized.numpy())
+    pre = _pre_activation(wrapper, x)
+    bound = _unit_bound(wrapper, pre)
+    assert np.abs(pre.mean(0)).max() <= bound, (np.abs(pre.mean(0)).max(), bound)
+    assert np.abs(pre.std(0) - 1.0).max() <= bound, (np.abs(pre.std(0) - 1.0).max(), bound)
+    # v itself is untouched: only g and the bias are set (normalized v).
+    before = [w.numpy().copy() for w in (wrapper.g, wrapper.layer.bias)]
+    _fit_once(model, x[::-1] * 2.0 + 5.0, y)  # another batch, other statistics
+    for old, new in zip(before, (wrapper.g, wrapper.layer.bias), strict=True):
+        np.testing.assert_array_equal(new.numpy(), old)
+
+
+def test_data_init_uses_the_batchs_own_output_and_trains_from_the_init():
+    """The first step's loss and gradients are those of the initialized layer."""
+    model, wrapper, x, y = _data_init_model("Dense")
+    initialized, _, _, _ = _data_init_model("Dense")
+    initialized.set_weights(model.get_weights())
+    _fit_once(initialized, x, y)  # lr 0: the init only
+    expected = initialized.evaluate(x, y, verbose=0)
+    stepped = [w.numpy().copy() for w in initialized.weights]
+    # One step with a learning rate from the initialized weights (the flag is set)...
+    _fit_once(initialized, x, y, learning_rate=0.1)
+    # ...is what the first step of the uninitialized model does: init, then that step.
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    history = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+    # The same float32 computation on the same batch, in another tf.function.
+    assert abs(history.history["loss"][0] - expected) <= 1e-5 * abs(expected)
+    for ours, theirs in zip(model.weights, initialized.weights, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(wrapper.g.numpy() - stepped[0]).max() > 0  # the step did move g
+
+
+def test_data_init_false_adds_no_variable_and_changes_nothing():
+    model, _, x, y = _data_init_model("Conv2D")
+    plain = keras.Sequential([keras.Input((8, 8, 3)),
+                              WeightNormalization(keras.layers.Conv2D(6, 3, activation="relu"),
+                                                  data_init=False),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    # The wrapper holds g alone, as before data_init existed (older files load).
+    assert len(plain.weights) == len(model.weights) - 3  # initialized, g_shift, bias_shift
+    assert [w.name for w in plain.layers[0].weights] == ["g", "kernel", "bias"]
+    before = [w.numpy().copy() for w in plain.weights]
+    _fit_once(plain, x, y)
+    for old, new in zip(before, plain.weights, strict=True):
+        np.testing.assert_array_equal(new.numpy(), old)
+
+
+def test_data_init_agrees_with_weightnorm_data_init_which_sets_the_flag():
+    from keras_goodinit import weightnorm_data_init
+
+    model, wrapper, x, y = _data_init_model("Conv2D")
+    explicit, explicit_wrapper, _, _ = _data_init_model("Conv2D")
+    explicit.set_weights(model.get_weights())
+    _fit_once(model, x, y)
+    weightnorm_data_init(explicit, x, verbose=0)
+    assert bool(explicit_wrapper.initialized.numpy())
+    pre = _pre_activation(wrapper, x)
+    bound = _unit_bound(wrapper, pre)  # both set unit std 1 to this rounding
+    for ours, theirs in ((wrapper.g, explicit_wrapper.g),
+                         (wrapper.layer.bias, explicit_wrapper.layer.bias)):
+        np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=2 * bound, atol=2 * bound)
+    # The flag it set keeps fit from doing the init again on another batch.
+    before = explicit_wrapper.g.numpy().copy()
+    _fit_once(explicit, x * 4.0, y)
+    np.testing.assert_array_equal(explicit_wrapper.g.numpy(), before)
+
+
+def test_data_init_in_a_tf_function_and_without_a_bias():
+    model, wrapper, x, _ = _data_init_model("Conv2D", use_bias=False)
+    step = tf.function(lambda batch: model(batch, training=True), jit_compile=True)
+    step(tf.constant(x))
+    assert bool(wrapper.initialized.numpy())
+    pre = _pre_activation(wrapper, x)
+    bound = _unit_bound(wrapper, pre)
+    # Without a bias the units cannot be centred: unit variance only.
+    assert np.abs(pre.std(0) - 1.0).max() <= bound
+    assert np.abs(pre.mean(0)).max() > 0.1
+    before = wrapper.g.numpy().copy()
+    step(tf.constant(x * 3.0))  # the traced function does not do it again
+    np.testing.assert_array_equal(wrapper.g.numpy(), before)
+
+
+def test_data_init_under_mixed_precision_sets_float32_variables():
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model, wrapper, x, y = _data_init_model("Dense")
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+    _fit_once(model, x, y)
+    assert wrapper.g.dtype == "float32" and bool(wrapper.initialized.numpy())
+    pre = _pre_activation(wrapper, x)
+    # float16 outputs: the statistics hold to float16's rounding of each output.
+    half = float(np.finfo("float16").eps) * float(np.abs(pre).max()) * 4
+    assert np.abs(pre.std(0) - 1.0).max() <= half and np.abs(pre.mean(0)).max() <= half

@@ -64,7 +64,9 @@ class SignalRecord:
     Attributes:
         step: Training steps taken when it was measured (the optimizer's
             iterations).
-        epoch: Epochs completed when it was measured.
+        epoch: Epochs completed in its `fit` when it was measured, as Keras
+            counts them (from `initial_epoch`, 0 by default, in every `fit`):
+            the epoch's index while it runs, one more at its end.
         report: The `SignalReport` of the probe batch (without its output
             samples, which go to TensorBoard's histograms only).
         alarm: The `SignalAlarm` the record raised, or None.

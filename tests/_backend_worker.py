@@ -1,6 +1,6 @@
 """Scenarios run under another Keras backend by tests/test_backends.py (not collected).
 
-    KERAS_BACKEND=jax python _backend_worker.py OUT.json SHARED_DIR
+    KERAS_BACKEND=jax python _backend_worker.py OUT.json SHARED_DIR [GROUP/GROUPS]
 
 TensorFlow is made unimportable first (as if it were not installed), so any
 import of it by the package fails loudly. Each scenario records plain facts in
@@ -8,7 +8,9 @@ a JSON file, and the test process makes the assertions; a scenario that
 raises is recorded with its error and the others still run. SHARED_DIR holds
 the TensorFlow process's saved model (`from_tf.keras`, `from_tf.npz`); this
 process writes its own (`from_BACKEND.keras`, `from_BACKEND.npz`) for the
-TensorFlow process to load.
+TensorFlow process to load. With GROUP/GROUPS (e.g. 0/2) the process runs
+every GROUPS-th scenario in the order they are defined, from the GROUP-th:
+test_backends.py starts the groups at once and merges their files.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import sys
 sys.modules["tensorflow"] = None
 
 OUT, SHARED = sys.argv[1], sys.argv[2]
+GROUP, GROUPS = map(int, (sys.argv[3] if len(sys.argv) > 3 else "0/1").split("/"))
 BACKEND = os.environ["KERAS_BACKEND"]
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _rounding import longest_sum  # noqa: E402
 from _scenarios import recorder  # noqa: E402
 from keras import layers as L  # noqa: E402
 
@@ -37,7 +41,7 @@ from keras_goodinit import (  # noqa: E402
     propagation,
 )
 
-RESULTS, scenario = recorder(OUT)
+RESULTS, scenario = recorder(OUT, GROUP, GROUPS)
 RESULTS["backend"] = keras.backend.backend()
 
 F32_EPS = float(np.finfo("float32").eps)
@@ -361,7 +365,7 @@ if BACKEND == "jax":
         after_second = calls[0]
         eager = kg.signal_report(model, (X, labels[1]), compile="eager")
         return {"modes": [first.mode, second.mode, eager.mode], "first_calls": traced,
-                "second_calls": after_second - traced,
+                "second_calls": after_second - traced, "longest_sum": longest_sum(model, X),
                 "losses": [first.loss, second.loss, eager.loss],
                 **{f"jitted_{f}": second.column(f).tolist() for f in SIGNAL_FIELDS},
                 **{f"eager_{f}": eager.column(f).tolist() for f in SIGNAL_FIELDS}}
@@ -408,6 +412,192 @@ if BACKEND == "jax":
                     "fit": replicas_identical(model), "moved": moved}
         finally:
             keras.distribution.set_distribution(None)
+
+
+
+# SignalMonitor (issue 20): records during fit through one program (jax.jit on JAX, eager on
+# torch), TensorBoard event files written without TensorFlow, alarms that stop training.
+def monitor_resnet():
+    from keras_goodinit.models import wn_resnet
+
+    model = wn_resnet((8, 8, 3), 2, num_blocks=1, width=4, seed=3)
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    return model
+
+
+class KeepWeights(keras.callbacks.Callback):
+    """After a SignalMonitor: the weights of each of its records, by step."""
+
+    def __init__(self, monitor):
+        super().__init__()
+        self.monitor, self.seen, self.weights = monitor, 0, {}
+
+    def _keep(self):
+        if len(self.monitor.history) > self.seen:  # it just recorded (and synced, on JAX)
+            self.seen = len(self.monitor.history)
+            self.weights[self.monitor.history[-1].step] = self.model.get_weights()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._keep()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._keep()
+
+
+@scenario
+def signal_monitor_during_fit():
+    keras.utils.set_random_seed(3)
+    model = monitor_resnet()
+    layer = model.get_layer("classifier")
+    calls, original = [0], layer.call
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    layer.call = counted
+    folder = os.path.join(SHARED, f"monitor_{BACKEND}")
+    labels = np.arange(32) % 2
+    monitor = kg.SignalMonitor((X, labels), every_n_steps=2, log_dir=folder,
+                               json_path=os.path.join(folder, "history.jsonl"),
+                               csv_path=os.path.join(folder, "history.csv"))
+    keep = KeepWeights(monitor)
+    model.fit(X, labels, batch_size=8, epochs=1, verbose=0, callbacks=[monitor, keep])
+    first = calls[0]  # the monitor's program and fit's train step, traced (JAX)
+    model.fit(X, labels, batch_size=8, epochs=2, verbose=0, callbacks=[monitor, keep])
+    # Each record against signal_report, eagerly, on a twin holding the record's weights.
+    twin = monitor_resnet()
+    differences = {field: 0.0 for field in (*SIGNAL_FIELDS, "loss", "block_variance")}
+    for record in monitor.history:
+        twin.set_weights(keep.weights[record.step])
+        eager = kg.signal_report(twin, (X, labels), compile="eager")
+        pairs = [(f, record.report.column(f), eager.column(f)) for f in SIGNAL_FIELDS]
+        pairs += [("loss", record.report.loss, eager.loss),
+                  ("block_variance", record.report.block_column("variance"),
+                   eager.block_column("variance"))]
+        for field, got, expected in pairs:
+            got, expected = np.asarray(got, "float64"), np.asarray(expected, "float64")
+            assert np.array_equal(np.isnan(got), np.isnan(expected)), field
+            finite = ~np.isnan(expected)
+            relative = np.abs(got - expected)[finite] / np.abs(expected)[finite]
+            differences[field] = max(differences[field], float(relative.max(initial=0.0)))
+    figure = monitor.plot()
+    return {"steps": [r.step for r in monitor.history],
+            "epochs": [r.epoch for r in monitor.history],
+            "modes": sorted({r.report.mode for r in monitor.history}),
+            "first_calls": first, "later_calls": calls[0] - first,
+            "rows": len(monitor.history[0].report.rows),
+            "blocks": len(monitor.history[0].report.blocks),
+            "differences": differences, "panels": len(figure.axes),
+            "alarms": [str(a) for a in monitor.alarms], "folder": folder,
+            "tensorflow_loaded": any(module is not None for name, module in sys.modules.items()
+                                     if name.split(".")[0] == "tensorflow")}
+
+
+@scenario
+def signal_monitor_stops_on_explosion():
+    import warnings
+
+    inputs = keras.Input((8,))
+    h = L.Dense(8, use_bias=False, name="d0", kernel_initializer="identity")(inputs)
+    h = L.Dense(8, use_bias=False, name="big",
+                kernel_initializer=keras.initializers.Identity(1e4))(h)
+    model = keras.Model(inputs, h)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x = np.random.default_rng(9).normal(size=(32, 8)).astype("float32")
+    monitor = kg.SignalMonitor(x, on_explosion="stop")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, x, batch_size=16, epochs=5, verbose=0, callbacks=[monitor])
+    alarm = monitor.alarms[0]
+    return {"epochs_run": len(history.epoch), "stop_training": bool(model.stop_training),
+            "alarm": [alarm.step, alarm.layer, alarm.quantity, alarm.kind], "value": alarm.value,
+            "reason": monitor.reason,
+            "warnings": [str(w.message) for w in caught if "SignalMonitor" in str(w.message)]}
+
+
+# ----------------------------------------------------------------------------
+# WeightNormalization(data_init=True) in fit, and bake of a quantized WN model (issue 17).
+
+
+def _data_init_facts(model, wrapper, x):
+    """Per-unit mean and std of the wrapped layer's pre-activation output on `x`, and
+    the float32 rounding bound on them (fan_in + log2 count) eps max|y|."""
+    config = {**wrapper.layer.get_config(), "activation": "linear", "name": "plain"}
+    plain = type(wrapper.layer).from_config(config)
+    plain.build(x.shape)
+    plain.set_weights([numpy(wrapper.normalized_kernel()), numpy(wrapper.layer.bias)])
+    y = numpy(plain(x)).astype("float64")
+    y = y.reshape(-1, y.shape[-1])
+    fan_in = int(np.prod(wrapper.v.shape)) // int(np.prod(wrapper.g.shape))
+    return {"mean_error": float(np.abs(y.mean(0)).max()),
+            "std_error": float(np.abs(y.std(0) - 1.0).max()),
+            "bound": (fan_in + math.log2(y.shape[0])) * F32_EPS * float(np.abs(y).max())}
+
+
+@scenario
+def wn_data_init_in_fit():
+    import tempfile
+
+    def build():
+        keras.utils.set_random_seed(4)
+        wrapper = WeightNormalization(L.Conv2D(6, 3, activation="relu"), data_init=True,
+                                      name="wn")
+        model = keras.Sequential([keras.Input((8, 8, 3)), wrapper, L.Flatten(), L.Dense(2)])
+        # lr 0: only the init moves weights. JAX: the jitted (XLA) train step.
+        model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=BACKEND == "jax")
+        return model, wrapper
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(64, 8, 8, 3)) * 3.0 + 1.0).astype("float32")
+    y = rng.normal(size=(64, 2)).astype("float32")
+    model, wrapper = build()
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+    # Under JAX's stateless trainer the init waits in the shifts until an eager use.
+    pending = float(np.abs(numpy(wrapper._g_shift.value)).max())
+    facts = _data_init_facts(model, wrapper, x)
+    folded = float(np.abs(numpy(wrapper._g_shift.value)).max())
+    g = numpy(wrapper.g).copy()
+    model.fit(x[::-1] * 2.0 + 5.0, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+    redone = float(np.abs(numpy(wrapper.g) - g).max())
+    out = numpy(model(x))
+    path = os.path.join(tempfile.mkdtemp(), "data_init.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    loaded.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=BACKEND == "jax")
+    loaded.fit(-x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+    baked = numpy(bake_weight_norm(model)(x))
+    explicit, explicit_wrapper = build()
+    kg.weightnorm_data_init(explicit, x, verbose=0)
+    return {**facts, "flag": bool(numpy(wrapper.initialized.value)), "pending": pending,
+            "folded": folded, "redone": redone,
+            "reloaded_flag": bool(numpy(loaded.get_layer("wn").initialized.value)),
+            "reload_redone": float(np.abs(numpy(loaded.get_layer("wn").g) - g).max()),
+            "reload_out": float(np.abs(numpy(loaded(x)) - out).max()),
+            "bake_out": float(np.abs(baked - out).max()), "out_size": float(np.abs(out).max()),
+            "explicit_flag": bool(numpy(explicit_wrapper.initialized.value)),
+            "explicit_g": float(np.max(np.abs(numpy(explicit_wrapper.g) - g) / np.abs(g)))}
+
+
+@scenario
+def wn_bake_int8():
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((16,)),
+                              WeightNormalization(L.Dense(8), name="wn")])
+    model.get_layer("wn").g.assign(np.linspace(0.5, 2.0, 8))
+    model.get_layer("wn").layer.bias.assign(np.linspace(-1.0, 1.0, 8))
+    x = np.random.default_rng(7).normal(size=(32, 16)).astype("float32")
+    before = numpy(model(x))
+    model.quantize("int8")
+    quantized = numpy(model(x))
+    weights = [np.array(w) for w in model.get_weights()]
+    baked = bake_weight_norm(model)
+    got = numpy(baked(x))
+    return {"mode": baked.layers[0].quantization_mode,
+            "vs_quantized": float(np.abs(got - quantized).max()),
+            "vs_float": float(np.abs(got - before).max()),
+            "size": float(np.abs(quantized).max()),
+            "unchanged": all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))}
 
 
 print("DONE")

@@ -593,9 +593,18 @@ def wn_bake_int8():
     weights = [np.array(w) for w in model.get_weights()]
     baked = bake_weight_norm(model)
     got = numpy(baked(x))
+    # int8's rounding: each kernel entry half a step 1/kernel_scale of its column, each
+    # input half a step of its row (127 / max|row|): |x.w - x'.w'| per output.
+    wrapped = model.get_layer("wn").layer
+    scale = numpy(wrapped.kernel_scale).reshape(1, -1)
+    kernel = numpy(wrapped._kernel).astype("float64") / scale
+    row_scale = 127.0 / np.abs(x).max(axis=1, keepdims=True)
+    bound = (np.abs(x).sum(1, keepdims=True) / (2 * scale)
+             + np.abs(kernel).sum(0, keepdims=True) / (2 * row_scale))
     return {"mode": baked.layers[0].quantization_mode,
             "vs_quantized": float(np.abs(got - quantized).max()),
             "vs_float": float(np.abs(got - before).max()),
+            "over_int8_bound": float(np.max(np.abs(got - before) / bound)),
             "size": float(np.abs(quantized).max()),
             "unchanged": all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))}
 

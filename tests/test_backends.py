@@ -409,3 +409,34 @@ def test_signal_monitor_stops_training_and_names_the_layer(worker):
     # ||1e4 x|| / ||x|| = 1e4 to float32 rounding (2 layers, sums of 8 terms).
     assert abs(r["value"] - 1e4) <= 1e4 * 2 * math.sqrt(8) * float(np.finfo("float32").eps), r
     assert r["warnings"] == [f"SignalMonitor: stopping training: {r['reason']}"], r
+
+
+def test_weight_norm_data_init_in_fit(worker):
+    """WeightNormalization(data_init=True): fit (jit_compile on JAX) does the init once."""
+    backend = worker[0]
+    r = fact(worker, "wn_data_init_in_fit")
+    # The pre-activation output on the first batch has per-unit mean 0 and std 1, to float32
+    # rounding of the conv and the batch sums ((fan_in + log2 count) eps max|y|).
+    assert r["flag"] and r["mean_error"] <= r["bound"] and r["std_error"] <= r["bound"], r
+    if backend == "jax":
+        # Keras' JAX trainer keeps only non-trainable assignments: the init went into the
+        # shifts, and the first eager use folded them into g and the bias.
+        assert r["pending"] > 0 and r["folded"] == 0.0, r
+    else:
+        assert r["pending"] == 0.0, r
+    # Another batch, a reloaded model: no second init (lr 0: nothing else moves g).
+    assert r["redone"] == 0.0 and r["reloaded_flag"] and r["reload_redone"] == 0.0, r
+    assert r["reload_out"] <= ROUNDING * r["out_size"], r
+    assert r["bake_out"] <= ROUNDING * r["out_size"], r
+    # weightnorm_data_init sets the same g (same rule, same batch) and the flag.
+    assert r["explicit_flag"] and r["explicit_g"] <= ROUNDING, r
+
+
+def test_bake_of_an_int8_weight_norm_model(worker):
+    r = fact(worker, "wn_bake_int8")
+    # The baked Dense holds the quantized layer's integer kernel and scales: its output is
+    # the quantized model's to float32 rounding of a 16-term sum; the float model's is
+    # within int8's rounding of it, derived from the scales (was about 100 % off).
+    assert r["mode"] == "int8" and r["unchanged"], r
+    assert r["vs_quantized"] <= 16 * float(np.finfo("float32").eps) * r["size"], r
+    assert 0 < r["vs_float"] and r["over_int8_bound"] <= 1 + 1e-3, r

@@ -37,6 +37,8 @@ Usage:
     python benchmarks/lsuv_speed.py --depth 56    # one depth, prints one JSON line
     python benchmarks/lsuv_speed.py --backend jax --processes 1 --no-naive
     python benchmarks/lsuv_speed.py --backend torch --processes 1 --no-naive --torch-compile
+    python benchmarks/lsuv_speed.py --processes 1 --no-naive \
+        --json benchmarks/results/lsuv_speed_tensorflow.json  # for docs/gen_measurements.py
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ def main() -> None:
                              "naive loop, 10-100x slower, runs in the first one only)")
     parser.add_argument("--torch-compile", action="store_true",
                         help="torch only: also time torch.compile of the forward")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the rows, machine and load as JSON (benchmarks/"
+                             "results/ feeds docs/gen_measurements.py)")
     args = parser.parse_args()
     if args.torch_compile and args.backend != "torch":
         parser.error(f"--torch-compile needs --backend torch. Received: --backend "
@@ -189,6 +194,9 @@ def main() -> None:
 
     import statistics
 
+    from _results import Recorder
+
+    recorder = Recorder("lsuv_speed")
     rows = []
     for depth in DEPTHS:
         runs = [_child(depth, naive=i == 0 and not args.no_naive, backend=args.backend,
@@ -258,6 +266,9 @@ def main() -> None:
     print()
     for name, passed, value in checks:
         print(f"{'PASS' if passed else 'FAIL'}  {name}: {value}")
+    if args.json:
+        recorder.write(args.json, rows, backend=args.backend, processes=args.processes,
+                       checks=[{"name": n, "passed": p, "value": v} for n, p, v in checks])
 
 
 if __name__ == "__main__":

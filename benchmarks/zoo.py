@@ -41,6 +41,7 @@ Usage:
     python benchmarks/zoo.py --models resnet20 vgg16 --repeats 1
     python benchmarks/zoo.py --methods lsuv --no-naive    # quick
     python benchmarks/zoo.py --preinit-only               # the pre-init table alone
+    python benchmarks/zoo.py --json benchmarks/results/zoo.json  # for docs/gen_measurements.py
 """
 
 from __future__ import annotations
@@ -282,13 +283,19 @@ def main() -> None:
     parser.add_argument("--no-preinit", action="store_true", help="skip the pre-init table")
     parser.add_argument("--preinit-only", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the rows, machine and load as JSON (benchmarks/"
+                             "results/ feeds docs/gen_measurements.py)")
     args = parser.parse_args()
     if args.child:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
         return
 
-    checks = []
+    from _results import Recorder
+
+    recorder = Recorder("zoo")
+    checks, rows, preinit, naive_row = [], [], [], None
     if not args.preinit_only:
         header = (f"{'model':<15}{'method':<8}{'mode':<10}{'fwd 1st s':>10}{'1st s':>9}"
                   f"{'1st/fwd':>9}{'fwd warm s':>11}{'2nd s':>8}{'2nd/warm':>9}  ok")
@@ -307,6 +314,10 @@ def main() -> None:
                 print(f"{name:<15}{method:<8}{run['mode']:<10}{fwd['first_s']:>10.2f}"
                       f"{run['first_s']:>9.2f}{first:>9.2f}{fwd['warm_s']:>11.3f}"
                       f"{run['warm_s']:>8.2f}{warm:>9.2f}  {run['ok']}", flush=True)
+                rows.append({"model": name, "method": method, "mode": run["mode"],
+                             "ok": run["ok"], "forward_first_s": fwd["first_s"],
+                             "first_s": run["first_s"], "forward_warm_s": fwd["warm_s"],
+                             "warm_s": run["warm_s"]})
                 checks.append((f"{name} {method}: first call <= 1.5x first compiled forward",
                                first <= 1.5, f"{first:.2f}"))
                 checks.append((f"{name} {method}: second call <= 2x warm compiled forward",
@@ -314,6 +325,7 @@ def main() -> None:
         if not args.no_naive and "resnet110" in args.models and "lsuv" in args.methods:
             naive = _spawn("naive", "resnet110")
             if naive is not None:
+                naive_row = naive
                 ratio = naive["naive_s"] / naive["lsuv_s"]
                 print(f"\nResNet-110 naive sub-model loop {naive['naive_s']:.1f} s, lsuv_init "
                       f"{naive['lsuv_s']:.2f} s (first call): naive/lsuv = {ratio:.1f}")
@@ -324,6 +336,7 @@ def main() -> None:
         for name in args.models:
             r = _spawn("preinit", name)
             if r is not None:
+                preinit.append({"model": name, **r})
                 print(f"{name:<15}{r['kernels']:>8}{r['groups']:>7}{r['forward_s']:>11.3f}"
                       f"{r['householder_s']:>14.2f}{r['new_s']:>8.2f}{r['new_first_s']:>10.2f}"
                       f"{r['householder_s'] / r['new_s']:>8.2f}"
@@ -331,6 +344,9 @@ def main() -> None:
     print()
     for label, passed, value in checks:
         print(f"{'PASS' if passed else 'FAIL'}  {label}: {value}")
+    if args.json:
+        recorder.write(args.json, rows, repeats=args.repeats, preinit=preinit, naive=naive_row,
+                       checks=[{"name": n, "passed": p, "value": v} for n, p, v in checks])
 
 
 if __name__ == "__main__":

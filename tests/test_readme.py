@@ -6,23 +6,21 @@ nothing shared between them.
 """
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
+from _markdown_blocks import (
+    ROOT,
+    run_here,
+    run_in_a_fresh_process_without_tensorflow,
+    sets_backend,
+)
+from _markdown_blocks import python_blocks as _blocks_of
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+README = os.path.join(ROOT, "README.md")
 
 
 def python_blocks() -> list[tuple[int, str]]:
-    with open(README, encoding="utf-8") as handle:
-        text = handle.read()
-    blocks = []
-    for match in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M):
-        line = text.count("\n", 0, match.start()) + 1
-        blocks.append((line, match.group(1)))
-    return blocks
+    return _blocks_of(README)
 
 
 BLOCKS = python_blocks()
@@ -32,28 +30,10 @@ def test_the_readme_has_python_blocks():
     assert len(BLOCKS) >= 3, BLOCKS
 
 
-# A block that picks a backend: Keras reads KERAS_BACKEND once, at import.
-_BACKEND = re.compile(r"""^os\.environ\["KERAS_BACKEND"\] = "(\w+)"$""", re.M)
-
-
 @pytest.mark.parametrize("line, source", BLOCKS, ids=[f"line{line}" for line, _ in BLOCKS])
 def test_block_runs_as_written(line, source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that save files write them here
-    if _BACKEND.search(source):
-        _runs_in_a_fresh_process_without_tensorflow(line, source, tmp_path)
+    if sets_backend(source):
+        run_in_a_fresh_process_without_tensorflow(f"README.md:{line}", source, tmp_path)
         return
-    code = compile(source, f"README.md:{line}", "exec")
-    exec(code, {"__name__": "__readme__"})
-
-
-def _runs_in_a_fresh_process_without_tensorflow(line, source, folder):
-    backend = _BACKEND.search(source).group(1)
-    # None in sys.modules: `import tensorflow` fails as if it were not installed.
-    script = folder / f"readme_{line}.py"
-    script.write_text('import sys\nsys.modules["tensorflow"] = None\n' + source)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("KERAS_BACKEND", None)
-    process = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                             cwd=folder, env=env, timeout=300)
-    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
-    assert process.stdout.split()[0] == backend, process.stdout
+    run_here(f"README.md:{line}", source, {"__name__": "__readme__"})

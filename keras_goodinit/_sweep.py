@@ -367,6 +367,9 @@ class SweepResult:
     # id(target) of those met only inside traced code (vectorized_map, tf.function),
     # where no host-side policy can run: they pass through unchanged and unmeasured.
     traced: set = dataclasses.field(default_factory=set)
+    # id(target) of those no hook met whose kernel the traced pass read all the same: called
+    # inside a tf.function traced before the pass, whose cached program bypasses the hooks.
+    read: set = dataclasses.field(default_factory=set)
     # How the pass ran: "xla", "compiled" or "eager", and why it is eager if it is.
     mode: str = "eager"
     note: str = ""
@@ -1013,8 +1016,23 @@ def _frozen(value, depth: int):
     return _OPAQUE
 
 
+def unmet_reason(target: Target, result: SweepResult) -> str:
+    """Why the pass did not measure `target`, a target it did not meet."""
+    if id(target) in result.traced:
+        return ("called only inside traced code (e.g. keras.ops.vectorized_map), where its "
+                "output cannot be measured")
+    if id(target) in result.read:
+        return ("called inside a tf.function traced before this pass: its cached program "
+                "runs the layer without the sweep's hooks, so its output cannot be measured "
+                "(call the layer outside that tf.function)")
+    if result.mode == "compiled" or (result.mode == "xla" and _backend.is_tensorflow()):
+        return "not called in the forward pass"  # the traced graph does not read its kernel
+    return ("not called in the forward pass, or only inside a tf.function or jax.jit traced "
+            "before it, whose cached program runs without the sweep's hooks")
+
+
 def _cleared(record: SweepResult) -> None:
-    for part in (record.order, record.states, record.calls, record.traced):
+    for part in (record.order, record.states, record.calls, record.traced, record.read):
         part.clear()
 
 
@@ -1037,6 +1055,7 @@ def _of_targets(record: SweepResult, states: dict, targets, **fields) -> SweepRe
         order=[targets[i] for i in record.order],
         calls={id(targets[i]): count for i, count in record.calls.items()},
         traced={id(targets[i]) for i in record.traced},
+        read={id(targets[i]) for i in record.read},
         states={id(targets[int(i)]): state for i, state in states.items()}, **fields)
 
 
@@ -1070,6 +1089,11 @@ def _trace(model, inputs, targets, policy, mode, training, probes, program):
     body = _traced_body(model_ref, record, targets, policy, training, probes, program)
     function = tf.function(body, jit_compile=mode == "xla", autograph=False)
     concrete = function.get_concrete_function(*inputs)
+    # A target no hook met, whose kernel the graph reads: a nested tf.function ran it.
+    read = {id(getattr(v, "_value", v)) for v in concrete.graph.variables}
+    met = set(record.order) | record.traced
+    record.read = {i for i, t in enumerate(targets) if i not in met and id(getattr(
+        t.direction_variable, "_value", t.direction_variable)) in read}
     return function, record, _writes_variables(concrete.graph.as_graph_def())
 
 

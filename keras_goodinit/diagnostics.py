@@ -37,6 +37,11 @@ class LayerSignal:
         weight_grad_std: Standard deviation of `dL/dkernel` (`dL/dv` for
             weight-normalized layers); NaN without gradients, and for a
             layer whose output does not reach the loss.
+        status: `"ok"`, or `"skipped"` for a layer the pass could not
+            measure (its statistics are NaN).
+        reason: Why it was skipped (e.g. called only inside
+            `keras.ops.vectorized_map`, or inside a `tf.function` traced
+            before the pass); empty for `"ok"`.
     """
 
     name: str
@@ -46,6 +51,8 @@ class LayerSignal:
     norm_ratio: float
     grad_norm_ratio: float = math.nan
     weight_grad_std: float = math.nan
+    status: str = "ok"
+    reason: str = ""
 
 
 @dataclasses.dataclass
@@ -84,7 +91,8 @@ class SignalReport:
     """Per-layer signal statistics, in execution order, from `signal_report`.
 
     Attributes:
-        rows: One `LayerSignal` per target layer.
+        rows: One `LayerSignal` per target layer: those the pass measured, in
+            execution order, then those it could not (`status="skipped"`).
         input_norm: `||x||` of the batch.
         loss: The loss the gradients are of (NaN without gradients).
         training: The mode of the forward pass: `True` for training mode
@@ -99,7 +107,8 @@ class SignalReport:
         blocks: One `BlockSignal` per residual block, in execution order
             (empty for a subclassed model, whose graph is unknown).
         mode: How the pass ran: `"xla"`, `"compiled"` or `"eager"`.
-        note: Why it ran eagerly under `compile="auto"` (empty otherwise).
+        note: Why it ran eagerly under `compile="auto"`, and how many layers
+            it could not measure (empty when neither).
     """
 
     rows: list[LayerSignal]
@@ -147,7 +156,8 @@ class SignalReport:
                        f"{self.grad_reference or 'nothing (no output reaches the loss)'}")
         else:
             footer += "; no backward pass"
-        text = format_table(header, lines, footer)
+        skipped = [f"skipped {r.name}: {r.reason}" for r in self.rows if r.status != "ok"]
+        text = format_table(header, lines, "\n".join([footer, *skipped]))
         if not self.blocks:
             return text
         header = ("block", "stage", "N", "avg ch mean^2", "avg ch var", "branch var",
@@ -801,7 +811,7 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
            None if facts is None else tuple(keras.tree.flatten(facts)))
     result = _sweep.run(model, x, targets, record, key=key, compile=compile, training=training,
                         program=program, aux=aux)
-    return _assembled(result, _flat_norm(x), training=training)
+    return _assembled(result, targets, _flat_norm(x), training=training)
 
 
 def _differentiates_by_tracing(x) -> bool:
@@ -828,7 +838,8 @@ def _norm(tensor):
     return ops.sqrt(ops.sum(ops.square(ops.cast(tensor, "float32"))))
 
 
-def _assembled(result: _sweep.SweepResult, input_norm: float, *, training: bool) -> SignalReport:
+def _assembled(result: _sweep.SweepResult, targets, input_norm: float, *,
+               training: bool) -> SignalReport:
     """The report from what the pass returned (NumPy values and trace-time facts)."""
     rows, samples = [], {}
     for target in result.order:
@@ -836,12 +847,18 @@ def _assembled(result: _sweep.SweepResult, input_norm: float, *, training: bool)
         rows.append(LayerSignal(target.name, target.class_name, float(state["mean"]),
                                 float(state["std"]), _ratio(float(state["norm"]), input_norm)))
         samples[target.name] = state["sample"]
+    met = {id(t) for t in result.order}
+    unmet = [LayerSignal(t.name, t.class_name, math.nan, math.nan, math.nan,
+                         status="skipped", reason=_sweep.unmet_reason(t, result))
+             for t in targets if id(t) not in met]
     extra, static = result.extra, result.static
     blocks = [BlockSignal(name, stage, num_blocks, **{k: float(v) for k, v in moments.items()})
               for (name, stage, num_blocks), moments in zip(static["blocks"], extra["blocks"])]
-    note = "; ".join(n for n in (result.note, static.get("note", "")) if n)
-    report = SignalReport(rows, input_norm, training=training, samples=samples, blocks=blocks,
-                          mode=result.mode, note=note)
+    skipped = (f"{len(unmet)} of {len(targets)} target layers could not be measured (rows "
+               f"with status 'skipped' say why)" if unmet else "")
+    note = "; ".join(n for n in (result.note, static.get("note", ""), skipped) if n)
+    report = SignalReport(rows + unmet, input_norm, training=training, samples=samples,
+                          blocks=blocks, mode=result.mode, note=note)
     if "loss" not in extra:
         return report
     reaching = _reaching(static["reaching"], extra["grad_norms"], extra.get("reaches"))

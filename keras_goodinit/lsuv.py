@@ -429,11 +429,9 @@ def _reached(targets, result):
 
 
 def _not_called(target, result=None) -> LayerRecord:
-    if result is not None and id(target) in result.traced:
-        return _skipped(target.name, target.class_name,
-                        "called only inside traced code (e.g. keras.ops.vectorized_map), "
-                        "where its output cannot be measured; not scaled")
-    return _skipped(target.name, target.class_name, "not called in the forward pass")
+    reason = ("not called in the forward pass" if result is None
+              else f"{_sweep.unmet_reason(target, result)}; not scaled")
+    return _skipped(target.name, target.class_name, reason)
 
 
 def _add_notes(pairs, notes: dict) -> None:

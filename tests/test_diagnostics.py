@@ -613,3 +613,52 @@ def test_a_loss_that_gives_no_gradient_is_refused(batch, compile, kind):
     report = signal_report(model, (batch, np.zeros_like(batch)), loss=numpy_loss,
                            gradients=False)
     assert len(report.rows) == 2
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: a target the pass cannot measure is a skipped row that says why, never dropped.
+
+
+class _NestedFunction(keras.Model):
+    """Calls its first layer inside a tf.function traced before any report."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        super().__init__(name="nested_function")  # a root name scope: no leading "_"
+        self.inner = keras.layers.Dense(16, activation="relu", name="inner")
+        self.inner.build((None, 8))  # variables first: the tf.function then reads them
+        self.head = keras.layers.Dense(4, name="head")
+        self.nested = tf.function(lambda x: self.inner(x))
+
+    def call(self, x):
+        return self.head(self.nested(x))
+
+
+class _VectorizedMap(keras.Model):
+    def __init__(self):
+        super().__init__(name="vectorized_map")
+        self.inner = keras.layers.Dense(16, activation="relu", name="inner")
+        self.head = keras.layers.Dense(4, name="head")
+
+    def call(self, x):
+        return self.head(keras.ops.vectorized_map(lambda row: self.inner(row[None])[0], x))
+
+
+@pytest.mark.parametrize("compile", ["auto", "eager"])
+@pytest.mark.parametrize("model_class, why", [
+    (_NestedFunction, "tf.function"), (_VectorizedMap, "vectorized_map")])
+def test_a_target_the_pass_cannot_measure_is_a_skipped_row(batch, compile, model_class, why):
+    model = model_class()
+    model(batch)
+    report = signal_report(model, batch, compile=compile)
+    assert report.mode == ("compiled" if compile == "auto" else "eager"), report.note
+    rows = {r.name: r for r in report.rows}
+    assert set(rows) == {"inner", "head"}
+    assert rows["head"].status == "ok" and np.isfinite(rows["head"].std)
+    skipped = rows["inner"]
+    assert skipped.status == "skipped" and why in skipped.reason, skipped
+    assert np.isnan(skipped.std) and np.isnan(skipped.grad_norm_ratio)
+    assert "1 of 2 target layers could not be measured" in report.note
+    assert f"skipped inner: {skipped.reason}" in report.table()
+    assert report.to_dict()["rows"][1]["status"] == "skipped"

@@ -867,3 +867,19 @@ def test_callback_weightnorm_data_init_and_bad_arguments():
         LSUVCallback(x, tolerance=0.1)
     with pytest.raises(ValueError, match="tol"):
         LSUVCallback(x, method="weightnorm_data_init", tol=0.1)
+
+
+def test_a_target_called_inside_an_earlier_tf_function_is_skipped_with_the_reason():
+    # Issue 17: its cached program runs without the sweep's hooks (the traced pass's graph
+    # reads its kernel all the same, which tells it from a layer the pass never calls).
+    from test_diagnostics import _NestedFunction
+
+    x = normal((64, 8), 44)
+    model = _NestedFunction()
+    model(x)
+    report = lsuv_init(model, x, verbose=0)
+    assert report.mode == "compiled", report.notes
+    rows = {r.name: r for r in report.rows}
+    assert rows["head"].status == "ok"
+    assert rows["inner"].status == "skipped"
+    assert "inside a tf.function traced before this pass" in rows["inner"].reason

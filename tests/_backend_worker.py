@@ -609,4 +609,39 @@ def wn_bake_int8():
             "unchanged": all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))}
 
 
+if BACKEND == "jax":
+    @scenario
+    def wn_data_init_data_parallel():
+        # Two CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2): the init on the
+        # global batch, the same on both, folded in place after fit.
+        rng = np.random.default_rng(8)
+        x = (rng.normal(size=(32, 8, 8, 3)) * 2.0 + 0.5).astype("float32")
+        y = rng.normal(size=(32, 2)).astype("float32")
+
+        def build():
+            keras.utils.set_random_seed(9)
+            model = keras.Sequential([
+                keras.Input((8, 8, 3)),
+                WeightNormalization(L.Conv2D(6, 3, activation="relu"), data_init=True,
+                                    name="wn"),
+                L.Flatten(), L.Dense(2)])
+            model.compile(keras.optimizers.SGD(0.0), "mse")
+            return model
+
+        single = build()
+        single.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+        expected = numpy(single.get_layer("wn").g)
+        devices = keras.distribution.list_devices("cpu")
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        try:
+            model = build()
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+            g = numpy(model.get_layer("wn").g)  # folds the shifts in, eagerly
+            return {"devices": len(devices), "replicas": replicas_identical(model),
+                    "flag": bool(numpy(model.get_layer("wn").initialized.value)),
+                    "vs_single": float(np.max(np.abs(g - expected) / np.abs(expected)))}
+        finally:
+            keras.distribution.set_distribution(None)
+
+
 print("DONE")

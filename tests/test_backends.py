@@ -440,3 +440,12 @@ def test_bake_of_an_int8_weight_norm_model(worker):
     assert r["mode"] == "int8" and r["unchanged"], r
     assert r["vs_quantized"] <= 16 * float(np.finfo("float32").eps) * r["size"], r
     assert 0 < r["vs_float"] and r["over_int8_bound"] <= 1 + 1e-3, r
+
+
+def test_weight_norm_data_init_under_jax_data_parallel(worker):
+    if worker[0] != "jax":
+        pytest.skip("JAX's DataParallel distribution")
+    r = fact(worker, "wn_data_init_data_parallel")
+    assert r["devices"] == 2 and r["replicas"] == [2, True] and r["flag"], r
+    # The global batch's statistics: a single-device init on the same 32 samples.
+    assert r["vs_single"] <= ROUNDING, r

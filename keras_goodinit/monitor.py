@@ -24,6 +24,9 @@ ON_EXPLOSION = ("ignore", "warn", "stop")
 LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerSignal) if f.type == "float")
 BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSignal) if f.type == "float")
 
+# The statistics of the backward pass (NaN in a report without gradients).
+_BACKWARD_FIELDS = ("grad_norm_ratio", "weight_grad_std")
+
 # What each ratio is, in an alarm's message.
 _FORMULAS = {"norm_ratio": "||h_l|| / ||x||", "grad_norm_ratio": "||dL/dh_l|| / ||dL/dh_R||",
              "std": "the output's std", "weight_grad_std": "the kernel gradient's std"}
@@ -87,13 +90,15 @@ class SignalRecord:
         """The record's TensorBoard scalars, tag -> value.
 
         `probe_loss` (with gradients); `{field}/{layer}` for every
-        `LayerSignal` statistic; `block_{field}/{block}` for every
-        `BlockSignal` statistic.
+        `LayerSignal` statistic (the backward ones with gradients only);
+        `block_{field}/{block}` for every `BlockSignal` statistic.
         """
         report = self.report
-        tags = {"probe_loss": report.loss} if report.loss_name else {}
+        backward = bool(report.loss_name)  # False: no backward pass, its fields are NaN
+        tags = {"probe_loss": report.loss} if backward else {}
+        fields = [f for f in LAYER_FIELDS if backward or f not in _BACKWARD_FIELDS]
         for row in report.rows:
-            tags.update({f"{field}/{row.name}": getattr(row, field) for field in LAYER_FIELDS})
+            tags.update({f"{field}/{row.name}": getattr(row, field) for field in fields})
         for block in report.blocks:
             tags.update({f"block_{field}/{block.name}": getattr(block, field)
                          for field in BLOCK_FIELDS})

@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 import warnings
 
 import keras
@@ -285,16 +286,30 @@ def test_tensorboard_events_read_back_with_tensorboards_reader(data, tmp_path):
         assert last.max == pytest.approx(float(sample.max()), abs=tolerance)
 
 
-def test_without_histograms_only_scalars_are_written(data, tmp_path):
+def test_without_histograms_or_gradients_only_forward_scalars_are_written(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     x, y = data
     model = residual_net()
-    monitor = SignalMonitor((x[:32], y[:32]), log_dir=str(tmp_path), histograms=False)
+    monitor = SignalMonitor((x[:32], y[:32]), log_dir=str(tmp_path), histograms=False,
+                            gradients=False)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[monitor])
     reader = EventAccumulator(str(tmp_path / "signal"))
     reader.Reload()
-    assert reader.Tags()["histograms"] == [] and reader.Tags()["scalars"]
+    assert reader.Tags()["histograms"] == []
+    assert sorted(reader.Tags()["scalars"]) == sorted(
+        [f"{field}/{name}" for field in ("mean", "std", "norm_ratio")
+         for name in ("stem", "branch", "logits")]
+        + [f"block_{field}/add" for field in BLOCK_FIELDS])
+
+
+def test_a_missing_tensorboard_package_names_the_extra(data, monkeypatch):
+    for name in [name for name in sys.modules if name.split(".")[0] == "tensorboard"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ImportError, match=r"keras-goodinit\[tensorboard\]"):
+        SignalMonitor(data, log_dir="logs")
+    SignalMonitor(data)  # without log_dir, tensorboard is never imported
 
 
 def test_csv_and_json_lines_hold_the_history(data, tmp_path):

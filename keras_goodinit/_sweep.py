@@ -237,6 +237,18 @@ def following_activation(target: Target) -> keras.layers.Layer | None:
     return layer if isinstance(layer, _ACTIVATION_TYPES) else None
 
 
+def followers(targets: Sequence[Target]) -> dict[int, keras.layers.Layer]:
+    """id(target) -> its `following_activation`, for the targets that have one."""
+    found = {id(t): following_activation(t) for t in targets}
+    return {key: layer for key, layer in found.items() if layer is not None}
+
+
+def follower_key(targets: Sequence[Target], followers: dict) -> tuple:
+    """`followers` for a cache key: by position, as each call makes new Target objects
+    but the same model gives the same order."""
+    return tuple((i, id(followers[id(t)])) for i, t in enumerate(targets) if id(t) in followers)
+
+
 def followed_by_normalization(target: Target) -> bool:
     """Whether the target's output goes only into a normalization layer (BN, LN, GN)."""
     if target.inner.activation not in (None, keras.activations.linear):

@@ -26,10 +26,13 @@ class LayerSignal:
     Attributes:
         name: The layer's name.
         class_name: Its class.
-        mean: Mean of its output (after its activation) over the batch.
-        std: Standard deviation of its output.
-        norm_ratio: `||h_l|| / ||x||`, the output's norm over the input's.
-        grad_norm_ratio: `||dL/dh_l|| / ||dL/dh_R||`, relative to the
+        mean: Mean of its output over the batch, after its activation: the
+            fused one, or the activation layer (`Activation`, `ReLU`...) that
+            alone consumes its output.
+        std: Standard deviation of that output.
+        norm_ratio: `||h_l|| / ||x||`, that output's norm over the input's.
+        grad_norm_ratio: `||dL/dy_l|| / ||dL/dy_R||`, with `y_l` the layer's
+            own output (after a fused activation, before a separate one), relative to the
             reference layer `R` (`SignalReport.grad_reference`): the last
             target, in execution order, whose output reaches the loss. NaN
             without gradients, and for a layer whose output does not reach
@@ -722,12 +725,17 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
              compile) -> SignalReport:
     outputs: dict[int, object] = {}  # id(target) -> its output, in the pass
     draws: dict[str, np.random.Generator] = {}
+    # The statistics are of the output after its activation: a separate activation layer
+    # (Keras' builders, most Sequential models) is applied to the measured copy.
+    followers = _sweep.followers(targets)
 
     def record(target, y, activation, state):
         out = activation(y)
         if state is None:
             outputs[id(target)] = out
-            state = _output_statistics(out, draws["samples"])
+            follower = followers.get(id(target))
+            state = _output_statistics(out if follower is None else follower(out),
+                                       draws["samples"])
         return out, state
 
     def program(forward, x, labels):
@@ -808,7 +816,8 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
 
     aux = None if labels is None else keras.tree.map_structure(ops.convert_to_tensor, labels)
     key = ("signal_report", gradients, loss, seed,
-           None if facts is None else tuple(keras.tree.flatten(facts)))
+           None if facts is None else tuple(keras.tree.flatten(facts)),
+           _sweep.follower_key(targets, followers))
     result = _sweep.run(model, x, targets, record, key=key, compile=compile, training=training,
                         program=program, aux=aux)
     return _assembled(result, targets, _flat_norm(x), training=training)

@@ -405,13 +405,31 @@ def _prepare(model, data, layers):
     x = _data.first_batch(data)
     _data.check_batch(x)
     found = _sweep.prepare(model, x, layers)
-    targets = [t for t in found if not t.unscalable_reason()]
+    targets = _scalable(found)
     rows = [_skipped(t.name, t.class_name, t.unscalable_reason())
             for t in found if t.unscalable_reason()]
     if layers is None:
         rows += [_skipped(layer.name, type(layer).__name__, reason)
                  for layer, reason in _sweep.unscalable_layers(model, found)]
     return x, targets, rows
+
+
+def _scalable(found):
+    """The targets an init may write: those `unscalable_reason` does not rule out."""
+    return [t for t in found if not t.unscalable_reason()]
+
+
+def written_targets(model: keras.layers.Layer, method: str, layers=None) -> list:
+    """The targets whose weights `method` would write, found as the init finds them.
+
+    `lsuv_init` writes every scalable target's kernel (or `g`);
+    `weightnorm_data_init` only the weight-normalized ones' `g` and bias.
+    `model` must be built.
+    """
+    targets = _scalable(_sweep.find_targets(model, layers))
+    if method == "weightnorm_data_init":
+        targets = [t for t in targets if t.is_weight_normalized]
+    return targets
 
 
 def _skipped(name, class_name, reason) -> LayerRecord:
@@ -438,6 +456,24 @@ def _add_notes(pairs, notes: dict) -> None:
     for target, row in pairs:
         if id(target) in notes:
             row.reason = "; ".join(r for r in (row.reason, notes[id(target)]) if r)
+
+
+def _constraint_notes(targets) -> dict:
+    """id(target) -> a note for targets whose scaled variable has a constraint.
+
+    Keras applies a variable's constraint after every optimizer step, even at
+    learning rate 0: a `UnitNorm` kernel is set back to unit norm, undoing the
+    scale at the first step.
+    """
+    notes = {}
+    for target in targets:
+        constrained = [(v, v.constraint) for v in target.scale_variables
+                       if getattr(v, "constraint", None) is not None]
+        if constrained:
+            names = ", ".join(f"{type(c).__name__} on {v.name!r}" for v, c in constrained)
+            notes[id(target)] = (f"constrained ({names}): the optimizer applies it after "
+                                 "every training step, which can undo this scale")
+    return notes
 
 
 def _shared_note(result, target) -> str:
@@ -589,6 +625,7 @@ def lsuv_init(
                            post=spec.measure == "post_activation", tol=spec.tol,
                            compile=result.mode)
         _add_notes(pairs, notes)
+        _add_notes(pairs, _constraint_notes(targets))
         summary = (residual_notes + _normalization_notes(pairs)
                    + ([result.note] if result.note else []))
         _distribute.broadcast_from_chief(variables)
@@ -596,9 +633,7 @@ def lsuv_init(
                           notes=summary, mode=result.mode)
 
 
-def _follower_key(targets, followers) -> tuple:
-    # By position: each call makes new Target objects, but the same model gives the same order.
-    return tuple((i, id(followers[id(t)])) for i, t in enumerate(targets) if id(t) in followers)
+_follower_key = _sweep.follower_key
 
 
 _NORMALIZED = ("a normalization layer follows: in training mode it re-normalizes this "
@@ -773,10 +808,7 @@ def _einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:
 
 def _followers(targets, measure) -> dict:
     """id(target) -> the separate activation layer after it, for post-activation statistics."""
-    if measure != "post_activation":
-        return {}
-    found = {id(t): _sweep.following_activation(t) for t in targets}
-    return {key: layer for key, layer in found.items() if layer is not None}
+    return _sweep.followers(targets) if measure == "post_activation" else {}
 
 
 def _lsuv_rows(result, targets, spec, progbar=None):

@@ -662,3 +662,29 @@ def test_a_target_the_pass_cannot_measure_is_a_skipped_row(batch, compile, model
     assert "1 of 2 target layers could not be measured" in report.note
     assert f"skipped inner: {skipped.reason}" in report.table()
     assert report.to_dict()["rows"][1]["status"] == "skipped"
+
+
+@pytest.mark.parametrize("compile", ["auto", "eager"])
+def test_statistics_are_after_a_separate_activation_layer(compile):
+    # Issue 17: wn_mlp puts each ReLU in its own layer; a row's mean, std, norm and samples
+    # are of the output after it (>= 0), as for a fused activation, not of the pre-activation.
+    from _rounding import reordered
+
+    from keras_goodinit.models import wn_mlp
+
+    model = wn_mlp((16,), 10, depth=3, width=32, seed=3)
+    x = np.random.default_rng(5).normal(size=(64, 16)).astype("float32")
+    report = signal_report(model, x, compile=compile)
+    relus = {layer.name: model.layers[i + 1] for i, layer in enumerate(model.layers[:-1])
+             if isinstance(model.layers[i + 1], keras.layers.ReLU)}
+    assert len(relus) == 3
+    features = keras.Model(model.inputs, [relu.output for relu in relus.values()])
+    for row, expected in zip(report.rows, features(x)):
+        assert row.name in relus
+        expected = np.asarray(expected, dtype="float64")
+        assert row.mean >= 0 and np.all(report.samples[row.name] >= 0), row
+        # The same float32 values through another order of rounding: depth <= 3 layers of
+        # fan-in <= 32, then a 2048-term statistic (tests/_rounding.py).
+        bound = reordered(4, max(32, expected.size), np.abs(expected).max())
+        assert abs(row.mean - expected.mean()) <= bound, row
+        assert abs(row.std - expected.std()) <= bound, row

@@ -162,12 +162,14 @@ class WeightNormalization(keras.layers.Wrapper):
     strategy the statistics are those of the global batch (a cross-replica
     mean of every replica's moments; replicas get equal shares of the first
     batch), so every replica gets the same `g` and bias. Keras' JAX trainer
-    keeps only the non-trainable variables a forward pass assigns, so on JAX
-    a wrapper whose init is still due raises a `ValueError` in `fit`: run
-    the init before `fit`, with `weightnorm_data_init(model, batch)` or one
-    eager `model(batch, training=True)`. A wrapper that is quantized or has
-    LoRA enabled does no data init (its `g` is frozen or its output is not
-    linear in `g`).
+    (any stateless scope) keeps only the non-trainable variables a forward
+    pass assigns: there the init goes into the non-trainable `g_shift` and
+    `bias_shift`, which the layer adds to `g` and the bias, and which its
+    next eager use (reading `wrapper.g`, calling it, saving, baking) folds
+    into them; the layer computes the same before and after. Statistics
+    count every position of the batch (a Keras mask is not applied). A
+    wrapper that is quantized or has LoRA enabled does no data init (its
+    `g` is frozen, or its output is not linear in `g`).
 
     The default is `data_init=False`, unlike tensorflow-addons' `True`:
     a model of this package built before `data_init` existed, or loaded

@@ -71,8 +71,20 @@ def _dct_by_fft(x):
     angle = -math.pi * k / (2 * m)
     out = real * ops.cos(angle) - imag * ops.sin(angle)
     # Orthonormal scaling: sqrt(1/m) for k = 0, sqrt(2/m) otherwise.
-    scale = ops.where(k == 0, math.sqrt(1.0 / m), math.sqrt(2.0 / m))
-    return out * ops.cast(scale, x.dtype)
+    # Tensors of x's dtype: Python floats in `where` give float32 on torch, even for float64.
+    scale = ops.where(k == 0, ops.full_like(k, math.sqrt(1.0 / m)),
+                      ops.full_like(k, math.sqrt(2.0 / m)))
+    return out * scale
+
+
+def matmul(a, b):
+    """`ops.matmul` in the inputs' dtype. Keras 3.15's torch backend computes a float64
+    product in float32 (and returns float32), so there it is torch's own."""
+    if name() == "torch":
+        import torch
+
+        return torch.matmul(ops.convert_to_tensor(a), ops.convert_to_tensor(b))
+    return ops.matmul(a, b)
 
 
 def wide() -> str:
@@ -92,6 +104,20 @@ def is_traced(value) -> bool:
         import jax
 
         return isinstance(value, jax.core.Tracer)
+    return False
+
+
+def is_vectorized(value) -> bool:
+    """Whether `value` is one sample inside `keras.ops.vectorized_map` (JAX's vmap,
+    PyTorch's torch.vmap), where batch statistics cannot be taken, even within a pass
+    that is itself traced. TensorFlow's is told by its graph's name scope."""
+    backend = name()
+    if backend == "jax":
+        return type(value).__name__ == "BatchTracer"
+    if backend == "torch":
+        import torch
+
+        return isinstance(value, torch.Tensor) and torch._C._functorch.is_batchedtensor(value)
     return False
 
 

@@ -60,6 +60,11 @@ def elements(data) -> Iterator:
         )
     if isinstance(data, Replayable) or (tf is not None and isinstance(data, tf.data.Dataset)):
         yield from data
+    elif _is_torch_loader(data):
+        # Read from its start each time, like a dataset. Its default collate turns an
+        # (x, y) sample into a [x, y] list: Keras' `fit` reads that as (x, y), and so do we.
+        for element in data:
+            yield tuple(element) if isinstance(element, list) else element
     elif isinstance(data, Iterator):  # a generator: its elements, like a dataset's
         yield from data
     elif isinstance(data, keras.utils.PyDataset):
@@ -68,12 +73,19 @@ def elements(data) -> Iterator:
     elif data is None or isinstance(data, (str, bytes)):
         raise ValueError(
             "Argument `data` must be a batch (array, tensor, (x, y) tuple or dict of inputs), "
-            "a tf.data.Dataset, a keras.utils.PyDataset or an iterator of batches. "
+            "a tf.data.Dataset, a keras.utils.PyDataset, a torch DataLoader or an iterator "
+            "of batches. "
             f"Received: data={data!r}"
         )
     else:
         while True:
             yield data
+
+
+def _is_torch_loader(data) -> bool:
+    """Whether `data` is a torch `DataLoader` (where torch has been imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(data, torch.utils.data.DataLoader)
 
 
 def batches(data) -> Iterator:
@@ -108,6 +120,11 @@ def check_batch(x) -> None:
         )
     for leaf in leaves:
         array = keras.ops.convert_to_numpy(leaf)
+        if np.iscomplexobj(array):
+            raise ValueError(
+                "Argument `data` must hold real numbers: the layers compute in real floats. "
+                f"Received: data of dtype {array.dtype}, shape {array.shape}"
+            )
         if array.ndim == 0:
             raise ValueError(
                 "Argument `data` must hold a batch: an array or tensor with a batch axis. "

@@ -98,37 +98,70 @@ def _initializer_of(layer, variable):
     return initializer
 
 
+def _stored_dtype(variable) -> str:
+    """The dtype `variable` stores, and its initializer drew in when it was built.
+
+    Read from the raw value: inside an autocast scope `variable.dtype` names
+    the scope's dtype (floatx under `_float32_reads`), so a float16, bfloat16
+    or float64 variable would be re-drawn in float32 and never match.
+    """
+    return keras.backend.standardize_dtype(variable.value.dtype)
+
+
 def _checks(model):
-    """(cost, variable, function returning its build-time value), cheapest first."""
+    """(cost, variable, dtype, function returning its build-time value), cheapest first."""
     checks = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         for variable in layer._trainable_variables + layer._non_trainable_variables:
-            if variable.dtype not in _EPS or 0 in tuple(variable.shape):
+            dtype = _stored_dtype(variable)
+            if dtype not in _EPS or 0 in tuple(variable.shape):
                 continue
             if isinstance(layer, WeightNormalization) and variable is layer.g:
                 # `g` starts as ||v|| of the current v, whatever drew v.
-                checks.append((0, variable, lambda layer=layer: unit_norms(
+                checks.append((0, variable, dtype, lambda layer=layer: unit_norms(
                     layer.v.value, layer.layout)))
                 continue
             initializer = _initializer_of(layer, variable)
             cost = None if initializer is None else _redraw_cost(initializer)
             if cost is not None:
-                checks.append((cost, variable, lambda i=initializer, v=variable: i(
-                    tuple(v.shape), dtype=v.dtype)))
+                # In the stored dtype, as `add_weight` drew it: a float16 draw is not a
+                # float32 draw rounded to float16.
+                checks.append((cost, variable, dtype, lambda i=initializer, v=variable, d=dtype: i(
+                    tuple(v.shape), dtype=d)))
     # Trained weights differ almost everywhere, so the cheap checks usually decide.
     return sorted(checks, key=lambda check: check[0])
 
 
-def _same(variable, expected) -> bool:
-    work = "float64" if variable.dtype == "float64" else "float32"
+def _same(variable, dtype: str, expected) -> bool:
+    work = "float64" if dtype == "float64" else "float32"
     # Rounded to the variable's dtype first, as the build stored it.
-    expected = ops.cast(ops.cast(expected, variable.dtype), work)
+    expected = ops.cast(ops.cast(expected, dtype), work)
     value = ops.cast(variable.value, work)
     # Through NumPy: a torch parameter's value carries autograd, which float() warns about.
     difference = float(ops.convert_to_numpy(ops.max(ops.abs(value - expected))))
     scale = float(ops.convert_to_numpy(ops.max(ops.abs(expected))))
-    # NaN compares False: a diverged weight counts as changed.
-    return difference <= _ULPS * _EPS[variable.dtype] * scale
+    # NaN compares False: a diverged weight counts as changed. The bound is a few ulps
+    # of the stored dtype (see `_EPS`), not of float32.
+    return difference <= _ULPS * _EPS[dtype] * scale
+
+
+def verify(model: keras.Model) -> tuple[str | None, set[int]]:
+    """The path of the first weight that is not what its initializer drew, and the ids of
+    the weights checked (all checkable ones when the path is None)."""
+    checked = set()
+    # Raw reads: no autocast scope casts a value (or renames a dtype) while comparing.
+    with _float32_reads():
+        for _, variable, dtype, expected in _checks(model):
+            try:
+                drawn = expected()
+            except Exception:  # noqa: BLE001 - a draw that cannot run says nothing
+                continue
+            if tuple(drawn.shape) != tuple(variable.shape):
+                continue
+            checked.add(id(variable))
+            if not _same(variable, dtype, drawn):
+                return variable.path, checked
+    return None, checked
 
 
 def first_changed(model: keras.Model) -> tuple[str | None, int]:
@@ -137,16 +170,5 @@ def first_changed(model: keras.Model) -> tuple[str | None, int]:
     Returns `(None, 0)` when no weight can be checked, `(None, n)` when all
     `n` checkable weights still hold their build-time values.
     """
-    checked = 0
-    with _float32_reads():
-        for _, variable, expected in _checks(model):
-            try:
-                drawn = expected()
-            except Exception:  # noqa: BLE001 - a draw that cannot run says nothing
-                continue
-            if tuple(drawn.shape) != tuple(variable.shape):
-                continue
-            checked += 1
-            if not _same(variable, drawn):
-                return variable.path, checked
-    return None, checked
+    changed, checked = verify(model)
+    return changed, len(checked)

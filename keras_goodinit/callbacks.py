@@ -6,7 +6,12 @@ import keras
 from keras.src.utils.io_utils import print_msg
 
 from keras_goodinit import _distribute, _freshness, _validate
-from keras_goodinit.lsuv import check_init_kwargs, lsuv_init, weightnorm_data_init
+from keras_goodinit.lsuv import (
+    check_init_kwargs,
+    lsuv_init,
+    weightnorm_data_init,
+    written_targets,
+)
 
 METHODS = {"lsuv": lsuv_init, "weightnorm_data_init": weightnorm_data_init}
 _DONE = "_keras_goodinit_initialized"
@@ -18,19 +23,54 @@ def _optimizer_steps(model) -> int:
     return 0 if iterations is None else int(keras.ops.convert_to_numpy(iterations))
 
 
-def _stand_down_reason(model: keras.Model) -> str | None:
+def _stand_down_reason(model: keras.Model, method: str, layers=None) -> str | None:
     """Why `LSUVCallback` must not initialize `model`, or None if its weights are fresh."""
     if getattr(model, _DONE, False):
         return "it was already initialized by keras-goodinit"
     if _optimizer_steps(model) > 0:
         return "its optimizer has already taken steps (trained or restored weights)"
+    if not model.built:
+        return None  # no weights yet: the init builds them
     # Last, as it is the only check that costs a re-draw of the weights.
-    changed, _ = _freshness.first_changed(model)
+    changed, checked = _freshness.verify(model)
     if changed is not None:
         return (f"its weight {changed!r} is not what its initializer drew when the model was "
                 "built, so the weights were trained, set (set_weights), loaded (load_weights, "
                 "load_model) or initialized since")
+    # Fresh weights elsewhere say nothing about a layer the init would overwrite.
+    blind = [t.name for t in written_targets(model, method, layers)
+             if not any(id(v) in checked for v in t.variables())]
+    if blind:
+        return (f"no weight of its layer(s) {blind}, which the init would overwrite, can be "
+                "checked (a kernel initializer that draws new values on every call, such as "
+                "GoodInit(seed=None), and no bias or WeightNormalization g), so they may hold "
+                "trained weights; give their initializers an int seed to let it check them")
     return None
+
+
+def _fresh_optimizer_state(model) -> list:
+    """(variable, value) pairs that put a built optimizer back as a fresh build leaves it.
+
+    Step 0 and zero (or initial) slots; the learning rate, set by the user or
+    a callback, is kept. Empty when the optimizer is not built yet. Computed
+    before the init runs, so that nothing is written if it cannot be done.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return []
+    # A twin built on the same variables holds exactly what a fresh build gives each slot
+    # (zeros, Adagrad's initial accumulator...), in the same order.
+    twin = type(optimizer).from_config(optimizer.get_config())
+    twin.build(optimizer._trainable_variables)
+    mine, fresh = optimizer.variables, twin.variables
+    if len(mine) != len(fresh) or any(tuple(a.shape) != tuple(b.shape)
+                                      for a, b in zip(mine, fresh)):
+        raise ValueError(
+            "LSUVCallback(force=True) cannot reset this optimizer's state: a fresh build of "
+            f"it has other variables. Received: optimizer={type(optimizer).__name__}")
+    learning_rate = getattr(optimizer, "_learning_rate", None)
+    return [(variable, new.value) for variable, new in zip(mine, fresh)
+            if variable is not learning_rate]
 
 
 class LSUVCallback(keras.callbacks.Callback):
@@ -44,21 +84,39 @@ class LSUVCallback(keras.callbacks.Callback):
        `BackupAndRestore` restore, a `.keras` file saved with its optimizer);
     3. a weight is not what its own initializer drew when the model was
        built. Keras' built-in initializers re-draw the same values when
-       called again, so the callback calls each layer's initializer once more
-       and compares: weights given by `set_weights`, `load_weights` or
-       `load_model` (including after `clone_model`, `compile=False` or a
-       custom training loop) or trained in any way do not match.
+       called again, so the callback calls each layer's initializer once more,
+       in the weight's own dtype, and compares to a few ulps of that dtype:
+       weights given by `set_weights`, `load_weights` or `load_model`
+       (including after `clone_model`, `compile=False` or a custom training
+       loop) or trained in any way do not match;
+    4. a layer the init would overwrite (for `"lsuv"` every target kernel,
+       for `"weightnorm_data_init"` every `WeightNormalization` layer,
+       within `layers` if given) has no weight that can be checked.
 
     Weights whose initializer draws new values on every call
     (`GoodInit(seed=None)`, a `SeedGenerator` seed, a custom initializer)
-    cannot be checked and count neither way; with the usual zero biases, or
-    `WeightNormalization`'s `g` (which starts as `||v||`), a model is still
-    checked. A model with no checkable weight at all is judged by rules 1
-    and 2 only. The check re-draws each checkable weight once, which costs
+    cannot be checked. A layer is still checked through its zero bias or
+    `WeightNormalization`'s `g` (which starts as `||v||`). Without either
+    (a bias-free `Dense(kernel_initializer=GoodInit())`, say) nothing tells a
+    fresh kernel from a trained one, and untouched weights elsewhere in the
+    model say nothing about it (a fresh frozen body under a trained head), so
+    rule 4 stands down rather than risk overwriting training: seed such
+    initializers (`GoodInit(seed=0)`) or pass `force=True` for a model known
+    to be fresh. The check re-draws each checkable weight once, which costs
     about what building the weights cost, and nothing is stored in the
     model, so its weights and checkpoints are unchanged. Under a
     `tf.distribute` strategy the sweep runs in cross-replica context on the
     whole batch, and the resulting weights are written to every replica.
+
+    With `force=True` the re-initialized model also starts a fresh
+    optimization: the optimizer's step count and slot variables (Adam's
+    moments, momentum...) are reset to what a new build of it holds; its
+    learning rate is kept.
+
+    After the init, the optimizer and any weight constraint still act on the
+    weights: a kernel constraint (`UnitNorm`, `MaxNorm`...) on a target is
+    applied after every training step and can undo its scale, so the
+    report's row for such a layer says so.
 
     After `fit`, `report` holds the `InitReport` (None if it stood down) and
     `reason` says why it stood down (None if it ran).
@@ -90,7 +148,8 @@ class LSUVCallback(keras.callbacks.Callback):
         data: The batch (or dataset) to initialize on; see `lsuv_init`.
         method: `"lsuv"` (default) or `"weightnorm_data_init"`.
         force: Initialize even if the weights were trained, set, loaded or
-            initialized before.
+            initialized before, or cannot be checked; also resets the
+            optimizer's step count and slot variables.
         verbose: 0 silent, 1 or 2 a progress bar, the report's table and
             why the callback stood down.
         **lsuv_kwargs: Passed to `lsuv_init` (`tol`, `max_iter`, `residual`, ...);
@@ -118,7 +177,8 @@ class LSUVCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        self.reason = None if self.force else _stand_down_reason(model)
+        self.reason = None if self.force else _stand_down_reason(
+            model, self.method, self.kwargs.get("layers"))
         # Workers hold the chief's initial values but re-draw from their own seeds: the
         # chief's verdict is the one that matches the weights, and all must agree on it.
         if not _distribute.chief_decides(self.reason is None, model.weights):
@@ -130,7 +190,12 @@ class LSUVCallback(keras.callbacks.Callback):
                 print_msg(f"LSUVCallback: not re-initializing {model.name!r}: {self.reason}. "
                           "Pass force=True to initialize anyway.")
             return
+        reset = _fresh_optimizer_state(model) if self.force else []
         self.report = METHODS[self.method](model, self.data, verbose=self.verbose, **self.kwargs)
         setattr(model, _DONE, True)
+        # New weights start a new optimization: Adam's moments and step count (its bias
+        # correction) from an earlier run belong to the weights just replaced.
+        for variable, value in reset:
+            variable.assign(value)
         if self.verbose:
             self.report.summary(print_fn=print_msg)

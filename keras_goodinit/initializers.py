@@ -369,10 +369,10 @@ def _cholesky_qr2(sample):
     eye = ops.broadcast_to(ops.eye(n, dtype=sample.dtype), tuple(sample.shape[:-2]) + (n, n))
     q = sample
     for _ in range(2):
-        lower = ops.cholesky(ops.matmul(ops.swapaxes(q, -1, -2), q))  # A^T A = L L^T
+        lower = ops.cholesky(_backend.matmul(ops.swapaxes(q, -1, -2), q))  # A^T A = L L^T
         # R^-1 = (L^T)^-1 = (L^-1)^T; one triangular solve on n x n, then a matmul.
         inverse_r = ops.swapaxes(ops.solve_triangular(lower, eye, lower=True), -1, -2)
-        q = ops.matmul(q, inverse_r)
+        q = _backend.matmul(q, inverse_r)
     return q
 
 

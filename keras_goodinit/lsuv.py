@@ -574,8 +574,9 @@ def lsuv_init(
             it runs eagerly (a note says so). `"xla"`,
             `"compiled"` (`tf.function` without XLA) or `"eager"` force one;
             a forced compiled mode raises if the model cannot be traced.
-            The traced pass is cached per model and input signature, so a
-            second call reuses it. `InitReport.mode` says which ran.
+            The traced pass is cached per model, input signature and layer
+            configuration, so a second call on an unchanged model reuses it.
+            `InitReport.mode` says which ran.
         residual: `"scaled"` (default): in a Sequential or functional model,
             the last kernel layer of each residual branch (an `Add` of a skip
             and a branch, as `mean_field_init` finds them) targets `s / N`

@@ -633,3 +633,18 @@ def test_signal_plot_checks_its_arguments(tmp_path):
         report.plot(str(tmp_path / "p.png"), histograms=True, max_histograms=0)
     with pytest.raises(ValueError, match=r"Received: histograms='no'"):
         report.plot(str(tmp_path / "p.png"), histograms="no")
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: complex data was accepted silently.
+
+
+@pytest.mark.parametrize("name", ["lsuv_init", "weightnorm_data_init", "signal_report"])
+@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
+def test_complex_data_is_rejected_naming_the_dtype(name, dtype):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), WeightNormalization(L.Dense(4)), L.Dense(2)])
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(dtype)
+    _, error = attempt(FUNCTIONS.get(name, signal_report), model, x, f"{dtype} data")
+    assert isinstance(error, ValueError), error
+    assert "real" in str(error) and f"Received: data of dtype {dtype}" in str(error)

@@ -188,10 +188,17 @@ def test_weight_normalization_g_reveals_set_weights_without_biases():
     assert_stood_down(*fit_with_callback(model), trained)
 
 
-def test_no_checkable_weight_falls_back_to_the_steps_and_the_mark():
+def test_no_checkable_weight_stands_down_unless_forced_then_the_mark_stops_it():
+    # Issue 17: nothing tells these kernels from trained ones, so the callback must not
+    # call them fresh (it used to judge them by the step count and the mark alone).
     model = mlp(kernel_initializer=GoodInit("wn_relu"), use_bias=False)
     assert first_changed(model) == (None, 0)
-    init, _ = fit_with_callback(model)
+    built = values(model)
+    refused, peek = fit_with_callback(model)
+    assert refused.report is None and "['hidden', 'out']" in refused.reason
+    assert same(peek.weights, built)
+    _compile(model)
+    init, _ = fit_with_callback(model, force=True)
     assert init.report is not None and init.report.ok
     # Recompiled (steps back at 0): the mark set by the first run still stops a second one.
     _compile(model)
@@ -294,3 +301,93 @@ def test_the_message_says_why_and_mentions_force(capsys):
     printed = capsys.readouterr().out
     assert "not re-initializing 'mlp'" in printed
     assert "set_weights" in printed and "force=True" in printed
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: judged on the layers the init would overwrite; every dtype; force resets.
+
+
+def _frozen_body_trained_head():
+    """A fresh frozen body (checkable), a bias-free unseeded GoodInit head (not), trained."""
+    keras.utils.set_random_seed(0)
+    body = keras.Sequential([keras.Input((16,)), L.LayerNormalization(),
+                             L.Dense(32, activation="relu", name="body_dense")], name="body")
+    body.trainable = False
+    model = keras.Sequential([body, L.Dense(4, use_bias=False, name="head",
+                                            kernel_initializer=GoodInit("wn_linear"))])
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    model.fit(X, Y, batch_size=16, epochs=5, verbose=0)
+    # A new optimizer: its step count no longer says the head was trained.
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    return model
+
+
+def test_a_trained_head_that_cannot_be_checked_is_not_redrawn_for_a_fresh_body(capsys):
+    model = _frozen_body_trained_head()
+    trained = values(model)
+    assert first_changed(model) == (None, 4)  # the body is fresh: its weights say nothing
+    init, peek = LSUVCallback(X[:32], verbose=1), Peek()
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[init, peek])
+    assert init.report is None and "['head']" in init.reason
+    assert same(peek.weights, trained)
+    printed = capsys.readouterr().out
+    assert "'head'" in printed and "force=True" in printed and "seed" in printed
+
+
+def test_layers_limits_the_layers_judged():
+    # Only the body is to be initialized: the head, which it would not touch, does not count.
+    model = _frozen_body_trained_head()
+    trained = values(model)
+    init, peek = fit_with_callback(model, layers=["body_dense"])
+    assert init.reason is None and [row.name for row in init.report.rows] == ["body_dense"]
+    assert np.array_equal(peek.weights[-1], trained[-1])  # the head's kernel
+    assert not np.array_equal(peek.weights[2], trained[2])  # the body's kernel
+
+
+@pytest.mark.parametrize("policy", ["float16", "bfloat16", "float64", "mixed_float16",
+                                    "mixed_bfloat16"])
+def test_fresh_weights_match_in_every_dtype_and_a_few_ulps_more_do_not(policy):
+    # Issue 17: the re-draw ran in float32 whatever the variables' dtype, so every fresh
+    # float16, bfloat16 or float64 model looked "set or loaded".
+    keras.config.set_dtype_policy(policy)
+    model = mlp(compile=False)
+    assert first_changed(model) == (None, 4)
+    kernel = model.get_layer("out").kernel
+    value = kernel.numpy().astype("float64")
+    eps = float(np.finfo(value.dtype).eps) if policy == "float64" else {
+        "float16": 2.0**-10, "bfloat16": 2.0**-7}.get(policy, 2.0**-23)
+    # 8 ulps of the largest entry: rounded to the dtype it is still above the 4-ulp bound.
+    value[0, 0] += 8 * eps * np.abs(value).max()
+    kernel.assign(value.astype(kernel.dtype))
+    assert first_changed(model)[0] == kernel.path
+
+
+@pytest.mark.parametrize("policy", ["float16", "float64"])
+def test_the_callback_initializes_a_fresh_model_in_that_dtype(policy):
+    keras.config.set_dtype_policy(policy)
+    init, _ = fit_with_callback(mlp())
+    assert init.reason is None and init.report is not None
+
+
+def test_force_true_resets_the_optimizers_steps_and_moments():
+    model = mlp()
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    model.fit(X, Y, batch_size=16, epochs=2, verbose=0)
+    optimizer = model.optimizer
+    assert int(optimizer.iterations.numpy()) == 8
+    seen = {}
+
+    class FirstStep(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                seen["steps"] = int(optimizer.iterations.numpy())
+                seen["slots"] = [np.abs(v.numpy()).max() for v in optimizer.variables
+                                 if v is not optimizer.iterations
+                                 and v is not optimizer._learning_rate]
+                seen["learning_rate"] = float(optimizer.learning_rate.numpy())
+
+    init = LSUVCallback(X[:32], force=True, verbose=0)
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0, callbacks=[init, FirstStep()])
+    assert init.report is not None
+    assert seen["steps"] == 0 and max(seen["slots"]) == 0.0
+    assert seen["learning_rate"] == pytest.approx(1e-2)

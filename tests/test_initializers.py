@@ -547,3 +547,21 @@ def test_only_large_kernels_take_the_structured_path(monkeypatch):
     GoodInit("wn_relu", seed=1).draw((300, 40), "float32")  # 300 * 40^2: at the threshold
     GoodInit("wn_relu", seed=1).draw((41, 300), "float32")  # wide: m = 300, n = 41, above it
     assert taken == [(300, 41)]
+
+
+@pytest.mark.parametrize("path", ["cholesky_qr2", "householder", "structured"])
+def test_float64_directions_are_orthonormal_to_float64_rounding(path, monkeypatch):
+    # Issue 17: on torch a float64 product ran in float32, leaving 2e-7. The worker runs
+    # the same check on JAX and torch (tests/_backend_worker.py).
+    from keras_goodinit import initializers
+
+    shape = {"cholesky_qr2": (256, 64), "householder": (48, 40), "structured": (96, 40)}[path]
+    if path == "structured":
+        monkeypatch.setattr(initializers, "_STRUCTURED_FLOPS", 0)
+    kernel = keras.ops.convert_to_numpy(GoodInit("wn_linear", seed=3)(shape, dtype="float64"))
+    assert kernel.dtype == np.float64
+    q = kernel / np.linalg.norm(kernel, axis=0)
+    # Orthonormal to rounding: an m-term float64 dot product errs by about sqrt(m) eps per
+    # pass, and the draw takes a few passes (8 sqrt(m) eps, as for float32 above).
+    bound = 8 * math.sqrt(shape[0]) * np.finfo("float64").eps
+    assert np.abs(q.T @ q - np.eye(shape[1])).max() < bound

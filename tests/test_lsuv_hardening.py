@@ -471,3 +471,26 @@ def test_orthogonal_pre_init_of_grouped_convolutions():
             block = kernel[..., group * units:(group + 1) * units].reshape(fan_in, units)
             sv = _singular_values(block)
             assert sv.max() / sv.min() < 1 + 1e-4, (name, group, sv)
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: a constraint undoes the scale at the first step; the report says so.
+
+
+def test_a_constrained_target_is_noted_and_its_row_still_says_what_was_done():
+    model = keras.Sequential([
+        keras.Input((16,)),
+        L.Dense(32, kernel_constraint=keras.constraints.UnitNorm(axis=0), name="unit"),
+        L.Dense(4, name="free"),
+    ])
+    x = normal((64, 16), scale=3.0)
+    rows = {row.name: row for row in lsuv_init(model, x, verbose=0).rows}
+    assert rows["unit"].status == "ok" and rows["unit"].iterations >= 1
+    assert "UnitNorm" in rows["unit"].reason and "undo" in rows["unit"].reason
+    assert "constrained" not in rows["free"].reason
+    # What the note warns of: one step at learning rate 0 sets the unit norms back to 1.
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=False)
+    model.fit(x, np.zeros((64, 4), "float32"), batch_size=64, epochs=1, verbose=0)
+    norms = np.linalg.norm(model.get_layer("unit").kernel.numpy(), axis=0)
+    # float32 normalization of a 16-term column: a few ulps.
+    np.testing.assert_allclose(norms, 1.0, rtol=16 * np.finfo("float32").eps)

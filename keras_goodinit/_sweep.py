@@ -496,7 +496,8 @@ def stream_variance(y):
 
 def _of_the_pass(result: SweepResult, value) -> bool:
     """Whether a hook meets `value` in the pass itself, not in code traced inside it."""
-    return in_pass(result.graph) and (result.traced_pass or not _backend.is_traced(value))
+    return (in_pass(result.graph) and not _backend.is_vectorized(value)
+            and (result.traced_pass or not _backend.is_traced(value)))
 
 
 def pass_graph():
@@ -713,10 +714,13 @@ def run(model: keras.layers.Layer, x, targets: Sequence[Target], policy: Policy,
     `compile` is `"auto"` (XLA where Keras would use it on an accelerator,
     else `tf.function`; eager when the model cannot be traced, or on another
     Keras backend than TensorFlow), `"xla"`, `"compiled"` (`tf.function` without
-    XLA) or `"eager"`; an explicit compiled mode raises if it cannot run. The
+    XLA) or `"eager"`; an explicit compiled mode raises if it cannot run (a
+    ValueError that says why, for a model that cannot be traced). The
     traced function is cached per model, input signature, targets, model
-    variables and `key` (which must name every option the policy bakes in):
-    a second call reuses it. `SweepResult.mode` says which ran. `probes`
+    variables, the model's `model_fingerprint` (its layers' attributes: a
+    changed `Rescaling.scale` is a new trace) and `key` (which must name
+    every option the policy bakes in): a second call reuses it.
+    `SweepResult.mode` says which ran. `probes`
     measure the variance of other layers' outputs for the policy to read.
 
     With a `program` (a loss and its gradients, say), the traced function is

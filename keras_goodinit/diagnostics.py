@@ -669,16 +669,25 @@ def signal_report(
             than inference mode. The report records which.
         compile: `"auto"` (default): the forward pass, the loss and the
             backward pass as one traced `tf.function` (XLA on an
-            accelerator), cached per model and input signature, falling
-            back to eager where the model or `loss` cannot be traced;
-            `"xla"`, `"compiled"` or `"eager"` force one, as for
-            `lsuv_init`. `SignalReport.mode` says which ran. On Keras' JAX
+            accelerator), cached per model, input signature and layer
+            configuration, falling back to eager where the model or `loss`
+            cannot be traced; `"xla"`, `"compiled"` or `"eager"` force one,
+            as for `lsuv_init` (a forced compiled mode raises a ValueError
+            that says why the model cannot be traced).
+            `SignalReport.mode` says which ran. On Keras' JAX
             backend the same is one `jax.jit` program (`"xla"`), with
             gradients by `jax.grad`; on PyTorch it runs eagerly, with
-            gradients by its autograd.
+            gradients by its autograd. JAX differentiates by tracing, so a
+            model that cannot be traced gets its forward statistics there
+            and no backward pass (`SignalReport.note` says why).
 
     Returns:
-        A `SignalReport`.
+        A `SignalReport`. A target the pass cannot measure (called only
+        inside `keras.ops.vectorized_map`, or inside a `tf.function` traced
+        before the pass) is a row with `status="skipped"` and its reason.
+
+    Raises:
+        ValueError: If `loss` gives no gradient (NumPy on the prediction).
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)

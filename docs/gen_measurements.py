@@ -67,7 +67,18 @@ def _context(result: dict) -> str:
             f"Machine: {machine['cpus']} CPUs ({machine['cpu']}), {machine['system']}, "
             f"Python {machine['python']}; load average {_load(machine['load_before'])} at the "
             f"start and {_load(machine['load_after'])} at the end; {result['date']}.  \n"
-            f"Versions: {versions}.")
+            f"Versions: {versions}." + _shared(machine))
+
+
+def _shared(machine: dict) -> str:
+    """A warning where the run shared its CPUs with other work."""
+    loads = [values[0] for values in (machine["load_before"], machine["load_after"]) if values]
+    if not loads or max(loads) <= machine["cpus"]:
+        return ""
+    return (f"  \n**Taken under load:** a 1-minute load average of up to {max(loads):.0f} on "
+            f"{machine['cpus']} cores, so other jobs held the CPUs much of the time and these "
+            "ratios are noisier than an idle machine's; re-run the command on an idle machine "
+            "for figures to compare.")
 
 
 def _checks(result: dict) -> str:

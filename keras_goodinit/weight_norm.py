@@ -341,7 +341,12 @@ class WeightNormalization(keras.layers.Wrapper):
         return self.layer.compute_mask(inputs, mask)
 
     def get_config(self):
-        return {**super().get_config(), "data_init": self.data_init}
+        config = super().get_config()
+        # Left out when False (the default), so that such a file still loads with a
+        # keras-goodinit from before data_init existed.
+        if self.data_init:
+            config["data_init"] = True
+        return config
 
     def effective_kernel_scope(self):
         """A context in which the wrapped layer's kernel reads as `g * v / ||v||`."""

@@ -8,6 +8,12 @@ import os
 
 # Must be set before TensorFlow is first imported (by keras or keras_goodinit).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The processes the tests start (backend and distributed workers, example scripts, README
+# blocks) inherit this environment: they import this checkout's keras_goodinit, as the tests
+# do, not a copy pip installed into the environment before the last edit.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.dirname(os.path.abspath(__file__))]
+    + [path for path in [os.environ.get("PYTHONPATH")] if path])
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -18,6 +24,27 @@ import keras_goodinit  # noqa: E402
 # Scripts the distributed and backend tests run in a subprocess, with arguments; not
 # importable here (the backend worker makes TensorFlow unimportable in its process).
 collect_ignore = ["tests/_distributed_worker.py", "tests/_backend_worker.py"]
+
+
+# The test files that take longest, longest first (from `pytest --durations=60` on 2 loaded
+# cores). `--dist loadfile` hands each xdist worker whole files, in collection order (with
+# --no-loadscope-reorder, set in setup.cfg: xdist would otherwise order files by their
+# number of tests): starting the long files first lets the short ones fill in at the end,
+# instead of one long file running alone after every other has finished.
+_LONGEST_FIRST = (
+    "tests/test_backends.py",
+    "tests/test_compare_inits.py",
+    "tests/test_train_example.py",
+    "tests/test_distributed.py",
+    "tests/test_lsuv_distributed.py",
+    "tests/test_readme.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
+    # A stable sort: the other files, and the tests within each file, keep their order.
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
 
 
 @pytest.fixture(autouse=True)

@@ -142,7 +142,8 @@ def weight_norm_jit_compile():
     keras.utils.set_random_seed(1)
     model = wn_model()
     model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=True)
-    history = model.fit(X, Y, batch_size=16, epochs=2, verbose=0)
+    # One epoch (two compiled steps): torch.compile of this fit costs minutes on loaded CPUs.
+    history = model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
     eager = wn_model()
     eager.set_weights(model.get_weights())
     return {"losses": [float(v) for v in history.history["loss"]],
@@ -420,8 +421,9 @@ if BACKEND == "jax":
 def monitor_resnet():
     from keras_goodinit.models import wn_resnet
 
-    model = wn_resnet((8, 8, 3), 2, num_blocks=1, width=4, seed=3)
-    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    # No weight norm: eager JAX passes of the twin below cost less (WN is tested above).
+    model = wn_resnet((8, 8, 3), 2, num_blocks=1, width=4, weight_norm=False, seed=3)
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
     return model
 
 
@@ -465,30 +467,35 @@ def signal_monitor_during_fit():
     model.fit(X, labels, batch_size=8, epochs=1, verbose=0, callbacks=[monitor, keep])
     first = calls[0]  # the monitor's program and fit's train step, traced (JAX)
     model.fit(X, labels, batch_size=8, epochs=2, verbose=0, callbacks=[monitor, keep])
-    # Each record against signal_report, eagerly, on a twin holding the record's weights.
-    twin = monitor_resnet()
+    later = calls[0] - first  # 4 more records
+    # Each record against signal_report of the weights of its step, set back into the model
+    # (the program jitted for the monitor; eager JAX passes would take minutes here): what
+    # the monitor measured mid-epoch is the weights of that step (synced, on JAX).
+    final = model.get_weights()
     differences = {field: 0.0 for field in (*SIGNAL_FIELDS, "loss", "block_variance")}
     for record in monitor.history:
-        twin.set_weights(keep.weights[record.step])
-        eager = kg.signal_report(twin, (X, labels), compile="eager")
-        pairs = [(f, record.report.column(f), eager.column(f)) for f in SIGNAL_FIELDS]
-        pairs += [("loss", record.report.loss, eager.loss),
+        model.set_weights(keep.weights[record.step])
+        again = kg.signal_report(model, (X, labels))
+        pairs = [(f, record.report.column(f), again.column(f)) for f in SIGNAL_FIELDS]
+        pairs += [("loss", record.report.loss, again.loss),
                   ("block_variance", record.report.block_column("variance"),
-                   eager.block_column("variance"))]
+                   again.block_column("variance"))]
         for field, got, expected in pairs:
             got, expected = np.asarray(got, "float64"), np.asarray(expected, "float64")
             assert np.array_equal(np.isnan(got), np.isnan(expected)), field
             finite = ~np.isnan(expected)
             relative = np.abs(got - expected)[finite] / np.abs(expected)[finite]
             differences[field] = max(differences[field], float(relative.max(initial=0.0)))
+    model.set_weights(final)
     figure = monitor.plot()
     return {"steps": [r.step for r in monitor.history],
             "epochs": [r.epoch for r in monitor.history],
             "modes": sorted({r.report.mode for r in monitor.history}),
-            "first_calls": first, "later_calls": calls[0] - first,
+            "first_calls": first, "later_calls": later,
             "rows": len(monitor.history[0].report.rows),
             "blocks": len(monitor.history[0].report.blocks),
             "differences": differences, "panels": len(figure.axes),
+            "losses": [r.report.loss for r in monitor.history],
             "alarms": [str(a) for a in monitor.alarms], "folder": folder,
             "tensorflow_loaded": any(module is not None for name, module in sys.modules.items()
                                      if name.split(".")[0] == "tensorflow")}
@@ -642,6 +649,302 @@ if BACKEND == "jax":
                     "vs_single": float(np.max(np.abs(g - expected) / np.abs(expected)))}
         finally:
             keras.distribution.set_distribution(None)
+
+
+# ----------------------------------------------------------------------------
+# Issue 17 (helper H3): stale traces, untraceable models, losses without a gradient,
+# statistics after a separate activation, targets the pass cannot measure.
+
+
+class _H3Scale(L.Layer):
+    """`x * scale`, as Rescaling (which needs TensorFlow): a plain attribute a pass reads."""
+
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def call(self, x):
+        return x * self.scale
+
+
+def _h3_rescaled_model():
+    inputs = keras.Input((16,))
+    h = L.Dense(32, name="d0")(inputs)
+    h = L.Activation("relu", name="act")(h)
+    h = _H3Scale(1.0, name="rescale")(h)
+    return keras.Model(inputs, L.Dense(8, name="d1")(h))
+
+
+@scenario
+def h3_a_changed_layer_config_gets_a_new_trace():
+    x = np.random.default_rng(41).normal(size=(64, 16)).astype("float32")
+    model = _h3_rescaled_model()
+    kg.lsuv_init(model, x, verbose=0)
+    model.get_layer("rescale").scale = 100.0
+    report = kg.lsuv_init(model, x, verbose=0)
+    facts = {"lsuv_mode": report.mode,
+             "var_after": {r.name: r.var_after for r in report.rows}["d1"],
+             "output_var": float(np.var(numpy(model(x)).astype("float64")))}
+    model = _h3_rescaled_model()
+    kg.signal_report(model, x)
+    for name, change in (("scale", lambda m: setattr(m.get_layer("rescale"), "scale", 100.0)),
+                         ("tanh", lambda m: setattr(m.get_layer("act"), "activation",
+                                                    keras.activations.tanh))):
+        change(model)
+        compiled = kg.signal_report(model, x)
+        eager = kg.signal_report(model, x, compile="eager")
+        facts[name] = {"mode": compiled.mode,
+                       **{f"compiled_{f}": compiled.column(f).tolist() for f in SIGNAL_FIELDS},
+                       **{f"eager_{f}": eager.column(f).tolist() for f in SIGNAL_FIELDS}}
+    return facts
+
+
+class _H3Branchy(keras.Model):
+    """A Python branch on a tensor's value in `call`: it cannot be traced."""
+
+    def __init__(self):
+        super().__init__(name="branchy")
+        self.first = L.Dense(16, activation="relu", name="first")
+        self.head = L.Dense(4, name="head")
+
+    def call(self, x, training=False):
+        h = self.first(x)
+        if float(keras.ops.mean(h)) > 0:
+            h = h * 2.0
+        return self.head(h)
+
+
+@scenario
+def h3_untraceable_model_signal_report():
+    x = np.random.default_rng(42).normal(size=(32, 8)).astype("float32")
+    model = _H3Branchy()
+    model(x)
+    report = kg.signal_report(model, x)
+    facts = {"mode": report.mode, "note": report.note, "rows": [r.name for r in report.rows],
+             "std": report.column("std").tolist(),
+             "grad_norm_ratio": report.column("grad_norm_ratio").tolist(),
+             "lsuv_mode": kg.lsuv_init(model, x, verbose=0).mode}
+    try:
+        kg.signal_report(model, x, compile="xla")
+    except Exception as error:  # noqa: BLE001 - the type and message are the facts
+        facts["forced"] = [type(error).__name__, str(error)]
+    return facts
+
+
+@scenario
+def h3_a_numpy_loss_is_refused():
+    model = keras.Sequential([keras.Input((8,)), L.Dense(16, activation="relu"), L.Dense(4)])
+    x = np.random.default_rng(43).normal(size=(32, 8)).astype("float32")
+    y = np.zeros((32, 4), "float32")
+
+    def numpy_loss(y_true, y_pred):
+        return np.mean((keras.ops.convert_to_numpy(y_pred) - keras.ops.convert_to_numpy(y_true))
+                       ** 2)
+
+    facts = {}
+    for compile in ("auto", "eager"):
+        try:
+            report = kg.signal_report(model, (x, y), loss=numpy_loss, compile=compile)
+            facts[compile] = ["no error", report.column("grad_norm_ratio").tolist()]
+        except Exception as error:  # noqa: BLE001 - the type and message are the facts
+            facts[compile] = [type(error).__name__, str(error)]
+    return facts
+
+
+@scenario
+def h3_statistics_after_a_separate_activation():
+    from keras_goodinit.models import wn_mlp
+
+    model = wn_mlp((16,), 10, depth=3, width=32, seed=3)
+    x = np.random.default_rng(5).normal(size=(64, 16)).astype("float32")
+    report = kg.signal_report(model, x)
+    relus = [layer for layer in model.layers if isinstance(layer, L.ReLU)]
+    features = [numpy(f).astype("float64")
+                for f in keras.Model(model.inputs, [r.output for r in relus])(x)]
+    return {"mode": report.mode, "rows": [r.name for r in report.rows],
+            "mean": report.column("mean").tolist(), "std": report.column("std").tolist(),
+            "sample_min": [float(np.min(report.samples[r.name])) for r in report.rows],
+            "expected_mean": [float(f.mean()) for f in features],
+            "expected_std": [float(f.std()) for f in features],
+            "expected_max": [float(np.abs(f).max()) for f in features]}
+
+
+class _H3VectorizedMap(keras.Model):
+    def __init__(self):
+        super().__init__(name="vectorized_map")
+        self.inner = L.Dense(16, activation="relu", name="inner")
+        self.head = L.Dense(4, name="head")
+
+    def call(self, x):
+        return self.head(keras.ops.vectorized_map(lambda row: self.inner(row[None])[0], x))
+
+
+@scenario
+def h3_a_target_the_pass_cannot_measure_is_a_skipped_row():
+    x = np.random.default_rng(44).normal(size=(16, 8)).astype("float32")
+    model = _H3VectorizedMap()
+    model(x)
+    report = kg.signal_report(model, x)
+    init = kg.lsuv_init(model, x, verbose=0)
+    return {"mode": report.mode, "note": report.note,
+            "rows": [[r.name, r.status, r.reason] for r in report.rows],
+            "std": report.column("std").tolist(),
+            "lsuv": [[r.name, r.status, r.reason] for r in init.rows]}
+
+
+# ----------------------------------------------------------------------------
+# Issue 17 (helper H2): the callback's freshness rule, dtypes, optimizer reset, data.
+
+
+def _i17_mlp(initializer="glorot_uniform", use_bias=True):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((16,)),
+        L.Dense(32, activation="relu", kernel_initializer=initializer, use_bias=use_bias,
+                name="hidden"),
+        L.Dense(4, kernel_initializer=initializer, use_bias=use_bias, name="out")])
+
+
+I17_X = np.random.default_rng(5).normal(size=(64, 16)).astype("float32")
+I17_Y = np.random.default_rng(6).normal(size=(64, 4)).astype("float32")
+
+
+@scenario
+def i17_trained_head_that_cannot_be_checked_is_kept():
+    keras.utils.set_random_seed(0)
+    body = keras.Sequential([keras.Input((16,)), L.LayerNormalization(),
+                             L.Dense(32, activation="relu", name="body_dense")], name="body")
+    body.trainable = False
+    model = keras.Sequential([body, L.Dense(4, use_bias=False, name="head",
+                                            kernel_initializer=GoodInit("wn_linear"))])
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(I17_X, I17_Y, batch_size=16, epochs=3, verbose=0)
+    model.compile(keras.optimizers.Adam(0.0), "mse")  # a new optimizer, at step 0
+    before = [numpy(v.value) for v in model.weights]
+    init = kg.LSUVCallback(I17_X[:32], verbose=0)
+    model.fit(I17_X, I17_Y, batch_size=64, epochs=1, verbose=0, callbacks=[init])
+    after = [numpy(v.value) for v in model.weights]
+    return {"reason": init.reason, "report": init.report is not None,
+            "kept": all(np.array_equal(a, b) for a, b in zip(before, after))}
+
+
+@scenario
+def i17_fresh_weights_match_in_every_dtype():
+    import ml_dtypes
+
+    from keras_goodinit._freshness import first_changed
+
+    found = {}
+    for policy in ("float16", "bfloat16", "float64", "mixed_float16", "mixed_bfloat16"):
+        keras.config.set_dtype_policy(policy)
+        try:
+            model = _i17_mlp()
+            fresh = list(first_changed(model))
+            kernel = model.get_layer("out").kernel
+            stored = numpy(kernel.value)
+            value = stored.astype("float64")
+            eps = float(ml_dtypes.finfo(stored.dtype).eps)
+            value[0, 0] += 8 * eps * np.abs(value).max()  # 8 ulps > the 4-ulp bound
+            kernel.assign(value.astype(stored.dtype))
+            found[policy] = {"fresh": fresh, "perturbed": first_changed(model)[0],
+                             "path": kernel.path, "dtype": str(stored.dtype)}
+        finally:
+            keras.config.set_dtype_policy("float32")
+    keras.config.set_dtype_policy("float16")
+    try:
+        init = kg.LSUVCallback(I17_X[:32], verbose=0)
+        model = _i17_mlp()
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        model.fit(I17_X, I17_Y, batch_size=16, epochs=1, verbose=0, callbacks=[init])
+        found["float16_callback"] = {"reason": init.reason, "ran": init.report is not None}
+    finally:
+        keras.config.set_dtype_policy("float32")
+    return found
+
+
+@scenario
+def i17_force_resets_the_optimizer_and_constraints_are_noted():
+    model = _i17_mlp()
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    model.fit(I17_X, I17_Y, batch_size=16, epochs=2, verbose=0)
+    optimizer, seen = model.optimizer, {}
+
+    class FirstStep(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                seen["steps"] = int(numpy(optimizer.iterations))
+                seen["slots"] = max(float(np.abs(numpy(v.value)).max())
+                                    for v in optimizer.variables
+                                    if v is not optimizer.iterations
+                                    and v is not optimizer._learning_rate)
+                seen["learning_rate"] = float(numpy(optimizer.learning_rate))
+
+    steps_before = int(numpy(optimizer.iterations))
+    init = kg.LSUVCallback(I17_X[:32], force=True, verbose=0)
+    model.fit(I17_X, I17_Y, batch_size=16, epochs=1, verbose=0, callbacks=[init, FirstStep()])
+    constrained = keras.Sequential([
+        keras.Input((16,)),
+        L.Dense(32, kernel_constraint=keras.constraints.UnitNorm(axis=0), name="unit"),
+        L.Dense(4, name="free")])
+    rows = kg.lsuv_init(constrained, I17_X * 3.0, verbose=0).rows
+    return {"steps_before": steps_before, "ran": init.report is not None, **seen,
+            "rows": [[r.name, r.status, r.reason] for r in rows]}
+
+
+@scenario
+def i17_torch_dataloader_and_complex_data():
+    found = {}
+    for dtype in ("complex64", "complex128"):
+        try:
+            kg.lsuv_init(_i17_mlp(), I17_X.astype(dtype), verbose=0)
+            found[dtype] = "accepted"
+        except ValueError as error:
+            found[dtype] = str(error)
+    if BACKEND != "torch":
+        return found
+    import torch
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.tensor(I17_X), torch.tensor(I17_Y)), batch_size=32)
+    inputs_only = torch.utils.data.DataLoader(torch.tensor(I17_X), batch_size=32)
+    by_array = _i17_mlp()
+    kg.lsuv_init(by_array, I17_X[:32], verbose=0, seed=1)
+    for name, data in (("xy", loader), ("x", inputs_only)):
+        model = _i17_mlp()
+        report = kg.lsuv_init(model, data, verbose=0, seed=1)
+        signal = kg.signal_report(_i17_mlp(), data)
+        mean_field = kg.mean_field_init(_i17_mlp(), data=data, verbose=0)
+        callback = kg.LSUVCallback(data, verbose=0)
+        fitted = _i17_mlp()
+        fitted.compile(keras.optimizers.SGD(0.01), "mse")
+        fitted.fit(I17_X, I17_Y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+        found[name] = {
+            "statuses": [row.status for row in report.rows],
+            "same_as_first_batch": all(np.array_equal(numpy(a.value), numpy(b.value))
+                                       for a, b in zip(model.weights, by_array.weights)),
+            "signal_rows": len(signal.rows), "mean_field": type(mean_field).__name__,
+            "callback_ran": callback.report is not None}
+    return found
+
+
+@scenario
+def i17_float64_goodinit_is_orthonormal_to_float64_rounding():
+    from keras_goodinit import initializers
+
+    found = {}
+    for path, shape in (("cholesky_qr2", (256, 64)), ("householder", (48, 40)),
+                        ("structured", (96, 40))):
+        saved = initializers._STRUCTURED_FLOPS
+        if path == "structured":
+            initializers._STRUCTURED_FLOPS = 0
+        try:
+            kernel = numpy(GoodInit("wn_linear", seed=3)(shape, dtype="float64"))
+        finally:
+            initializers._STRUCTURED_FLOPS = saved
+        q = kernel.astype("float64") / np.linalg.norm(kernel.astype("float64"), axis=0)
+        found[path] = {"dtype": str(kernel.dtype), "rows": shape[0],
+                       "error": float(np.abs(q.T @ q - np.eye(shape[1])).max())}
+    return found
 
 
 print("DONE")

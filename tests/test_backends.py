@@ -38,9 +38,9 @@ from keras_goodinit.propagation import mlp_chain, norm_ratios, residual_chain
 
 WORKER = Path(__file__).with_name("_backend_worker.py")
 # A kill switch for a hung worker, not a speed bound: every group of both backends runs at
-# once, within this many seconds of their start (at load 17 on 2 cores the JAX groups took
-# 11 min, torch's jit_compile fit alone 8 min).
-TIMEOUT = 1800
+# once, within this many seconds of their start (on 2 cores the JAX groups took 11 min at
+# load 17 and ran past 30 min at load 34).
+TIMEOUT = 3600
 GROUPS = 2  # worker processes per backend (each runs every other scenario)
 BACKENDS = ("jax", "torch")
 ROUNDING = 1e-5

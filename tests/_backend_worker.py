@@ -423,7 +423,8 @@ def monitor_resnet():
 
     # No weight norm: eager JAX passes of the twin below cost less (WN is tested above).
     model = wn_resnet((8, 8, 3), 2, num_blocks=1, width=4, weight_norm=False, seed=3)
-    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
 

@@ -40,7 +40,8 @@ def residual_net(branch_scale=0.5, seed=0):
                      kernel_initializer=keras.initializers.Orthogonal(branch_scale))(h)
     h = L.Add(name="add")([h, branch])
     model = keras.Model(inputs, L.Dense(4, name="logits")(h))
-    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
 
@@ -197,7 +198,8 @@ def test_every_n_steps_counts_steps_across_epochs_and_fits(data):
 def test_several_steps_per_execution_record_once_per_multiple_crossed(data):
     x, y = data
     model = residual_net()
-    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy",
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=2)
     monitor = SignalMonitor((x[:32], y[:32]), every_n_steps=3)
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[monitor])

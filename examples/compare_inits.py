@@ -33,34 +33,49 @@ divergence detection and training.
 
 Examples:
 
-  # The default comparison: depth 100 on scikit-learn's digits (no download),
-  # about 2-4 minutes on 2 CPU cores, then ResNet-20 for 10 epochs, under 2 more:
+  # The default: depth 50 for 10 epochs on scikit-learn's digits (no download),
+  # then ResNet-20 for 2 epochs; about 3 minutes on 2 idle CPU cores:
   python examples/compare_inits.py
+
+  # The full table of the README and the docs: depth 100 for 20 epochs, then
+  # ResNet-20 for 10 epochs; about 6 minutes on 2 idle cores:
+  python examples/compare_inits.py --full
+
+  # The spread over seeds, summarized as JSON (min, median and max per init):
+  python examples/compare_inits.py --seeds=0,1,2,3,4 --json=/tmp/spread.json
 
   # Only the MLP:
   python examples/compare_inits.py --resnet_inits=
 
-  # Depth 50, where the proposed init and LSUV both reach ~0.9 in ~1 minute:
-  python examples/compare_inits.py --depth=50 --output=/tmp/compare50.png
-
-  # A smoke run (depth 10, 2 epochs; ResNet-8, 1 epoch) in about a minute:
+  # A smoke run (depth 10, 2 epochs; ResNet-8, 1 epoch), as the tests run it:
   python examples/compare_inits.py --quick --output=/tmp/quick.png
 
-While it trains, prints the epoch and the training and test loss and accuracy
-of every epoch (`--verbose=2`, the default), Keras' progress bar
+Before each run it prints which run of how many it starts, the time elapsed
+and an estimate of the time left (from the runs done so far, each weighted by
+its depth and epochs). While it trains, it prints the training and test loss
+and accuracy of every epoch (`--verbose=2`, the default), Keras' progress bar
 (`--verbose=1`) or nothing (`--verbose=0`). At the end it prints a markdown
-table (init, final train and test accuracy, best test
-accuracy, whether and at which step the loss became NaN or infinite, the
-largest per-epoch training loss, `||h_L|| / ||x||` at init and seconds), writes
-a PNG of the curves to `--output` (the forward signal `||h_l|| / ||x||` at
-init, the test accuracy and the training loss per epoch; a diverged run is
-drawn up to its divergence, marked by a dotted line) and the results as JSON
-next to it (`compare_inits.png` -> `compare_inits.json`); the ResNet's curves and
-its residual stream at init go to a second row of the PNG and to the JSON's
-`resnet_results`.
+table (init, final train and test accuracy, best test accuracy, whether and
+at which step the loss became NaN or infinite, the largest per-epoch training
+loss, `||h_L|| / ||x||` at init and seconds), writes a PNG of the curves to
+`--output` (the forward signal `||h_l|| / ||x||` at init, the test accuracy
+and the training loss per epoch; a diverged run is drawn up to its
+divergence, marked by a dotted line) and the results as JSON next to it
+(`compare_inits.png` -> `compare_inits.json`); the ResNet's curves and its
+residual stream at init go to a second row of the PNG and to the JSON's
+`resnet_results`. With several `--seeds` it also prints the spread per init
+(min, median and max) and plots the first seed. `--json PATH` writes a
+summary without the curves (one row per run, the spread, the machine, its
+load and the versions), as the benchmarks do for the documentation's
+Measurements page.
 
-Runs are seeded but not bit-reproducible: TensorFlow's CPU kernels sum in a
-thread-dependent order, and a 100-layer network amplifies the difference.
+Runs are reproducible on one machine: the same seed, code and versions give
+the same numbers to the last bit, without TensorFlow's op determinism (two runs
+of a seed, and a run with one intra-op thread, gave identical loss histories
+on a 2-core AMD EPYC). Another CPU (AVX-512 or not, oneDNN or not) or other
+versions round the initial kernels and the sums differently, and a deep
+network amplifies that: compare the spread over seeds (`--seeds`), not single
+numbers.
 """
 
 from __future__ import annotations
@@ -122,12 +137,33 @@ RESNET_LABELS = {
     "lsuv_residual": "residual-aware LSUV",
     "lsuv": "plain LSUV",
 }
-# --quick: tiny networks that still run every init end to end.
-_QUICK = {"depth": 10, "epochs": 2, "resnet_blocks": 1, "resnet_epochs": 1}
-# ResNet-20 for 10 epochs: about 2.5 s an epoch on 2 CPU cores, under 2 minutes for 4 inits.
-_DEFAULTS = {"depth": 100, "epochs": 20, "resnet_blocks": 3, "resnet_epochs": 10}
+# The presets of the sizes: `--quick` (a smoke run: tiny networks that still run every
+# init end to end), the default (about 3 minutes on 2 idle cores; at depth 50 default WN
+# and data-dependent WN stay at chance while the proposed init and LSUV train, as at
+# depth 100) and `--full` (the table of the README and the docs). Explicit flags win.
+PRESETS = {
+    "quick": {"depth": 10, "epochs": 2, "resnet_blocks": 1, "resnet_epochs": 1},
+    "default": {"depth": 50, "epochs": 10, "resnet_blocks": 3, "resnet_epochs": 2},
+    "full": {"depth": 100, "epochs": 20, "resnet_blocks": 3, "resnet_epochs": 10},
+}
+# What a run costs besides its epochs (build, init, signal report, tracing), in epochs
+# of the same network: measured on 2 CPU cores, for the estimate of the time left.
+_SETUP_EPOCHS = 19.0
+# What a layer of the ResNet costs against one of the MLP, for the same estimate.
+_RESNET_LAYER_COST = 0.8
 # Samples of the held-out batch the signal at init is measured on.
 _SIGNAL_SAMPLES = 256
+
+
+def _preset_text(preset: str) -> str:
+    sizes = PRESETS[preset]
+    return (f"depth {sizes['depth']}, {sizes['epochs']} epochs; "
+            f"ResNet-{6 * sizes['resnet_blocks'] + 2}, {sizes['resnet_epochs']} epochs")
+
+
+def _preset_help(name: str) -> str:
+    return (f"{PRESETS['default'][name]}, {PRESETS['quick'][name]} with --quick, "
+            f"{PRESETS['full'][name]} with --full")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -135,12 +171,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Trains a deep WN-MLP with each init and compares the curves.")
     parser.add_argument("--depth", type=int, default=None,
-                        help=f"Hidden layers (default {_DEFAULTS['depth']}, "
-                             f"{_QUICK['depth']} with --quick).")
+                        help="Hidden layers (default " + _preset_help("depth") + ").")
     parser.add_argument("--width", type=int, default=128, help="Units per hidden layer.")
     parser.add_argument("--epochs", type=int, default=None,
-                        help=f"Training epochs (default {_DEFAULTS['epochs']}, "
-                             f"{_QUICK['epochs']} with --quick).")
+                        help="Training epochs (default " + _preset_help("epochs") + ").")
     parser.add_argument("--lr", type=float, default=0.001, help="Peak SGD learning rate.")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum.")
     parser.add_argument("--lr_schedule", choices=train_lib.LR_SCHEDULES, default="cosine",
@@ -152,33 +186,52 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits",
                         help="Dataset, generated locally (no download).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the models and shuffling.")
+    parser.add_argument("--seeds", default=None,
+                        help="Comma-separated seeds: the whole comparison once per seed, then "
+                             "the spread (min, median, max) per init. Overrides --seed.")
     parser.add_argument("--inits", default=",".join(DEFAULT_INITS),
                         help=f"Comma-separated inits, from {', '.join(models.INITS)}.")
     parser.add_argument("--resnet_inits", default=",".join(RESNET_INITS),
                         help="Comma-separated inits of the no-BN ResNet, from "
                              f"{', '.join(RESNET_INITS)}; empty for no ResNet.")
     parser.add_argument("--resnet_blocks", type=int, default=None,
-                        help=f"Blocks per stage of the ResNet (depth 6N + 2; default "
-                             f"{_DEFAULTS['resnet_blocks']}, {_QUICK['resnet_blocks']} "
-                             "with --quick).")
+                        help="Blocks per stage of the ResNet (depth 6N + 2; default "
+                             + _preset_help("resnet_blocks") + ").")
     parser.add_argument("--resnet_epochs", type=int, default=None,
-                        help=f"Training epochs of the ResNet (default "
-                             f"{_DEFAULTS['resnet_epochs']}, {_QUICK['resnet_epochs']} "
-                             "with --quick).")
+                        help="Training epochs of the ResNet (default "
+                             + _preset_help("resnet_epochs") + ").")
     parser.add_argument("--resnet_lr", type=float, default=0.01,
                         help="Peak SGD learning rate of the ResNet.")
     parser.add_argument("--output", default="compare_inits.png",
                         help="Where to write the PNG; the JSON goes next to it.")
+    parser.add_argument("--json", default=None,
+                        help="Also write a summary here: per run its accuracies, divergence, "
+                             "signal at init and seconds, the spread over the seeds per init, "
+                             "and the machine, its load and the versions.")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
                         help="Progress while training: 0 silent, 1 Keras' progress bar, "
                              "2 one line per epoch (default).")
-    parser.add_argument("--quick", action="store_true",
-                        help="Tiny smoke run: depth 10, 2 epochs; ResNet-8, 1 epoch "
-                             "(explicit flags win).")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true",
+                       help="Tiny smoke run: " + _preset_text("quick") + " (explicit flags win).")
+    sizes.add_argument("--full", action="store_true",
+                       help="The full table of the README and the docs: "
+                            + _preset_text("full") + " (explicit flags win).")
     args = parser.parse_args(argv)
-    for name, value in (_QUICK if args.quick else _DEFAULTS).items():
+    args.preset = "quick" if args.quick else "full" if args.full else "default"
+    for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    else:
+        try:
+            args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated integers. Received: {args.seeds}")
+        if not args.seeds:
+            parser.error(f"--seeds must name at least one seed. Received: {args.seeds}")
+        args.seed = args.seeds[0]
     args.inits = [name.strip() for name in args.inits.split(",") if name.strip()]
     unknown = [name for name in args.inits if name not in models.INITS]
     if unknown or not args.inits:
@@ -220,7 +273,8 @@ def _split(data, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _train_and_record(model: keras.Model, init: str, label: str, data, args, *, epochs: int,
-                      lr: float, held_out: np.ndarray, start: float, verbose: int) -> dict:
+                      lr: float, held_out: np.ndarray, start: tuple[float, float],
+                      verbose: int) -> dict:
     """The signal at init on `held_out`, then training: the result dict of `run_init`."""
     signal = kg.signal_report(model, (data.x_train[held_out], data.y_train[held_out]),
                               seed=args.seed)
@@ -239,7 +293,10 @@ def _train_and_record(model: keras.Model, init: str, label: str, data, args, *, 
         "label": label,
         **metrics,
         "diverged_at_step": step if metrics["diverged"] else None,
-        "seconds": time.perf_counter() - start,
+        "seed": args.seed,
+        "seconds": time.perf_counter() - start[0],
+        # CPU time of every thread: with the wall time, how busy the machine was.
+        "cpu_seconds": time.process_time() - start[1],
         "history": {key: history.get(key, []) for key in
                     ("loss", "accuracy", "val_loss", "val_accuracy")},
         "signal": {
@@ -270,13 +327,15 @@ def run_init(init: str, data, args: argparse.Namespace, verbose: int = 0) -> dic
         `final_test_accuracy`, `best_test_accuracy`, `final_train_loss`,
         `epochs_run`, `diverged`), plus `init`, `label`,
         `diverged_at_step` (the 1-based training step whose loss was first
-        NaN or infinite, or `None`), `seconds` (build, init and training),
+        NaN or infinite, or `None`), `seed`, `seconds` (build, init and
+        training, wall clock) and `cpu_seconds` (the same, CPU time of all
+        threads),
         `history` (per-epoch `loss`, `accuracy`, `val_loss`, `val_accuracy`)
         and `signal` (`||h_l|| / ||x||` and `||dL/dh_l|| / ||dL/dh_L||` at
         init for every hidden layer, then the classifier, on a held-out
         training batch).
     """
-    start = time.perf_counter()
+    start = (time.perf_counter(), time.process_time())
     keras.utils.set_random_seed(args.seed)
     model = train_lib.build_model("mlp", data.x_train.shape[1:], data.num_classes,
                                   depth=args.depth, hidden_size=args.width, init=init,
@@ -302,7 +361,7 @@ def run_resnet_init(init: str, data, args: argparse.Namespace, verbose: int = 0)
         `max_stream_variance` their largest stream variance.
     """
     label = RESNET_LABELS[init]
-    start = time.perf_counter()
+    start = (time.perf_counter(), time.process_time())
     keras.utils.set_random_seed(args.seed)
     model = models.wn_resnet(data.x_train.shape[1:], data.num_classes, args.resnet_blocks,
                              init="orthogonal", weight_norm=False, seed=args.seed)
@@ -346,8 +405,11 @@ def format_table(results: Sequence[dict]) -> str:
               f"| max epoch loss | h_L/x at init |{extra} seconds |")
     lines = [header, "|---|---:|---:|---:|---|---:|---:|" + ("---:|" if streams else "")
              + "---:|"]
+    seeds = len({result.get("seed") for result in results}) > 1
     for result in results:
         name = f"| {result['label']} (`{result['init']}`) "
+        if seeds:
+            name += f"seed {result['seed']} "
         if result["diverged"]:
             diverged = f"yes, step {result['diverged_at_step']}"
         else:
@@ -448,41 +510,142 @@ def _print_outcome(result: dict) -> None:
           f"(best {result['best_test_accuracy']:.3f}), {result['seconds']:.0f} s", flush=True)
 
 
+def _clock(seconds: float) -> str:
+    """`seconds` as m:ss."""
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+class _Progress:
+    """Prints `[run i of n, elapsed, about ... left]` before each run.
+
+    The time left is the time per unit of work of the runs done so far, times
+    the work left; a run's work is its layers times its epochs plus
+    `_SETUP_EPOCHS` (build, init, signal report and tracing cost about that
+    many epochs of the same network).
+    """
+
+    def __init__(self, work: Sequence[float]):
+        self.work = list(work)
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def begin(self, what: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.done:
+            work_done = sum(self.work[:self.done])
+            left = elapsed / work_done * sum(self.work[self.done:])
+            timing = f"{_clock(elapsed)} elapsed, about {_clock(left)} left"
+        else:
+            timing = "time left estimated after this run"
+        print(f"[run {self.done + 1} of {len(self.work)}, {timing}] {what}", flush=True)
+
+    def end(self) -> None:
+        self.done += 1
+
+
+def _run_work(layers: int, epochs: int) -> float:
+    return layers * (epochs + _SETUP_EPOCHS)
+
+
+def _spread(results: Sequence[dict], network: str) -> list[dict]:
+    """Per init, over the seeds: min, median and max of the accuracies, and the divergences."""
+    spread = []
+    for init in dict.fromkeys(result["init"] for result in results):
+        runs = [result for result in results if result["init"] == init]
+        row = {"network": network, "init": init, "label": runs[0]["label"],
+               "seeds": [run["seed"] for run in runs],
+               "diverged": sum(run["diverged"] for run in runs)}
+        for key in ("final_test_accuracy", "best_test_accuracy", "final_train_accuracy"):
+            values = np.asarray([run[key] for run in runs], dtype="float64")
+            row[key] = {"min": float(np.min(values)), "median": float(np.median(values)),
+                        "max": float(np.max(values))}
+        spread.append(row)
+    return spread
+
+
+def format_spread(spread: Sequence[dict]) -> str:
+    """The spread over the seeds as a markdown table: min, median and max per init."""
+    lines = ["| init | seeds | final test acc (min / median / max) "
+             "| best test acc (min / median / max) | diverged |",
+             "|---|---:|---|---|---:|"]
+    for row in spread:
+        cells = [" / ".join(f"{row[key][stat]:.3f}" for stat in ("min", "median", "max"))
+                 for key in ("final_test_accuracy", "best_test_accuracy")]
+        lines.append(f"| {row['label']} (`{row['init']}`) | {len(row['seeds'])} | {cells[0]} "
+                     f"| {cells[1]} | {row['diverged']} of {len(row['seeds'])} |")
+    return "\n".join(lines)
+
+
+def _summary_row(result: dict, network: str) -> dict:
+    """One run for the `--json` summary: its figures, without the curves."""
+    row = {"network": network}
+    row.update({key: result[key] for key in (
+        "init", "label", "seed", "final_train_accuracy", "final_test_accuracy",
+        "best_test_accuracy", "diverged", "diverged_at_step", "epochs_run", "seconds",
+        "cpu_seconds")})
+    row["h_L_over_x_at_init"] = _last_hidden_ratio(result)
+    if "max_stream_variance" in result:
+        row["max_stream_variance_at_init"] = result["max_stream_variance"]
+    return row
+
+
+def _load_recorder():
+    """benchmarks/_results.py's `Recorder`, which writes the files the docs are made from."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "_results.py")
+    spec = importlib.util.spec_from_file_location("goodinit_benchmark_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Recorder
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
-    """Runs the comparison.
+    """Runs the comparison, once per seed of `--seeds`.
 
     Returns:
         `{"results": [...], "resnet_results": [...]}`: one result dict per
-        init (see `run_init` and `run_resnet_init`).
+        init and seed (see `run_init` and `run_resnet_init`), and with several
+        seeds `"spread"` (see `format_spread`).
     """
     args = parse_args(argv)
+    recorder = _load_recorder()("compare_inits") if args.json else None
     output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     json_path = os.path.splitext(output)[0] + ".json"
+    cpu_start = time.process_time()
 
     data = train_lib.load_data(args.dataset)
     steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
+    seeds = ", ".join(map(str, args.seeds))
     common = (f"SGD momentum {args.momentum:g}, {args.lr_schedule}, batch {args.batch_size}, "
-              f"seed {args.seed}")
+              f"seed{'s' if len(args.seeds) > 1 else ''} {seeds}")
     title = (f"WN-MLP depth {args.depth}, width {args.width} on {args.dataset}: lr "
              f"{args.lr:g}, {args.epochs} epochs, {common}")
     # digits as 8x8x1 images; mnist1d as (length, 1) sequences, for a 1D ResNet.
-    resnet_title = (f"no-BN ResNet-{6 * args.resnet_blocks + 2} on {args.dataset} "
+    resnet_depth = 6 * args.resnet_blocks + 2
+    resnet_title = (f"no-BN ResNet-{resnet_depth} on {args.dataset} "
                     f"({'x'.join(map(str, data.x_train.shape[1:]))}): lr {args.resnet_lr:g}, "
                     f"{args.resnet_epochs} epochs, {common}")
-    print(title, flush=True)
-    results = []
-    for init in args.inits:
-        print(f"training {init} ...", flush=True)
-        results.append(run_init(init, data, args, verbose=args.verbose))
-        _print_outcome(results[-1])
-    resnet_results = []
-    if args.resnet_inits:
-        print(f"\n{resnet_title}", flush=True)
-    for init in args.resnet_inits:
-        print(f"training ResNet {init} ...", flush=True)
-        resnet_results.append(run_resnet_init(init, data, args, verbose=args.verbose))
-        _print_outcome(resnet_results[-1])
+    # A ResNet layer costs about _RESNET_LAYER_COST MLP layers (a convolution on 8x8).
+    work = ([_run_work(args.depth, args.epochs)] * len(args.inits)
+            + [_run_work(resnet_depth, args.resnet_epochs) * _RESNET_LAYER_COST]
+            * len(args.resnet_inits)) * len(args.seeds)
+    progress = _Progress(work)
+    print(f"{title}\nthen {resnet_title}" if args.resnet_inits else title, flush=True)
+    results, resnet_results = [], []
+    for seed in args.seeds:
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        for init in args.inits:
+            progress.begin(f"training {init} (MLP depth {args.depth}, seed {seed}) ...")
+            results.append(run_init(init, data, seed_args, verbose=args.verbose))
+            progress.end()
+            _print_outcome(results[-1])
+        for init in args.resnet_inits:
+            progress.begin(f"training ResNet {init} (ResNet-{resnet_depth}, seed {seed}) ...")
+            resnet_results.append(run_resnet_init(init, data, seed_args, verbose=args.verbose))
+            progress.end()
+            _print_outcome(resnet_results[-1])
 
     print()
     print(title)
@@ -490,15 +653,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
     if resnet_results:
         print(f"\n{resnet_title}")
         print(format_table(resnet_results))
-    plot(results, output, title=title, steps_per_epoch=steps_per_epoch,
-         resnet_results=resnet_results, resnet_title=resnet_title)
-    config = {key: value for key, value in vars(args).items() if key != "output"}
+    spread = _spread(results, "mlp") + _spread(resnet_results, "resnet")
+    if len(args.seeds) > 1:
+        print(f"\nSpread over seeds {seeds}: WN-MLP depth {args.depth}")
+        print(format_spread([row for row in spread if row["network"] == "mlp"]))
+        if resnet_results:
+            print(f"\nSpread over seeds {seeds}: no-BN ResNet-{resnet_depth}")
+            print(format_spread([row for row in spread if row["network"] == "resnet"]))
+    # The curves of the first seed.
+    first = args.seeds[0]
+    plot([r for r in results if r["seed"] == first], output, title=title,
+         steps_per_epoch=steps_per_epoch,
+         resnet_results=[r for r in resnet_results if r["seed"] == first],
+         resnet_title=resnet_title)
+    config = {key: value for key, value in vars(args).items() if key not in ("output", "json")}
     config["steps_per_epoch"] = steps_per_epoch
+    report = {"config": config, "results": results, "resnet_results": resnet_results}
+    if len(args.seeds) > 1:
+        report["spread"] = spread
     with open(json_path, "w") as file:
-        json.dump(train_lib._jsonable({"config": config, "results": results,
-                                       "resnet_results": resnet_results}), file, indent=2)
+        json.dump(train_lib._jsonable(report), file, indent=2)
     print(f"\nwrote {output} and {json_path}")
-    return {"results": results, "resnet_results": resnet_results}
+    if recorder is not None:
+        rows = ([_summary_row(r, "mlp") for r in results]
+                + [_summary_row(r, "resnet") for r in resnet_results])
+        recorder.write(args.json, train_lib._jsonable(rows),
+                       **train_lib._jsonable({"preset": args.preset, "config": config,
+                                              "cpu_s": time.process_time() - cpu_start,
+                                              "spread": spread}))
+    return report
 
 
 if __name__ == "__main__":

@@ -308,6 +308,12 @@ def train(model: keras.Model, data: Data, *, epochs: int, batch_size: int, lr: f
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
+    # Create the optimizer's and the metrics' variables now: Keras (TF, no distribution
+    # strategy) defers that to the first trace of the train step, and a trace that
+    # creates variables is traced again, which doubles the first epoch of a deep model.
+    model.optimizer.build(model.trainable_variables)
+    model.compute_metrics(None, data.y_train[:1], model(data.x_train[:1]), sample_weight=None)
+    model.reset_metrics()
     monitor = DivergenceMonitor()
     callbacks = [monitor]
     if output_dir:

@@ -59,7 +59,7 @@ def _load(values) -> str:
     return "unknown" if not values else " / ".join(f"{v:.1f}" for v in values)
 
 
-def _context(result: dict) -> str:
+def _context(result: dict, timings: bool = True) -> str:
     machine = result["machine"]
     versions = ", ".join(f"{name} {version}" for name, version in result["versions"].items())
     return (f"Command: `{result['command']}` ({result['wall_s']:.0f} s), "
@@ -67,7 +67,7 @@ def _context(result: dict) -> str:
             f"Machine: {machine['cpus']} CPUs ({machine['cpu']}), {machine['system']}, "
             f"Python {machine['python']}; load average {_load(machine['load_before'])} at the "
             f"start and {_load(machine['load_after'])} at the end; {result['date']}.  \n"
-            f"Versions: {versions}." + _shared(machine))
+            f"Versions: {versions}." + (_shared(machine) if timings else ""))
 
 
 def _shared(machine: dict) -> str:
@@ -134,7 +134,41 @@ def _zoo(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + _context(result) + "\n\n" + _checks(result)
 
 
-RENDERERS = {"lsuv_speed": _lsuv_speed, "zoo": _zoo}
+def _spread(stats: dict) -> str:
+    return f"{stats['min']:.3f} / {stats['median']:.3f} / {stats['max']:.3f}"
+
+
+def _compare_inits(result: dict) -> str:
+    config = result["config"]
+    title = {"default": "the default", "full": "`--full`", "quick": "`--quick`"}.get(
+        result.get("preset", ""), result.get("preset", ""))
+    lines = [
+        f"## The main job, {title}: who trains a {config['depth']}-layer WN-MLP?",
+        "",
+        f"`examples/compare_inits.py`: a {config['depth']}-layer, width-{config['width']} "
+        f"weight-normalized MLP on `{config['dataset']}` (chance 0.10), SGD (lr "
+        f"{config['lr']}, momentum {config['momentum']}, {config['lr_schedule']} decay), batch "
+        f"{config['batch_size']}, {config['epochs']} epochs, once per init; then a no-BN "
+        f"ResNet-{6 * config['resnet_blocks'] + 2} for {config['resnet_epochs']} epochs per "
+        "graph-level init. Test accuracy at the end of training over the seeds, "
+        "min / median / max.",
+        "",
+        "| network | init | seeds | final test accuracy | best test accuracy | loss became NaN |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for row in result["spread"]:
+        lines.append(
+            f"| {row['network']} | {row['label']} (`{row['init']}`) | "
+            f"{', '.join(str(s) for s in row['seeds'])} | {_spread(row['final_test_accuracy'])} | "
+            f"{_spread(row['best_test_accuracy'])} | {row['diverged']} of {len(row['seeds'])} |")
+    note = f"  \nHow the runs were made: {result['note']}" if result.get("note") else ""
+    # Accuracies, not timings: the same seed gives the same numbers at any load.
+    return ("\n".join(lines) + "\n\n" + _context(result, timings=False) + note
+            + "  \nThe accuracies do not depend on the load: on one machine and one set of "
+            "versions the same seed gave identical loss histories idle and under load.\n")
+
+
+RENDERERS = {"compare_inits": _compare_inits, "lsuv_speed": _lsuv_speed, "zoo": _zoo}
 
 
 def render(results: list[dict]) -> str:

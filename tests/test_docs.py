@@ -141,7 +141,7 @@ def test_the_measurements_page_fails_when_a_figure_changes(tmp_path):
     # The check above can fail: change one timing in a copy of a result, and the page differs.
     generator = _generator()
     results = generator.load_results()
-    row = results[0]["rows"][0]
+    row = next(r for r in results if r["benchmark"] == "lsuv_speed")["rows"][0]
     row["lsuv_s"] = row["lsuv_s"] * 1.5 + 1.0
     with open(os.path.join(DOCS, "measurements.md"), encoding="utf-8") as handle:
         assert handle.read() != generator.render(results)

@@ -31,6 +31,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from _rounding import longest_sum  # noqa: E402
 from _scenarios import recorder  # noqa: E402
+from _training import frozen_body_trained_head  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 import keras_goodinit as kg  # noqa: E402
@@ -812,15 +813,7 @@ I17_Y = np.random.default_rng(6).normal(size=(64, 4)).astype("float32")
 
 @scenario
 def i17_trained_head_that_cannot_be_checked_is_kept():
-    keras.utils.set_random_seed(0)
-    body = keras.Sequential([keras.Input((16,)), L.LayerNormalization(),
-                             L.Dense(32, activation="relu", name="body_dense")], name="body")
-    body.trainable = False
-    model = keras.Sequential([body, L.Dense(4, use_bias=False, name="head",
-                                            kernel_initializer=GoodInit("wn_linear"))])
-    model.compile(keras.optimizers.Adam(1e-2), "mse")
-    model.fit(I17_X, I17_Y, batch_size=16, epochs=3, verbose=0)
-    model.compile(keras.optimizers.Adam(0.0), "mse")  # a new optimizer, at step 0
+    model = frozen_body_trained_head(I17_X, I17_Y, epochs=3, learning_rate_after=0.0)
     before = [numpy(v.value) for v in model.weights]
     init = kg.LSUVCallback(I17_X[:32], verbose=0)
     model.fit(I17_X, I17_Y, batch_size=64, epochs=1, verbose=0, callbacks=[init])

@@ -15,7 +15,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from _training import Peek, same, values  # noqa: E402
+from _training import Peek, frozen_body_trained_head, same, values  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 from keras_goodinit import GoodInit, LSUVCallback, WeightNormalization, lsuv_init  # noqa: E402
@@ -308,18 +308,7 @@ def test_the_message_says_why_and_mentions_force(capsys):
 
 
 def _frozen_body_trained_head():
-    """A fresh frozen body (checkable), a bias-free unseeded GoodInit head (not), trained."""
-    keras.utils.set_random_seed(0)
-    body = keras.Sequential([keras.Input((16,)), L.LayerNormalization(),
-                             L.Dense(32, activation="relu", name="body_dense")], name="body")
-    body.trainable = False
-    model = keras.Sequential([body, L.Dense(4, use_bias=False, name="head",
-                                            kernel_initializer=GoodInit("wn_linear"))])
-    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
-    model.fit(X, Y, batch_size=16, epochs=5, verbose=0)
-    # A new optimizer: its step count no longer says the head was trained.
-    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
-    return model
+    return frozen_body_trained_head(X, Y, epochs=5, learning_rate_after=1e-2, jit_compile=False)
 
 
 def test_a_trained_head_that_cannot_be_checked_is_not_redrawn_for_a_fresh_body(capsys):

@@ -289,6 +289,8 @@ vanish_below=0.6
             values = [record.report.column(field) for record in self.history]
         else:
             values = [record.report.block_column(field) for record in self.history]
+        if not values:
+            return steps, np.empty((0, len(self.names(field))))
         return steps, np.array(values, dtype="float64").reshape(len(steps), -1)
 
     def names(self, field: str) -> list[str]:
@@ -461,7 +463,8 @@ def _alarm(report: SignalReport, step: int, explode_above: float | None,
         return SignalAlarm(step, layer, quantity, value, kind,
                            f"the {way} {kind} {where}at step {step}: {what} = {value:.4g}{bound}")
 
-    for row in report.rows:
+    measured = [row for row in report.rows if row.status == "ok"]  # skipped rows are NaN
+    for row in measured:
         for quantity in ("std", "mean"):
             if not math.isfinite(getattr(row, quantity)):
                 return alarm("forward signal", row.name, quantity, "explodes",
@@ -471,7 +474,7 @@ def _alarm(report: SignalReport, step: int, explode_above: float | None,
             return alarm("forward signal", row.name, "norm_ratio", kind, row.norm_ratio)
     if report.loss_name and not math.isfinite(report.loss):
         return alarm("probe loss", None, "loss", "explodes", report.loss)
-    for row in reversed(report.rows):
+    for row in reversed(measured):
         # NaN: the layer's output does not reach the loss.
         if math.isinf(row.weight_grad_std):
             return alarm("backward signal", row.name, "weight_grad_std", "explodes",

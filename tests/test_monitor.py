@@ -431,3 +431,29 @@ def test_a_non_finite_signal_explodes_and_bounds_can_be_lifted(data):
     quiet = SignalMonitor(x[:32], explode_above=None, vanish_below=None)
     chain([1e4]).fit(x, x, batch_size=32, epochs=1, verbose=0, callbacks=[quiet])
     assert quiet.alarms == [] and quiet.reason is None
+
+
+def test_a_skipped_row_is_not_an_explosion():
+    # A layer the pass could not measure has NaN statistics: that says nothing about the
+    # signal, so it must raise no alarm (it used to read as "explodes", and stop training).
+    from keras_goodinit.monitor import _alarm
+
+    model = keras.Sequential([keras.Input((8,)), L.Dense(8, activation="relu", name="a"),
+                              L.Dense(2, name="b")])
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    report = signal_report(model, x)
+    assert _alarm(report, 0, 1e3, 1e-3) is None
+    skipped = dataclasses.replace(report.rows[0], status="skipped", reason="not measured",
+                                  mean=math.nan, std=math.nan, norm_ratio=math.nan)
+    report = dataclasses.replace(report, rows=[skipped, *report.rows[1:]])
+    assert _alarm(report, 0, 1e3, 1e-3) is None
+    # A measured NaN still is one.
+    broken = dataclasses.replace(report.rows[1], std=math.nan)
+    alarm = _alarm(dataclasses.replace(report, rows=[skipped, broken]), 0, 1e3, 1e-3)
+    assert alarm is not None and alarm.layer == "b"
+
+
+def test_series_of_an_empty_history_is_empty():
+    monitor = SignalMonitor(np.zeros((4, 8), "float32"))
+    steps, values = monitor.series("std")
+    assert steps.shape == (0,) and values.shape == (0, 0)

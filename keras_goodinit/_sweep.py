@@ -1018,18 +1018,6 @@ def _frozen(value, depth: int):
             return _OPAQUE
         items.append(item)
     return (type(value).__name__, keys, tuple(items))
-    if isinstance(value, (tuple, list)):
-        if len(value) > _FINGERPRINT_ARRAY:
-            return _OPAQUE
-        items = tuple(_frozen(item, depth - 1) for item in value)
-        return _OPAQUE if any(item is _OPAQUE for item in items) else (type(value).__name__,
-                                                                        items)
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        if len(value) > _FINGERPRINT_ARRAY:
-            return _OPAQUE
-        items = tuple((k, _frozen(v, depth - 1)) for k, v in value.items())
-        return _OPAQUE if any(v is _OPAQUE for _, v in items) else ("dict", items)
-    return _OPAQUE
 
 
 def unmet_reason(target: Target, result: SweepResult) -> str:

@@ -783,7 +783,9 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
                 loss_value, _, (result, parts, flags), grads = _backend.loss_gradients(
                     compute, kernels)
             except _sweep.UNTRACEABLE_ERRORS as error:
-                if not _differentiates_by_tracing(x):
+                # Only a tracer error: a bug in the model or loss raises, as on TF and torch.
+                if not (_differentiates_by_tracing(x) and type(
+                        _sweep.untraceable_cause(error)).__module__.startswith("jax")):
                     raise
                 # JAX differentiates a function by tracing it, eagerly too: a pass that
                 # cannot be traced has no gradient there. The forward statistics stand.

@@ -22,7 +22,12 @@ from keras import ops
 from keras.src.initializers import constant_initializers, random_initializers
 
 from keras_goodinit.initializers import GoodInit
-from keras_goodinit.weight_norm import WeightNormalization, _float32_reads, unit_norms
+from keras_goodinit.weight_norm import (
+    WeightNormalization,
+    _float32_reads,
+    stored_dtype,
+    unit_norms,
+)
 
 # Machine epsilon per float dtype. A re-draw on the device that built the model is
 # bit-identical; the few-ulp slack only absorbs transcendental functions (log, sin in
@@ -98,25 +103,15 @@ def _initializer_of(layer, variable):
     return initializer
 
 
-def _stored_dtype(variable) -> str:
-    """The dtype `variable` stores, and its initializer drew in when it was built.
-
-    Read from the raw value: inside an autocast scope `variable.dtype` names
-    the scope's dtype (floatx under `_float32_reads`), so a float16, bfloat16
-    or float64 variable would be re-drawn in float32 and never match.
-    """
-    return keras.backend.standardize_dtype(variable.value.dtype)
-
-
 def _checks(model):
     """(cost, variable, dtype, function returning its build-time value), cheapest first."""
     checks = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
         for variable in layer._trainable_variables + layer._non_trainable_variables:
-            dtype = _stored_dtype(variable)
+            dtype = stored_dtype(variable)
             if dtype not in _EPS or 0 in tuple(variable.shape):
                 continue
-            if isinstance(layer, WeightNormalization) and variable is layer.g:
+            if isinstance(layer, WeightNormalization) and variable is layer._g:
                 # `g` starts as ||v|| of the current v, whatever drew v.
                 checks.append((0, variable, dtype, lambda layer=layer: unit_norms(
                     layer.v.value, layer.layout)))

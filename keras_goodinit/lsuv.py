@@ -14,7 +14,7 @@ from keras import ops
 from keras_goodinit import _backend, _data, _distribute, _residual, _sweep, _validate
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
-from keras_goodinit.weight_norm import unit_norms
+from keras_goodinit.weight_norm import WeightNormalization, unit_norms
 
 MEASURES = ("pre_activation", "post_activation")
 PRE_INITS = ("orthogonal", None)
@@ -630,6 +630,7 @@ def lsuv_init(
         summary = (residual_notes + _normalization_notes(pairs)
                    + ([result.note] if result.note else []))
         _distribute.broadcast_from_chief(variables)
+        _mark_data_initialized(pairs)
         return InitReport("lsuv", [row for _, row in pairs] + other_rows, batches=batches,
                           notes=summary, mode=result.mode)
 
@@ -639,6 +640,14 @@ _follower_key = _sweep.follower_key
 
 _NORMALIZED = ("a normalization layer follows: in training mode it re-normalizes this "
                "output, so this scale barely changes what the network computes")
+
+
+def _mark_data_initialized(pairs) -> None:
+    """Sets the `initialized` flag of the `data_init=True` wrappers this init set, so that
+    their first training batch does not overwrite it."""
+    for target, row in pairs:
+        if row.status == "ok" and isinstance(target.layer, WeightNormalization):
+            target.layer.mark_data_initialized()
 
 
 def _normalization_notes(pairs) -> list[str]:
@@ -969,9 +978,7 @@ def weightnorm_data_init(
                                       compile=result.mode)
         _bias_free_notes(pairs, measured, estimates)
         _distribute.broadcast_from_chief(variables)
-        for target, row in pairs:  # a `data_init=True` wrapper must not redo it in fit
-            if row.status == "ok":
-                target.layer.mark_data_initialized()
+        _mark_data_initialized(pairs)
         return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows,
                           notes=[result.note] if result.note else [], mode=result.mode)
 

@@ -67,6 +67,17 @@ def _concrete(variable) -> bool:
     return True
 
 
+def stored_dtype(variable) -> str:
+    """The dtype `variable` stores (and its initializer drew in).
+
+    Inside an autocast scope `variable.dtype` (and, under mixed precision,
+    `variable.value`) name the scope's dtype (floatx under `_float32_reads`),
+    so a float16, bfloat16 or float64 variable would read as another; Keras
+    keeps the stored one in `_dtype`, whatever the scope.
+    """
+    return keras.backend.standardize_dtype(variable._dtype)
+
+
 def kernel_variable(layer) -> keras.Variable:
     """The variable holding a supported layer's kernel (not a LoRA-merged tensor)."""
     kernel = getattr(layer, "_kernel", None)
@@ -471,12 +482,11 @@ class WeightNormalization(keras.layers.Wrapper):
         state = lsuv._unit_init(mean, var, _sweep.with_zeros(bias, mean), g,
                                 lsuv._relative_floor(self.layer.compute_dtype),
                                 has_bias=has_bias)
-        with _float32_reads():  # the variables' own dtypes, not an autocast one
-            new_g = ops.cast(ops.reshape(state["g"], self._g.shape), self._g.dtype)
-            if not has_bias:
-                return new_g, None
-            bias = self.layer.bias
-            return new_g, ops.cast(ops.reshape(state["bias"], bias.shape), bias.dtype)
+        new_g = ops.cast(ops.reshape(state["g"], self._g.shape), stored_dtype(self._g))
+        if not has_bias:
+            return new_g, None
+        bias = self.layer.bias
+        return new_g, ops.cast(ops.reshape(state["bias"], bias.shape), stored_dtype(bias))
 
     def _assign_data_init(self, g, bias) -> None:
         """Assigns g, the bias and the flag (through the strategy's update under TF)."""

@@ -714,3 +714,35 @@ def test_data_init_under_mixed_precision_sets_float32_variables():
     # float16 outputs: the statistics hold to float16's rounding of each output.
     half = float(np.finfo("float16").eps) * float(np.abs(pre).max()) * 4
     assert np.abs(pre.std(0) - 1.0).max() <= half and np.abs(pre.mean(0)).max() <= half
+
+
+def test_data_init_in_a_float64_layer_keeps_its_dtype():
+    # The new g and bias are cast to what the variables store, not to the float32 an
+    # autocast scope reports (a float64 layer raised a dtype error here).
+    x = np.random.default_rng(0).normal(size=(64, 4))
+    wrapper = WeightNormalization(keras.layers.Dense(3, dtype="float64"), data_init=True)
+    y = keras.ops.convert_to_numpy(wrapper(x, training=True))
+    assert bool(keras.ops.convert_to_numpy(wrapper.initialized))
+    assert keras.backend.standardize_dtype(wrapper.g.value.dtype) == "float64"
+    # The init's statistics and normalization read in float32 (`_float32_reads`), so a
+    # float64 layer is float32-accurate here: the float32 bound of the other data-init tests.
+    pre = x @ keras.ops.convert_to_numpy(wrapper.normalized_kernel()) + keras.ops.convert_to_numpy(
+        wrapper.layer.bias)
+    bound = _unit_bound(wrapper, pre)
+    assert np.abs(pre.mean(0)).max() <= bound, (np.abs(pre.mean(0)).max(), bound)
+    assert np.abs(pre.std(0) - 1.0).max() <= bound, (pre.std(0), bound)
+    assert np.abs(y - pre).max() <= bound
+
+
+def test_lsuv_init_marks_a_data_init_wrapper_initialized():
+    # Otherwise the first training batch would overwrite the scale LSUV just set.
+    from keras_goodinit import lsuv_init
+
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    wrapper = WeightNormalization(keras.layers.Dense(8, activation="relu"), data_init=True)
+    model = keras.Sequential([keras.Input((8,)), wrapper, keras.layers.Dense(2)])
+    lsuv_init(model, x, verbose=0)
+    assert bool(keras.ops.convert_to_numpy(wrapper.initialized))
+    g = keras.ops.convert_to_numpy(wrapper.g)
+    wrapper(x, training=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(wrapper.g), g)

@@ -1,50 +1,74 @@
-"""The layer graph of a built Sequential or functional model, nested models inlined.
+"""One op-level graph of what a model computes, shared by every graph-level feature.
 
-`flatten` turns the model into one list of steps in execution order, each a
-layer call with integer keys for its input and output tensors, so that a
-nested model's layers are steps like any other. On that list:
-`follower` finds what consumes a kernel layer's output (looking through
-dropout, pooling, reshapes, padding and normalization), and
-`residual_blocks` finds the residual `Add`s, their branch's last kernel
-and the number of blocks in each stage.
+Design. A *step* is one call of a Keras layer or of a `keras.ops` operation,
+with integer keys for its input and output tensors; `flatten` lists a model's
+steps in an order where every tensor is made before it is used. Functional
+and Sequential models give their nodes directly: layers, and the op nodes
+that tensor code such as `h + x`, `x * 2.0` or `keras.ops.add` records.
+Nested functional models are walked into. A layer with no rule of its own in
+`keras_goodinit.rules` (a subclassed layer or model: a KerasHub block, a
+user's residual block, `MultiHeadAttention`) is *inlined*: its `call` is run
+once on fresh `KerasTensor`s, where Keras records every op and sublayer call
+as a node, and those nodes are walked in turn, recursively, so the residual
+adds inside it are ordinary steps. A call that cannot be traced that way
+(host code, Python control flow on tensor values, a backend-only function)
+stays one *opaque* step whose `opaque` field says why; the rules then know
+nothing about its output, and the reports say so rather than guess. What
+each kind of step does (kernel, activation, sum, look-through...) is not
+decided here but by the step's rule, the one place for that knowledge.
+Residual blocks are found on the steps: any sum whose inputs are a skip and
+one or more branches (`_graph.residual_blocks`).
+
+Steps made by a model's own nodes, and the sublayer calls inside an inlined
+layer, run as the same objects when the model runs, so a pass can hook them
+(`Graph.hooks`); the ops inside an inlined layer's `call` do not exist at run
+time, and have no hook.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import weakref
 from typing import Any
 
 import keras
-from keras import layers as klayers
 
-_ACTIVATIONS = (klayers.Activation, klayers.ReLU, klayers.LeakyReLU, klayers.ELU,
-                klayers.PReLU, klayers.Softmax)
-_NORMALIZATIONS = (klayers.BatchNormalization, klayers.LayerNormalization,
-                   klayers.GroupNormalization, klayers.RMSNormalization)
-# Layers that do not change which activation a kernel's output meets.
-_LOOK_THROUGH = (
-    klayers.Dropout, klayers.SpatialDropout1D, klayers.SpatialDropout2D,
-    klayers.SpatialDropout3D, klayers.GaussianDropout, klayers.GaussianNoise,
-    klayers.AlphaDropout, klayers.ActivityRegularization, klayers.Identity,
-    klayers.MaxPooling1D, klayers.MaxPooling2D, klayers.MaxPooling3D,
-    klayers.AveragePooling1D, klayers.AveragePooling2D, klayers.AveragePooling3D,
-    klayers.GlobalAveragePooling1D, klayers.GlobalAveragePooling2D,
-    klayers.GlobalAveragePooling3D, klayers.GlobalMaxPooling1D, klayers.GlobalMaxPooling2D,
-    klayers.GlobalMaxPooling3D, klayers.Flatten, klayers.Reshape, klayers.Permute,
-    klayers.ZeroPadding1D, klayers.ZeroPadding2D, klayers.ZeroPadding3D,
-    klayers.Cropping1D, klayers.Cropping2D, klayers.Cropping3D,
-    klayers.UpSampling1D, klayers.UpSampling2D, klayers.UpSampling3D, klayers.Masking,
-)
+from keras_goodinit import rules
 
 
 @dataclasses.dataclass(eq=False)
 class Step:
-    """One layer call: `outputs = layer(*inputs)`, tensors named by integer keys."""
+    """One call: `outputs = layer(*args, **kwargs)`, tensors named by integer keys.
 
-    layer: keras.layers.Layer
+    `layer` is the Keras layer or `keras.ops` operation called; `args` and
+    `kwargs` are the call's arguments with each tensor replaced by its `Ref`.
+    """
+
+    layer: Any
     inputs: list[int]
     outputs: list[int]
-    path: str  # the names of the enclosing nested models, "outer/inner"
+    path: str = ""  # the enclosing nested models and inlined layers, "outer/inner"
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    opaque: str = ""  # why a layer without a rule could not be inlined
+    hookable: bool = True  # runs as this object when the model runs
+
+    @property
+    def name(self) -> str:
+        """The step's path name, unique for each layer object of a model."""
+        return f"{self.path}/{self.layer.name}" if self.path else self.layer.name
+
+    @property
+    def rule(self):
+        return rules.rule_for(self.layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """A tensor argument of a step: the key of the tensor."""
+
+    key: int
 
 
 @dataclasses.dataclass
@@ -55,6 +79,14 @@ class Graph:
     shapes: dict[int, tuple]  # key -> symbolic shape (batch axis included)
     producer: dict[int, Step]
     consumers: dict[int, list[Step]]
+    # key -> (layer or op, its call index in the pass, output position): where a pass can
+    # read the tensor; keys made inside an inlined layer's own code have none.
+    hooks: dict[int, tuple[Any, int, int]] = dataclasses.field(default_factory=dict)
+    # (path name, class name, why) of each layer kept opaque.
+    opaque: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+
+    def hook(self, key: int) -> tuple[Any, int, int] | None:
+        return self.hooks.get(key)
 
 
 def functional_of(model) -> Any:
@@ -68,124 +100,220 @@ def functional_of(model) -> Any:
     return None
 
 
-def flatten(model: keras.Model) -> Graph:
-    """The steps of a built Sequential or functional model, nested models inlined.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    Raises a ValueError for a subclassed model (it has no graph to walk) or
-    a Sequential model that has never been built.
+
+def flatten(model: keras.layers.Layer) -> Graph:
+    """The steps of a built model, nested models walked into and subclassed layers inlined.
+
+    Cached per model until its structure changes (`_sweep.model_fingerprint`).
+    A subclassed model is inlined like a subclassed layer, from the input
+    shape it was built with. Raises a ValueError for a Sequential model that
+    has never been built, or a subclassed model that cannot be traced.
     """
-    graph = functional_of(model)
-    if graph is None:
-        what = ("a Sequential model that is not built (call it once, or give it an "
-                "`keras.Input`)" if isinstance(model, keras.Sequential) else
-                f"a subclassed model ({type(model).__name__}): its `call` is Python code, "
-                "with no layer graph to walk")
-        raise ValueError(
-            "Argument `model` must be a built Sequential or functional model; this is "
-            f"{what}. Initialize its layers with GoodInit instead. Received: model={model!r}")
-    counter = iter(range(1 << 62))
-    steps, shapes = [], {}
+    from keras_goodinit import _sweep  # a cycle at import time otherwise
 
-    def new_key(tensor) -> int:
-        key = next(counter)
-        shapes[key] = tuple(tensor.shape)
+    key = _sweep.model_fingerprint(model)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    graph = _build(model)
+    _CACHE[model] = (key, graph)
+    return graph
+
+
+class _Builder:
+    def __init__(self):
+        self.steps: list[Step] = []
+        self.shapes: dict[int, tuple] = {}
+        self.opaque: list[tuple[str, str, str]] = []
+        self.containers: list[tuple[Any, list[int]]] = []  # inlined layer calls, in order
+        self._next = 0
+
+    def new_key(self, tensor) -> int:
+        key = self._next
+        self._next += 1
+        self.shapes[key] = tuple(tensor.shape)
         return key
 
-    inputs = [new_key(t) for t in keras.tree.flatten(graph.inputs)]
-    outputs = _walk(graph, inputs, steps, new_key, model.name)
-    producer = {k: s for s in steps for k in s.outputs}
-    consumers: dict[int, list[Step]] = {}
-    for step in steps:
-        for key in step.inputs:
-            consumers.setdefault(key, [])
-            if step not in consumers[key]:
-                consumers[key].append(step)
-    return Graph(steps, inputs, outputs, shapes, producer, consumers)
-
-
-def _walk(graph, in_keys, steps, new_key, path) -> list[int]:
-    env = {id(t): k for t, k in zip(keras.tree.flatten(graph.inputs), in_keys)}
-    by_depth = graph._nodes_by_depth
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
+    def walk(self, nodes, env: dict, path: str, hookable: bool) -> None:
+        """Adds the steps of `nodes` (in a valid order); `env` maps id(tensor) -> key."""
+        for node in nodes:
             if not node.operation or node.is_input:
                 continue
             tensors = node.arguments.keras_tensors
             if any(id(t) not in env for t in tensors):
                 continue  # not computable from the inputs, as in Keras' own run
             keys = [env[id(t)] for t in tensors]
-            inner = functional_of(node.operation)
-            if inner is not None and node.operation is not graph:
-                outs = _walk(inner, keys, steps, new_key, f"{path}/{node.operation.name}")
-            else:
-                outs = [new_key(t) for t in node.outputs]
-                steps.append(Step(node.operation, keys, outs, path))
-            for tensor, key in zip(node.outputs, outs):
+            for tensor, key in zip(node.outputs, self.call(node, keys, env, path, hookable)):
                 env[id(tensor)] = key
-    return [env[id(t)] for t in keras.tree.flatten(graph.outputs)]
+
+    def call(self, node, keys, env, path, hookable) -> list[int]:
+        op = node.operation
+        inner = functional_of(op)
+        if inner is not None:
+            return self.functional(inner, keys, _join(path, op.name), hookable)
+        if isinstance(op, keras.layers.Layer) and rules.rule_for(op) is None:
+            outs, why = self.inline(op, node.arguments, len(node.outputs), keys,
+                                    _join(path, op.name))
+            if not why:
+                if hookable:
+                    self.containers.append((op, outs))
+                return outs
+            self.opaque.append((_join(path, op.name), type(op).__name__, why))
+        else:
+            why = ""
+        outs = [self.new_key(t) for t in node.outputs]
+        args, kwargs = _refs(node.arguments.args, env), _refs(node.arguments.kwargs, env)
+        self.steps.append(Step(op, keys, outs, path, args, kwargs, why,
+                               hookable or isinstance(op, keras.layers.Layer)))
+        return outs
+
+    def functional(self, graph, in_keys, path, hookable) -> list[int]:
+        env = {id(t): k for t, k in zip(keras.tree.flatten(graph.inputs), in_keys)}
+        nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True)
+                 for node in graph._nodes_by_depth[depth]]
+        self.walk(nodes, env, path, hookable)
+        return [env[id(t)] for t in keras.tree.flatten(graph.outputs)]
+
+    def inline(self, layer, arguments, count, keys, path) -> tuple[list[int], str]:
+        """Runs `layer.call` on fresh KerasTensors and walks the nodes it records.
+
+        `arguments` holds the call's `args`, `kwargs` and `keras_tensors` (as a
+        Keras node's); `count` is the number of outputs expected (None: any).
+        """
+        fresh = {}
+        for tensor in arguments.keras_tensors:
+            fresh.setdefault(id(tensor), keras.KerasTensor(tensor.shape, tensor.dtype))
+        args = _substituted(arguments.args, fresh)
+        kwargs = _substituted(arguments.kwargs, fresh)
+        try:
+            outputs = layer.call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure means: not traceable
+            return [], _untraceable(error)
+        flat = keras.tree.flatten(outputs)
+        if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
+            return [], "its call returns something other than tensors computed by Keras ops"
+        inputs = {id(fresh[id(t)]): k for t, k in zip(arguments.keras_tensors, keys)}
+        nodes, why = _recorded_nodes(flat, inputs)
+        if why:
+            return [], why
+        inner_env = dict(inputs)
+        self.walk(nodes, inner_env, path, hookable=False)
+        if (count is not None and len(flat) != count) or any(
+                id(t) not in inner_env for t in flat):
+            return [], "its outputs are not all computed from its inputs"
+        return [inner_env[id(t)] for t in flat], ""
 
 
-def is_activation(layer) -> bool:
-    return isinstance(layer, _ACTIVATIONS)
+def _build(model) -> Graph:
+    graph = functional_of(model)
+    builder = _Builder()
+    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    saved = [(layer, len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers]
+    try:
+        if graph is not None:
+            inputs = [builder.new_key(t) for t in keras.tree.flatten(graph.inputs)]
+            outputs = builder.functional(graph, inputs, "", True)
+        else:
+            inputs, outputs = _subclassed(model, builder)
+    finally:
+        # Tracing calls the sublayers on KerasTensors, which records nodes on them: the
+        # model must come out as it went in (`layer.output` and friends read those).
+        for layer, inbound, outbound in saved:
+            del layer._inbound_nodes[inbound:]
+            del layer._outbound_nodes[outbound:]
+    producer = {k: s for s in builder.steps for k in s.outputs}
+    consumers: dict[int, list[Step]] = {}
+    for step in builder.steps:
+        for key in step.inputs:
+            users = consumers.setdefault(key, [])
+            if step not in users:
+                users.append(step)
+    return Graph(builder.steps, inputs, outputs, builder.shapes, producer, consumers,
+                 _hooks(builder), builder.opaque)
 
 
-def is_normalization(layer) -> bool:
-    return isinstance(layer, _NORMALIZATIONS)
+def _subclassed(model, builder) -> tuple[list[int], list[int]]:
+    if isinstance(model, keras.Sequential):
+        raise ValueError(
+            "Argument `model` must be built: this is a Sequential model that is not built "
+            f"(call it once, or give it a `keras.Input`). Received: model={model!r}")
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    if not model.built or len(shapes) != 1:
+        raise ValueError(
+            "Argument `model` must be a built Sequential or functional model, or a subclassed "
+            "model built on one input (its graph is traced from that input's shape); this is "
+            f"{type(model).__name__}, built on {shapes or 'nothing'}. Received: model={model!r}")
+    (shape,) = shapes.values()
+    tensor = keras.KerasTensor(tuple(shape), "float32")
+    arguments = types.SimpleNamespace(keras_tensors=[tensor], args=(tensor,), kwargs={})
+    inputs = [builder.new_key(tensor)]
+    outs, why = builder.inline(model, arguments, None, inputs, "")
+    if why:
+        raise ValueError(
+            f"Argument `model` is a subclassed model whose `call` cannot be traced: {why}. "
+            f"Received: model={model!r}")
+    return inputs, outs
 
 
-def looks_through(layer) -> bool:
-    return isinstance(layer, _LOOK_THROUGH) or type(layer).__name__ == "Cast"
+def _hooks(builder: _Builder) -> dict[int, tuple[Any, int, int]]:
+    """Where each tensor can be read in a pass: the call that makes it at run time."""
+    calls: dict[int, int] = {}
+    hooks: dict[int, tuple[Any, int, int]] = {}
+    made = [(s.layer, s.outputs) for s in builder.steps if s.hookable]
+    for op, outputs in made + builder.containers:
+        index = calls[id(op)] = calls.get(id(op), -1) + 1
+        for position, key in enumerate(outputs):
+            hooks.setdefault(key, (op, index, position))
+    return hooks
 
 
-@dataclasses.dataclass
-class Follower:
-    """What a kernel layer's output meets: an activation layer, an Add, or nothing."""
-
-    kind: str  # "activation", "add", "kernel", "output", "fork", "other"
-    step: Step | None = None
-    through: tuple[str, ...] = ()  # names of the layers looked through
+def _join(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
 
 
-def follower(graph: Graph, key: int, kernels: set[int]) -> Follower:
-    """The first step that is neither a look-through layer nor a normalization.
+def _refs(structure, env):
+    return keras.tree.map_structure(
+        lambda v: Ref(env[id(v)]) if isinstance(v, keras.KerasTensor) and id(v) in env else v,
+        structure)
 
-    `kernels` holds `id(layer)` of the kernel layers.
-    """
-    through = []
-    while True:
-        users = graph.consumers.get(key, [])
-        if key in graph.outputs and not users:
-            return Follower("output", None, tuple(through))
-        if len(users) != 1 or key in graph.outputs:
-            return Follower("fork", None, tuple(through))
-        (step,) = users
-        layer = step.layer
-        if is_activation(layer):
-            return Follower("activation", step, tuple(through))
-        if isinstance(layer, klayers.Add):
-            return Follower("add", step, tuple(through))
-        if id(layer) in kernels:
-            return Follower("kernel", step, tuple(through))
-        if (looks_through(layer) or is_normalization(layer)) and len(step.inputs) == 1:
-            through.append(layer.name)
-            key = step.outputs[0]
+
+def _substituted(structure, fresh):
+    return keras.tree.map_structure(
+        lambda v: fresh.get(id(v), v) if isinstance(v, keras.KerasTensor) else v, structure)
+
+
+def _recorded_nodes(outputs, inputs: dict) -> tuple[list, str]:
+    """The nodes between `inputs` (id -> key) and `outputs`, each after the ones it uses."""
+    order, state = [], {}
+    stack = [(t, False) for t in reversed(outputs)]
+    while stack:
+        tensor, expanded = stack.pop()
+        if id(tensor) in inputs:
             continue
-        return Follower("other", step, tuple(through))
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return [], "it uses a tensor that is not computed from its inputs"
+        node = history.operation._inbound_nodes[history.node_index]
+        if expanded:
+            if state.get(id(node)) != "done":
+                state[id(node)] = "done"
+                order.append(node)
+            continue
+        if state.get(id(node)):
+            continue
+        state[id(node)] = "open"
+        stack.append((tensor, True))
+        stack.extend((t, False) for t in reversed(node.arguments.keras_tensors))
+    return order, ""
 
 
-@dataclasses.dataclass(eq=False)
-class Block:
-    """A residual `Add`: `add(skip, branch)`."""
-
-    add: Step
-    skip: int  # key of the skip input
-    branch: int  # key of the branch input
-    source: int  # key of the stream tensor the block starts from
-    projection: Step | None  # the skip's kernel, if the skip is a projection
-    branch_end: Step | None  # the branch's last kernel step
-    stage: int = 0
-    num_blocks: int = 0
-    reason: str = ""  # why the branch end cannot be scaled, if it cannot
+def _untraceable(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return (f"its call could not be traced on symbolic tensors ({type(error).__name__}: "
+            f"{first[:160]})")
 
 
 def ancestors(graph: Graph) -> dict[int, frozenset]:
@@ -197,39 +325,120 @@ def ancestors(graph: Graph) -> dict[int, frozenset]:
     return found
 
 
+def context(graph: Graph, step: Step, training: bool = True) -> rules.Context:
+    """What `step`'s rule sees: its arguments with each tensor as its input's index."""
+    def as_input(value):
+        return rules.Input(step.inputs.index(value.key)) if isinstance(value, Ref) else value
+
+    return rules.Context(step.layer, keras.tree.map_structure(as_input, step.args),
+                         keras.tree.map_structure(as_input, step.kwargs),
+                         [graph.shapes[k] for k in step.inputs],
+                         [graph.shapes[k] for k in step.outputs], training)
+
+
+def is_kernel(step: Step) -> bool:
+    return rules.is_kernel(step.layer)
+
+
+def _family(step: Step) -> str:
+    rule = step.rule
+    return "opaque" if rule is None else rule.family
+
+
+@dataclasses.dataclass
+class Follower:
+    """What a kernel layer's output meets: an activation, a sum, or nothing."""
+
+    kind: str  # "activation", "add", "kernel", "output", "fork", "other"
+    step: Step | None = None
+    through: tuple[str, ...] = ()  # names of the steps looked through
+
+
+def follower(graph: Graph, key: int) -> Follower:
+    """The first step after `key` that its rule does not look through."""
+    through = []
+    while True:
+        users = graph.consumers.get(key, [])
+        if key in graph.outputs and not users:
+            return Follower("output", None, tuple(through))
+        if len(users) != 1 or key in graph.outputs:
+            return Follower("fork", None, tuple(through))
+        (step,) = users
+        rule = step.rule
+        if rule is not None and rule.family == "activation":
+            return Follower("activation", step, tuple(through))
+        if rule is not None and rule.terms(context(graph, step)) is not None:
+            return Follower("add", step, tuple(through))
+        if rule is not None and rule.family == "kernel":
+            return Follower("kernel", step, tuple(through))
+        if rule is not None and rule.look_through and len(step.inputs) == 1:
+            through.append(step.layer.name)
+            key = step.outputs[0]
+            continue
+        return Follower("other", step, tuple(through))
+
+
+@dataclasses.dataclass(eq=False)
+class Block:
+    """A residual sum: `sum(skip, *branches)`, each branch weighted by its scale."""
+
+    add: Step  # the sum (an `Add` layer or an add op)
+    skip: int  # key of the skip input
+    branches: list[int]  # keys of the branch inputs
+    source: int  # key of the stream tensor the block starts from
+    projection: Step | None  # the skip's kernel, if the skip is a projection
+    branch_ends: list[Step | None]  # each branch's last kernel step
+    scales: list[float]  # each branch's constant factor (1.0: none), its weight in the sum too
+    gates: list[Step | None]  # each branch's gating product (`g * f(x)`), if any
+    stage: int = 0
+    num_blocks: int = 0
+    reason: str = ""  # why a branch end cannot be scaled, if one cannot
+
+    @property
+    def branch(self) -> int:
+        return self.branches[0]
+
+    @property
+    def branch_end(self) -> Step | None:
+        return self.branch_ends[0] if len(self.branch_ends) == 1 else None
+
+
 def _chain(graph: Graph, key: int):
     """Yields (key, step that made it) back from `key` through single-input steps."""
     while True:
         step = graph.producer.get(key)
         yield key, step
-        if step is None or len(step.inputs) != 1 or len(step.outputs) != 1:
+        if step is None or len(set(step.inputs)) != 1 or len(step.outputs) != 1:
             return
         key = step.inputs[0]
 
 
-def residual_blocks(graph: Graph, kernels: set[int]) -> tuple[list[Block], list[tuple]]:
-    """The residual `Add`s of the graph with their stages; and the `Add`s that are not.
+def residual_blocks(graph: Graph) -> tuple[list[Block], list[tuple[Step, str]]]:
+    """The residual sums of the graph with their stages; and the sums that are not.
 
-    An `Add` of two inputs is a residual block if one input is an ancestor of
-    the other (identity skip) or if both reach a common tensor through
-    chains of single-input layers, the skip's chain holding fewer kernels
-    (a projection) than the branch's. Blocks chain into a stream when a
-    block's source is the previous block's output (through single-input
-    layers that keep its shape); a stage ends where the shape changes.
+    A sum (any step whose rule has `terms`: `Add`, `h + x`, `keras.ops.add`,
+    `Subtract`, `Average`...) is a residual block if one input is an ancestor
+    of all the others (identity skip), or, for two inputs, if both reach a
+    common tensor through chains of single-input steps, the skip's chain
+    holding at most one kernel (a projection) and fewer than the branch's.
+    Each branch is walked back to its last kernel through single-input
+    steps, collecting constant factors (`0.1 * f(x)`) and looking through a
+    gate (`g * f(x)`, g a sigmoid-like output). Stages: see `_stages`.
 
     Returns:
-        `(blocks, plain)`: `plain` lists `(add step, reason)` for the `Add`s
-        treated as plain sums.
+        `(blocks, plain)`: `plain` lists `(sum step, why)` for the sums that
+        are treated as plain sums.
     """
     above = ancestors(graph)
     blocks, plain = [], []
     for step in graph.steps:
-        if not isinstance(step.layer, klayers.Add):
+        rule = step.rule
+        if rule is None:
             continue
-        if len(step.inputs) != 2:
-            plain.append((step, f"Add of {len(step.inputs)} inputs: treated as a plain sum"))
+        weights = rule.terms(context(graph, step))
+        if weights is None:
             continue
-        block = _block(graph, step, above, kernels)
+        block = _block(graph, step, weights, above)
         if isinstance(block, str):
             plain.append((step, block))
         else:
@@ -238,70 +447,144 @@ def residual_blocks(graph: Graph, kernels: set[int]) -> tuple[list[Block], list[
     return blocks, plain
 
 
-def _block(graph, step, ancestors, kernels):
-    a, b = step.inputs
-    if a == b:
-        return "Add of a tensor with itself: treated as a plain sum"
-    if a in ancestors[b]:
-        skip, branch, source, projection = a, b, a, None
-    elif b in ancestors[a]:
-        skip, branch, source, projection = b, a, b, None
+def _block(graph, step, weights, above):
+    keys = step.inputs
+    if len(set(keys)) != len(keys):
+        return f"{step.name}: a sum with a repeated input: treated as a plain sum"
+    projection = None
+    skips = [k for k in keys if all(k in above[o] for o in keys if o != k)]
+    if skips:
+        skip = skips[0]
+        source = skip
+    elif len(keys) == 2:
+        found = _projection(graph, keys, above)
+        if isinstance(found, str):
+            return f"{step.name}: {found}"
+        skip, source, projection = found
     else:
-        paths = {}
-        for mine, other in ((a, b), (b, a)):
-            count, meet, last_kernel = 0, None, None
-            for key, made_by in _chain(graph, mine):
-                if key in ancestors[other]:
-                    meet = key
-                    break
-                if made_by is not None and id(made_by.layer) in kernels:
-                    count += 1
-                    last_kernel = made_by
-            paths[mine] = (count, meet, last_kernel)
-        (ca, ma, _), (cb, mb, _) = paths[a], paths[b]
-        if ma is None or mb is None or ma != mb:
-            return "Add of two paths that do not start from one tensor: treated as a plain sum"
-        if ca == cb:
-            return (f"Add of two paths with {ca} kernel layer(s) each: no skip to tell from "
-                    "the branch; treated as a plain sum")
-        skip, branch = (a, b) if ca < cb else (b, a)
-        source = ma
-        projection = paths[skip][2] if paths[skip][0] == 1 else None
-        if paths[skip][0] > 1:
-            return "Add whose shorter path has several kernel layers: treated as a plain sum"
-    end, reason = None, ""
-    for _key, made_by in _chain(graph, branch):
+        return (f"{step.name}: a sum of {len(keys)} inputs none of which is the skip of the "
+                "others: treated as a plain sum")
+    branches = [k for k in keys if k != skip]
+    skip_weight = weights[keys.index(skip)]
+    if skip_weight <= 0:
+        return f"{step.name}: the skip enters with weight {skip_weight:g}: a plain sum"
+    ends, scales, gates, reasons = [], [], [], []
+    for branch in branches:
+        end, scale, gate, reason = _branch(graph, branch, above, skip)
+        ends.append(end)
+        scales.append(scale * weights[keys.index(branch)] / skip_weight)
+        gates.append(gate)
+        if reason:
+            reasons.append(reason)
+    return Block(step, skip, branches, source, projection, ends, scales, gates,
+                 reason="; ".join(reasons))
+
+
+def _projection(graph, keys, above):
+    """(skip, source, projection step) of a two-input sum whose skip is not an ancestor."""
+    paths = {}
+    a, b = keys
+    for mine, other in ((a, b), (b, a)):
+        count, meet, last_kernel = 0, None, None
+        for key, made_by in _chain(graph, mine):
+            if key in above[other]:
+                meet = key
+                break
+            if made_by is not None and is_kernel(made_by):
+                count += 1
+                last_kernel = made_by
+        paths[mine] = (count, meet, last_kernel)
+    (ca, ma, _), (cb, mb, _) = paths[a], paths[b]
+    if ma is None or mb is None or ma != mb:
+        return "a sum of two paths that do not start from one tensor: treated as a plain sum"
+    if ca == cb:
+        return (f"a sum of two paths with {ca} kernel layer(s) each: no skip to tell from the "
+                "branch; treated as a plain sum")
+    skip = a if ca < cb else b
+    if paths[skip][0] > 1:
+        return "a sum whose shorter path has several kernel layers: treated as a plain sum"
+    return skip, ma, paths[skip][2] if paths[skip][0] == 1 else None
+
+
+def _branch(graph, key, above, skip):
+    """(last kernel step, constant factor, gate step, why no kernel) of a branch."""
+    scale, gate = 1.0, None
+    while True:
+        made_by = graph.producer.get(key)
         if made_by is None:
-            reason = "the branch has no kernel layer"
-            break
-        if id(made_by.layer) in kernels:
-            end = made_by
-            break
-        if len(made_by.inputs) != 1:
-            reason = (f"the branch ends in {type(made_by.layer).__name__} "
-                      f"{made_by.layer.name!r}, a merge, before any kernel")
-            break
-    if end is not None and len(graph.consumers.get(end.outputs[0], [])) != 1:
-        end, reason = None, "the branch's last kernel also feeds other layers"
-    return Block(step, skip, branch, source, projection, end, reason=reason)
+            return None, scale, gate, "the branch has no kernel layer"
+        if is_kernel(made_by):
+            if len(graph.consumers.get(made_by.outputs[0], [])) != 1:
+                return None, scale, gate, "the branch's last kernel also feeds other steps"
+            return made_by, scale, gate, ""
+        rule = made_by.rule
+        if rule is None:
+            why = made_by.opaque or "it has no rule"
+            return None, scale, gate, f"the branch passes {made_by.name} ({why})"
+        if len(set(made_by.inputs)) == 1:
+            factor = rule.scale(context(graph, made_by))
+            if factor is not None:
+                scale *= factor
+            key = made_by.inputs[0]
+            continue
+        if isinstance(rule, rules.ProductRule) and len(made_by.inputs) == 2 and gate is None:
+            gated = [k for k in made_by.inputs if _is_gate(graph, k)]
+            if len(gated) == 1:
+                gate = made_by
+                key = next(k for k in made_by.inputs if k not in gated)
+                continue
+        if rule.terms(context(graph, made_by)) is not None:
+            return None, scale, gate, (f"the branch ends in the sum {made_by.name} (a nested "
+                                       "residual: its own blocks are scaled)")
+        return None, scale, gate, (f"the branch ends in {type(made_by.layer).__name__} "
+                                   f"{made_by.name}, a merge, before any kernel")
+
+
+_GATES = ("sigmoid", "hard_sigmoid", "sparse_sigmoid", "softmax", "hardsigmoid",
+          "sparsesigmoid")
+
+
+def _is_gate(graph, key) -> bool:
+    """Whether `key` is a gate: the output of a sigmoid-like activation (values in [0, 1])."""
+    for _, made_by in _chain(graph, key):
+        if made_by is None or made_by.rule is None:
+            return False
+        if made_by.rule.family == "activation":
+            spec, _ = made_by.rule.activation(made_by.layer)
+            name = spec.name if spec is not None else type(made_by.layer).__name__.lower()
+            return name.split("(")[0] in _GATES or (
+                spec is not None and getattr(spec.fn, "__name__", "") in _GATES)
+        if made_by.rule.family == "kernel":  # a fused activation decides
+            inner = getattr(made_by.layer, "layer", made_by.layer)
+            return getattr(getattr(inner, "activation", None), "__name__", "") in _GATES
+    return False
 
 
 def _stages(graph: Graph, blocks: list[Block]) -> None:
+    """Groups blocks into stages: runs of blocks on one stream.
+
+    A block continues the stage of the block whose sum its source comes from
+    (through single-input steps that are neither kernels nor normalizations:
+    activations, pooling, reshapes, dropout) unless its skip is a projection:
+    a projection re-sets the stream, so it starts a stage. So a block whose
+    identity skip is strided or pooled (ResNet50V2's last block of a stage)
+    stays in the stage of the stream it consumes, and a stage ends where a
+    kernel (a transition convolution) or a projection skip changes the stream.
+    """
     by_output = {b.add.outputs[0]: b for b in blocks}
     stage_of: dict[int, int] = {}
     counts: dict[int, int] = {}
     next_stage = 0
-    for block in blocks:  # execution order: a predecessor comes first
+    for block in blocks:  # graph order: a predecessor comes first
         previous = None
-        out_shape = graph.shapes[block.add.outputs[0]][1:]
-        for key, made_by in _chain(graph, block.source):
-            if key in by_output:
-                previous = by_output[key]
-                break
-            if made_by is None or graph.shapes[key][1:] != out_shape:
-                break
-        if (previous is None or graph.shapes[block.source][1:] != out_shape
-                or graph.shapes[previous.add.outputs[0]][1:] != out_shape):
+        if block.projection is None:
+            for key, made_by in _chain(graph, block.source):
+                if key in by_output:
+                    previous = by_output[key]
+                    break
+                if made_by is None or _family(made_by) in ("kernel", "normalization", "opaque"):
+                    break
+        if previous is None or id(previous) not in stage_of:
             stage_of[id(block)] = next_stage
             next_stage += 1
         else:

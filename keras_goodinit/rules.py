@@ -1,0 +1,715 @@
+"""What each kind of layer or op does: one rule per family, in one registry.
+
+Every graph-level feature (`mean_field_init`, residual-aware `lsuv_init`,
+`signal_report`'s blocks) reads a step's rule and nothing else about the
+layer's class:
+
+- `propagate`: the per-entry mean and second moment of the outputs from
+  those of the inputs (the mean-field rules of `docs/science`).
+- `kernel`: a layer with a kernel applied linearly (Dense, Conv*, ...), and
+  its kernel layout (which axes hold one unit's fan-in vector).
+- `activation`: the elementwise function it applies, as an
+  `ActivationSpec` with its Gaussian moments.
+- `terms`: for a sum (a layer or an op, two or more tensors), the weight of
+  each tensor input; residual blocks are found on these.
+- `scale`: for a step that multiplies one tensor by a constant
+  (`0.1 * h`, a `LayerScale`), the factor.
+- `look_through`: the step does not change which activation a kernel's
+  output meets (dropout, pooling, reshapes, padding, normalization).
+
+A layer class with no rule (a subclassed layer) is traced into its ops and
+sublayers by `_graph`; an op with no rule is *unanalysed*: the moments after
+it are unknown and every row that depends on them says so.
+
+Users teach the registry their own layers with `register_layer_rule`, as
+AutoInit's estimator plug-ins do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers as klayers
+from keras import ops
+
+from keras_goodinit import _moments
+
+_nn = keras.src.ops.nn
+_np = keras.src.ops.numpy
+_core = keras.src.ops.core
+
+
+@dataclasses.dataclass
+class Signal:
+    """Per-entry second moment and mean of a tensor, averaged over channels.
+
+    Both are arrays over the tensor's positions (its shape without the batch
+    and channel axes, `()` for a vector), so that zero padding at borders and
+    strides are followed exactly. `unknown` says why they are not known
+    ("" when they are): then `power` and `mean` are meaningless.
+    """
+
+    power: np.ndarray
+    mean: np.ndarray
+    unknown: str = ""
+
+    @property
+    def q(self) -> float:
+        return float(np.mean(self.power))
+
+    @classmethod
+    def unknown_after(cls, why: str, shape=()) -> Signal:
+        return cls(np.full(shape, math.nan), np.full(shape, math.nan), why)
+
+
+@dataclasses.dataclass
+class Context:
+    """What a rule sees of one call: the layer or op, its arguments, shapes and mode.
+
+    Attributes:
+        layer: The Keras layer or `keras.ops` operation called.
+        args: Positional arguments, each tensor replaced by the index of its
+            `Signal` in the inputs (as `Input(i)`).
+        kwargs: Keyword arguments, the same way.
+        in_shapes: Symbolic shapes of the tensor inputs (batch axis first).
+        out_shapes: Symbolic shapes of the outputs.
+        training: The mode the moments are followed in (BatchNormalization's
+            statistics, dropout).
+    """
+
+    layer: Any
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    in_shapes: list = dataclasses.field(default_factory=list)
+    out_shapes: list = dataclasses.field(default_factory=list)
+    training: bool = True
+
+    def constants(self) -> list[np.ndarray]:
+        """The numeric (non-tensor) positional arguments, as float64 arrays."""
+        found = []
+        for value in self.args:
+            if isinstance(value, Input):
+                continue
+            array = _numeric(value)
+            if array is not None:
+                found.append(array)
+        return found
+
+    def out_map(self, index: int = 0) -> tuple:
+        return map_shape(self.out_shapes[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """A tensor argument of a call: the index of its `Signal` among the inputs."""
+
+    index: int
+
+
+class LayerRule:
+    """The rule of one family of layers or ops; subclass it for your own layers.
+
+    Override what applies: `propagate` for every rule (the default raises
+    `NotImplementedError`, which the sweep reports as unanalysed), and the
+    family's own method (`layout`, `activation`, `terms`, `scale`).
+
+    Attributes:
+        family: `"kernel"`, `"activation"`, `"normalization"`, `"merge"`,
+            `"scale"`, `"rearrange"`, `"dropout"`, `"pool"`, `"padding"`,
+            `"embedding"` or `"other"`.
+        look_through: The step keeps which activation a kernel output meets.
+    """
+
+    family = "other"
+    look_through = False
+
+    def propagate(self, ctx: Context, ins: list[Signal]) -> list[Signal]:
+        raise NotImplementedError(f"no rule for {type(ctx.layer).__name__}")
+
+    def layout(self, layer) -> str:
+        raise NotImplementedError
+
+    def activation(self, layer) -> tuple[_moments.ActivationSpec | None, str]:
+        return None, f"{type(layer).__name__} is no activation"
+
+    def terms(self, ctx: Context) -> list[float] | None:
+        return None
+
+    def scale(self, ctx: Context) -> float | None:
+        return None
+
+
+_RULES: dict[type, LayerRule] = {}
+
+
+def register_layer_rule(cls: type, rule: LayerRule) -> LayerRule:
+    """Teaches every graph-level feature what layers of class `cls` do.
+
+    The rule applies to `cls` and its subclasses (the nearest registered
+    class wins). A layer class with a rule is one step of the graph, never
+    traced into.
+
+    Examples:
+
+    >>> class Doubler(keras.layers.Layer):
+    ...     def call(self, x):
+    ...         return 2.0 * x
+    >>> class DoublerRule(LayerRule):
+    ...     family = "scale"
+    ...     def scale(self, ctx):
+    ...         return 2.0
+    ...     def propagate(self, ctx, ins):
+    ...         return [Signal(4.0 * ins[0].power, 2.0 * ins[0].mean)]
+    >>> _ = register_layer_rule(Doubler, DoublerRule())
+    >>> rule_for(Doubler()).family
+    'scale'
+
+    Args:
+        cls: A subclass of `keras.layers.Layer` or of Keras' `Operation`.
+        rule: A `LayerRule` instance.
+
+    Returns:
+        `rule`.
+    """
+    from keras.src.ops.operation import Operation
+
+    if not (isinstance(cls, type) and issubclass(cls, Operation)):
+        raise ValueError(
+            f"Argument `cls` must be a Keras layer or operation class. Received: cls={cls!r}")
+    if cls in (keras.layers.Layer, Operation, keras.Model):
+        raise ValueError(
+            "Argument `cls` must be a specific layer class, not a base class every layer "
+            f"shares. Received: cls={cls!r}")
+    if not isinstance(rule, LayerRule):
+        raise ValueError(f"Argument `rule` must be a LayerRule. Received: rule={rule!r}")
+    _RULES[cls] = rule
+    return rule
+
+
+def rule_for(op) -> LayerRule | None:
+    """The rule of a layer or op: its class's, or its nearest registered base class's."""
+    for cls in type(op).__mro__:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule
+    return None
+
+
+def is_kernel(layer) -> bool:
+    rule = rule_for(layer)
+    return rule is not None and rule.family == "kernel"
+
+
+def map_shape(shape) -> tuple:
+    """The positions of a channels-last tensor: its shape without batch and channel axes."""
+    inner = tuple(shape[1:-1])
+    return inner if all(isinstance(d, int) for d in inner) else ()
+
+
+def fit(signal: Signal, shape: tuple) -> Signal:
+    """`signal` over `shape`: kept if it already fits, else its average everywhere."""
+    if signal.unknown:
+        return Signal.unknown_after(signal.unknown, shape)
+    power, mean = np.asarray(signal.power, float), np.asarray(signal.mean, float)
+    if power.shape == shape and mean.shape == shape:
+        return Signal(power, mean)
+    if power.shape == shape:
+        return Signal(power, np.full(shape, np.mean(mean)))
+    return Signal(np.full(shape, np.mean(power)), np.full(shape, np.mean(mean)))
+
+
+def _numeric(value) -> np.ndarray | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float, np.ndarray, np.generic)) or isinstance(
+            value, keras.Variable) or hasattr(value, "dtype") and hasattr(value, "shape"):
+        try:
+            array = np.asarray(ops.convert_to_numpy(value), float)
+        except (TypeError, ValueError):
+            return None
+        return array
+    return None
+
+
+def _channels_last(layer) -> bool:
+    return getattr(layer, "data_format", "channels_last") in ("channels_last", None)
+
+
+# --- kernels -------------------------------------------------------------------------------
+
+class KernelRule(LayerRule):
+    """A kernel applied linearly: `E[y^2] = ||w||^2 E[x^2]` per unit, plus the bias."""
+
+    family = "kernel"
+
+    def __init__(self, layout: str = "default", conv: str | None = None):
+        self._layout = layout
+        self.conv = conv  # "conv", "transpose" or None: how a receptive field is averaged
+
+    def layout(self, layer) -> str:
+        return self._layout
+
+    def taps(self, layer, power, out_shape) -> np.ndarray:
+        """Mean of the input's second moment over each output position's receptive field."""
+        power = np.asarray(power, float)
+        out_map = map_shape(out_shape)
+        rank = len(power.shape)
+        if self.conv is None or rank == 0:
+            return power if power.shape == out_map else np.full(out_map, np.mean(power))
+        kernel_size = tuple(layer.kernel_size)
+        if not _channels_last(layer) or layer.padding == "causal" or len(kernel_size) != rank:
+            return np.full(out_map, np.mean(power))
+        x = ops.convert_to_tensor(power[None, ..., None], "float32")
+        ones = np.full(kernel_size + (1, 1), 1.0 / math.prod(kernel_size), "float32")
+        if self.conv == "transpose":
+            y = ops.conv_transpose(x, ones, strides=layer.strides, padding=layer.padding,
+                                   output_padding=layer.output_padding,
+                                   dilation_rate=layer.dilation_rate)
+        else:
+            y = ops.conv(x, ones, strides=layer.strides, padding=layer.padding,
+                         dilation_rate=layer.dilation_rate)
+        y = ops.convert_to_numpy(y)[0, ..., 0].astype(float)
+        return y if y.shape == out_map else np.full(out_map, float(np.mean(y)))
+
+
+# --- activations ---------------------------------------------------------------------------
+
+def activation_output(spec: _moments.ActivationSpec, signal: Signal) -> Signal:
+    """An elementwise activation's output moments, inputs taken Gaussian."""
+    if signal.unknown:
+        return signal
+    second, first = _moments.moments(spec, signal.mean, signal.power - signal.mean**2)
+    return Signal(np.asarray(second, float), np.asarray(first, float))
+
+
+class ActivationRule(LayerRule):
+    """An elementwise function: its Gaussian moments (`_moments`)."""
+
+    family = "activation"
+
+    def __init__(self, spec: Callable[[Any], tuple] | None = None):
+        self._spec = spec
+
+    def activation(self, layer):
+        if self._spec is not None:
+            return self._spec(layer)
+        return _moments.layer_spec(layer)
+
+    def propagate(self, ctx, ins):
+        spec, reason = self.activation(ctx.layer)
+        if spec is None:
+            return [Signal.unknown_after(f"{ctx.layer.name}: {reason}", ctx.out_map())]
+        return [activation_output(spec, ins[0])]
+
+
+def _op_spec(name: str, function=None, pieces=None, homogeneous=False):
+    """The spec maker of an activation op: piecewise forms where exact, else its own call."""
+    def spec(op):
+        if pieces is not None:
+            return _moments.ActivationSpec(name, None, pieces(op), homogeneous(op)
+                                           if callable(homogeneous) else homogeneous), ""
+        if function is not None:
+            return _moments.spec_of(function), ""
+        return _moments.ActivationSpec(name, op.call), ""
+    return spec
+
+
+# --- normalization -------------------------------------------------------------------------
+
+class NormalizationRule(LayerRule):
+    """Output of unit second moment per unit, times the layer's gain (and shift)."""
+
+    family = "normalization"
+    look_through = True
+
+    def propagate(self, ctx, ins):
+        layer, signal = ctx.layer, ins[0]
+        gain, shift = self._affine(layer)
+        if isinstance(layer, klayers.BatchNormalization) and not ctx.training:
+            return [self._inference(layer, signal, gain, shift)]
+        mean = float(np.mean(shift))
+        shape = signal.power.shape if not signal.unknown else ctx.out_map()
+        if isinstance(layer, (klayers.BatchNormalization, klayers.GroupNormalization)) and (
+                not signal.unknown):
+            # Statistics pooled over positions: the profile over positions survives.
+            profile = signal.power / signal.q if signal.q > 0 else np.ones(shape)
+            return [Signal(np.mean(gain**2) * profile + np.mean(shift**2), np.full(shape, mean))]
+        power = np.mean(gain**2) + np.mean(shift**2)
+        return [Signal(np.full(shape, power), np.full(shape, mean))]
+
+    @staticmethod
+    def _affine(layer):
+        def weight(name, default):
+            variable = getattr(layer, name, None)
+            if variable is None:
+                return np.full(1, default)
+            return ops.convert_to_numpy(variable).astype(float).ravel()
+
+        if isinstance(layer, klayers.RMSNormalization):
+            return weight("scale", 1.0), np.zeros(1)
+        return weight("gamma", 1.0), weight("beta", 0.0)
+
+    @staticmethod
+    def _inference(layer, signal, gain, shift):
+        """BatchNormalization with its moving statistics: a fixed affine map per channel."""
+        if signal.unknown:
+            return signal
+        moving_mean = ops.convert_to_numpy(layer.moving_mean).astype(float).ravel()
+        moving_var = ops.convert_to_numpy(layer.moving_variance).astype(float).ravel()
+        a = gain / np.sqrt(moving_var + float(layer.epsilon))
+        b = shift - a * moving_mean
+        # Per channel y = a x + b, with x's moments the same in every channel.
+        power = (np.mean(a**2) * signal.power + 2 * np.mean(a * b) * signal.mean
+                 + np.mean(b**2))
+        return Signal(power, np.mean(a) * signal.mean + np.mean(b))
+
+
+# --- merges and ops ------------------------------------------------------------------------
+
+def _tensor_inputs(ctx) -> list[int]:
+    return [v.index for v in keras.tree.flatten((ctx.args, ctx.kwargs)) if isinstance(v, Input)]
+
+
+class SumRule(LayerRule):
+    """A weighted sum of tensors (and constants): inputs taken independent."""
+
+    family = "merge"
+
+    def __init__(self, sign: float = 1.0, average: bool = False):
+        self.sign, self.average = sign, average
+
+    def terms(self, ctx):
+        count = len(_tensor_inputs(ctx))
+        if isinstance(ctx.layer, keras.layers.Layer):  # Add, Subtract, Average: a list
+            weights = [1.0] + [self.sign] * (count - 1)
+        else:
+            weights = [1.0, self.sign] if count == 2 else [1.0]
+        if self.average:
+            weights = [w / count for w in weights]
+        return weights if count >= 2 else None
+
+    def propagate(self, ctx, ins):
+        known = [s for s in ins if not s.unknown]
+        if len(known) < len(ins):
+            return [next(s for s in ins if s.unknown)]
+        weights = self.terms(ctx)
+        if weights is None:  # one tensor and a constant: a shift
+            constants = ctx.constants()
+            shift = sum(float(np.mean(c)) for c in constants)
+            signal = ins[0]
+            sign = self.sign if ctx.args and not isinstance(ctx.args[0], Input) else 1.0
+            mean = sign * signal.mean + shift
+            power = signal.power + 2 * sign * signal.mean * shift + shift**2
+            return [Signal(power, mean)]
+        power = sum(w**2 * s.power for w, s in zip(weights, ins))
+        mean = sum(w * s.mean for w, s in zip(weights, ins))
+        # Independent inputs: E[(a + b)^2] = E[a^2] + E[b^2] + 2 E[a] E[b].
+        for i in range(len(ins)):
+            for j in range(i + 1, len(ins)):
+                power = power + 2 * weights[i] * weights[j] * ins[i].mean * ins[j].mean
+        return [Signal(power, mean)]
+
+
+class ProductRule(LayerRule):
+    """A product of independent tensors, or a tensor times constants (a scale)."""
+
+    family = "merge"
+
+    def __init__(self, divide: bool = False):
+        self.divide = divide
+
+    def scale(self, ctx):
+        if len(_tensor_inputs(ctx)) != 1:
+            return None
+        constants = ctx.constants()
+        if len(constants) != 1 or constants[0].size == 0:
+            return None
+        # A per-channel factor (a LayerScale's gamma) scales the second moment by mean(c^2).
+        value = (float(constants[0].ravel()[0]) if constants[0].size == 1
+                 else float(np.sqrt(np.mean(constants[0] ** 2))))
+        if self.divide:
+            if not isinstance(ctx.args[0], Input) or value == 0:
+                return None
+            return 1.0 / value
+        return value
+
+    def propagate(self, ctx, ins):
+        for signal in ins:
+            if signal.unknown:
+                return [signal]
+        if self.divide and len(ins) != 1:
+            return [Signal.unknown_after(f"{ctx.layer.name}: a ratio of two tensors",
+                                         ctx.out_map())]
+        power, mean = np.ones(()), np.ones(())
+        for signal in ins:
+            power, mean = power * signal.power, mean * signal.mean
+        for constant in ctx.constants():
+            if self.divide:
+                if isinstance(ctx.args[0], Input) and np.all(constant != 0):
+                    constant = 1.0 / constant
+                else:
+                    return [Signal.unknown_after(f"{ctx.layer.name}: divides by a tensor",
+                                                 ctx.out_map())]
+            # A per-channel constant: the channel average of c^2 and of c.
+            power, mean = power * float(np.mean(constant**2)), mean * float(np.mean(constant))
+        return [Signal(power, mean)]
+
+
+class ConcatenateRule(LayerRule):
+    family = "merge"
+
+    def propagate(self, ctx, ins):
+        for signal in ins:
+            if signal.unknown:
+                return [signal]
+        layer = ctx.layer
+        rank = len(ctx.out_shapes[0])
+        axis = getattr(layer, "axis", ctx.kwargs.get("axis", -1))
+        if not isinstance(axis, int):
+            axis = -1
+        if len(ctx.args) > 1 and isinstance(ctx.args[1], int):
+            axis = ctx.args[1]
+        axis %= rank
+        if axis == rank - 1:
+            widths = [shape[-1] for shape in ctx.in_shapes]
+            if all(isinstance(w, int) for w in widths):
+                total = sum(widths)
+                power = sum(w * s.power for w, s in zip(widths, ins)) / total
+                mean = sum(w * s.mean for w, s in zip(widths, ins)) / total
+                return [Signal(power, mean)]
+        elif all(s.power.ndim == rank - 2 and s.mean.shape == s.power.shape for s in ins):
+            return [Signal(np.concatenate([s.power for s in ins], axis - 1),
+                           np.concatenate([s.mean for s in ins], axis - 1))]
+        return [Signal(np.asarray(np.mean([s.q for s in ins])),
+                       np.asarray(np.mean([np.mean(s.mean) for s in ins])))]
+
+
+class NegativeRule(LayerRule):
+    family = "scale"
+
+    def scale(self, ctx):
+        return -1.0
+
+    def propagate(self, ctx, ins):
+        signal = ins[0]
+        return [signal if signal.unknown else Signal(signal.power, -signal.mean)]
+
+
+# --- single-input rearrangements, dropout, pooling, padding ---------------------------------
+
+class RearrangeRule(LayerRule):
+    """Moves entries around without changing their values: the moments pass."""
+
+    family = "rearrange"
+    look_through = True
+
+    def propagate(self, ctx, ins):
+        return [ins[0]] * max(1, len(ctx.out_shapes))
+
+
+class DropoutRule(LayerRule):
+    family = "dropout"
+    look_through = True
+
+    def propagate(self, ctx, ins):
+        signal = ins[0]
+        if signal.unknown or not ctx.training:
+            return [signal]
+        # Inverted dropout x * mask / (1 - rate), or GaussianDropout's x * N(1, rate / (1 -
+        # rate)): the mean is kept and E[y^2] = E[x^2] / (1 - rate) in both.
+        rate = float(ctx.layer.rate)
+        return [Signal(signal.power / (1 - rate), signal.mean)]
+
+
+class NoiseRule(LayerRule):
+    family = "dropout"
+    look_through = True
+
+    def propagate(self, ctx, ins):
+        signal = ins[0]
+        if signal.unknown or not ctx.training:
+            return [signal]
+        return [Signal(signal.power + float(ctx.layer.stddev) ** 2, signal.mean)]
+
+
+class PoolRule(LayerRule):
+    """Local pooling: the profile over positions is averaged over each window."""
+
+    family = "pool"
+    look_through = True
+
+    def propagate(self, ctx, ins):
+        layer, signal, out_map = ctx.layer, ins[0], ctx.out_map()
+        if signal.unknown or signal.power.ndim == 0 or not _channels_last(layer):
+            return [fit(signal, out_map)]
+
+        def pool(values):
+            x = ops.convert_to_tensor(values[None, ..., None], "float32")
+            y = ops.average_pool(x, layer.pool_size, strides=layer.strides,
+                                 padding=layer.padding)
+            return ops.convert_to_numpy(y)[0, ..., 0].astype(float)
+        return [fit(Signal(pool(signal.power), pool(signal.mean)), out_map)]
+
+
+class GlobalPoolRule(LayerRule):
+    family = "pool"
+    look_through = True
+
+    def propagate(self, ctx, ins):
+        signal, out_map = ins[0], ctx.out_map()
+        if signal.unknown:
+            return [Signal.unknown_after(signal.unknown, out_map)]
+        return [Signal(np.full(out_map, signal.q), np.full(out_map, np.mean(signal.mean)))]
+
+
+class ZeroPaddingRule(LayerRule):
+    family = "padding"
+    look_through = True
+
+    def propagate(self, ctx, ins):
+        layer, signal, out_map = ctx.layer, ins[0], ctx.out_map()
+        if (signal.unknown or signal.power.ndim != len(out_map) or signal.power.ndim == 0
+                or not _channels_last(layer)):
+            return [fit(signal, out_map)]
+        pads = [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in layer.padding]
+        if len(pads) != signal.power.ndim:
+            return [fit(signal, out_map)]
+        return [Signal(np.pad(signal.power, pads), np.pad(signal.mean, pads))]
+
+
+class RescalingRule(LayerRule):
+    family = "scale"
+
+    def scale(self, ctx):
+        return float(np.mean(ctx.layer.scale)) if not float(np.mean(ctx.layer.offset)) else None
+
+    def propagate(self, ctx, ins):
+        signal = ins[0]
+        if signal.unknown:
+            return [signal]
+        scale, offset = float(np.mean(ctx.layer.scale)), float(np.mean(ctx.layer.offset))
+        return [Signal(scale**2 * signal.power + 2 * scale * offset * signal.mean + offset**2,
+                       scale * signal.mean + offset)]
+
+
+class EmbeddingRule(LayerRule):
+    family = "embedding"
+
+    def propagate(self, ctx, ins):
+        table = ops.convert_to_numpy(ctx.layer.embeddings).astype(float)
+        out_map = ctx.out_map()
+        return [Signal(np.full(out_map, np.mean(table**2)), np.full(out_map, np.mean(table)))]
+
+
+class ConstantRule(LayerRule):
+    """`ones_like` and friends: a tensor of one known value."""
+
+    family = "other"
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def propagate(self, ctx, ins):
+        out_map = ctx.out_map()
+        return [Signal(np.full(out_map, self.value**2), np.full(out_map, self.value))]
+
+
+def _builtin_rules() -> None:
+    a = keras.activations
+    kernel = KernelRule()
+    for cls in (klayers.Dense, klayers.EinsumDense):
+        _RULES[cls] = kernel
+    for cls in (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D, klayers.SeparableConv1D,
+                klayers.SeparableConv2D):
+        _RULES[cls] = KernelRule("default", "conv")
+    for cls in (klayers.Conv1DTranspose, klayers.Conv2DTranspose, klayers.Conv3DTranspose):
+        _RULES[cls] = KernelRule("conv_transpose", "transpose")
+    for cls in (klayers.DepthwiseConv1D, klayers.DepthwiseConv2D):
+        _RULES[cls] = KernelRule("depthwise", "conv")
+    from keras_goodinit.weight_norm import WeightNormalization
+    _RULES[WeightNormalization] = _WrappedKernelRule()
+
+    activation = ActivationRule()
+    for cls in (klayers.Activation, klayers.ReLU, klayers.LeakyReLU, klayers.ELU,
+                klayers.PReLU, klayers.Softmax):
+        _RULES[cls] = activation
+    relu_like = {
+        _nn.Relu: _op_spec("relu", a.relu),
+        _nn.Relu6: _op_spec("relu6", a.relu6),
+        _nn.LeakyRelu: _op_spec("leaky_relu", pieces=lambda op: _moments.relu_pieces(
+            float(op.negative_slope)), homogeneous=True),
+    }
+    for cls in (_nn.Sigmoid, _nn.Softplus, _nn.Softsign, _nn.Silu, _nn.LogSigmoid,
+                _nn.HardSigmoid, _nn.HardSilu, _nn.Elu, _nn.Selu, _nn.Gelu, _nn.Celu,
+                _nn.TanhShrink, _nn.HardTanh, _nn.HardShrink, _nn.SoftShrink,
+                _nn.SparsePlus, _nn.Squareplus, _nn.SparseSigmoid, _np.Tanh):
+        relu_like[cls] = _op_spec(cls.__name__.lower())
+    for cls, spec in relu_like.items():
+        _RULES[cls] = ActivationRule(spec)
+
+    normalization = NormalizationRule()
+    for cls in (klayers.BatchNormalization, klayers.LayerNormalization,
+                klayers.GroupNormalization, klayers.RMSNormalization):
+        _RULES[cls] = normalization
+
+    _RULES[klayers.Add] = _RULES[_np.Add] = SumRule()
+    _RULES[klayers.Subtract] = _RULES[_np.Subtract] = SumRule(-1.0)
+    _RULES[klayers.Average] = SumRule(average=True)
+    _RULES[klayers.Multiply] = _RULES[_np.Multiply] = ProductRule()
+    _RULES[_np.Divide] = _RULES[_np.TrueDivide] = ProductRule(divide=True)
+    _RULES[klayers.Concatenate] = _RULES[_np.Concatenate] = ConcatenateRule()
+    _RULES[_np.Negative] = NegativeRule()
+    _RULES[_np.OnesLike] = ConstantRule(1.0)
+    _RULES[_np.ZerosLike] = ConstantRule(0.0)
+
+    rearrange = RearrangeRule()
+    for cls in (klayers.Flatten, klayers.Reshape, klayers.Permute, klayers.Cropping1D,
+                klayers.Cropping2D, klayers.Cropping3D, klayers.UpSampling1D,
+                klayers.UpSampling2D, klayers.UpSampling3D, klayers.RepeatVector,
+                klayers.Identity, klayers.ActivityRegularization, klayers.Masking,
+                klayers.InputLayer, klayers.AlphaDropout, _np.Reshape, _np.Transpose,
+                _np.ExpandDims, _np.Squeeze, _np.GetItem, _core.Cast, _np.Moveaxis,
+                _np.Swapaxes, _np.Repeat, _np.Tile, _np.BroadcastTo):
+        _RULES[cls] = rearrange
+    from keras.src.layers.core.identity import Identity
+    _RULES[Identity] = rearrange
+    cast = getattr(keras.src.layers, "Cast", None)  # not in every Keras 3 release
+    if cast is not None:
+        _RULES[cast] = rearrange
+    dropout = DropoutRule()
+    for cls in (klayers.Dropout, klayers.SpatialDropout1D, klayers.SpatialDropout2D,
+                klayers.SpatialDropout3D, klayers.GaussianDropout):
+        _RULES[cls] = dropout
+    _RULES[klayers.GaussianNoise] = NoiseRule()
+    pool = PoolRule()
+    for cls in (klayers.MaxPooling1D, klayers.MaxPooling2D, klayers.MaxPooling3D,
+                klayers.AveragePooling1D, klayers.AveragePooling2D, klayers.AveragePooling3D):
+        _RULES[cls] = pool
+    global_pool = GlobalPoolRule()
+    for cls in (klayers.GlobalAveragePooling1D, klayers.GlobalAveragePooling2D,
+                klayers.GlobalAveragePooling3D, klayers.GlobalMaxPooling1D,
+                klayers.GlobalMaxPooling2D, klayers.GlobalMaxPooling3D):
+        _RULES[cls] = global_pool
+    padding = ZeroPaddingRule()
+    for cls in (klayers.ZeroPadding1D, klayers.ZeroPadding2D, klayers.ZeroPadding3D):
+        _RULES[cls] = padding
+    _RULES[klayers.Rescaling] = RescalingRule()
+    _RULES[klayers.Embedding] = EmbeddingRule()
+
+
+class _WrappedKernelRule(KernelRule):
+    """`WeightNormalization`: the wrapped layer's kernel rule."""
+
+    def layout(self, layer) -> str:
+        return rule_for(layer.layer).layout(layer.layer)
+
+    def taps(self, layer, power, out_shape):
+        return rule_for(layer.layer).taps(layer.layer, power, out_shape)
+
+
+_builtin_rules()

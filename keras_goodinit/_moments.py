@@ -5,6 +5,10 @@ hard_tanh...) have exact closed forms from the partial moments of the normal
 law, so ReLU gives `gamma = 1 / E[relu(z)^2] = 2` exactly; every other
 elementwise activation is integrated by Gauss-Hermite quadrature on the
 function itself (evaluated in float64 through `keras.ops`).
+
+`chi` is the slope of the variance map at its fixed point: whether a
+data-free scalar init stays at its target with depth (`chi <= 1`) or drifts
+away from it like `chi ** depth` (gelu, silu: `chi > 1`).
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from functools import lru_cache
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_goodinit import _validate
+from keras_goodinit import _backend, _validate
 
 # Gauss-Hermite nodes: exact for polynomials of degree < 2 * _NODES. Smooth activations
 # (gelu, silu, tanh...) come out within 1e-6 of a fine-grid integral; those with a kink
@@ -96,11 +101,16 @@ def _piecewise_value(pieces, z):
     return out
 
 
+def _evaluate(fn, z) -> np.ndarray:
+    """`fn` on the float64 tensor of `z` (float32 where the backend has no float64)."""
+    return np.asarray(ops.convert_to_numpy(fn(ops.convert_to_tensor(z, _backend.wide()))),
+                      dtype=float)
+
+
 def _quadrature_moments(fn, mean, var):
     mean, var = np.broadcast_arrays(np.asarray(mean, float), np.asarray(var, float))
     s = np.sqrt(np.maximum(var, 0.0))
-    z = mean[..., None] + math.sqrt(2) * s[..., None] * _X
-    values = ops.convert_to_numpy(fn(ops.convert_to_tensor(z, "float64"))).astype(float)
+    values = _evaluate(fn, mean[..., None] + math.sqrt(2) * s[..., None] * _X)
     return np.sum(_W * values**2, axis=-1), np.sum(_W * values, axis=-1)
 
 
@@ -169,6 +179,13 @@ def register_activation(fn: Callable, *, name: str | None = None, homogeneous: b
     `fn` itself (evaluated on float64 tensors), or by `moments` if given.
     Returns `fn`, so it can be used as a decorator.
 
+    `fn` is checked on a float64 probe (a grid over [-8, 8] and the
+    quadrature's nodes at standard deviations 0.5, 1 and 2): it must run,
+    return finite values of the input's shape, and be elementwise (the same
+    value per entry whatever the other entries and their layout; softmax,
+    glu or `x - mean(x)` are not). `homogeneous=True` is checked as
+    `fn(2 x) == 2 fn(x)` to rounding, and `moments` on scalars and arrays.
+
     Examples:
 
     >>> def twice_tanh(x):
@@ -184,22 +201,136 @@ def register_activation(fn: Callable, *, name: str | None = None, homogeneous: b
             ReLU): the mean-field rule then uses its gain alone, whatever the
             input's scale, as the paper does for ReLU.
         moments: Optional closed form `moments(mean, var) -> (E[fn(z)^2],
-            E[fn(z)])` for z ~ N(mean, var), on float64 arrays.
+            E[fn(z)])` for z ~ N(mean, var), on float64 arrays: it returns
+            a pair of finite floats or arrays of the inputs' shape.
 
     Returns:
         `fn`.
     """
     if not callable(fn):
         raise ValueError(f"Argument `fn` must be callable. Received: fn={fn!r}")
+    try:
+        hash(fn)
+    except TypeError:
+        raise ValueError(f"Argument `fn` must be hashable (it keys the registry). "
+                         f"Received: fn={fn!r}") from None
     homogeneous = _validate.boolean("homogeneous", homogeneous)
     if moments is not None and not callable(moments):
         raise ValueError(
             f"Argument `moments` must be callable or None. Received: moments={moments!r}")
     if name is not None and not isinstance(name, str):
         raise ValueError(f"Argument `name` must be a string or None. Received: name={name!r}")
+    _check_activation(fn, homogeneous)
+    if moments is not None:
+        _check_moments(moments)
     label = name or getattr(fn, "__name__", type(fn).__name__)
     _REGISTRY[fn] = ActivationSpec(label, fn, None, homogeneous, moments)
     return fn
+
+
+def _probe() -> np.ndarray:
+    """Ordinary inputs of an activation: a grid over [-8, 8] (0 included) and the
+    quadrature's nodes `sqrt(2 v) x` at v = 0.25, 1, 4, where the moments evaluate it."""
+    nodes = [math.sqrt(2 * v) * _X for v in (0.25, 1.0, 4.0)]
+    return np.concatenate([np.linspace(-8.0, 8.0, 161), *nodes])
+
+
+# An elementwise fn may give an entry a few ulps apart in another layout (packet and
+# scalar loops), of float32 where it computes in float32 inside; a dependence on the other
+# entries (softmax, x - mean(x)) changes it by O(1). 2^-20 is 8 float32 ulps.
+_LAYOUT_RTOL = 2.0**-20
+
+
+def _check_activation(fn, homogeneous: bool) -> None:
+    """Raises a ValueError unless `fn` is a finite, elementwise function on the probe."""
+    x = _probe()
+    y = _call(fn, x, "fn")
+    if y.shape != x.shape:
+        raise ValueError(f"Argument `fn` must be elementwise: on a tensor of shape {x.shape} "
+                         f"it returned shape {y.shape}. Received: fn={fn!r}")
+    bad = ~np.isfinite(y)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"Argument `fn` must return finite values on ordinary inputs: it "
+                         f"returned {float(y[i])} at x={float(x[i])!r} ({int(bad.sum())} of "
+                         f"{x.size} probe entries non-finite). Received: fn={fn!r}")
+    # The same entries in another order, in rows of 7 (a softmax or norm over the last
+    # axis) and half of them (a reduction over the whole tensor).
+    order = np.random.default_rng(0).permutation(x.size)
+    rows = x.size - x.size % 7
+    half = x.size // 2
+    layouts = (("permuted", x[order], y[order]),
+               ("in rows of 7", x[:rows].reshape(-1, 7), y[:rows].reshape(-1, 7)),
+               ("on its first half alone", x[:half], y[:half]))
+    for how, entries, want in layouts:
+        got = _call(fn, entries, "fn")
+        if got.shape != entries.shape:
+            raise ValueError(
+                f"Argument `fn` must be elementwise: on a tensor of shape {entries.shape} it "
+                f"returned shape {got.shape}. Received: fn={fn!r}")
+        differ = ~(np.abs(got - want) <= _LAYOUT_RTOL * np.maximum(np.abs(got), np.abs(want)))
+        if differ.any():
+            i = np.unravel_index(np.argmax(differ), differ.shape)
+            at, whole, other = float(entries[i]), float(want[i]), float(got[i])
+            raise ValueError(
+                f"Argument `fn` must be elementwise (and deterministic): at x={at!r} it "
+                f"returned {whole!r} on the whole probe and {other!r} with the same entries "
+                f"{how}. Received: fn={fn!r}")
+    if homogeneous:
+        doubled = _call(fn, 2 * x, "fn")
+        # Doubling is exact in floating point: a homogeneous fn's two sides differ by at
+        # most their own roundings, a few ulps of the dtype it ran in.
+        eps = 4 * np.finfo(_backend.wide()).eps
+        off = ~(np.abs(doubled - 2 * y) <= eps * np.maximum(np.abs(doubled), np.abs(2 * y)))
+        if off.any():
+            i = int(np.argmax(off))
+            raise ValueError(
+                f"Argument `homogeneous` is True, but fn(2 x) != 2 fn(x) at x={float(x[i])!r}: "
+                f"{float(doubled[i])!r} against {float(2 * y[i])!r}. Received: homogeneous=True")
+
+
+def _call(fn, x, argument: str) -> np.ndarray:
+    try:
+        return _evaluate(fn, x)
+    except Exception as error:  # a user's function may raise anything
+        raise ValueError(f"Argument `{argument}` raised {type(error).__name__} on a float64 "
+                         f"tensor of shape {x.shape}: {error}. Received: {argument}={fn!r}"
+                         ) from error
+
+
+def _check_moments(moments) -> None:
+    """Raises a ValueError unless `moments` gives finite `(E[phi^2], E[phi])` pairs with
+    E[phi^2] >= E[phi]^2, broadcastable to its inputs, on a scalar and on arrays."""
+    cases = ((np.asarray(0.0), np.asarray(1.0)),
+             (np.array([0.0, 0.5, -1.0]), np.array([1.0, 2.0, 0.25])))
+    for mean, var in cases:
+        where = f"moments({mean.tolist()!r}, {var.tolist()!r})"
+        try:
+            result = moments(mean, var)
+        except Exception as error:  # a user's function may raise anything
+            raise ValueError(f"Argument `moments` raised {type(error).__name__} on {where}: "
+                             f"{error}. Received: moments={moments!r}") from error
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise ValueError(f"Argument `moments` must return a pair (E[phi^2], E[phi]); "
+                             f"{where} returned {result!r}. Received: moments={moments!r}")
+        try:
+            second, first = (np.asarray(part, dtype=float) for part in result)
+            shape = np.broadcast_shapes(second.shape, first.shape, mean.shape)
+        except (TypeError, ValueError):
+            shape = None
+        if shape != mean.shape:
+            raise ValueError(f"Argument `moments` must return floats or arrays broadcastable "
+                             f"to its inputs' shape {mean.shape}; {where} returned "
+                             f"{result!r}. Received: moments={moments!r}")
+        if not (np.all(np.isfinite(second)) and np.all(np.isfinite(first))):
+            raise ValueError(f"Argument `moments` must return finite values; {where} "
+                             f"returned {result!r}. Received: moments={moments!r}")
+        # A variance E[phi^2] - E[phi]^2 is never negative; allow its two roundings.
+        square = first**2
+        if np.any(second - square < -4 * np.finfo(float).eps * (np.abs(second) + square)):
+            raise ValueError(f"Argument `moments` must return (E[phi^2], E[phi]) with "
+                             f"E[phi^2] >= E[phi]^2; {where} returned {result!r}. "
+                             f"Received: moments={moments!r}")
 
 
 def spec_of(activation) -> ActivationSpec | None:
@@ -240,12 +371,7 @@ def gamma(activation, q: float = 1.0) -> float:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
     """
     q = _validate.number("q", q, positive=True)
-    spec = spec_of(activation)
-    if spec is None:
-        reason = ("it is not elementwise" if _not_elementwise(activation)
-                  else "it is unknown; register it with `register_activation`")
-        raise ValueError(f"Argument `activation` has no Gaussian gain: {reason}. "
-                         f"Received: activation={activation!r}")
+    spec = _known(activation)
     # A homogeneous phi has E[phi(z)^2] = q E[phi(z / sqrt(q))^2]: its gain is scale-free,
     # so it is taken at q = 1 (where the closed forms are exact: relu gives 2.0).
     second = float(moments(spec, 0.0, 1.0 if spec.homogeneous else q)[0])
@@ -253,6 +379,87 @@ def gamma(activation, q: float = 1.0) -> float:
         raise ValueError("Argument `activation` maps N(0, q) to zero: no finite gain. "
                          f"Received: activation={activation!r}")
     return 1.0 / second
+
+
+def chi(activation, q: float = 1.0, mean: float = 0.0) -> float:
+    """The slope of the variance map at its fixed point `q`: `q M'(q) / M(q)`.
+
+    Between equal-width layers whose zero-mean weights have the gain that
+    makes `q` a fixed point, the variance of the pre-activations follows
+    `q_{l+1} = gamma M(q_l)` with `M(q) = E[phi(z)^2]`, z ~ N(mean, q), and
+    `gamma = q / M(q)`. A deviation from `q` is multiplied by `chi` at every
+    layer: `chi <= 1` is depth-stable, `chi > 1` drifts like `chi ** depth`.
+    Homogeneous activations (relu, leaky_relu, linear) give exactly 1 at
+    mean 0; bounded ones (tanh, sigmoid) less; gelu 1.144 and silu 1.173.
+
+    `M'` is exact to about 1e-10 for piecewise-linear and closed-form
+    activations (a central difference of their exact moments) and to about
+    1e-7 for the others, kinks included (the identity
+    `dM/dq = E[phi(z)^2 (u^2 - 1)] / (2 q)`, z = mean + sqrt(q) u, which
+    needs no derivative of `phi`, on a fine grid).
+
+    Examples:
+
+    >>> chi("relu")
+    1.0
+    >>> round(chi("gelu"), 3), round(chi("silu"), 3)
+    (1.144, 1.173)
+    >>> chi("tanh") < 1
+    True
+
+    Args:
+        activation: An `ActivationSpec`, or a Keras activation function or
+            name, or one registered with `register_activation`.
+        q: The fixed point: the pre-activations' variance, a positive number.
+        mean: The pre-activations' mean, held fixed.
+
+    Returns:
+        `chi` as a Python float.
+    """
+    q = _validate.number("q", q, positive=True)
+    mean = _validate.number("mean", mean)
+    return _chi(_known(activation), q, mean)
+
+
+# Central differences of exact moments: truncation h^2 M'''/6 plus the roundings of M,
+# ~eps M / h; both are ~eps^(2/3) (4e-11) relative at h = eps^(1/3) q.
+_STEP = np.finfo(float).eps ** (1 / 3)
+# The trapezoid rule on u ~ N(0, 1) over [-12, 12] (the tail beyond holds e^-72 of the
+# mass): spectrally accurate for a smooth phi, O(h^2) ~ 1e-7 across a kink at h = 2e-3.
+_GRID = np.linspace(-12.0, 12.0, 12001)
+_GRID_W = np.exp(-0.5 * _GRID**2) / math.sqrt(2 * math.pi) * (_GRID[1] - _GRID[0])
+_GRID_W[[0, -1]] /= 2
+
+
+@lru_cache(maxsize=1024)  # per report row; specs hash by identity
+def _chi(spec: ActivationSpec, q: float, mean: float) -> float:
+    if spec.homogeneous and mean == 0.0:
+        return 1.0  # M(q) = q M(1): its elasticity is 1 whatever M(1) is
+    if spec.moments is None and spec.pieces is None:
+        values = _evaluate(spec.fn, mean + math.sqrt(q) * _GRID)
+        second = float(np.sum(_GRID_W * values**2))
+        slope = float(np.sum(_GRID_W * values**2 * (_GRID**2 - 1))) / (2 * q)
+    else:
+        h = _STEP * q
+        second = float(moments(spec, mean, q)[0])
+        slope = (float(moments(spec, mean, q + h)[0])
+                 - float(moments(spec, mean, q - h)[0])) / (2 * h)
+    if not second > 0:
+        raise ValueError(f"Argument `activation` maps N({mean:g}, {q:g}) to zero: its "
+                         f"variance map has no fixed point there. Received: activation="
+                         f"{spec.name!r}")
+    return float(q * slope / second)
+
+
+def _known(activation) -> ActivationSpec:
+    """The spec of `activation`, or a ValueError saying why it has none."""
+    spec = spec_of(activation)
+    if spec is None:
+        reason = ("it is not elementwise" if _not_elementwise(activation)
+                  else "it is unknown; register it with `register_activation`")
+        raise ValueError(f"Argument `activation` has no Gaussian gain: {reason}. "
+                         f"Received: activation={activation!r}")
+    return spec
 
 
 def _not_elementwise(activation) -> bool:

@@ -18,102 +18,104 @@ from keras_goodinit import (
     _moments,
     _sweep,
     _validate,
+    rules,
 )
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
 from keras_goodinit.report import InitReport, LayerRecord, format_table
+from keras_goodinit.rules import Signal
 from keras_goodinit.weight_norm import unit_norms
 
 RESIDUAL = ("scaled", None)
 _SEPARABLE = (klayers.SeparableConv1D, klayers.SeparableConv2D)
-_TRANSPOSE = (klayers.Conv1DTranspose, klayers.Conv2DTranspose, klayers.Conv3DTranspose)
-_CONV = (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D, klayers.DepthwiseConv1D,
-         klayers.DepthwiseConv2D, *_SEPARABLE)
-_DROPOUT = (klayers.Dropout, klayers.SpatialDropout1D, klayers.SpatialDropout2D,
-            klayers.SpatialDropout3D, klayers.GaussianDropout)
-# Single-input layers that move entries around without changing their values.
-_REARRANGE = (klayers.Flatten, klayers.Reshape, klayers.Permute, klayers.Cropping1D,
-              klayers.Cropping2D, klayers.Cropping3D, klayers.UpSampling1D,
-              klayers.UpSampling2D, klayers.UpSampling3D, klayers.RepeatVector,
-              klayers.Identity, klayers.ActivityRegularization, klayers.Masking,
-              klayers.InputLayer)
-_POOL = (klayers.MaxPooling1D, klayers.MaxPooling2D, klayers.MaxPooling3D,
-         klayers.AveragePooling1D, klayers.AveragePooling2D, klayers.AveragePooling3D)
-_GLOBAL_POOL = (klayers.GlobalAveragePooling1D, klayers.GlobalAveragePooling2D,
-                klayers.GlobalAveragePooling3D, klayers.GlobalMaxPooling1D,
-                klayers.GlobalMaxPooling2D, klayers.GlobalMaxPooling3D)
-_ZERO_PAD = (klayers.ZeroPadding1D, klayers.ZeroPadding2D, klayers.ZeroPadding3D)
 # A non-homogeneous activation's pre-activations are set to this second moment.
 TARGET_Q = 1.0
-
-
-@dataclasses.dataclass
-class Signal:
-    """Per-entry second moment and mean of a tensor, averaged over channels.
-
-    Both are arrays over the tensor's positions (its shape without the batch
-    and channel axes, `()` for a vector), so that zero padding at borders and
-    strides are followed exactly.
-    """
-
-    power: np.ndarray
-    mean: np.ndarray
-
-    @property
-    def q(self) -> float:
-        return float(np.mean(self.power))
+# A measured second moment within this many sampling standard deviations of its
+# prediction agrees with it (see `_agrees`).
+_SIGMAS = 4.0
+# Where the variance map's slope chi exceeds 1 by more than this, over the chain of layers
+# that share an activation, the report warns (chi^depth is the growth of a deviation).
+_CHI_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass
 class MeanFieldRecord(LayerRecord):
     """One kernel layer's row of a `mean_field_init` report.
 
-    On top of `LayerRecord`'s fields (`var_after` is the measured
-    pre-activation variance, NaN without `data`):
+    On top of `LayerRecord`'s fields (`name` is the layer's path in the
+    model, such as `"encoder_0/self_attention/query"`; `var_after` is the
+    measured pre-activation variance, NaN without `data`):
 
     Attributes:
         gamma: The gain used, `g = sqrt(gamma * C_in / C_out)`.
-        predicted: Predicted pre-activation second moment E[y^2].
+        predicted: Predicted pre-activation second moment E[y^2]; NaN where
+            no rule could predict it (status `"unanalysed"`).
         measured: Measured E[y^2] on `data`'s first batch; NaN without data.
         num_blocks: N of a residual branch end's `gamma / N`; 0 otherwise.
+        chi: Slope of the variance map at this layer's operating point for
+            the activation after it (1 for ReLU and linear layers; NaN when
+            unknown): above 1, deviations grow by `chi` per layer.
+        rule: Which rule set `gamma`: `"homogeneous"`, `"q=1"`, `"residual"`,
+            `"head"`, `"head_paper"`, or `""` for a layer left as it was.
     """
 
     gamma: float = math.nan
     predicted: float = math.nan
     measured: float = math.nan
     num_blocks: int = 0
+    chi: float = math.nan
+    rule: str = ""
 
 
 @dataclasses.dataclass
 class MeanFieldReport(InitReport):
     """What `mean_field_init` did: one `MeanFieldRecord` per kernel layer.
 
+    A row is `"ok"` only where a rule predicted its second moment and, with
+    `data`, the measurement agrees with it; `"unanalysed"` where its input or
+    the activation after it has no rule (its kernel is still written where
+    the rule does not need them: a homogeneous activation's gain is
+    scale-free); `"skipped"` where it was left as it was; `"missed"` where the
+    measured second moment disagrees with the prediction.
+
     Attributes:
-        passed_through: `(name, class_name, reason)` of every non-kernel
-            layer whose effect on the second moment is not known; the sweep
-            treated it as passing its input through.
-        add_outputs: `{name: predicted second moment}` of every `Add` output.
+        unanalysed: `(name, class_name, reason)` of every step with no rule
+            (an op without one, a layer that could not be traced): the moments
+            after it are unknown.
+        add_outputs: `{name: predicted second moment}` of every sum's output.
+        training: The mode BatchNormalization and dropout were followed in.
+        chi: `{activation: (slope, depth, drift)}` for each activation whose
+            variance map is unstable at the chosen operating point (slope > 1):
+            `drift = slope ** depth` is how much a deviation grows over the
+            `depth` layers that use it.
     """
 
-    passed_through: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    unanalysed: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     add_outputs: dict[str, float] = dataclasses.field(default_factory=dict)
+    training: bool = True
+    chi: dict[str, tuple[float, int, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        out["passed_through"] = [list(item) for item in self.passed_through]
+        out["unanalysed"] = [list(item) for item in self.unanalysed]
         out["add_outputs"] = dict(self.add_outputs)
+        out["training"] = self.training
+        out["chi"] = {k: list(v) for k, v in self.chi.items()}
         return out
 
     def table(self) -> str:
-        header = ("layer", "class", "gamma", "predicted q", "measured q", "status")
+        header = ("layer", "class", "gamma", "predicted q", "measured q", "chi", "status")
         lines = [(r.name, r.class_name, f"{r.gamma:.4g}", f"{r.predicted:.4g}",
-                  f"{r.measured:.4g}", r.status + (f" ({r.reason})" if r.reason else ""))
+                  f"{r.measured:.4g}", f"{r.chi:.3g}",
+                  r.status + (f" ({r.reason})" if r.reason else ""))
                  for r in self.rows]
-        footer = f"{self.method}: {len(self.rows)} kernel layers, " + (
-            f"{sum(r.status == 'ok' for r in self.rows)} ok")
-        if self.passed_through:
-            footer += "; passed through: " + "; ".join(
-                f"{name} ({reason})" for name, _, reason in self.passed_through)
-        return format_table(header, lines, footer)
+        counts = {s: sum(r.status == s for r in self.rows)
+                  for s in ("ok", "unanalysed", "missed", "skipped")}
+        footer = [f"{self.method}: {len(self.rows)} kernel layers, " + ", ".join(
+            f"{n} {s}" for s, n in counts.items() if n or s == "ok")]
+        if self.unanalysed:
+            footer.append("unanalysed (no rule; the moments after them are unknown): " + "; ".join(
+                f"{name} ({reason})" for name, _, reason in self.unanalysed))
+        return format_table(header, lines, "\n".join(footer + list(self.notes)))
 
 
 def mean_field_init(
@@ -121,63 +123,64 @@ def mean_field_init(
     *,
     residual: str | None = "scaled",
     distribution: str | None = "orthogonal",
-    input_variance: float = 1.0,
+    input_variance: float | None = None,
+    input_mean: float | None = None,
+    head: float | str = 1.0,
+    training: bool = True,
     data=None,
     seed: int | None = None,
     verbose: int = 1,
 ) -> MeanFieldReport:
     """Applies the paper's mean-field init to every kernel of a model, by walking its graph.
 
-    Data-free: the second moment of every tensor is propagated through the
-    layer graph (nested models included), and each kernel layer (Dense,
-    Conv*, Conv*Transpose, DepthwiseConv*, SeparableConv*, EinsumDense with
-    a matrix kernel, `WeightNormalization` wrappers) gets, for every output
-    unit, a fan-in vector of norm `g = sqrt(gamma * C_in / C_out)`:
+    Data-free: the mean and second moment of every tensor are propagated
+    through the model's op-level graph (`keras_goodinit._graph`: layers, the
+    ops of tensor code such as `h + x`, nested models, and subclassed layers
+    traced into their ops), each step by its rule (`keras_goodinit.rules`).
+    Each kernel layer (Dense, Conv*, Conv*Transpose, DepthwiseConv*,
+    SeparableConv*, EinsumDense with a matrix kernel, `WeightNormalization`
+    wrappers) gets, for every output unit, a fan-in vector of norm
+    `g = sqrt(gamma * C_in / C_out)`:
 
-    - What follows the layer is found through dropout, pooling, reshapes,
-      padding and normalization: a fused activation, or an `Activation`,
-      `ReLU`, `LeakyReLU`, `ELU` or `PReLU` layer.
+    - What follows the layer is found through the steps its rule looks
+      through (dropout, pooling, reshapes, padding, normalization): a fused
+      activation, an activation layer or an activation op.
     - A *homogeneous* activation (relu, leaky_relu, prelu, linear) has a
       scale-free gain: `gamma = 1 / E[phi(z)^2]`, z ~ N(0, 1), exactly the
-      paper's rule (2 for ReLU, 1 for a linear layer). So ReLU networks get
-      the kernels of `GoodInit` and of `keras_goodinit.models` (and the
-      paper's invariant: the activations' norm is that of the input).
-    - Any other activation (gelu, silu, tanh, sigmoid, elu...) depends on
-      the scale of its input, so `gamma` is chosen to make the predicted
-      pre-activation second moment `q` exactly 1: with `P` the predicted
-      second moment of the layer's input, `q = g^2 P + mean(b^2)`. Between
-      equal-width layers this is `gamma = 1 / E[phi(z)^2]`, z ~ N(0, 1), phi
-      the activation before the layer: the same formula as for ReLU, one
-      layer on. `E[phi^2]` and `E[phi]` come from Gauss-Hermite quadrature
-      (closed forms for the piecewise-linear activations).
-    - `Add` with an identity or projection skip is a residual block. With
-      `residual="scaled"` its branch's last kernel gets `gamma / N`, N the
-      number of blocks of its stage (the run of blocks on one stream between
-      two shape changes), so that the stream grows by at most
-      `(1 + 1/N)^N < e` in second moment over a stage. `residual=None`
-      treats every `Add` as a plain sum.
+      paper's rule (2 for ReLU, 1 for a linear layer).
+    - Any other activation (gelu, silu, tanh...) depends on the scale of its
+      input, so `gamma` makes the predicted pre-activation second moment
+      `q` exactly 1. Where the variance map's slope at q = 1, `chi`, exceeds
+      1 (gelu, silu), no data-free scalar init is depth-stable: the report
+      says by how much a deviation grows over the layers that use it
+      (`chi ** depth`) and recommends `lsuv_init`.
+    - The head (a last kernel layer with no activation after it, or only a
+      softmax) aims at logits of second moment `head` (1 by default);
+      `head="paper"` keeps the paper's `g^2 = C_in / C_out`.
+    - A residual block is any sum (an `Add` layer, `h + x`,
+      `keras.ops.add`...) with an identity or projection skip. With
+      `residual="scaled"` each branch's last kernel gets `gamma / N`, N the
+      number of blocks of its stage (see `_graph._stages`), divided among the
+      block's branches, so that the stream grows by at most `(1 + 1/N)^N < e`
+      in second moment over a stage. A constant factor on a branch
+      (`x + 0.1 * f(x)`) or a gate is the model's own design: it is kept and
+      counted in the predictions. `residual=None` treats every sum as a
+      plain sum.
 
-    How moments propagate: through a kernel with random directions
-    `E[y_j^2] = ||w_j||^2 * P` (P averaged over the unit's receptive field,
-    zero padding included) plus the bias; elementwise activations by their
-    Gaussian moments (the mean is tracked, it counts in `E[phi^2]` and in
-    sums); `Add` sums second moments and means (inputs taken independent),
-    `Average` divides by the count squared, `Multiply` multiplies them,
-    `Concatenate` weighs them by width. Normalization layers reset the
-    second moment to what their gain gives (`mean(gamma^2 + beta^2)`;
-    BatchNormalization with its batch statistics, as at the start of
-    training), and dropout multiplies it by `1 / (1 - rate)` (training
-    mode). Pooling keeps it (exact for max pooling of equal entries, an
-    upper bound for averages). Layers it cannot reason about are listed in
-    the report's `passed_through` and pass their input's moments on.
+    Moments propagate through every step by its rule, the first moment too
+    (ReLU outputs, `Rescaling` offsets, biases and means count in the second
+    moment of what follows). BatchNormalization and dropout are followed in
+    the mode given by `training` (default: the training mode `fit` uses;
+    `training=False` follows BatchNormalization's moving statistics).
+
+    Report rows are `"ok"` only where a rule made the prediction, and, with
+    `data`, where the measured second moment agrees with it within the
+    sampling error of the batch; otherwise `"unanalysed"`, `"missed"` or
+    `"skipped"`, with the reason. Rows are named by their path in the model.
 
     Biases are kept; the WeightNormalization `g` is set and `v` is kept
     (with `distribution=None`) or re-drawn; the other weights are untouched.
     If anything raises, every weight is left exactly as it was.
-
-    Subclassed models have no graph to walk: they raise a ValueError (use
-    `GoodInit` per layer there). A kernel inside a subclassed layer of a
-    functional model is reported as skipped and left as it is.
 
     Examples:
 
@@ -186,22 +189,31 @@ def mean_field_init(
     ...                           keras.layers.Dense(64, activation="gelu"),
     ...                           keras.layers.Dense(10)])
     >>> report = mean_field_init(model, seed=0, verbose=0)
-    >>> [round(row.predicted, 3) for row in report.rows]  # the logits: (64 / 10) E[gelu^2]
-    [1.0, 1.0, 2.721]
+    >>> [round(row.predicted, 3) for row in report.rows]  # the head aims at 1 too
+    [1.0, 1.0, 1.0]
     >>> relu = keras.Sequential([keras.Input((32,)), keras.layers.Dense(32),
     ...                          keras.layers.ReLU(), keras.layers.Dense(8)])
-    >>> [row.gamma for row in mean_field_init(relu, verbose=0).rows]
+    >>> [row.gamma for row in mean_field_init(relu, head="paper", verbose=0).rows]
     [2.0, 1.0]
 
     Args:
-        model: A built Sequential or functional model.
+        model: A built model: Sequential, functional or subclassed (traced
+            from the input shape it was built with).
         residual: `"scaled"` (the paper's `1/N` for residual branch ends) or
-            `None` (every `Add` is a plain sum).
+            `None` (every sum is a plain sum).
         distribution: `"orthogonal"` or `"normal"` re-draws every kernel's
             directions; `None` keeps them and sets only the norms.
-        input_variance: Second moment of the model's inputs' entries.
-        data: Optional batch (or dataset: its first batch). If given, one
-            forward pass (training mode, every other variable restored)
+        input_variance: Second moment of the model's inputs' entries. Default:
+            1, or measured on `data` when it is given.
+        input_mean: Mean of the inputs' entries. Default: 0, or measured on
+            `data` when it is given.
+        head: The second moment the logits aim at (a positive number), or
+            `"paper"` for the paper's `gamma = 1` on the last layer.
+        training: Follow BatchNormalization and dropout as in training
+            (`fit`) or, with False, as in inference.
+        data: Optional batch (or dataset: its first batch). If given, the
+            input moments default to its own, and one compiled forward pass
+            (in the mode `training` says, every other variable restored)
             measures each kernel layer's pre-activation second moment.
         seed: An int makes the re-drawn directions reproducible (each layer
             gets its own seed, in the order of the model's layers); `None`
@@ -219,7 +231,12 @@ def mean_field_init(
         raise ValueError(f"Argument `model` must be a keras.Model. Received: model={model!r}")
     residual = _validate.one_of("residual", residual, RESIDUAL)
     distribution = _validate.one_of("distribution", distribution, (*DISTRIBUTIONS, None))
-    input_variance = _validate.number("input_variance", input_variance, positive=True)
+    if input_variance is not None:
+        input_variance = _validate.number("input_variance", input_variance, positive=True)
+    if input_mean is not None:
+        input_mean = _validate.number("input_mean", input_mean)
+    head = _head(head)
+    training = _validate.boolean("training", training)
     seed = _validate.seed(seed)
     verbose = _validate.verbose(verbose)
     if not model.built:
@@ -231,7 +248,8 @@ def mean_field_init(
     if data is not None:
         x = _data.first_batch(data)
         _data.check_batch(x)
-    plan = _Planner(graph, targets, residual, input_variance).run()
+    inputs = _input_signals(graph, x, input_variance, input_mean)
+    plan = _Planner(graph, targets, residual, inputs, head, training).run()
     rng = None if seed is None else np.random.default_rng(seed)
     seeds = {id(t): (None if rng is None else int(rng.integers(0, 2**31 - 1)),
                      None if rng is None else int(rng.integers(0, 2**31 - 1)))
@@ -241,24 +259,58 @@ def mean_field_init(
     with _sweep.atomic(written):
         for target in targets:
             decision = plan.decisions.get(id(target))
-            if decision is not None and decision.status == "ok":
+            if decision is not None and decision.writes:
                 decision.scale = _write(target, decision, distribution, seeds[id(target)])
         # With seed=None every worker drew its own directions: all take the chief's.
         _distribute.broadcast_from_chief(written)
         if x is not None:
-            _measure(model, x, targets, plan)
-    report = MeanFieldReport("mean_field_init", plan.rows(targets),
-                             batches=0 if x is None else 1,
-                             passed_through=plan.passed_through,
-                             add_outputs=plan.add_outputs)
+            _measure(model, x, targets, plan, training)
+    rows = plan.rows(targets, None if x is None else _batch_size(x))
+    report = MeanFieldReport("mean_field_init", rows, batches=0 if x is None else 1,
+                             notes=plan.notes(), unanalysed=plan.unanalysed,
+                             add_outputs=plan.add_outputs, training=training, chi=plan.chi())
+    report.notes.extend(_chi_notes(report.chi))
     if verbose:
         report.summary()
     return report
 
 
+def _head(head):
+    if isinstance(head, str):
+        if head != "paper":
+            raise ValueError("Argument `head` must be a positive number (the logits' second "
+                             f"moment) or 'paper'. Received: head={head!r}")
+        return head
+    return _validate.number("head", head, positive=True)
+
+
+def _batch_size(x) -> int:
+    return int(keras.tree.flatten(x)[0].shape[0])
+
+
+def _input_signals(graph, x, variance, mean) -> dict[int, Signal]:
+    """The moments of the model's inputs: given, measured on `x`, or N(0, 1)."""
+    flat = keras.tree.flatten(x) if x is not None else [None] * len(graph.inputs)
+    signals = {}
+    for key, value in zip(graph.inputs, flat):
+        shape = rules.map_shape(graph.shapes[key])
+        measured_power = measured_mean = None
+        if value is not None:
+            array = np.asarray(ops.convert_to_numpy(value), dtype="float64")
+            measured_mean, measured_power = float(np.mean(array)), float(np.mean(array**2))
+        m = mean if mean is not None else (measured_mean if measured_mean is not None else 0.0)
+        if variance is not None:
+            power = variance + m**2 if mean is not None or measured_mean is None else variance
+        else:
+            power = measured_power if measured_power is not None else 1.0 + m**2
+        signals[key] = Signal(np.full(shape, power), np.full(shape, m))
+    return signals
+
+
 @dataclasses.dataclass
 class _Decision:
     target: _sweep.Target
+    name: str
     gamma: float = math.nan
     ratio: float = math.nan  # C_in / C_out
     predicted: float = math.nan
@@ -269,100 +321,145 @@ class _Decision:
     num_blocks: int = 0
     calls: int = 1
     scale: float = 1.0
+    chi: float = math.nan
+    activation: str = ""  # the name of the activation after it, for the chi verdict
+    rule: str = ""
 
     @property
     def norm(self) -> float:
         return math.sqrt(self.gamma * self.ratio)
 
+    @property
+    def writes(self) -> bool:
+        return self.status in ("ok", "unanalysed") and math.isfinite(self.gamma)
+
 
 class _Planner:
     """Propagates moments through the graph in execution order, deciding each kernel's gamma."""
 
-    def __init__(self, graph, targets, residual, input_variance):
+    def __init__(self, graph, targets, residual, inputs, head, training):
         self.graph = graph
         self.targets = {id(t.layer): t for t in targets}
-        self.residual = residual
-        self.kernels = set(self.targets)
-        blocks, plain = _graph.residual_blocks(graph, self.kernels)
-        self.branch_ends = {}
-        self.block_notes = {}
+        self.residual, self.head, self.training = residual, head, training
+        blocks, plain = _graph.residual_blocks(graph)
+        self.branch_ends: dict[int, int] = {}
+        self._notes = [f"{step.name}: {why}" for step, why in plain]
         if residual == "scaled":
             for block in blocks:
-                if block.branch_end is not None:
-                    self.branch_ends[id(block.branch_end)] = block.num_blocks
-                else:
-                    self.block_notes[block.add.layer.name] = block.reason
-        self.signals = {}
-        for key in graph.inputs:
-            shape = _map_shape(graph.shapes[key])
-            self.signals[key] = Signal(np.full(shape, input_variance), np.zeros(shape))
+                ends = [end for end in block.branch_ends if end is not None]
+                for end in ends:
+                    self.branch_ends[id(end)] = block.num_blocks * len(block.branches)
+                if block.reason:
+                    self._notes.append(f"{block.add.name}: {block.reason}")
+        self.signals = dict(inputs)
         self.decisions: dict[int, _Decision] = {}
-        self.passed_through: list[tuple[str, str, str]] = []
+        self.unanalysed: list[tuple[str, str, str]] = []
         self.add_outputs: dict[str, float] = {}
-        self._in_graph = {id(s.layer) for s in graph.steps}
 
     def run(self) -> _Planner:
-        for step in self.graph.steps:
+        graph = self.graph
+        for step in graph.steps:
             ins = [self.signals[k] for k in step.inputs]
-            shapes = [self.graph.shapes[k] for k in step.outputs]
+            shapes = [graph.shapes[k] for k in step.outputs]
             if id(step.layer) in self.targets:
                 outs = [self._kernel(step, ins[0])]
             else:
-                outs, note = _propagate(step.layer, ins, [self.graph.shapes[k]
-                                                          for k in step.inputs], shapes)
-                if note and all(n != step.layer.name for n, _, _ in self.passed_through):
-                    self.passed_through.append((step.layer.name, type(step.layer).__name__,
-                                                note))
-                if isinstance(step.layer, klayers.Add):
-                    self.add_outputs[step.layer.name] = outs[0].q
+                outs = self._propagate(step, ins)
             for key, signal, shape in zip(step.outputs, outs, shapes):
-                self.signals[key] = _fit(signal, _map_shape(shape))
+                self.signals[key] = rules.fit(signal, rules.map_shape(shape))
         return self
+
+    def _propagate(self, step, ins) -> list[Signal]:
+        rule = step.rule
+        ctx = _graph.context(self.graph, step, self.training)
+        why = ""
+        if rule is None:
+            why = step.opaque or f"no rule for {type(step.layer).__name__}"
+        else:
+            try:
+                outs = rule.propagate(ctx, ins)
+            except NotImplementedError:
+                why = f"no rule for {type(step.layer).__name__}"
+        if why:
+            self._unanalysed(step, why)
+            return [Signal.unknown_after(f"after {step.name} ({why})", ctx.out_map(i))
+                    for i in range(len(step.outputs))]
+        for signal in outs:
+            if signal.unknown and not any(s.unknown for s in ins):
+                self._unanalysed(step, signal.unknown)
+        if rule.terms(ctx) is not None and not outs[0].unknown:
+            self.add_outputs[step.name] = outs[0].q
+        return outs
+
+    def _unanalysed(self, step, why):
+        if all(name != step.name for name, _, _ in self.unanalysed):
+            self.unanalysed.append((step.name, type(step.layer).__name__, why))
 
     def _kernel(self, step, signal: Signal) -> Signal:
         target = self.targets[id(step.layer)]
-        inner = target.inner
-        taps = _taps(inner, signal.power, self.graph.shapes[step.outputs[0]])
+        rule = step.rule
+        unknown = signal.unknown
+        if not unknown:
+            taps = rule.taps(step.layer, signal.power, self.graph.shapes[step.outputs[0]])
+        else:
+            taps = np.full(rules.map_shape(self.graph.shapes[step.outputs[0]]), math.nan)
         bias = (np.zeros(1) if target.bias is None
                 else ops.convert_to_numpy(target.bias).astype(float).ravel())
         decision = self.decisions.get(id(target))
         if decision is None:
-            decision = self._decide(step, target, float(np.mean(taps)), bias)
+            decision = self._decide(step, target, float(np.mean(taps)), bias, unknown)
             self.decisions[id(target)] = decision
         else:
             decision.calls += 1
-        if decision.status != "ok":  # left as it is: its current norms
-            norms = _current_gain(target)
-        else:
-            norms = decision.norm**2
+        out_map = rules.map_shape(self.graph.shapes[step.outputs[0]])
+        if unknown or decision.status == "unanalysed" and not math.isfinite(decision.gamma):
+            return Signal.unknown_after(unknown or f"after {decision.name}", out_map)
+        norms = decision.norm**2 if decision.writes else _current_gain(target)
         pre = Signal(norms * taps + np.mean(bias**2), np.full(taps.shape, np.mean(bias)))
         if decision.calls == 1:
             decision.predicted = pre.q
-        spec, reason = _moments.function_spec(getattr(inner, "activation", None))
+            spec = self._spec_after(step, target)[0]
+            if spec is not None:
+                decision.chi = _moments.chi(spec, q=max(pre.q - float(np.mean(bias)) ** 2,
+                                                        1e-12), mean=float(np.mean(bias)))
+        spec, _ = _moments.function_spec(getattr(target.inner, "activation", None))
         if spec is None:
-            return pre
-        second, first = _moments.moments(spec, pre.mean, pre.power - pre.mean**2)
-        return Signal(second, first)
+            return Signal.unknown_after(f"after {decision.name}'s activation", out_map)
+        return rules.activation_output(spec, pre)
 
-    def _decide(self, step, target, taps: float, bias) -> _Decision:
-        decision = _Decision(target)
+    def _decide(self, step, target, taps: float, bias, unknown: str) -> _Decision:
+        decision = _Decision(target, self._name(step))
         unscalable = target.unscalable_reason() or _unsupported(target)
         if unscalable:
             decision.status, decision.reason = "skipped", unscalable
             return decision
         decision.ratio = _fan_ratio(target)
-        spec, why = self._following(step, target)
+        spec, why, kind = self._following(step, target)
+        decision.activation = "" if spec is None else spec.name
         num_blocks = self.branch_ends.get(id(step), 0)
+        if kind == "head" and num_blocks == 0:
+            return self._head(decision, taps, bias, why, unknown)
+        if spec is None:  # the activation after it has no rule
+            decision.status, decision.reason = "unanalysed", why
+            if num_blocks == 0:
+                return decision
+            spec = _moments.spec_of("linear")
         if spec.homogeneous or num_blocks:
             gain_spec = spec if spec.homogeneous else _moments.spec_of("linear")
             gamma = _moments.gamma(gain_spec)
+            decision.rule = "homogeneous"
             if not spec.homogeneous:
                 why += "; the residual stream is linear: its gain counts"
+        elif unknown:
+            decision.status, decision.reason = "unanalysed", (
+                f"its input's moments are unknown ({unknown}); {why}: left as it is")
+            return decision
         elif not taps > 0:
             decision.status, decision.reason = "skipped", "its input is predicted to be zero"
             return decision
         else:
             room = TARGET_Q - float(np.mean(bias**2))
+            decision.rule = "q=1"
             if not room > 0:
                 gamma = _moments.gamma(spec)
                 why += "; its bias alone exceeds q = 1: gamma at q = 1 used"
@@ -373,30 +470,95 @@ class _Planner:
             gamma /= num_blocks
             why += f"; residual branch end, N = {num_blocks}"
             decision.num_blocks = num_blocks
-        decision.gamma, decision.reason = gamma, why
+            decision.rule = "residual"
+        if unknown:
+            decision.status = "unanalysed"
+            why = f"its input's moments are unknown ({unknown}): gain set, q not predicted; {why}"
+        decision.gamma = gamma
+        decision.reason = why if decision.status != "unanalysed" or not decision.reason else (
+            f"{decision.reason}; {why}")
         return decision
 
-    def _following(self, step, target) -> tuple[_moments.ActivationSpec, str]:
+    def _head(self, decision, taps, bias, why, unknown) -> _Decision:
+        if self.head == "paper":
+            decision.gamma, decision.rule = 1.0, "head_paper"
+            decision.reason = f"{why}; head: the paper's gamma = 1"
+            if unknown:
+                decision.status = "unanalysed"
+            return decision
+        if unknown:
+            decision.status, decision.reason = "unanalysed", (
+                f"head: its input's moments are unknown ({unknown}): left as it is")
+            return decision
+        room = self.head - float(np.mean(bias**2))
+        if not (taps > 0 and room > 0):
+            decision.status, decision.reason = "skipped", (
+                "head: its input is predicted to be zero, or its bias alone exceeds the "
+                f"target {self.head:g}")
+            return decision
+        decision.gamma = room / taps / decision.ratio
+        decision.rule = "head"
+        decision.reason = f"{why}; head: logits' second moment set to {self.head:g}"
+        return decision
+
+    def _name(self, step) -> str:
+        target = self.targets[id(step.layer)]
+        return step.name if step.layer is target.layer else target.name
+
+    def _spec_after(self, step, target):
+        spec, why, _ = self._following(step, target)
+        return spec, why
+
+    def _following(self, step, target) -> tuple[_moments.ActivationSpec | None, str, str]:
+        """(spec of the activation the layer's output meets, why, kind); kind "head" for
+        a last layer; spec None where that activation has no rule."""
         activation = getattr(target.inner, "activation", None)
         spec, reason = _moments.function_spec(activation)
         if activation not in (None, keras.activations.linear):
             if spec is None:
-                return _moments.spec_of("linear"), f"{reason}: treated as linear"
-            return spec, f"{spec.name} follows (fused)"
-        found = _graph.follower(self.graph, step.outputs[0], self.kernels)
+                return None, f"{reason}: unanalysed", "activation"
+            return spec, f"{spec.name} follows (fused)", "activation"
+        found = _graph.follower(self.graph, step.outputs[0])
         via = f" (through {', '.join(found.through)})" if found.through else ""
         if found.kind == "activation":
-            spec, reason = _moments.layer_spec(found.step.layer)
+            spec, reason = found.step.rule.activation(found.step.layer)
             if spec is None:
-                return _moments.spec_of("linear"), f"{reason}: treated as linear{via}"
-            return spec, f"{spec.name} follows{via}"
-        what = {"add": f"Add {found.step.layer.name!r} follows" if found.step else "",
-                "kernel": "a kernel layer follows", "output": "model output",
-                "fork": "its output feeds several layers",
-                "other": f"{type(found.step.layer).__name__} follows" if found.step else ""}
-        return _moments.spec_of("linear"), f"linear: {what[found.kind]}{via}"
+                after = _graph.follower(self.graph, found.step.outputs[0])
+                if after.kind == "output":
+                    return _moments.spec_of("linear"), f"{reason}; model output{via}", "head"
+                return None, f"{reason}: unanalysed{via}", "activation"
+            return spec, f"{spec.name} follows{via}", "activation"
+        if found.kind == "output":
+            return _moments.spec_of("linear"), f"model output{via}", "head"
+        what = {"add": f"sum {found.step.name} follows" if found.step else "",
+                "kernel": "a kernel layer follows",
+                "fork": "its output feeds several steps",
+                "other": f"{found.step.name} follows" if found.step else ""}
+        return _moments.spec_of("linear"), f"linear: {what[found.kind]}{via}", "linear"
 
-    def rows(self, targets) -> list[MeanFieldRecord]:
+    def notes(self) -> list[str]:
+        mode = ("training mode (batch statistics), as `fit` runs" if self.training else
+                "inference mode (moving statistics)")
+        notes = list(self._notes)
+        if any(isinstance(s.layer, (klayers.BatchNormalization, klayers.Dropout))
+               for s in self.graph.steps):
+            notes.insert(0, f"BatchNormalization and dropout followed in {mode}")
+        return notes
+
+    def chi(self) -> dict[str, tuple[float, int, float]]:
+        """Per activation whose variance map is unstable here: (slope, depth, drift)."""
+        found: dict[str, list[float]] = {}
+        for decision in self.decisions.values():
+            if decision.activation and math.isfinite(decision.chi):
+                found.setdefault(decision.activation, []).append(decision.chi)
+        out = {}
+        for name, slopes in found.items():
+            slope = float(np.exp(np.mean(np.log(slopes))))
+            if slope > 1 + _CHI_TOLERANCE:
+                out[name] = (slope, len(slopes), slope ** len(slopes))
+        return out
+
+    def rows(self, targets, batch: int | None) -> list[MeanFieldRecord]:
         order = [self.targets[id(s.layer)] for s in self.graph.steps
                  if id(s.layer) in self.targets]
         seen, rows = set(), []
@@ -406,26 +568,62 @@ class _Planner:
             seen.add(id(target))
             d = self.decisions.get(id(target))
             if d is None:
-                where = _container(target, self.graph)
-                rows.append(MeanFieldRecord(target.name, target.class_name, math.nan, math.nan,
+                name, where = _container(target, self.graph)
+                rows.append(MeanFieldRecord(name, target.class_name, math.nan, math.nan,
                                             0, 1.0, "skipped", where))
                 continue
-            reason = d.reason + (f"; called {d.calls} times, set at its first call"
-                                 if d.calls > 1 else "")
-            rows.append(MeanFieldRecord(target.name, target.class_name, math.nan,
-                                        d.measured_var, 0, d.scale, d.status, reason,
+            status, reason = d.status, d.reason
+            if d.calls > 1:
+                reason += f"; called {d.calls} times, set at its first call"
+            if status == "ok" and batch is not None and math.isfinite(d.measured):
+                agrees, note = _agrees(d.predicted, d.measured, batch)
+                if not agrees:
+                    status, reason = "missed", f"{note}; {reason}"
+            rows.append(MeanFieldRecord(d.name, target.class_name, math.nan,
+                                        d.measured_var, 0, d.scale, status, reason,
                                         gamma=d.gamma, predicted=d.predicted,
-                                        measured=d.measured, num_blocks=d.num_blocks))
+                                        measured=d.measured, num_blocks=d.num_blocks,
+                                        chi=d.chi, rule=d.rule))
         return rows
 
 
-def _container(target, graph) -> str:
+def _agrees(predicted: float, measured: float, batch: int) -> tuple[bool, str]:
+    """Whether a measured second moment agrees with its prediction, within sampling error.
+
+    The batch's mean of a per-entry second moment over `batch` independent
+    samples has a relative standard deviation of at most `sqrt(2 / batch)`
+    for Gaussian entries (`Var(y^2) = 2 E[y^2]^2`, entries within a sample
+    counted as one, the worst case); `_SIGMAS` of them is the tolerance.
+    """
+    tolerance = _SIGMAS * math.sqrt(2.0 / max(batch, 1))
+    if not (math.isfinite(predicted) and predicted > 0):
+        return False, f"measured q {measured:.4g}, predicted {predicted:.4g}"
+    ratio = measured / predicted
+    if abs(ratio - 1.0) <= tolerance:
+        return True, ""
+    return False, (f"measured q {measured:.4g} misses the predicted {predicted:.4g} by a factor "
+                   f"{ratio:.3g} (tolerance +-{tolerance:.2g} at batch {batch})")
+
+
+def _chi_notes(chi: dict) -> list[str]:
+    return [f"{name}: the variance map's slope at the operating point is {slope:.3g} > 1, so "
+            f"no data-free scalar init is depth-stable for it: over its {depth} layers a "
+            f"deviation grows by {slope:.3g}^{depth} = {drift:.3g}; use lsuv_init (data-driven) "
+            "to hold every layer at its target"
+            for name, (slope, depth, drift) in chi.items()]
+
+
+def _container(target, graph) -> tuple[str, str]:
+    """(path name, why no decision) of a kernel the plan did not meet."""
     for step in graph.steps:
+        if not isinstance(step.layer, keras.layers.Layer):
+            continue
         inside = step.layer._flatten_layers(include_self=False, recursive=True)
         if any(layer is target.layer for layer in inside):
-            return (f"inside {type(step.layer).__name__} {step.layer.name!r}, a layer with "
-                    "no graph to walk: left as it is")
-    return "not called in the model's graph: left as it is"
+            why = step.opaque or "its call is not traced"
+            return (f"{step.name}/{target.name}",
+                    f"inside {type(step.layer).__name__} {step.name!r}, {why}: left as it is")
+    return target.name, "not called in the model's graph: left as it is"
 
 
 def _unsupported(target) -> str:
@@ -459,171 +657,6 @@ def _current_gain(target) -> float:
 def _depthwise_gain(layer) -> float:
     norms = ops.convert_to_numpy(unit_norms(layer.depthwise_kernel.value, "depthwise"))
     return float(np.mean(norms.astype(float) ** 2))
-
-
-def _map_shape(shape) -> tuple:
-    inner = tuple(shape[1:-1])
-    return inner if all(isinstance(d, int) for d in inner) else ()
-
-
-def _fit(signal: Signal, shape: tuple) -> Signal:
-    """`signal` over `shape`: kept if it already fits, else its average everywhere."""
-    power, mean = np.asarray(signal.power, float), np.asarray(signal.mean, float)
-    if power.shape == shape and mean.shape == shape:
-        return Signal(power, mean)
-    if power.shape == shape:
-        return Signal(power, np.full(shape, np.mean(mean)))
-    return Signal(np.full(shape, np.mean(power)), np.full(shape, np.mean(mean)))
-
-
-def _taps(layer, power, out_shape) -> np.ndarray:
-    """Mean of the input's second moment over each output position's receptive field."""
-    power = np.asarray(power, float)
-    out_map = _map_shape(out_shape)
-    rank = len(power.shape)
-    if not isinstance(layer, (*_CONV, *_TRANSPOSE)) or rank == 0:
-        return power if power.shape == out_map else np.full(out_map, np.mean(power))
-    kernel_size = tuple(layer.kernel_size)
-    if (getattr(layer, "data_format", "channels_last") != "channels_last"
-            or layer.padding == "causal" or len(kernel_size) != rank):
-        return np.full(out_map, np.mean(power))
-    x = ops.convert_to_tensor(power[None, ..., None], "float32")
-    ones = np.full(kernel_size + (1, 1), 1.0 / math.prod(kernel_size), "float32")
-    if isinstance(layer, _TRANSPOSE):
-        y = ops.conv_transpose(x, ones, strides=layer.strides, padding=layer.padding,
-                               output_padding=layer.output_padding,
-                               dilation_rate=layer.dilation_rate)
-    else:
-        y = ops.conv(x, ones, strides=layer.strides, padding=layer.padding,
-                     dilation_rate=layer.dilation_rate)
-    y = ops.convert_to_numpy(y)[0, ..., 0].astype(float)
-    return y if y.shape == out_map else np.full(out_map, float(np.mean(y)))
-
-
-def _propagate(layer, ins: list[Signal], in_shapes, out_shapes) -> tuple[list[Signal], str]:
-    """The output moments of a non-kernel layer, and a note if it was not understood."""
-    first = ins[0] if ins else Signal(np.ones(()), np.zeros(()))
-    out_map = _map_shape(out_shapes[0])
-    if _graph.is_activation(layer):
-        spec, reason = _moments.layer_spec(layer)
-        if spec is None:
-            return [first], reason
-        second, mean = _moments.moments(spec, first.mean, first.power - first.mean**2)
-        return [Signal(second, mean)], ""
-    if isinstance(layer, (klayers.Add, klayers.Subtract, klayers.Average)):
-        return [_sum(layer, ins)], ""
-    if isinstance(layer, klayers.Multiply):
-        power, mean = np.ones(()), np.ones(())
-        for signal in ins:
-            power, mean = power * signal.power, mean * signal.mean
-        return [Signal(power, mean)], ""
-    if isinstance(layer, klayers.Concatenate):
-        return _concatenate(layer, ins, in_shapes, out_shapes)
-    if _graph.is_normalization(layer):
-        return [_normalized(layer, first)], ""
-    if isinstance(layer, _DROPOUT):
-        # Inverted dropout x * mask / (1 - rate), or GaussianDropout's x * N(1, rate / (1 - rate)):
-        # the mean is kept and E[y^2] = E[x^2] / (1 - rate) in both.
-        rate = float(layer.rate)
-        return [Signal(first.power / (1 - rate), first.mean)], ""
-    if isinstance(layer, klayers.GaussianNoise):
-        return [Signal(first.power + float(layer.stddev) ** 2, first.mean)], ""
-    if isinstance(layer, klayers.Rescaling):
-        scale, offset = float(np.mean(layer.scale)), float(np.mean(layer.offset))
-        return [Signal(scale**2 * first.power + 2 * scale * offset * first.mean + offset**2,
-                       scale * first.mean + offset)], ""
-    if isinstance(layer, _ZERO_PAD):
-        return [_zero_padded(layer, first, out_map)], ""
-    if isinstance(layer, _POOL):
-        return [_pooled(layer, first, out_map)], ""
-    if isinstance(layer, _GLOBAL_POOL):
-        return [Signal(np.full(out_map, first.q), np.full(out_map, np.mean(first.mean)))], ""
-    if isinstance(layer, klayers.Embedding):
-        table = ops.convert_to_numpy(layer.embeddings).astype(float)
-        return [Signal(np.full(out_map, np.mean(table**2)), np.full(out_map, np.mean(table)))], ""
-    if isinstance(layer, (*_REARRANGE, klayers.AlphaDropout)) or type(layer).__name__ == "Cast":
-        return [first] * len(out_shapes), ""
-    kind = type(layer).__name__
-    return [first] * len(out_shapes), f"{kind}: its effect on the second moment is not known"
-
-
-def _sum(layer, ins: list[Signal]) -> Signal:
-    signs = [1.0] * len(ins)
-    if isinstance(layer, klayers.Subtract):
-        signs = [1.0, -1.0]
-    power = sum(s.power for s in ins)
-    mean = sum(sign * s.mean for sign, s in zip(signs, ins))
-    # Independent inputs: E[(a + b)^2] = E[a^2] + E[b^2] + 2 E[a] E[b].
-    for i in range(len(ins)):
-        for j in range(i + 1, len(ins)):
-            power = power + 2 * signs[i] * signs[j] * ins[i].mean * ins[j].mean
-    if isinstance(layer, klayers.Average):
-        count = len(ins)
-        power, mean = power / count**2, mean / count
-    return Signal(power, mean)
-
-
-def _concatenate(layer, ins, in_shapes, out_shapes):
-    rank = len(out_shapes[0])
-    axis = layer.axis % rank
-    if axis == rank - 1:
-        widths = [shape[-1] for shape in in_shapes]
-        if all(isinstance(w, int) for w in widths):
-            total = sum(widths)
-            power = sum(w * s.power for w, s in zip(widths, ins)) / total
-            mean = sum(w * s.mean for w, s in zip(widths, ins)) / total
-            return [Signal(power, mean)], ""
-    elif all(s.power.ndim == rank - 2 and s.mean.shape == s.power.shape for s in ins):
-        return [Signal(np.concatenate([s.power for s in ins], axis - 1),
-                       np.concatenate([s.mean for s in ins], axis - 1))], ""
-    power = np.mean([s.q for s in ins])
-    return [Signal(np.asarray(power), np.asarray(np.mean([np.mean(s.mean) for s in ins])))], (
-        "Concatenate of inputs of unknown widths: their average second moment is used")
-
-
-def _normalized(layer, signal: Signal) -> Signal:
-    """A normalization layer's output: unit second moment per unit, times its gain."""
-    def weight(name, default):
-        variable = getattr(layer, name, None)
-        if variable is None:
-            return np.full(1, default)
-        return ops.convert_to_numpy(variable).astype(float).ravel()
-
-    if isinstance(layer, klayers.RMSNormalization):
-        gain, shift = weight("scale", 1.0), np.zeros(1)
-    else:
-        gain, shift = weight("gamma", 1.0), weight("beta", 0.0)
-    power = np.mean(gain**2) + np.mean(shift**2)
-    mean = np.mean(shift)
-    if isinstance(layer, (klayers.BatchNormalization, klayers.GroupNormalization)):
-        # Statistics pooled over positions: the profile over positions survives.
-        profile = signal.power / signal.q if signal.q > 0 else np.ones(signal.power.shape)
-        return Signal(np.mean(gain**2) * profile + np.mean(shift**2),
-                      np.full(signal.power.shape, mean))
-    return Signal(np.full(signal.power.shape, power), np.full(signal.power.shape, mean))
-
-
-def _zero_padded(layer, signal: Signal, out_map) -> Signal:
-    padding = layer.padding
-    if (signal.power.ndim != len(out_map) or signal.power.ndim == 0
-            or getattr(layer, "data_format", "channels_last") != "channels_last"):
-        return _fit(signal, out_map)
-    pads = [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in padding]
-    if len(pads) != signal.power.ndim:
-        return _fit(signal, out_map)
-    return Signal(np.pad(signal.power, pads), np.pad(signal.mean, pads))
-
-
-def _pooled(layer, signal: Signal, out_map) -> Signal:
-    if signal.power.ndim == 0 or getattr(layer, "data_format", "channels_last") != (
-            "channels_last"):
-        return _fit(signal, out_map)
-    def pool(values):
-        x = ops.convert_to_tensor(values[None, ..., None], "float32")
-        y = ops.average_pool(x, layer.pool_size, strides=layer.strides, padding=layer.padding)
-        return ops.convert_to_numpy(y)[0, ..., 0].astype(float)
-    power, mean = pool(signal.power), pool(signal.mean)
-    return _fit(Signal(power, mean), out_map)
 
 
 def _write(target, decision: _Decision, distribution, seeds) -> float:
@@ -665,21 +698,22 @@ def _write(target, decision: _Decision, distribution, seeds) -> float:
     return new / old if old > 0 else math.inf
 
 
-def _measure(model, x, targets, plan: _Planner) -> None:
-    """One forward pass (training mode): each kernel layer's pre-activation moments."""
+def _measure(model, x, targets, plan: _Planner, training: bool) -> None:
+    """One compiled forward pass: each kernel layer's pre-activation moments."""
     def policy(target, y, activation, state):
         if state is None:
-            mean, var = _sweep.cell_moments(y, tuple(range(len(y.shape))), target.mask)
-            state = {"second": float(np.mean(var) + np.mean(np.square(mean))),
-                     "var": float(np.mean(var))}
+            mean, var = _sweep.moments(y, tuple(range(len(y.shape))), target.mask)
+            state = {"mean": ops.reshape(mean, ()), "var": ops.reshape(var, ())}
         return activation(y), state
 
-    result = _sweep.sweep(model, x, targets, policy, training=True)
+    result = _sweep.run(model, x, targets, policy, key=("mean_field_measure",),
+                        training=training)
     for target in targets:
         decision = plan.decisions.get(id(target))
         state = result.states.get(id(target))
         if decision is not None and state is not None:
-            decision.measured, decision.measured_var = state["second"], state["var"]
+            mean, var = float(np.asarray(state["mean"])), float(np.asarray(state["var"]))
+            decision.measured, decision.measured_var = var + mean**2, var
 
 
 def measured_moments(model: keras.Model, x, layer_names, *,

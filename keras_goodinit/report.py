@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-STATUSES = ("ok", "skipped", "max_iter", "drift")
+STATUSES = ("ok", "skipped", "max_iter", "drift", "unanalysed", "missed")
 
 
 @dataclasses.dataclass
@@ -25,9 +25,11 @@ class LayerRecord:
         scale: Factor the layer's output was multiplied by (mean over units
             for per-unit inits).
         status: `"ok"`, `"skipped"` (left as it was, see `reason`),
-            `"max_iter"` (stopped at the iteration cap) or `"drift"` (the
+            `"max_iter"` (stopped at the iteration cap), `"drift"` (the
             measured `var_after` departs from the in-flight estimate beyond
-            rounding and misses the target, see `reason`).
+            rounding and misses the target, see `reason`); `mean_field_init`
+            adds `"unanalysed"` (no rule could predict it) and `"missed"` (its
+            measurement disagrees with the prediction).
         reason: Why a layer was skipped or capped, or a note; empty if none.
         target_var: The variance the layer aimed at (LSUV: `target_var`, or a
             residual branch end's `s / N`); NaN for inits without a variance
@@ -83,10 +85,19 @@ class InitReport:
     mode: str = "eager"
 
     def __getitem__(self, name: str) -> LayerRecord:
+        """The row named `name`: its path (`"block_0/attention/query"`), or its last
+        part where that is unique; a ValueError where several rows end so."""
         for row in self.rows:
             if row.name == name:
                 return row
-        raise KeyError(name)
+        found = [row for row in self.rows if row.name.rsplit("/", 1)[-1] == name]
+        if len(found) > 1:
+            raise ValueError(
+                f"Argument `name` is ambiguous: {len(found)} rows end in it "
+                f"({', '.join(row.name for row in found)}); use the path. Received: name={name!r}")
+        if not found:
+            raise KeyError(name)
+        return found[0]
 
     @property
     def ok(self) -> bool:
@@ -115,6 +126,7 @@ class InitReport:
                   str(r.iterations), f"{r.scale:.4g}",
                   r.status + (f" ({r.reason})" if r.reason else "")) for r in self.rows]
         counts = {s: sum(r.status == s for r in self.rows) for s in STATUSES}
+        counts = {s: n for s, n in counts.items() if n or s in STATUSES[:4]}
         footer = f"{self.method}: {len(self.rows)} layers, " + ", ".join(
             f"{n} {s}" for s, n in counts.items())
         return format_table(header, lines, "\n".join([footer, *self.notes]))

@@ -1,7 +1,8 @@
 """Kernel layouts: which axes hold one output unit's fan-in vector.
 
 Shared by the initializers, the weight-norm wrapper and the sweeps, so this
-table lives in exactly one place:
+table lives in exactly one place (which layout a layer class has is its rule's,
+in `keras_goodinit.rules`):
 
 | layout | kernel shape | one unit's fan-in vector | C_in | C_out |
 |---|---|---|---|---|
@@ -52,18 +53,18 @@ def channel_fans(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
 
 
 def layout_of(layer) -> str:
-    """The layout of a Keras layer's kernel, or raise for unsupported layers."""
-    from keras import layers
+    """The layout of a kernel layer's kernel: its rule's (`keras_goodinit.rules`).
 
-    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose,
-                          layers.Conv3DTranspose)):
-        return "conv_transpose"
-    if isinstance(layer, (layers.DepthwiseConv1D, layers.DepthwiseConv2D)):
-        return "depthwise"
-    if isinstance(layer, (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D)):
-        return "default"
-    raise ValueError(
-        f"Unsupported layer type {type(layer).__name__}. Supported: Dense, "
-        "Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D. "
-        f"Received: layer={layer!r}"
-    )
+    Raises a ValueError for a layer whose rule is no kernel rule.
+    """
+    from keras_goodinit import rules  # rules imports the weight-norm wrapper, which needs us
+
+    rule = rules.rule_for(layer)
+    if rule is None or rule.family != "kernel":
+        raise ValueError(
+            f"Unsupported layer type {type(layer).__name__}: no kernel rule for it in "
+            "keras_goodinit.rules (Dense, EinsumDense, Conv*, SeparableConv*, "
+            "DepthwiseConv*, or a class given one with `register_layer_rule`). "
+            f"Received: layer={layer!r}"
+        )
+    return rule.layout(layer)

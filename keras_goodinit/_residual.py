@@ -9,6 +9,16 @@ the stream's variance at the block's input, measured in the same pass; for a
 projection skip that LSUV itself normalizes it is `target_var`, what that
 projection is set to. Each block then multiplies the stream's variance by
 about `1 + 1/N`, so a stage of N blocks grows it by at most `e`.
+
+Blocks are those of `_graph.residual_blocks`, on the model's op-level graph:
+`Add` layers, `h + x` and `keras.ops.add` op nodes, and the sums inside
+subclassed layers and models, which the graph inlines. A sum of `k`
+branches gives each branch end `s / (N k)`: the block still adds `s / N`.
+A branch weighted by a constant `c` (`x + 0.1 f(x)`, a LayerScale) or by a
+gate (`x + g f(x)`) keeps `s / N` at its last kernel, so it adds `c^2 s / N`
+(less, gated): the 1/N rule sets the branch's last layer, and the factor is
+the model's own choice of a smaller share (LayerScale, ReZero and SkipInit
+start it near 0 on purpose); dividing by `c^2` would undo it. A note says so.
 """
 
 from __future__ import annotations
@@ -30,60 +40,67 @@ class BranchEnd:
     # The stream at the block's input, measured in the pass; None for a projection skip
     # that is itself a target (its variance is then its own target, target_var).
     probe: _sweep.Probe | None
-    num_blocks: int
-    block: str  # the name of the block's Add layer
+    num_blocks: int  # N: blocks in the stage, times the branches of the block's sum
+    block: str  # the path name of the block's sum
 
 
 def branch_ends(model: keras.layers.Layer,
                 targets: Sequence[_sweep.Target]) -> tuple[dict[int, BranchEnd], list[str]]:
     """`id(target)` -> its `BranchEnd`, for the targets that end a residual branch; and notes.
 
-    Blocks are found on the graph of a Sequential or functional model as for
-    `mean_field_init` (an `Add` whose inputs are a skip and a branch with a
-    kernel layer), counting every kernel layer of the model, whichever
-    targets `layers=` selected. A subclassed model has no graph to walk: its
-    layers all keep the plain target, and a note says so.
+    Blocks are found on the model's graph (`_graph.flatten`), counting every
+    block of a stage, whichever targets `layers=` selected. A model whose
+    graph cannot be built (a subclassed model that cannot be traced) keeps
+    the plain target for every layer, and a note says so.
     """
-    if _graph.functional_of(model) is None:
-        return {}, ["residual='scaled' found no residual blocks: a subclassed model has no "
-                    "layer graph to walk, so every layer targets target_var"]
-    graph = _graph.flatten(model)
-    kernels = {id(t.layer) for t in _sweep.find_targets(model)}
-    blocks, _ = _graph.residual_blocks(graph, kernels)
+    try:
+        graph = _graph.flatten(model)
+    except ValueError as error:
+        return {}, [f"residual='scaled' found no residual blocks: the model has no graph to "
+                    f"walk ({error}), so every layer targets target_var"]
+    blocks, _ = _graph.residual_blocks(graph)
     by_layer = {id(t.layer): t for t in targets}
-    calls = _call_index(graph)
-    ends, skipped = {}, []
+    ends, skipped, weighted = {}, [], []
     for block in blocks:
-        end = block.branch_end
-        target = by_layer.get(id(end.layer)) if end is not None else None
-        if target is None:
+        found = [(end, scale, gate) for end, scale, gate in
+                 zip(block.branch_ends, block.scales, block.gates, strict=True)
+                 if end is not None and id(end.layer) in by_layer]
+        if not found:
             continue
-        source = graph.producer.get(block.source)
         projected = block.projection is not None and id(block.projection.layer) in by_layer
-        if calls[id(end)] != 0:
-            skipped.append(f"{end.layer.name} (shared: measured at its first call, which "
-                           "is not this branch's)")
-        elif source is None and not projected:
-            skipped.append(f"{end.layer.name} (its block starts at a model input)")
-        elif id(target) not in ends:
-            probe = None if projected else _sweep.Probe(source.layer, calls[id(source)])
-            ends[id(target)] = BranchEnd(probe, block.num_blocks, block.add.layer.name)
+        hook = None if projected else graph.hook(block.source)
+        for end, scale, gate in found:
+            target = by_layer[id(end.layer)]
+            end_hook = graph.hook(end.outputs[0])
+            if end_hook is None or end_hook[1] != 0:
+                skipped.append(f"{end.name} (shared: measured at its first call, which is "
+                               "not this branch's)")
+            elif hook is None and not projected:
+                where = ("a model input" if block.source in graph.inputs else
+                         "a tensor made inside a layer's own code, which no pass can read")
+                skipped.append(f"{end.name} (its block's stream is {where})")
+            elif id(target) not in ends:
+                probe = None if projected else _sweep.Probe(*hook)
+                ends[id(target)] = BranchEnd(probe, block.num_blocks * len(block.branches),
+                                             block.add.name)
+                if gate is not None or scale != 1.0:
+                    weighted.append((end.name, "gated" if gate is not None else
+                                     f"times {scale:.3g}"))
     notes = []
     if ends:
         sizes = sorted({end.num_blocks for end in ends.values()})
         notes.append(f"residual='scaled': {len(ends)} residual branch ends target "
-                     f"s / N (N = {', '.join(map(str, sizes))} blocks per stage; "
-                     "s the variance of the block's skip input)")
+                     f"s / N (N = {', '.join(map(str, sizes))} branches per stage: blocks, "
+                     "times the branches of a sum of several; s the variance of the block's "
+                     "skip input)")
+    if weighted:
+        kinds = {}
+        for name, kind in weighted:
+            kinds.setdefault(kind, []).append(name)
+        notes.append("residual branches weighted by the model keep s / N at their last "
+                     "kernel, so they add c^2 s / N to the stream (less than s / N for c < 1): "
+                     + "; ".join(f"{len(names)} {kind} (e.g. {names[0]})"
+                                 for kind, names in kinds.items()))
     if skipped:
         notes.append("residual branch ends kept at target_var: " + "; ".join(skipped))
     return ends, notes
-
-
-def _call_index(graph: _graph.Graph) -> dict[int, int]:
-    """id(step) -> how many earlier steps call the same layer (its call index in the pass)."""
-    seen: dict[int, int] = {}
-    index = {}
-    for step in graph.steps:
-        index[id(step)] = seen.get(id(step.layer), 0)
-        seen[id(step.layer)] = index[id(step)] + 1
-    return index

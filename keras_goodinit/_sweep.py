@@ -31,18 +31,10 @@ import numpy as np
 from keras import layers as klayers
 from keras import ops
 
-from keras_goodinit import _backend, _layouts
+from keras_goodinit import _backend, _graph, rules
 from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit._compiled import per_signature
 from keras_goodinit.weight_norm import WeightNormalization, kernel_variable
-
-_LINEAR_TYPES = (
-    klayers.Dense, klayers.EinsumDense,
-    klayers.Conv1D, klayers.Conv2D, klayers.Conv3D,
-    klayers.Conv1DTranspose, klayers.Conv2DTranspose, klayers.Conv3DTranspose,
-    klayers.DepthwiseConv1D, klayers.DepthwiseConv2D,
-    klayers.SeparableConv1D, klayers.SeparableConv2D,
-)
 
 
 @dataclasses.dataclass(eq=False)
@@ -114,10 +106,7 @@ class Target:
 
     @property
     def kernel_layout(self) -> str:
-        if isinstance(self.inner, (klayers.EinsumDense, klayers.SeparableConv1D,
-                                   klayers.SeparableConv2D)):
-            return "default"
-        return _layouts.layout_of(self.inner)
+        return rules.rule_for(self.inner).layout(self.inner)
 
     @property
     def bias(self) -> keras.Variable | None:
@@ -172,7 +161,8 @@ def in_flight_is_exact(targets: Sequence[Target]) -> bool:
     second pass measures what the model computes.
     """
     for target in targets:
-        if type(target.inner) not in _LINEAR_TYPES:
+        if not (rules.is_kernel(target.inner)
+                and type(target.inner).__module__.startswith("keras.")):
             return False
         if target.is_weight_normalized and type(target.layer) is not WeightNormalization:
             return False
@@ -219,27 +209,34 @@ def check_layers(layers) -> list | None:
     return list(layers)
 
 
-_ACTIVATION_TYPES = (klayers.Activation, klayers.ReLU, klayers.LeakyReLU, klayers.ELU,
-                     klayers.PReLU, klayers.Softmax)
-
-
-def following_activation(target: Target) -> keras.layers.Layer | None:
-    """The activation layer that alone consumes the target's output in the model graph.
+def following_activation(model: keras.layers.Layer, target: Target):
+    """The activation step that alone takes the target's output, if the graph has one.
 
     Keras' builders (and most Sequential models) put the non-linearity in a
-    separate `ReLU`/`Activation` layer; a post-activation statistic must apply
-    it. None when the target has a fused activation, or when its output goes
-    anywhere else (or the graph is unknown, as in a subclassed model).
+    separate `ReLU`/`Activation` layer or a `keras.ops` call; a
+    post-activation statistic must apply it. Found on the model's graph by
+    `_graph.follower`, through steps that keep the values' signs
+    (dropout, pooling, reshapes, padding), not through a normalization.
+    Returns the layer or op, callable on the output alone; None when the
+    target has a fused activation, its output goes anywhere else at any of
+    its calls, or the model has no graph.
     """
     if target.inner.activation not in (None, keras.activations.linear):
         return None
-    layer = _sole_consumer(target)
-    return layer if isinstance(layer, _ACTIVATION_TYPES) else None
+    found = _followers_of(model, target)
+    layers = {id(f.step.layer): f.step.layer for f, _ in found if f.step is not None}
+    if not found or len(layers) != 1 or not all(
+            f.kind == "activation" and not _normalized(through)
+            and f.step.args == (_graph.Ref(f.step.inputs[0]),) and not f.step.kwargs
+            for f, through in found):
+        return None
+    return next(iter(layers.values()))
 
 
-def followers(targets: Sequence[Target]) -> dict[int, keras.layers.Layer]:
+def followers(model: keras.layers.Layer,
+              targets: Sequence[Target]) -> dict[int, Any]:
     """id(target) -> its `following_activation`, for the targets that have one."""
-    found = {id(t): following_activation(t) for t in targets}
+    found = {id(t): following_activation(model, t) for t in targets}
     return {key: layer for key, layer in found.items() if layer is not None}
 
 
@@ -249,18 +246,37 @@ def follower_key(targets: Sequence[Target], followers: dict) -> tuple:
     return tuple((i, id(followers[id(t)])) for i, t in enumerate(targets) if id(t) in followers)
 
 
-def followed_by_normalization(target: Target) -> bool:
-    """Whether the target's output goes only into a normalization layer (BN, LN, GN)."""
+def followed_by_normalization(model: keras.layers.Layer, target: Target) -> bool:
+    """Whether the target's output goes only into a normalization (BN, LN, GN...), through
+    steps that do not change which (dropout, pooling, reshapes)."""
     if target.inner.activation not in (None, keras.activations.linear):
         return False
-    return isinstance(_sole_consumer(target), _NORMALIZATION_TYPES)
+    found = _followers_of(model, target)
+    return bool(found) and all(_normalized(through) for _, through in found)
 
 
-def _sole_consumer(target: Target) -> keras.layers.Layer | None:
-    """The one layer that consumes the target's output in the model graph, if known."""
-    consumers = {id(node.operation): node.operation
-                 for node in getattr(target.layer, "_outbound_nodes", [])}
-    return next(iter(consumers.values())) if len(consumers) == 1 else None
+def _normalized(steps) -> bool:
+    return any(rules.rule_for(step.layer).family == "normalization" for step in steps)
+
+
+def _followers_of(model, target: Target) -> list:
+    """(`_graph.Follower`, the steps it looked through) for each call of the target's layer
+    in the model's graph; empty where the model has no graph."""
+    try:
+        graph = _graph.flatten(model)
+    except ValueError:  # a subclassed model that cannot be traced, an unbuilt Sequential
+        return []
+    found = []
+    for step in graph.steps:
+        if step.layer is target.layer and step.outputs:
+            follower = _graph.follower(graph, step.outputs[0])
+            key, through = step.outputs[0], []
+            for _ in follower.through:  # the sole consumers it looked through, in order
+                (after,) = graph.consumers[key]
+                through.append(after)
+                key = after.outputs[0]
+            found.append((follower, through))
+    return found
 
 
 def find_targets(model: keras.layers.Layer,
@@ -276,7 +292,7 @@ def find_targets(model: keras.layers.Layer,
         if isinstance(layer, WeightNormalization):
             found.append(Target(layer, layer.layer))
             wrapped.add(id(layer.layer))
-        elif isinstance(layer, _LINEAR_TYPES):
+        elif rules.is_kernel(layer):
             found.append(Target(layer, layer))
     found = [t for t in found if not (t.layer is t.inner and id(t.layer) in wrapped)]
     for wrapper in model._flatten_layers(include_self=True, recursive=True):
@@ -304,8 +320,6 @@ def find_targets(model: keras.layers.Layer,
     return chosen
 
 
-_NORMALIZATION_TYPES = (klayers.BatchNormalization, klayers.LayerNormalization,
-                        klayers.GroupNormalization, klayers.RMSNormalization)
 _RNN_CELLS = (klayers.SimpleRNNCell, klayers.LSTMCell, klayers.GRUCell)
 
 
@@ -321,7 +335,8 @@ def unscalable_layers(model: keras.layers.Layer,
             include_self=True, recursive=True))
     found = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
-        if id(layer) in covered or isinstance(layer, _NORMALIZATION_TYPES):
+        rule = rules.rule_for(layer)
+        if id(layer) in covered or (rule is not None and rule.family == "normalization"):
             continue
         if not getattr(layer, "_trainable_variables", None):
             continue
@@ -361,12 +376,16 @@ Policy = Callable[[Target, Any, Callable, dict | None], tuple[Any, dict]]
 class Probe:
     """The variance of one call's output of `layer` (a residual stream), read by a policy.
 
-    `call` counts the layer's calls in execution order from 0; `value` is a
-    float64 scalar tensor once the pass has made that call, None before.
+    `layer` is a Keras layer or a `keras.ops` operation (a functional model
+    calls both through their `call`), as `_graph.Graph.hooks` gives it;
+    `call` counts its calls in execution order from 0 and `position` picks
+    the output among its flattened outputs. `value` is a float64 scalar
+    tensor once the pass has made that call, None before.
     """
 
-    layer: keras.layers.Layer
+    layer: Any
     call: int
+    position: int = 0
     value: Any = None
 
 
@@ -475,10 +494,12 @@ def _probing(probes: Sequence[Probe], result: SweepResult):
 
             def probed_call(*args, **kwargs):
                 outputs = call(*args, **kwargs)
-                if _of_the_pass(result, outputs):
+                flat = keras.tree.flatten(outputs)
+                if flat and _of_the_pass(result, flat[0]):
                     for probe in mine:
-                        if probe.call == seen[0] and hasattr(outputs, "shape"):
-                            probe.value = stream_variance(outputs)
+                        if probe.call == seen[0] and probe.position < len(flat) and hasattr(
+                                flat[probe.position], "shape"):
+                            probe.value = stream_variance(flat[probe.position])
                     seen[0] += 1
                 return outputs
             return probed_call
@@ -927,7 +948,7 @@ def _cache_key(model, targets, probes, key, mode, training, inputs) -> tuple:
     structure = (tuple(id(t.layer) for t in targets),
                  tuple(id(t.inner.activation) for t in targets),
                  tuple(id(v) for v in model.variables),
-                 tuple((id(p.layer), p.call) for p in probes))
+                 tuple((id(p.layer), p.call, p.position) for p in probes))
     return key, mode, bool(training), signature, structure
 
 

@@ -66,7 +66,9 @@ class BlockSignal:
     the positions, then averaged over channels (Brock et al., 2021).
 
     Attributes:
-        name: The block's `Add` layer.
+        name: The path name of the block's sum: an `Add` layer, an `h + x`
+            or `keras.ops.add` op, or a sum inside a subclassed layer
+            (`block_3/add`).
         stage: Index of the block's stage (a run of blocks on one stream
             between two shape changes).
         num_blocks: Blocks in that stage (N of the `1/N` rule).
@@ -75,18 +77,27 @@ class BlockSignal:
         variance: Average channel variance of the block's output,
             `mean_c var(out_c)`.
         branch_variance: Average channel variance of the residual branch's
-            output, before the `Add`.
+            output, as it enters the sum (for a sum of several branches,
+            the sum of their variances).
         skip_variance: Average channel variance of the skip input of the
-            `Add` (the stream entering the block, or its projection).
+            sum (the stream entering the block, or its projection).
+        status: `"ok"`; `"partial"` when the pass could read the block's
+            output but not its branch or skip input; `"skipped"` when it
+            could not read the output (its statistics are NaN).
+        reason: Why a statistic is missing: the tensor is made inside a
+            layer's own code (an op of a subclassed layer's `call`, which
+            no pass can hook), or is a model input read by nothing.
     """
 
     name: str
     stage: int
     num_blocks: int
-    squared_mean: float
-    variance: float
-    branch_variance: float
-    skip_variance: float
+    squared_mean: float = math.nan
+    variance: float = math.nan
+    branch_variance: float = math.nan
+    skip_variance: float = math.nan
+    status: str = "ok"
+    reason: str = ""
 
 
 @dataclasses.dataclass
@@ -107,8 +118,11 @@ class SignalReport:
         grad_reference: The layer the backward ratios are relative to (None
             without gradients, or when no target's output reaches the loss).
         samples: Per layer, a sample of output values for histograms.
-        blocks: One `BlockSignal` per residual block, in execution order
-            (empty for a subclassed model, whose graph is unknown).
+        blocks: One `BlockSignal` per residual block of the model's graph,
+            in graph order (every sum found, those the pass could not read
+            included, with their status); empty for a model whose graph
+            cannot be built (a subclassed model whose `call` cannot be
+            traced: `note` says so).
         mode: How the pass ran: `"xla"`, `"compiled"` or `"eager"`.
         note: Why it ran eagerly under `compile="auto"`, and how many layers
             it could not measure (empty when neither).
@@ -168,9 +182,11 @@ class SignalReport:
         lines = [(b.name, str(b.stage), str(b.num_blocks), f"{b.squared_mean:.4g}",
                   f"{b.variance:.4g}", f"{b.branch_variance:.4g}", f"{b.skip_variance:.4g}")
                  for b in self.blocks]
+        missing = [f"{b.status} {b.name}: {b.reason}" for b in self.blocks if b.status != "ok"]
         return text + "\n\n" + format_table(
-            header, lines, "residual blocks: statistics per channel over batch and positions, "
-            "averaged over channels (Brock et al., 2021)")
+            header, lines, "\n".join(
+                ["residual blocks: statistics per channel over batch and positions, averaged "
+                 "over channels (Brock et al., 2021)", *missing]))
 
     def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
         """Prints `table()`: the per-layer table, the mode and the loss."""
@@ -299,26 +315,101 @@ def _restore_changed(saved) -> None:
             variable.assign(value)
 
 
-def _block_steps(model) -> dict[int, tuple[keras.layers.Layer, list]]:
-    """Per `Add` layer: the layer and, per call in execution order, its residual block or None.
+@dataclasses.dataclass(eq=False)
+class _Read:
+    """Where the pass reads one tensor of a block: a call of a layer or op (`Graph.hooks`).
 
-    Empty for a model with no graph to walk (subclassed, or a bare layer).
+    `where` is `("out", position)` for the call's output at that position,
+    or `("arg", index)` for its index-th flattened positional argument (the
+    sum's own inputs, read in its call). `factor` multiplies the variance
+    (a constant factor between the tensor read and the one wanted).
     """
-    if _graph.functional_of(model) is None:
-        return {}
-    graph = _graph.flatten(model)
-    kernels = {id(t.layer) for t in _sweep.find_targets(model)}
-    blocks, _ = _graph.residual_blocks(graph, kernels)
-    by_step = {id(block.add): block for block in blocks}
-    calls: dict[int, tuple[keras.layers.Layer, list]] = {}
-    for step in graph.steps:
-        if isinstance(step.layer, keras.layers.Add):
-            calls.setdefault(id(step.layer), (step.layer, []))[1].append(by_step.get(id(step)))
-    return calls
+
+    layer: object
+    call: int
+    where: tuple
+    block: int
+    field: str  # "output", "skip" or "branch<i>"
+    factor: float = 1.0
+
+
+@dataclasses.dataclass
+class _Blocks:
+    """The residual blocks of a model's graph, and where the pass reads their tensors."""
+
+    rows: list  # per block: (name, stage, num_blocks, why unreadable per field)
+    reads: list
+    note: str = ""
+
+
+def _block_reads(model) -> _Blocks:
+    """Every residual block of the model's graph (`_graph.residual_blocks`) and its reads.
+
+    A sum the model calls (an `Add` layer, an `h + x` op node, an `Add`
+    inside a subclassed layer) is read in its own call: its inputs and its
+    output. A sum inside a subclassed layer's own code has no call of its
+    own: each of its tensors is read where a call makes it (the layer's
+    output for the sum's output, a sublayer's output for a branch), through
+    scalar constant factors; what no call makes is reported missing.
+    """
+    try:
+        graph = _graph.flatten(model)
+    except ValueError as error:
+        return _Blocks([], [], f"no residual blocks: the model has no graph to walk ({error})")
+    blocks, _ = _graph.residual_blocks(graph)
+    rows, reads = [], []
+    for index, block in enumerate(blocks):
+        keys = {"output": block.add.outputs[0], "skip": block.skip,
+                **{f"branch{i}": key for i, key in enumerate(block.branches)}}
+        missing = {}
+        own = graph.hook(block.add.outputs[0]) if block.add.hookable else None
+        if own is not None:
+            layer, call, position = own
+            flat = keras.tree.flatten(block.add.args)
+            reads.append(_Read(layer, call, ("out", position), index, "output"))
+            for field, key in keys.items():
+                if field != "output":
+                    reads.append(_Read(layer, call, ("arg", flat.index(_graph.Ref(key))),
+                                       index, field))
+        else:
+            for field, key in keys.items():
+                found, factor = _readable(graph, key)
+                if isinstance(found, str):
+                    missing[field] = found
+                else:
+                    reads.append(_Read(*found[:2], ("out", found[2]), index, field, factor))
+        rows.append((block.add.name, block.stage, block.num_blocks, _channel_axis(block),
+                     missing))
+    return _Blocks(rows, reads)
+
+
+def _readable(graph, key):
+    """(hook, variance factor) of the nearest call making `key` up to a scalar factor; or why
+    none does."""
+    factor = 1.0
+    while True:
+        hook = graph.hook(key)
+        if hook is not None:
+            return hook, factor
+        step = graph.producer.get(key)
+        if step is None:
+            return "a model input, which no call makes", factor
+        rule = step.rule
+        scale = None
+        if rule is not None and len(set(step.inputs)) == 1:
+            ctx = _graph.context(graph, step)
+            if all(c.size == 1 for c in ctx.constants()):
+                scale = rule.scale(ctx)
+        if scale is None:
+            where = step.path or "a layer"
+            return (f"made by {type(step.layer).__name__} inside {where}'s own code, "
+                    "which no pass can hook"), factor
+        factor *= scale**2
+        key = step.inputs[0]
 
 
 def _channel_axis(block: _graph.Block) -> int:
-    layer = block.branch_end.layer if block.branch_end is not None else None
+    layer = next((end.layer for end in block.branch_ends if end is not None), None)
     inner = getattr(layer, "layer", layer)  # a WeightNormalization wrapper's layer
     return 1 if getattr(inner, "data_format", None) == "channels_first" else -1
 
@@ -331,35 +422,67 @@ def _channel_moments(y, axis: int):
     return ops.mean(ops.square(mean)), ops.mean(var)
 
 
-def _block_moments(block: _graph.Block, inputs, output) -> dict:
-    """The statistics of a `BlockSignal`, as tensors of the pass."""
-    axis = _channel_axis(block)
-    branch = inputs[block.add.inputs.index(block.branch)]
-    skip = inputs[block.add.inputs.index(block.skip)]
-    squared_mean, variance = _channel_moments(output, axis)
-    return {"squared_mean": squared_mean, "variance": variance,
-            "branch_variance": _channel_moments(branch, axis)[1],
-            "skip_variance": _channel_moments(skip, axis)[1]}
+def _blocks_hooked(blocks: _Blocks, found: dict, graph):
+    """While active, each read of the pass (traced into `graph`, or eager when None) puts
+    `found[(block, field)]` = its statistics (tensors of the pass)."""
+    by_layer: dict[int, list[_Read]] = {}
+    for read in blocks.reads:
+        by_layer.setdefault(id(read.layer), []).append(read)
 
-
-def _blocks_hooked(calls: dict, found: list, graph):
-    """While active, each residual `Add` call of the pass (traced into `graph`, or eager
-    when None) appends `(block, its statistics)` to `found`."""
-    def watched(blocks):
+    def watched(mine):
         def wrap(call):
             count = [0]
 
-            def watched_call(inputs, *args, **kwargs):
-                output = call(inputs, *args, **kwargs)
+            def watched_call(*args, **kwargs):
+                output = call(*args, **kwargs)
                 index, count[0] = count[0], count[0] + 1
-                if index < len(blocks) and blocks[index] is not None and _sweep.in_pass(graph):
-                    found.append((blocks[index], _block_moments(blocks[index], inputs, output)))
+                if not _sweep.in_pass(graph):
+                    return output
+                outs, flat_args = keras.tree.flatten(output), keras.tree.flatten(args)
+                for read in mine:
+                    if read.call != index:
+                        continue
+                    kind, position = read.where
+                    values = outs if kind == "out" else flat_args
+                    if position >= len(values) or not hasattr(values[position], "shape"):
+                        continue
+                    axis = blocks.rows[read.block][3]
+                    squared_mean, variance = _channel_moments(values[position], axis)
+                    found[(read.block, read.field)] = (
+                        {"squared_mean": squared_mean, "variance": variance}
+                        if read.field == "output" else {"variance": variance * read.factor})
                 return output
             return watched_call
         return wrap
 
-    return _sweep.wrapped_calls([(layer, watched(blocks)) for layer, blocks in calls.values()
-                                 if any(blocks)])
+    return _sweep.wrapped_calls([(mine[0].layer, watched(mine)) for mine in by_layer.values()])
+
+
+def _block_rows(blocks: _Blocks, keys, values) -> list[BlockSignal]:
+    """The `BlockSignal`s from the statistics the pass read (`keys` -> `values`)."""
+    read = dict(zip((tuple(k) for k in keys), values, strict=True))
+    rows = []
+    for index, (name, stage, num_blocks, _, missing) in enumerate(blocks.rows):
+        row = BlockSignal(name, stage, num_blocks)
+        fields = [r.field for r in blocks.reads if r.block == index] + list(missing)
+        why = dict(missing)
+        for field in fields:
+            if (index, field) not in read and field not in why:
+                why[field] = "the pass did not meet the call that makes it"
+        output = read.get((index, "output"))
+        if output is not None:
+            row.squared_mean = float(output["squared_mean"])
+            row.variance = float(output["variance"])
+        if (index, "skip") in read:
+            row.skip_variance = float(read[(index, "skip")]["variance"])
+        branches = [read.get((index, f)) for f in fields if f.startswith("branch")]
+        if branches and all(b is not None for b in branches):
+            row.branch_variance = float(sum(float(b["variance"]) for b in branches))
+        if why:
+            row.status = "skipped" if "output" in why else "partial"
+            row.reason = "; ".join(f"{field}: {text}" for field, text in why.items())
+        rows.append(row)
+    return rows
 
 
 # Relative rounding of one value in the output's dtype, for the "sums to 1" test.
@@ -718,7 +841,7 @@ def signal_report(
     facts = (keras.tree.map_structure(_label_facts, labels)
              if gradients and loss is None and labels is not None else None)
     targets = _sweep.prepare(model, x, layers)  # also checks `layers`
-    blocks = _block_steps(model)
+    blocks = _block_reads(model)
     # With gradients the pass runs in a StatelessScope, which keeps its writes; without, the
     # BatchNormalization moving statistics and seed states move (in training mode, or in a
     # subclassed call that forces bn(x, training=True)). Either way, everything is put back.
@@ -736,7 +859,7 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
     draws: dict[str, np.random.Generator] = {}
     # The statistics are of the output after its activation: a separate activation layer
     # (Keras' builders, most Sequential models) is applied to the measured copy.
-    followers = _sweep.followers(targets)
+    followers = _sweep.followers(model, targets)
 
     def record(target, y, activation, state):
         out = activation(y)
@@ -750,14 +873,14 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
     def program(forward, x, labels):
         """The forward pass, the loss and the backward pass: traced as one function."""
         draws["samples"] = np.random.default_rng(seed)
-        found: list = []
+        found: dict = {}
         with_loss = [gradients]  # whether `compute` computes the loss
 
         def compute(kernels, perturbations):
             """The pass with `kernels` standing in for the kernel variables: the loss, the
             targets' outputs in execution order, and what else the report needs."""
             with (_standing_in(targets, kernels), _blocks_hooked(
-                    blocks, [] if perturbations is not None else found, _sweep.pass_graph())):
+                    blocks, {} if perturbations is not None else found, _sweep.pass_graph())):
                 if perturbations is None:
                     result = forward(x)
                 else:  # JAX's gradient pass: each output plus a zero, to differentiate by
@@ -796,9 +919,8 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
             draws["samples"] = np.random.default_rng(seed)
             with_loss[0] = False
             loss_value, _, (result, parts, flags) = compute(None, None)
-        extra = {"blocks": [moments for _, moments in found]}
-        static = {"blocks": [(b.add.layer.name, b.stage, b.num_blocks) for b, _ in found],
-                  "note": no_gradients}
+        extra = {"blocks": list(found.values())}
+        static = {"blocks": list(found), "note": no_gradients}
         if not gradients or no_gradients:
             return extra, static
         if loss is not None and result.order and all(g is None for g in grads):
@@ -831,7 +953,7 @@ def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed,
            _sweep.follower_key(targets, followers))
     result = _sweep.run(model, x, targets, record, key=key, compile=compile, training=training,
                         program=program, aux=aux)
-    return _assembled(result, targets, _flat_norm(x), training=training)
+    return _assembled(result, targets, _flat_norm(x), blocks, training=training)
 
 
 def _differentiates_by_tracing(x) -> bool:
@@ -858,8 +980,8 @@ def _norm(tensor):
     return ops.sqrt(ops.sum(ops.square(ops.cast(tensor, "float32"))))
 
 
-def _assembled(result: _sweep.SweepResult, targets, input_norm: float, *,
-               training: bool) -> SignalReport:
+def _assembled(result: _sweep.SweepResult, targets, input_norm: float, found_blocks: _Blocks,
+               *, training: bool) -> SignalReport:
     """The report from what the pass returned (NumPy values and trace-time facts)."""
     rows, samples = [], {}
     for target in result.order:
@@ -872,11 +994,14 @@ def _assembled(result: _sweep.SweepResult, targets, input_norm: float, *,
                          status="skipped", reason=_sweep.unmet_reason(t, result))
              for t in targets if id(t) not in met]
     extra, static = result.extra, result.static
-    blocks = [BlockSignal(name, stage, num_blocks, **{k: float(v) for k, v in moments.items()})
-              for (name, stage, num_blocks), moments in zip(static["blocks"], extra["blocks"])]
+    blocks = _block_rows(found_blocks, static["blocks"], extra["blocks"])
     skipped = (f"{len(unmet)} of {len(targets)} target layers could not be measured (rows "
                f"with status 'skipped' say why)" if unmet else "")
-    note = "; ".join(n for n in (result.note, static.get("note", ""), skipped) if n)
+    unread = sum(b.status != "ok" for b in blocks)
+    unread = (f"{unread} of {len(blocks)} residual blocks could not be fully measured "
+              "(their status and reason say why)" if unread else "")
+    note = "; ".join(n for n in (result.note, static.get("note", ""), skipped,
+                                 found_blocks.note, unread) if n)
     report = SignalReport(rows + unmet, input_norm, training=training, samples=samples,
                           blocks=blocks, mode=result.mode, note=note)
     if "loss" not in extra:

@@ -608,7 +608,7 @@ def lsuv_init(
     ends, residual_notes = ({}, []) if checked["residual"] is None else \
         _residual.branch_ends(model, targets)
     spec = _Spec(checked["target_var"], checked["tol"], checked["max_iter"], checked["measure"],
-                 _followers(targets, checked["measure"]), ends)
+                 _followers(model, targets, checked["measure"]), ends)
     notes = {}
     with _sweep.atomic(variables):
         if checked["pre_init"] == "orthogonal":
@@ -627,7 +627,7 @@ def lsuv_init(
                            compile=result.mode)
         _add_notes(pairs, notes)
         _add_notes(pairs, _constraint_notes(targets))
-        summary = (residual_notes + _normalization_notes(pairs)
+        summary = (residual_notes + _normalization_notes(model, pairs)
                    + ([result.note] if result.note else []))
         _distribute.broadcast_from_chief(variables)
         _mark_data_initialized(pairs)
@@ -650,10 +650,10 @@ def _mark_data_initialized(pairs) -> None:
             target.layer.mark_data_initialized()
 
 
-def _normalization_notes(pairs) -> list[str]:
+def _normalization_notes(model, pairs) -> list[str]:
     """Notes the rows that a normalization layer follows; returns the summary line."""
     normalized = [row for target, row in pairs
-                  if row.status != "skipped" and _sweep.followed_by_normalization(target)]
+                  if row.status != "skipped" and _sweep.followed_by_normalization(model, target)]
     for row in normalized:
         row.reason = "; ".join(r for r in (row.reason, _NORMALIZED) if r)
     if not normalized:
@@ -816,9 +816,9 @@ def _einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:
     return fan_in, units
 
 
-def _followers(targets, measure) -> dict:
-    """id(target) -> the separate activation layer after it, for post-activation statistics."""
-    return _sweep.followers(targets) if measure == "post_activation" else {}
+def _followers(model, targets, measure) -> dict:
+    """id(target) -> the separate activation step after it, for post-activation statistics."""
+    return _sweep.followers(model, targets) if measure == "post_activation" else {}
 
 
 def _lsuv_rows(result, targets, spec, progbar=None):

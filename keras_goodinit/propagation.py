@@ -253,18 +253,17 @@ def _perturbed_outputs(graph, perturbations):
     layer making it returns it (so the layers after it see the sum); None: nothing."""
     if perturbations is None:
         return contextlib.nullcontext()
-    wanted: dict[int, list[int]] = {}  # tensor key -> the model outputs it is
-    for i, key in enumerate(graph.outputs):
-        wanted.setdefault(key, []).append(i)
-    # A layer called several times makes outputs at several calls, counted in graph order.
+    # Each output where the call making it returns it (`Graph.hooks`): a layer or op called
+    # several times makes outputs at several calls.
     made: dict[int, dict[tuple[int, int], list[int]]] = {}
-    layers, calls = {}, {}
-    for step in graph.steps:
-        layers[id(step.layer)] = step.layer
-        index = calls[id(step.layer)] = calls.get(id(step.layer), -1) + 1
-        for position, key in enumerate(step.outputs):
-            if key in wanted:
-                made.setdefault(id(step.layer), {})[(index, position)] = wanted[key]
+    layers = {}
+    for i, key in enumerate(graph.outputs):
+        hook = graph.hook(key)
+        if hook is None:
+            continue  # a model input: its gradient is the input's
+        layer, index, position = hook
+        layers[id(layer)] = layer
+        made.setdefault(id(layer), {}).setdefault((index, position), []).append(i)
 
     def adding(mine):
         def wrap(call):

@@ -78,6 +78,29 @@ def stored_dtype(variable) -> str:
     return keras.backend.standardize_dtype(variable._dtype)
 
 
+def _wrappable_layout(layer) -> str:
+    """The kernel layout of a layer `WeightNormalization` can wrap; raises for others.
+
+    Its rule must be a kernel rule (`_layouts.layout_of`), and its kernel one
+    `kernel` variable whose fan-in axes the layout gives: not a SeparableConv
+    (two kernels), an EinsumDense (its equation places the fan-in axes) or a
+    wrapper already.
+    """
+    try:
+        layout = _layouts.layout_of(layer)
+    except ValueError:
+        layout = None
+    layers = keras.layers
+    if layout is None or isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D,
+                                            layers.EinsumDense, WeightNormalization)):
+        raise ValueError(
+            f"Unsupported layer type {type(layer).__name__}. Supported: Dense, "
+            "Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D. "
+            f"Received: layer={layer!r}"
+        )
+    return layout
+
+
 def kernel_variable(layer) -> keras.Variable:
     """The variable holding a supported layer's kernel (not a LoRA-merged tensor)."""
     kernel = getattr(layer, "_kernel", None)
@@ -230,7 +253,7 @@ class WeightNormalization(keras.layers.Wrapper):
             raise ValueError(
                 f"Argument `data_init` must be True or False. Received: data_init={data_init!r}")
         self.data_init = bool(data_init)
-        self.layout = _layouts.layout_of(layer)
+        self.layout = _wrappable_layout(layer)
         if kwargs.get("dtype") is None:
             kwargs["dtype"] = layer.dtype_policy
         super().__init__(layer, **kwargs)

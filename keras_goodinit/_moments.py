@@ -533,3 +533,24 @@ def _args(layer) -> str:
     if float(layer.threshold):
         parts.append(f"threshold={float(layer.threshold):g}")
     return f"({', '.join(parts)})" if parts else ""
+
+
+def values(spec: ActivationSpec, z) -> np.ndarray:
+    """The activation itself on a float64 array."""
+    if spec.pieces is not None:
+        return _piecewise_value(spec.pieces, z)
+    return _evaluate(spec.fn, np.asarray(z, float))
+
+
+def max_moments(spec: ActivationSpec, mean: float, var: float, count: int) -> tuple[float, float]:
+    """`(E[phi(M)^2], E[phi(M)])`, M the largest of `count` independent N(mean, var) draws.
+
+    For a non-decreasing phi, `phi(M)` is the largest of the `count`
+    activations (max pooling of activations). Integrated on the same
+    12,001-point grid as `chi`, against the density `count phi(u) Phi(u)^(count-1)`.
+    """
+    s = math.sqrt(max(var, 0.0))
+    density = count * _GRID_W * _cdf(_GRID) ** (count - 1)
+    density = density / np.sum(density)  # the grid's own normalization
+    out = values(spec, mean + s * _GRID)
+    return float(np.sum(density * out**2)), float(np.sum(density * out))

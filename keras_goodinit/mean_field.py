@@ -519,7 +519,12 @@ class _Planner:
                 return None, f"{reason}: unanalysed", "activation"
             return spec, f"{spec.name} follows (fused)", "activation"
         found = _graph.follower(self.graph, step.outputs[0])
-        via = f" (through {', '.join(found.through)})" if found.through else ""
+        through = list(found.through)
+        while found.kind == "activation" and _is_identity(found.step):
+            through.append(found.step.layer.name)  # Activation(None): look on
+            found = _graph.follower(self.graph, found.step.outputs[0])
+            through.extend(found.through)
+        via = f" (through {', '.join(through)})" if through else ""
         if found.kind == "activation":
             spec, reason = found.step.rule.activation(found.step.layer)
             if spec is None:
@@ -585,6 +590,11 @@ class _Planner:
                                         measured=d.measured, num_blocks=d.num_blocks,
                                         chi=d.chi, rule=d.rule))
         return rows
+
+
+def _is_identity(step) -> bool:
+    spec, _ = step.rule.activation(step.layer)
+    return spec is not None and spec.name == "linear"
 
 
 def _agrees(predicted: float, measured: float, batch: int) -> tuple[bool, str]:

@@ -57,6 +57,9 @@ class Signal:
     power: np.ndarray
     mean: np.ndarray
     unknown: str = ""
+    # An activation's output also keeps its Gaussian input: (spec, mean, variance), so that
+    # max pooling, which commutes with a non-decreasing activation, is followed exactly.
+    gaussian: tuple | None = None
 
     @property
     def q(self) -> float:
@@ -217,10 +220,11 @@ def fit(signal: Signal, shape: tuple) -> Signal:
         return Signal.unknown_after(signal.unknown, shape)
     power, mean = np.asarray(signal.power, float), np.asarray(signal.mean, float)
     if power.shape == shape and mean.shape == shape:
-        return Signal(power, mean)
+        return Signal(power, mean, gaussian=signal.gaussian)
     if power.shape == shape:
-        return Signal(power, np.full(shape, np.mean(mean)))
-    return Signal(np.full(shape, np.mean(power)), np.full(shape, np.mean(mean)))
+        return Signal(power, np.full(shape, np.mean(mean)), gaussian=signal.gaussian)
+    return Signal(np.full(shape, np.mean(power)), np.full(shape, np.mean(mean)),
+                  gaussian=signal.gaussian)
 
 
 def _numeric(value) -> np.ndarray | None:
@@ -283,8 +287,10 @@ def activation_output(spec: _moments.ActivationSpec, signal: Signal) -> Signal:
     """An elementwise activation's output moments, inputs taken Gaussian."""
     if signal.unknown:
         return signal
-    second, first = _moments.moments(spec, signal.mean, signal.power - signal.mean**2)
-    return Signal(np.asarray(second, float), np.asarray(first, float))
+    var = signal.power - signal.mean**2
+    second, first = _moments.moments(spec, signal.mean, var)
+    return Signal(np.asarray(second, float), np.asarray(first, float),
+                  gaussian=(spec, float(np.mean(signal.mean)), float(np.mean(var))))
 
 
 class ActivationRule(LayerRule):
@@ -537,15 +543,36 @@ class NoiseRule(LayerRule):
         return [Signal(signal.power + float(ctx.layer.stddev) ** 2, signal.mean)]
 
 
+def _max_of(signal: Signal, count: int) -> Signal:
+    """The largest of `count` independent entries: exact for an activation's output whose
+    Gaussian input is known (the activation commutes with max), else the entries are
+    taken Gaussian themselves. Neighbours are in fact correlated, so this is an upper bound."""
+    if signal.gaussian is not None:
+        spec, mean, var = signal.gaussian
+    else:
+        spec, mean = _moments.spec_of("linear"), float(np.mean(signal.mean))
+        var = max(signal.q - mean**2, 0.0)
+    power, first = _moments.max_moments(spec, mean, var, max(int(count), 1))
+    return Signal(np.asarray(power), np.asarray(first))
+
+
 class PoolRule(LayerRule):
-    """Local pooling: the profile over positions is averaged over each window."""
+    """Local pooling: averages follow the profile over positions; max pooling takes the
+    largest of each window's entries (`_max_of`)."""
 
     family = "pool"
     look_through = True
 
+    def __init__(self, maximum: bool = False):
+        self.maximum = maximum
+
     def propagate(self, ctx, ins):
         layer, signal, out_map = ctx.layer, ins[0], ctx.out_map()
-        if signal.unknown or signal.power.ndim == 0 or not _channels_last(layer):
+        if signal.unknown:
+            return [fit(signal, out_map)]
+        if self.maximum:
+            return [fit(_max_of(signal, math.prod(layer.pool_size)), out_map)]
+        if signal.power.ndim == 0 or not _channels_last(layer):
             return [fit(signal, out_map)]
 
         def pool(values):
@@ -557,13 +584,22 @@ class PoolRule(LayerRule):
 
 
 class GlobalPoolRule(LayerRule):
+    """Global pooling: an average keeps the second moment of the entries (an upper bound:
+    exact for identical entries); a maximum takes the largest of them (`_max_of`)."""
+
     family = "pool"
     look_through = True
+
+    def __init__(self, maximum: bool = False):
+        self.maximum = maximum
 
     def propagate(self, ctx, ins):
         signal, out_map = ins[0], ctx.out_map()
         if signal.unknown:
             return [Signal.unknown_after(signal.unknown, out_map)]
+        if self.maximum:
+            positions = math.prod(d for d in ctx.in_shapes[0][1:-1] if isinstance(d, int))
+            return [fit(_max_of(signal, positions), out_map)]
         return [Signal(np.full(out_map, signal.q), np.full(out_map, np.mean(signal.mean)))]
 
 
@@ -579,7 +615,8 @@ class ZeroPaddingRule(LayerRule):
         pads = [tuple(p) if isinstance(p, (tuple, list)) else (p, p) for p in layer.padding]
         if len(pads) != signal.power.ndim:
             return [fit(signal, out_map)]
-        return [Signal(np.pad(signal.power, pads), np.pad(signal.mean, pads))]
+        return [Signal(np.pad(signal.power, pads), np.pad(signal.mean, pads),
+                       gaussian=signal.gaussian)]
 
 
 class RescalingRule(LayerRule):
@@ -686,15 +723,16 @@ def _builtin_rules() -> None:
                 klayers.SpatialDropout3D, klayers.GaussianDropout):
         _RULES[cls] = dropout
     _RULES[klayers.GaussianNoise] = NoiseRule()
-    pool = PoolRule()
-    for cls in (klayers.MaxPooling1D, klayers.MaxPooling2D, klayers.MaxPooling3D,
-                klayers.AveragePooling1D, klayers.AveragePooling2D, klayers.AveragePooling3D):
-        _RULES[cls] = pool
-    global_pool = GlobalPoolRule()
+    for cls in (klayers.MaxPooling1D, klayers.MaxPooling2D, klayers.MaxPooling3D):
+        _RULES[cls] = PoolRule(maximum=True)
+    for cls in (klayers.AveragePooling1D, klayers.AveragePooling2D, klayers.AveragePooling3D):
+        _RULES[cls] = PoolRule()
     for cls in (klayers.GlobalAveragePooling1D, klayers.GlobalAveragePooling2D,
-                klayers.GlobalAveragePooling3D, klayers.GlobalMaxPooling1D,
-                klayers.GlobalMaxPooling2D, klayers.GlobalMaxPooling3D):
-        _RULES[cls] = global_pool
+                klayers.GlobalAveragePooling3D):
+        _RULES[cls] = GlobalPoolRule()
+    for cls in (klayers.GlobalMaxPooling1D, klayers.GlobalMaxPooling2D,
+                klayers.GlobalMaxPooling3D):
+        _RULES[cls] = GlobalPoolRule(maximum=True)
     padding = ZeroPaddingRule()
     for cls in (klayers.ZeroPadding1D, klayers.ZeroPadding2D, klayers.ZeroPadding3D):
         _RULES[cls] = padding

@@ -122,8 +122,9 @@ def twins(build, x):
 
 
 def _unnamed(reason):
-    # The twins' auto-named layers differ ("add" and "add_2"): compare what reasons say.
-    return re.sub(r"'([a-z]+)(_\d+)?'", r"'\1'", reason)
+    # The twins' auto-named layers differ ("add" and "add_2", in a path "block1/add" since
+    # issue 18): compare what reasons say.
+    return re.sub(r"'([\w/]*?)(_\d+)?'", r"'\1'", reason)
 
 
 def assert_same_rows(compiled, eager):

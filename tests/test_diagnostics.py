@@ -518,14 +518,17 @@ def test_residual_blocks_in_nested_models_dict_table_and_plot(image_batch, tmp_p
     inputs = keras.Input((6, 6, 4))
     outer = keras.Model(inputs, keras.layers.Dense(3, name="head")(inner(inputs)))
     report = signal_report(outer, image_batch)
-    assert [b.name for b in report.blocks] == ["add1", "add2", "add3"]
+    # Named by their path in the graph (issue 18): the nested model, then the layer.
+    names = [f"{inner.name}/add{i}" for i in (1, 2, 3)]
+    assert [b.name for b in report.blocks] == names
     direct = signal_report(inner, image_batch, gradients=False)
     np.testing.assert_allclose(report.block_column("variance"), direct.block_column("variance"),
                                rtol=1e-6)
     blocks = json.loads(json.dumps(report.to_dict()))["blocks"]
-    assert [b["name"] for b in blocks] == ["add1", "add2", "add3"]
+    assert [b["name"] for b in blocks] == names
     assert set(blocks[0]) == {"name", "stage", "num_blocks", "squared_mean", "variance",
-                              "branch_variance", "skip_variance"}
+                              "branch_variance", "skip_variance", "status", "reason"}
+    assert {b["status"] for b in blocks} == {"ok"}
     table = report.table()
     assert "avg ch mean^2" in table and "branch var" in table and "add3" in table
     path = report.plot(str(tmp_path / "blocks.png"), histograms=True)
@@ -533,7 +536,7 @@ def test_residual_blocks_in_nested_models_dict_table_and_plot(image_batch, tmp_p
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_no_residual_blocks_without_a_graph(batch):
+def test_subclassed_models_are_traced_and_plain_sums_are_no_blocks(batch):
     class Residual(keras.Model):
         def __init__(self):
             super().__init__()
@@ -545,7 +548,11 @@ def test_no_residual_blocks_without_a_graph(batch):
 
     model = Residual()
     model(batch)
-    assert signal_report(model, batch).blocks == []  # subclassed: no graph to walk
+    # A subclassed model is traced into its graph (issue 18): its Add is read in its call.
+    (block,) = signal_report(model, batch).blocks
+    assert block.status == "ok" and block.num_blocks == 1
+    x = batch.astype("float64")
+    assert block.skip_variance == pytest.approx(float(np.mean(x.var(axis=0))), rel=1e-5)
     assert signal_report(_linear_chain([1.0]), batch).to_dict()["blocks"] == []
     # An Add of two branches with one kernel each has no skip: a plain sum, not a block.
     inputs = keras.Input((8,))

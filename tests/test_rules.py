@@ -1,0 +1,444 @@
+"""The rules registry (`keras_goodinit.rules`): lookup, registration, and each family's moments.
+
+Each `propagate` is checked against moments worked out by hand for the
+layer or op it stands for. The inputs are `Signal`s of float64 arrays and
+the expected values are closed forms, so the only differences are float64
+roundings of a few operations: `EXACT` below. Where a check runs a real
+Keras layer (float32) instead, its tolerance says so.
+"""
+
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from keras import layers, ops  # noqa: E402
+from keras.src.ops import nn as knn  # noqa: E402
+from keras.src.ops import numpy as knp  # noqa: E402
+
+from keras_goodinit import _graph, rules  # noqa: E402
+from keras_goodinit.rules import Context, Input, LayerRule, Signal  # noqa: E402
+
+# A handful of float64 operations on values of order 1: a few ulps (2.2e-16 each) apart.
+EXACT = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _registry():
+    """Every test leaves the registry as it found it."""
+    saved = dict(rules._RULES)
+    yield
+    rules._RULES.clear()
+    rules._RULES.update(saved)
+
+
+def signal(power, mean):
+    return Signal(np.asarray(power, float), np.asarray(mean, float))
+
+
+def propagate(layer, args, ins, in_shapes, out_shapes, training=True, kwargs=None):
+    ctx = Context(layer, tuple(args), kwargs or {}, list(in_shapes), list(out_shapes), training)
+    (out,) = rules.rule_for(layer).propagate(ctx, ins)
+    return out
+
+
+def assert_signal(out, power, mean, rel=EXACT, abs=0.0):
+    assert not out.unknown, out.unknown
+    np.testing.assert_allclose(out.power, power, rtol=rel, atol=abs)
+    np.testing.assert_allclose(out.mean, mean, rtol=rel, atol=abs)
+    assert np.shape(out.power) == np.shape(power)
+
+
+class Block(layers.Layer):
+    """A user's residual block: `x + d(x)`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d = layers.Dense(8, name="d")
+
+    def call(self, x):
+        return x + self.d(x)
+
+
+class Tripler(LayerRule):
+    """A user's rule: the block triples the second moment and keeps the mean."""
+
+    family = "other"
+
+    def propagate(self, ctx, ins):
+        return [Signal(3.0 * ins[0].power, ins[0].mean)]
+
+
+# --- lookup and registration -------------------------------------------------------------------
+
+def test_rule_for_takes_the_nearest_registered_base_class():
+    class MyDense(layers.Dense):
+        pass
+
+    class Base(layers.Layer):
+        pass
+
+    class Child(Base):
+        pass
+
+    class GrandChild(Child):
+        pass
+
+    assert rules.rule_for(MyDense(4)) is rules.rule_for(layers.Dense(4))
+    assert rules.rule_for(MyDense(4)).family == "kernel"
+    assert rules.rule_for(GrandChild()) is None  # no rule anywhere up its classes
+    base_rule, child_rule = Tripler(), Tripler()
+    assert rules.register_layer_rule(Base, base_rule) is base_rule
+    assert rules.rule_for(GrandChild()) is base_rule
+    rules.register_layer_rule(Child, child_rule)
+    assert rules.rule_for(Base()) is base_rule
+    assert rules.rule_for(Child()) is child_rule
+    assert rules.rule_for(GrandChild()) is child_rule
+    # A user's rule for a subclass of a built-in layer wins over the built-in's.
+    rules.register_layer_rule(MyDense, child_rule)
+    assert rules.rule_for(MyDense(4)) is child_rule
+    assert rules.rule_for(layers.Dense(4)).family == "kernel"
+    assert rules.rule_for(keras.layers.Layer()) is None
+
+
+def test_layers_and_ops_share_a_family_rule():
+    assert rules.rule_for(layers.Add()) is rules.rule_for(knp.Add())
+    assert isinstance(rules.rule_for(knp.Add()), rules.SumRule)
+    assert isinstance(rules.rule_for(knp.Multiply()), rules.ProductRule)
+    assert isinstance(rules.rule_for(knn.Relu()), rules.ActivationRule)
+    assert rules.rule_for(layers.Dropout(0.5)).look_through
+    assert rules.is_kernel(layers.Conv2D(4, 3)) and not rules.is_kernel(layers.ReLU())
+
+
+@pytest.mark.parametrize("cls, shown", [
+    ("Dense", "cls='Dense'"),
+    (layers.Dense(4), "cls=<Dense"),
+    (int, "cls=<class 'int'>"),
+    (keras.layers.Layer, "cls=<class 'keras.src.layers.layer.Layer'>"),
+    (keras.Model, "cls=<class 'keras.src.models.model.Model'>"),
+])
+def test_register_layer_rule_rejects_a_bad_cls(cls, shown):
+    before = dict(rules._RULES)
+    with pytest.raises(ValueError, match="Argument `cls`") as info:
+        rules.register_layer_rule(cls, Tripler())
+    assert f"Received: {shown}" in str(info.value)
+    assert rules._RULES == before
+
+
+@pytest.mark.parametrize("rule, shown", [
+    (lambda ctx, ins: ins, "rule=<function"),
+    (Tripler, "rule=<class"),
+    (None, "rule=None"),
+])
+def test_register_layer_rule_rejects_a_bad_rule(rule, shown):
+    before = dict(rules._RULES)
+    with pytest.raises(ValueError, match="Argument `rule`") as info:
+        rules.register_layer_rule(Block, rule)
+    assert f"Received: {shown}" in str(info.value)
+    assert rules._RULES == before
+
+
+def block_model():
+    x = keras.Input((8,))
+    return keras.Model(x, layers.Dense(2, name="head")(Block(name="block")(x)))
+
+
+def test_a_user_rule_makes_its_layer_one_step():
+    inlined = _graph.flatten(block_model())
+    names = [s.name for s in inlined.steps]
+    assert names == ["block/d", f"block/{inlined.steps[1].layer.name}", "head"]
+    rule = rules.register_layer_rule(Block, Tripler())
+    graph = _graph.flatten(block_model())
+    assert [s.name for s in graph.steps] == ["block", "head"]
+    step = graph.steps[0]
+    assert isinstance(step.layer, Block) and step.rule is rule
+    assert not step.opaque and not graph.opaque
+    assert not _graph.residual_blocks(graph)[0]  # its sum is inside the rule now
+    # What a mean-field pass reads for the step: its context and the rule's propagation.
+    ctx = _graph.context(graph, step, training=False)
+    assert ctx.layer is step.layer and ctx.args == (Input(0),)
+    assert ctx.in_shapes == [(None, 8)] and ctx.out_shapes == [(None, 8)] and not ctx.training
+    (out,) = step.rule.propagate(ctx, [signal(2.0, 0.5)])
+    assert_signal(out, 6.0, 0.5)
+
+
+def test_a_rule_registered_after_flatten_is_seen():
+    # `flatten` caches its graph per model; a new rule changes which layers are inlined.
+    model = block_model()
+    assert len(_graph.flatten(model).steps) == 3  # block/d, block/add, head
+    rules.register_layer_rule(Block, Tripler())
+    assert [s.name for s in _graph.flatten(model).steps] == ["block", "head"]
+
+
+# --- sums --------------------------------------------------------------------------------------
+
+A = signal([[2.0, 1.0], [4.0, 3.0]], [[0.5, -1.0], [1.0, 0.0]])
+B = signal([[3.0, 2.0], [1.0, 5.0]], [[-1.0, 0.5], [0.5, 2.0]])
+C = signal([[1.0, 1.0], [2.0, 2.0]], [[0.25, 0.0], [-0.5, 1.0]])
+SHAPE = (None, 2, 2, 4)
+
+
+def test_sum_of_independent_tensors():
+    # E[(a + b)^2] = E[a^2] + E[b^2] + 2 E[a] E[b], entry by entry.
+    out = propagate(layers.Add(), [[Input(0), Input(1)]], [A, B], [SHAPE] * 2, [SHAPE])
+    assert_signal(out, A.power + B.power + 2 * A.mean * B.mean, A.mean + B.mean)
+    out = propagate(knp.Add(), [Input(0), Input(1)], [A, B], [SHAPE] * 2, [SHAPE])
+    assert_signal(out, A.power + B.power + 2 * A.mean * B.mean, A.mean + B.mean)
+    out = propagate(layers.Add(), [[Input(0), Input(1), Input(2)]], [A, B, C], [SHAPE] * 3,
+                    [SHAPE])
+    cross = A.mean * B.mean + A.mean * C.mean + B.mean * C.mean
+    assert_signal(out, A.power + B.power + C.power + 2 * cross, A.mean + B.mean + C.mean)
+
+
+def test_difference_and_average():
+    for layer, args in ((layers.Subtract(), [[Input(0), Input(1)]]),
+                        (knp.Subtract(), [Input(0), Input(1)])):
+        out = propagate(layer, args, [A, B], [SHAPE] * 2, [SHAPE])
+        assert_signal(out, A.power + B.power - 2 * A.mean * B.mean, A.mean - B.mean)
+    out = propagate(layers.Average(), [[Input(0), Input(1)]], [A, B], [SHAPE] * 2, [SHAPE])
+    assert_signal(out, (A.power + B.power + 2 * A.mean * B.mean) / 4, (A.mean + B.mean) / 2)
+
+
+def test_sum_terms():
+    def terms(layer, args):
+        return rules.rule_for(layer).terms(Context(layer, tuple(args)))
+
+    assert terms(layers.Add(), [[Input(0), Input(1), Input(2)]]) == [1.0, 1.0, 1.0]
+    assert terms(layers.Subtract(), [[Input(0), Input(1)]]) == [1.0, -1.0]
+    assert terms(layers.Average(), [[Input(0), Input(1)]]) == [0.5, 0.5]
+    assert terms(knp.Subtract(), [Input(0), Input(1)]) == [1.0, -1.0]
+    assert terms(knp.Add(), [Input(0), 2.0]) is None  # a shift, not a sum of tensors
+
+
+@pytest.mark.parametrize("layer, args, shift_sign, x_sign", [
+    (knp.Add(), (Input(0), 2.0), 1.0, 1.0),        # x + 2
+    (knp.Add(), (2.0, Input(0)), 1.0, 1.0),        # 2 + x
+    (knp.Subtract(), (2.0, Input(0)), 1.0, -1.0),  # 2 - x
+    (knp.Subtract(), (Input(0), 2.0), -1.0, 1.0),  # x - 2
+], ids=["x_plus_2", "2_plus_x", "2_minus_x", "x_minus_2"])
+def test_sum_with_a_constant(layer, args, shift_sign, x_sign):
+    # y = x_sign x + c: E[y] = x_sign m + c, E[y^2] = p + 2 x_sign m c + c^2.
+    c = 2.0 * shift_sign
+    out = propagate(layer, args, [A], [SHAPE], [SHAPE])
+    assert_signal(out, A.power + 2 * x_sign * A.mean * c + c**2, x_sign * A.mean + c)
+
+
+def test_sum_of_a_tensor_with_itself():
+    # h + h is 2h exactly: E[(2h)^2] = 4 E[h^2], whatever h is; not two independent terms.
+    out = propagate(knp.Add(), [Input(0), Input(0)], [A, A], [SHAPE] * 2, [SHAPE])
+    assert_signal(out, 4 * A.power, 2 * A.mean)
+
+
+# --- products ----------------------------------------------------------------------------------
+
+def test_product_by_a_constant_scale():
+    for args in ((0.1, Input(0)), (Input(0), 0.1)):
+        layer = knp.Multiply()
+        out = propagate(layer, args, [A], [SHAPE], [SHAPE])
+        assert_signal(out, 0.01 * A.power, 0.1 * A.mean)
+        assert rules.rule_for(layer).scale(Context(layer, args)) == pytest.approx(0.1, rel=EXACT)
+
+
+def test_product_by_a_per_channel_constant():
+    gamma = np.array([0.5, -1.0, 2.0, 1.0])  # a LayerScale-like vector
+    layer = knp.Multiply()
+    out = propagate(layer, (Input(0), gamma), [A], [SHAPE], [SHAPE])
+    assert_signal(out, np.mean(gamma**2) * A.power, np.mean(gamma) * A.mean)
+    assert rules.rule_for(layer).scale(Context(layer, (Input(0), gamma))) == pytest.approx(
+        math.sqrt(np.mean(gamma**2)), rel=EXACT)
+
+
+def test_division():
+    layer = knp.TrueDivide()
+    out = propagate(layer, (Input(0), 4.0), [A], [SHAPE], [SHAPE])
+    assert_signal(out, A.power / 16, A.mean / 4)
+    assert rules.rule_for(layer).scale(Context(layer, (Input(0), 4.0))) == pytest.approx(
+        0.25, rel=EXACT)
+    # 1 / x has no moments from those of x: unknown, with the reason, and not a scale.
+    out = propagate(layer, (4.0, Input(0)), [A], [SHAPE], [SHAPE])
+    assert out.unknown and "divides" in out.unknown
+    assert rules.rule_for(layer).scale(Context(layer, (4.0, Input(0)))) is None
+    out = propagate(layer, (Input(0), Input(1)), [A, B], [SHAPE] * 2, [SHAPE])
+    assert out.unknown
+
+
+def test_product_of_two_tensors():
+    # Independent: E[(ab)^2] = E[a^2] E[b^2], E[ab] = E[a] E[b].
+    for layer, args in ((knp.Multiply(), (Input(0), Input(1))),
+                        (layers.Multiply(), ([Input(0), Input(1)],))):
+        out = propagate(layer, args, [A, B], [SHAPE] * 2, [SHAPE])
+        assert_signal(out, A.power * B.power, A.mean * B.mean)
+        assert rules.rule_for(layer).scale(Context(layer, args)) is None
+
+
+# --- concatenation -----------------------------------------------------------------------------
+
+def test_concatenate_weights_channels_by_width():
+    narrow, wide = signal(1.0, 0.0), signal(3.0, 1.0)
+    for layer, args in ((layers.Concatenate(), ([Input(0), Input(1)],)),
+                        (knp.Concatenate(axis=-1), ([Input(0), Input(1)],))):
+        out = propagate(layer, args, [narrow, wide], [(None, 4), (None, 12)], [(None, 16)])
+        assert_signal(out, (4 * 1.0 + 12 * 3.0) / 16, (12 * 1.0) / 16)
+
+
+def test_concatenate_on_a_spatial_axis_joins_the_profiles():
+    top = signal([[1.0, 2.0, 3.0]], [[0.0, 0.5, 1.0]])
+    bottom = signal([[4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    out = propagate(layers.Concatenate(axis=1), ([Input(0), Input(1)],), [top, bottom],
+                    [(None, 1, 3, 4), (None, 2, 3, 4)], [(None, 3, 3, 4)])
+    assert_signal(out, np.concatenate([top.power, bottom.power]),
+                  np.concatenate([top.mean, bottom.mean]))
+
+
+def test_concatenate_on_the_batch_axis_keeps_the_moments():
+    # `ops.concatenate` defaults to axis 0, the batch: entries keep their moments (any mix
+    # of two equal signals is that signal) and the positions their shape.
+    same = signal([[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.5], [1.0, 1.5]])
+    out = propagate(knp.Concatenate(), ([Input(0), Input(1)],), [same, same],
+                    [(None, 2, 2, 4)] * 2, [(None, 2, 2, 4)])
+    assert_signal(out, same.power, same.mean)
+    flat = signal(2.0, 0.5)
+    out = propagate(knp.Concatenate(), ([Input(0), Input(1)],), [flat, flat],
+                    [(None, 4)] * 2, [(None, 4)])
+    assert_signal(out, flat.power, flat.mean)
+
+
+# --- dropout, normalization, rescaling ---------------------------------------------------------
+
+def test_dropout_in_training_and_inference():
+    layer = layers.Dropout(0.25)
+    out = propagate(layer, (Input(0),), [A], [SHAPE], [SHAPE], training=True)
+    assert_signal(out, A.power / 0.75, A.mean)  # inverted dropout: x * mask / (1 - rate)
+    out = propagate(layer, (Input(0),), [A], [SHAPE], [SHAPE], training=False)
+    assert_signal(out, A.power, A.mean)
+
+
+def batch_norm(gamma, beta, moving_mean, moving_variance):
+    layer = layers.BatchNormalization()
+    layer.build((None, len(gamma)))
+    for variable, value in ((layer.gamma, gamma), (layer.beta, beta),
+                            (layer.moving_mean, moving_mean),
+                            (layer.moving_variance, moving_variance)):
+        variable.assign(np.asarray(value, "float32"))
+    return layer
+
+
+def test_batch_norm_in_training_mode():
+    gamma, beta = [2.0, 1.0], [0.5, -0.5]
+    layer = batch_norm(gamma, beta, [0.5, -1.0], [4.0, 0.25])  # moving stats unused here
+    flat = signal(np.full((2, 2), 7.0), np.full((2, 2), 3.0))
+    out = propagate(layer, (Input(0),), [flat], [(None, 2, 2, 2)], [(None, 2, 2, 2)])
+    # Per channel c, y = gamma_c z + beta_c with z standardized: E[y^2] = gamma_c^2 + beta_c^2,
+    # averaged over channels: (4 + 1) / 2 + (0.25 + 0.25) / 2. Mean: mean(beta) = 0.
+    assert_signal(out, np.full((2, 2), 2.75), np.zeros((2, 2)), abs=EXACT)
+    # Statistics pooled over positions: a profile over positions survives, scaled.
+    profile = signal([[1.0, 3.0], [2.0, 2.0]], np.zeros((2, 2)))
+    out = propagate(layer, (Input(0),), [profile], [(None, 2, 2, 2)], [(None, 2, 2, 2)])
+    assert_signal(out, 2.5 * profile.power / 2.0 + 0.25, np.zeros((2, 2)), abs=EXACT)
+
+
+def test_batch_norm_in_inference_mode_is_its_affine_map():
+    gamma, beta, moving_mean, moving_variance = [2.0, 1.0], [0.5, -0.5], [0.5, -1.0], [4.0, 0.25]
+    layer = batch_norm(gamma, beta, moving_mean, moving_variance)
+    power, mean = 3.0, 1.0
+    out = propagate(layer, (Input(0),), [signal(power, mean)], [(None, 2)], [(None, 2)],
+                    training=False)
+    # A two-point input with these moments in every channel (m -+ s, s^2 = p - m^2) run
+    # through the layer itself: y is affine in x, so the batch averages of y and y^2 are
+    # E[y] and E[y^2] for any input with these moments. The layer computes in float32:
+    # a few roundings of 2^-24 each on values of order 1, so 1e-6 relative.
+    s = math.sqrt(power - mean**2)
+    x = np.array([[mean - s] * 2, [mean + s] * 2], "float32")
+    y = ops.convert_to_numpy(layer(x, training=False)).astype(float)
+    assert_signal(out, np.mean(y**2), np.mean(y), rel=1e-6)
+    # And by hand: a_c = gamma_c / sqrt(v_c + eps), b_c = beta_c - a_c m_c.
+    a = np.array(gamma) / np.sqrt(np.array(moving_variance) + layer.epsilon)
+    b = np.array(beta) - a * np.array(moving_mean)
+    expected = np.mean((a * (mean - s) + b) ** 2 + (a * (mean + s) + b) ** 2) / 2
+    assert_signal(out, expected, np.mean(a * mean + b), rel=1e-6)  # eps is float32 too
+    # Not the training-mode answer (gamma^2 + beta^2 = 2.75), which the moving stats change.
+    assert abs(float(out.power) - 2.75) > 1.0
+
+
+def test_layer_normalization():
+    layer = layers.LayerNormalization()
+    layer.build((None, 4))
+    layer.gamma.assign(np.array([1.0, 2.0, 0.5, 1.0], "float32"))
+    layer.beta.assign(np.array([0.5, 0.0, -0.5, 1.0], "float32"))
+    out = propagate(layer, (Input(0),), [signal(9.0, 2.0)], [(None, 4)], [(None, 4)])
+    assert_signal(out, (1 + 4 + 0.25 + 1) / 4 + (0.25 + 0 + 0.25 + 1) / 4, 1.0 / 4)
+
+
+def test_rescaling_with_an_offset():
+    # 0-255 pixels, uniform on [0, 255]: E[x] = 127.5, E[x^2] = 255^2 / 3. After
+    # x / 127.5 - 1, uniform on [-1, 1]: mean 0 and second moment 1/3. The power is
+    # 4/3 - 2 + 1: terms of order 1, so the rounding is absolute, a few 1e-16.
+    layer = layers.Rescaling(1 / 127.5, offset=-1)
+    out = propagate(layer, (Input(0),), [signal(255.0**2 / 3, 127.5)], [(None, 4)],
+                    [(None, 4)])
+    assert_signal(out, 1 / 3, 0.0, abs=EXACT)
+    assert rules.rule_for(layer).scale(Context(layer, (Input(0),))) is None  # not a pure scale
+    plain = layers.Rescaling(0.5)
+    assert rules.rule_for(plain).scale(Context(plain, (Input(0),))) == 0.5
+    out = propagate(plain, (Input(0),), [A], [SHAPE], [SHAPE])
+    assert_signal(out, A.power / 4, A.mean / 2)
+
+
+# --- activations, pooling, padding -------------------------------------------------------------
+
+def test_relu_op_on_a_centred_gaussian():
+    # z ~ N(0, q): E[relu(z)^2] = q / 2 and E[relu(z)] = sqrt(q / (2 pi)), exactly.
+    q = 2.5
+    out = propagate(knn.Relu(), (Input(0),), [signal(q, 0.0)], [(None, 4)], [(None, 4)])
+    assert_signal(out, q / 2, math.sqrt(q / (2 * math.pi)))
+
+
+def test_relu_on_a_shifted_gaussian():
+    # z ~ N(m, s^2): E[relu^2] = (m^2 + s^2) Phi(m/s) + m s phi(m/s),
+    # E[relu] = m Phi(m/s) + s phi(m/s); erf is accurate to a few ulps.
+    m, s = 0.7, 1.3
+    cdf = 0.5 * (1 + math.erf(m / s / math.sqrt(2)))
+    pdf = math.exp(-0.5 * (m / s) ** 2) / math.sqrt(2 * math.pi)
+    for layer in (knn.Relu(), layers.ReLU(), layers.Activation("relu")):
+        out = propagate(layer, (Input(0),), [signal(m**2 + s**2, m)], [(None, 4)], [(None, 4)])
+        assert_signal(out, (m**2 + s**2) * cdf + m * s * pdf, m * cdf + s * pdf)
+
+
+def test_global_average_pooling_averages_the_profile():
+    profile = signal([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0]], [[0.0, 1.0, 2.0], [0.5, 0.5, 2.0]])
+    out = propagate(layers.GlobalAveragePooling2D(), (Input(0),), [profile], [(None, 2, 3, 4)],
+                    [(None, 4)])
+    assert_signal(out, 4.0, 1.0)  # 24 / 6 and 6 / 6
+
+
+def test_global_max_pooling_of_two_positions():
+    # M = max(z1, z2), z iid N(0, s^2): M^2 + min^2 = z1^2 + z2^2 and, by symmetry, M^2 and
+    # min^2 have one law, so E[M^2] = s^2; E[M] = s / sqrt(pi). The rule integrates on a
+    # 12,001-point grid: a sum of 12,001 float64 terms, at most 12,001 eps = 2.7e-12 apart.
+    q = 2.0
+    out = propagate(layers.GlobalMaxPooling2D(), (Input(0),), [signal(np.full((1, 2), q), 0.0)],
+                    [(None, 1, 2, 4)], [(None, 4)])
+    assert_signal(out, q, math.sqrt(q / math.pi), rel=1e-11)
+
+
+def test_zero_padding_profile():
+    layer = layers.ZeroPadding2D(((1, 2), (0, 1)))
+    inner = signal(np.full((2, 3), 2.0), np.full((2, 3), 0.5))
+    out = propagate(layer, (Input(0),), [inner], [(None, 2, 3, 4)], [(None, 5, 4, 4)])
+    power = np.zeros((5, 4))
+    power[1:3, 0:3] = 2.0
+    mean = np.zeros((5, 4))
+    mean[1:3, 0:3] = 0.5
+    assert_signal(out, power, mean)
+
+
+def test_unknown_inputs_stay_unknown():
+    unknown = Signal.unknown_after("opaque: HostCode", (2, 2))
+    for layer, args in ((knp.Add(), (Input(0), Input(1))), (knp.Multiply(), (Input(0), 0.5)),
+                        (knn.Relu(), (Input(0),)), (layers.Dropout(0.5), (Input(0),))):
+        ins = [unknown, A][:len([a for a in args if isinstance(a, Input)])]
+        out = propagate(layer, args, ins, [SHAPE] * len(ins), [SHAPE])
+        assert out.unknown == "opaque: HostCode"

@@ -10,6 +10,7 @@ from keras_goodinit.lsuv import lsuv_init, weightnorm_data_init
 from keras_goodinit.mean_field import MeanFieldRecord, MeanFieldReport, mean_field_init
 from keras_goodinit.monitor import SignalAlarm, SignalMonitor, SignalRecord
 from keras_goodinit.report import InitReport, LayerRecord
+from keras_goodinit.rules import LayerRule, Signal, register_layer_rule
 from keras_goodinit.weight_norm import WeightNormalization, bake_weight_norm
 
 __version__ = "0.1.0"
@@ -24,7 +25,9 @@ __all__ = [
     "SignalMonitor",
     "SignalRecord",
     "SignalReport",
+    "Signal",
     "LayerRecord",
+    "LayerRule",
     "MeanFieldRecord",
     "MeanFieldReport",
     "WeightNormalization",
@@ -32,6 +35,7 @@ __all__ = [
     "lsuv_init",
     "mean_field_init",
     "register_activation",
+    "register_layer_rule",
     "signal_report",
     "weightnorm_data_init",
 ]

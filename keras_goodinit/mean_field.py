@@ -56,6 +56,9 @@ class MeanFieldRecord(LayerRecord):
             unknown): above 1, deviations grow by `chi` per layer.
         rule: Which rule set `gamma`: `"homogeneous"`, `"q=1"`, `"residual"`,
             `"head"`, `"head_paper"`, or `""` for a layer left as it was.
+        tolerance: With data, the relative gap between `measured` and
+            `predicted` within which they agree (sampling error of the batch
+            and of the kernel's directions); NaN without data.
     """
 
     gamma: float = math.nan
@@ -64,6 +67,7 @@ class MeanFieldRecord(LayerRecord):
     num_blocks: int = 0
     chi: float = math.nan
     rule: str = ""
+    tolerance: float = math.nan
 
 
 @dataclasses.dataclass
@@ -324,6 +328,11 @@ class _Decision:
     chi: float = math.nan
     activation: str = ""  # the name of the activation after it, for the chi verdict
     rule: str = ""
+    mean_fraction: float = 0.0  # the share of its input's second moment that is the mean's
+
+    @property
+    def units(self) -> int:
+        return int(self.target.direction_variable.shape[-1])
 
     @property
     def norm(self) -> float:
@@ -409,6 +418,8 @@ class _Planner:
         if decision is None:
             decision = self._decide(step, target, float(np.mean(taps)), bias, unknown)
             self.decisions[id(target)] = decision
+            if not unknown and signal.q > 0:
+                decision.mean_fraction = float(np.mean(signal.mean) ** 2 / signal.q)
         else:
             decision.calls += 1
         out_map = rules.map_shape(self.graph.shapes[step.outputs[0]])
@@ -580,15 +591,19 @@ class _Planner:
             status, reason = d.status, d.reason
             if d.calls > 1:
                 reason += f"; called {d.calls} times, set at its first call"
-            if status == "ok" and batch is not None and math.isfinite(d.measured):
-                agrees, note = _agrees(d.predicted, d.measured, batch)
-                if not agrees:
-                    status, reason = "missed", f"{note}; {reason}"
+            tolerance = math.nan
+            if batch is not None and math.isfinite(d.measured):
+                tolerance = _tolerance(batch, d.units, d.mean_fraction)
+                if status == "ok" and not _agrees(d.predicted, d.measured, tolerance):
+                    status = "missed"
+                    reason = (f"measured q {d.measured:.4g} misses the predicted "
+                              f"{d.predicted:.4g} by a factor {d.measured / d.predicted:.3g} "
+                              f"(tolerance +-{tolerance:.2g} at batch {batch}); {reason}")
             rows.append(MeanFieldRecord(d.name, target.class_name, math.nan,
                                         d.measured_var, 0, d.scale, status, reason,
                                         gamma=d.gamma, predicted=d.predicted,
                                         measured=d.measured, num_blocks=d.num_blocks,
-                                        chi=d.chi, rule=d.rule))
+                                        chi=d.chi, rule=d.rule, tolerance=tolerance))
         return rows
 
 
@@ -597,22 +612,24 @@ def _is_identity(step) -> bool:
     return spec is not None and spec.name == "linear"
 
 
-def _agrees(predicted: float, measured: float, batch: int) -> tuple[bool, str]:
-    """Whether a measured second moment agrees with its prediction, within sampling error.
+def _tolerance(batch: int, units: int, mean_fraction: float) -> float:
+    """The relative gap within which a measured second moment agrees with its prediction.
 
-    The batch's mean of a per-entry second moment over `batch` independent
-    samples has a relative standard deviation of at most `sqrt(2 / batch)`
-    for Gaussian entries (`Var(y^2) = 2 E[y^2]^2`, entries within a sample
-    counted as one, the worst case); `_SIGMAS` of them is the tolerance.
+    Two sources of sampling error, in relative variance: the batch (a mean of
+    squares over `batch` independent samples of Gaussian entries: at most
+    `2 / batch`, all of a sample's entries counted as one, the worst case),
+    and the draw of the kernel's directions: the share `f` of the input's
+    second moment that lies along its mean is one direction, which each of
+    the layer's `units` random unit directions catches with relative
+    variance about `2 f^2` (a chi-square with one degree of freedom):
+    `2 f^2 / units` over the layer. `_SIGMAS` standard deviations of the sum.
     """
-    tolerance = _SIGMAS * math.sqrt(2.0 / max(batch, 1))
-    if not (math.isfinite(predicted) and predicted > 0):
-        return False, f"measured q {measured:.4g}, predicted {predicted:.4g}"
-    ratio = measured / predicted
-    if abs(ratio - 1.0) <= tolerance:
-        return True, ""
-    return False, (f"measured q {measured:.4g} misses the predicted {predicted:.4g} by a factor "
-                   f"{ratio:.3g} (tolerance +-{tolerance:.2g} at batch {batch})")
+    return _SIGMAS * math.sqrt(2.0 / max(batch, 1) + 2.0 * mean_fraction**2 / max(units, 1))
+
+
+def _agrees(predicted: float, measured: float, tolerance: float) -> bool:
+    return (math.isfinite(predicted) and predicted > 0
+            and abs(measured / predicted - 1.0) <= tolerance)
 
 
 def _chi_notes(chi: dict) -> list[str]:

@@ -113,7 +113,7 @@ def flatten(model: keras.layers.Layer) -> Graph:
     """
     from keras_goodinit import _sweep  # a cycle at import time otherwise
 
-    key = _sweep.model_fingerprint(model)
+    key = (rules._VERSION, _sweep.model_fingerprint(model))
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -129,6 +129,7 @@ class _Builder:
         self.opaque: list[tuple[str, str, str]] = []
         self.containers: list[tuple[Any, list[int]]] = []  # inlined layer calls, in order
         self._next = 0
+        self.tracked: set[int] = set()  # ids of the model's own layers
 
     def new_key(self, tensor) -> int:
         key = self._next
@@ -157,7 +158,7 @@ class _Builder:
             outs, why = self.inline(op, node.arguments, len(node.outputs), keys,
                                     _join(path, op.name))
             if not why:
-                if hookable:
+                if hookable or id(op) in self.tracked:  # runs as itself, even nested
                     self.containers.append((op, outs))
                 return outs
             self.opaque.append((_join(path, op.name), type(op).__name__, why))
@@ -165,8 +166,10 @@ class _Builder:
             why = ""
         outs = [self.new_key(t) for t in node.outputs]
         args, kwargs = _refs(node.arguments.args, env), _refs(node.arguments.kwargs, env)
+        # A layer called inside an inlined `call` runs as itself only if the model tracks it
+        # (one made inside `call` is a new object at every run).
         self.steps.append(Step(op, keys, outs, path, args, kwargs, why,
-                               hookable or isinstance(op, keras.layers.Layer)))
+                               hookable or id(op) in self.tracked))
         return outs
 
     def functional(self, graph, in_keys, path, hookable) -> list[int]:
@@ -211,6 +214,7 @@ def _build(model) -> Graph:
     builder = _Builder()
     layers = list(model._flatten_layers(include_self=True, recursive=True))
     saved = [(layer, len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers]
+    builder.tracked = {id(layer) for layer in layers}
     try:
         if graph is not None:
             inputs = [builder.new_key(t) for t in keras.tree.flatten(graph.inputs)]

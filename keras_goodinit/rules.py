@@ -148,6 +148,7 @@ class LayerRule:
 
 
 _RULES: dict[type, LayerRule] = {}
+_VERSION = 0  # bumped by each registration: a cached graph may inline a layer that has a rule now
 
 
 def register_layer_rule(cls: type, rule: LayerRule) -> LayerRule:
@@ -190,7 +191,9 @@ def register_layer_rule(cls: type, rule: LayerRule) -> LayerRule:
             f"shares. Received: cls={cls!r}")
     if not isinstance(rule, LayerRule):
         raise ValueError(f"Argument `rule` must be a LayerRule. Received: rule={rule!r}")
+    global _VERSION
     _RULES[cls] = rule
+    _VERSION += 1
     return rule
 
 
@@ -406,18 +409,26 @@ class SumRule(LayerRule):
         weights = self.terms(ctx)
         if weights is None:  # one tensor and a constant: a shift
             constants = ctx.constants()
-            shift = sum(float(np.mean(c)) for c in constants)
+            tensor_first = not ctx.args or isinstance(ctx.args[0], Input)
+            # x - c shifts by -c; c - x negates x.
+            shift = (self.sign if tensor_first else 1.0) * sum(
+                float(np.mean(c)) for c in constants)
             signal = ins[0]
-            sign = self.sign if ctx.args and not isinstance(ctx.args[0], Input) else 1.0
+            sign = 1.0 if tensor_first else self.sign
             mean = sign * signal.mean + shift
             power = signal.power + 2 * sign * signal.mean * shift + shift**2
             return [Signal(power, mean)]
-        power = sum(w**2 * s.power for w, s in zip(weights, ins))
-        mean = sum(w * s.mean for w, s in zip(weights, ins))
+        # A tensor that enters twice (h + h) is one term with the summed weight.
+        total: dict[int, float] = {}
+        for w, index in zip(weights, _tensor_inputs(ctx)):
+            total[index] = total.get(index, 0.0) + w
+        terms = [(w, ins[i]) for i, w in total.items()]
+        power = sum(w**2 * s.power for w, s in terms)
+        mean = sum(w * s.mean for w, s in terms)
         # Independent inputs: E[(a + b)^2] = E[a^2] + E[b^2] + 2 E[a] E[b].
-        for i in range(len(ins)):
-            for j in range(i + 1, len(ins)):
-                power = power + 2 * weights[i] * weights[j] * ins[i].mean * ins[j].mean
+        for i in range(len(terms)):
+            for j in range(i + 1, len(terms)):
+                power = power + 2 * terms[i][0] * terms[j][0] * terms[i][1].mean * terms[j][1].mean
         return [Signal(power, mean)]
 
 
@@ -481,6 +492,9 @@ class ConcatenateRule(LayerRule):
         if len(ctx.args) > 1 and isinstance(ctx.args[1], int):
             axis = ctx.args[1]
         axis %= rank
+        if axis == 0:  # the batch axis: every entry keeps its moments
+            power = np.mean([s.power for s in ins], axis=0)
+            return [fit(Signal(power, np.mean([s.mean for s in ins], axis=0)), ctx.out_map())]
         if axis == rank - 1:
             widths = [shape[-1] for shape in ctx.in_shapes]
             if all(isinstance(w, int) for w in widths):

@@ -90,9 +90,9 @@ def branch_ends(model: keras.layers.Layer,
     if ends:
         sizes = sorted({end.num_blocks for end in ends.values()})
         notes.append(f"residual='scaled': {len(ends)} residual branch ends target "
-                     f"s / N (N = {', '.join(map(str, sizes))} branches per stage: blocks, "
-                     "times the branches of a sum of several; s the variance of the block's "
-                     "skip input)")
+                     f"s / N (N = {', '.join(map(str, sizes))}: the blocks of the stage, times "
+                     "the branches of a sum with several; s the variance of the block's skip "
+                     "input)")
     if weighted:
         kinds = {}
         for name, kind in weighted:

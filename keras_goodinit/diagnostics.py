@@ -349,8 +349,10 @@ def _block_reads(model) -> _Blocks:
     inside a subclassed layer) is read in its own call: its inputs and its
     output. A sum inside a subclassed layer's own code has no call of its
     own: each of its tensors is read where a call makes it (the layer's
-    output for the sum's output, a sublayer's output for a branch), through
-    scalar constant factors; what no call makes is reported missing.
+    output for the sum's output, a sublayer's output for a branch, through
+    scalar constant factors) or takes it (a sublayer called on the sum, as
+    a post-norm block's normalization); what no call sees is reported
+    missing.
     """
     try:
         graph = _graph.flatten(model)
@@ -377,20 +379,26 @@ def _block_reads(model) -> _Blocks:
                 if isinstance(found, str):
                     missing[field] = found
                 else:
-                    reads.append(_Read(*found[:2], ("out", found[2]), index, field, factor))
+                    reads.append(_Read(*found, index, field, factor))
         rows.append((block.add.name, block.stage, block.num_blocks, _channel_axis(block),
                      missing))
     return _Blocks(rows, reads)
 
 
 def _readable(graph, key):
-    """(hook, variance factor) of the nearest call making `key` up to a scalar factor; or why
-    none does."""
+    """((layer, call, where), variance factor) of a call that makes `key` (up to a scalar
+    factor) or takes it as a positional argument; or (why none does, factor)."""
     factor = 1.0
     while True:
         hook = graph.hook(key)
         if hook is not None:
-            return hook, factor
+            return (hook[0], hook[1], ("out", hook[2])), factor
+        for user in graph.consumers.get(key, []):
+            # A sublayer the inlined code calls on it: a post-norm `norm(x + f(x))`.
+            flat = keras.tree.flatten(user.args)
+            own = graph.hook(user.outputs[0]) if user.hookable and user.outputs else None
+            if own is not None and own[0] is user.layer and _graph.Ref(key) in flat:
+                return (user.layer, own[1], ("arg", flat.index(_graph.Ref(key)))), factor
         step = graph.producer.get(key)
         if step is None:
             return "a model input, which no call makes", factor

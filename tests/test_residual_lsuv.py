@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from keras import layers as L  # noqa: E402
 from test_lsuv import counting_calls, kernel_layers, normal  # noqa: E402
 
-from keras_goodinit import LSUVCallback, lsuv_init  # noqa: E402
+from keras_goodinit import LSUVCallback, lsuv_init, signal_report  # noqa: E402
 from keras_goodinit.models import wn_resnet  # noqa: E402
 
 BLOCKS = 5  # ResNet-32
@@ -209,3 +209,91 @@ def test_blocks_inside_nested_models_are_found_and_probed():
     assert sorted(ends) == [f"block{i}_c2" for i in range(4)], report
     assert all("/ 4" in row.reason and row.target_var < 1.0 for row in ends.values())
     assert report.ok and report.mode == "compiled"
+
+
+# --- Sums written as tensor code and inside subclassed layers (issue 18) --------------------
+
+class _ResidualBlock(L.Layer):
+    """`x + conv2(relu(conv1(x)))`: the residual sum inside a subclassed layer's own call."""
+
+    def __init__(self, conv1, conv2, **kwargs):
+        super().__init__(**kwargs)
+        self.conv1, self.conv2 = conv1, conv2
+
+    def call(self, x):
+        return x + self.conv2(self.conv1(x))
+
+
+STYLES = ("layer", "plus", "ops", "custom")
+
+
+def styled_resnet(style, num_blocks=3, stages=2, width=8):
+    """A no-BN ResNet on 16x16 inputs, its sums written as `style`: `layers.Add`, `h + f`,
+    `keras.ops.add(h, f)` or a `_ResidualBlock`. Seeded initializers in creation order, so
+    the four styles compute the same function."""
+    seeds = iter(range(1000))
+
+    def conv(channels, **kwargs):
+        return L.Conv2D(channels, 3, padding="same",
+                        kernel_initializer=keras.initializers.HeNormal(next(seeds)), **kwargs)
+
+    inputs = keras.Input((16, 16, 3))
+    h = conv(width)(inputs)
+    for stage in range(stages):
+        channels = width * 2**stage
+        if stage:
+            h = conv(channels, strides=2)(h)  # a transition: the next stage's stream
+        for _ in range(num_blocks):
+            first, last = conv(channels, activation="relu"), conv(channels)
+            if style == "custom":
+                h = _ResidualBlock(first, last)(h)
+                continue
+            branch = last(first(h))
+            if style == "layer":
+                h = L.Add()([h, branch])
+            elif style == "plus":
+                h = h + branch
+            else:
+                h = keras.ops.add(h, branch)
+    outputs = L.Dense(10, kernel_initializer=keras.initializers.HeNormal(next(seeds)))(
+        L.GlobalAveragePooling2D()(h))
+    return keras.Model(inputs, outputs)
+
+
+def test_residual_lsuv_bounds_the_stream_whatever_the_sum_is_written_as():
+    x, held_out = normal((64, 16, 16, 3), 40), normal((64, 16, 16, 3), 41)
+    streams = {}
+    for style in STYLES:
+        model = styled_resnet(style)
+        report = lsuv_init(model, x, pre_init=None, verbose=0)
+        assert report.ok, (style, report)
+        ends = [row for row in report.rows if "residual branch end" in row.reason]
+        # Every branch end found, N = 3 blocks per stage, in every style.
+        assert len(ends) == 6 and all("/ 3" in row.reason for row in ends), (style, report)
+        signals = signal_report(model, held_out, gradients=False)
+        assert [(b.stage, b.num_blocks, b.status) for b in signals.blocks] == [
+            (s, 3, "ok") for s in (0, 0, 0, 1, 1, 1)], (style, signals.blocks)
+        streams[style] = signals.block_column("variance")
+    # The module doc's bound with layers.Add: e per stage from a start of 1, plus 10 %.
+    assert max(streams["layer"]) <= STREAM_BOUND, streams
+    # The same function and the same init: the other styles' streams are the Add's, to far
+    # less than the sampling error of a variance from the n = 64 * 8 * 8 * 16 entries of
+    # the smallest stream, relative std sqrt(2 / n) (3 of them).
+    tolerance = 3 * np.sqrt(2 / (64 * 8 * 8 * 16))
+    for style in STYLES[1:]:
+        np.testing.assert_allclose(streams[style], streams["layer"], rtol=tolerance,
+                                   err_msg=style)
+
+
+def test_residual_lsuv_on_application_models_finds_every_stage():
+    # ResNet50V2's strided last block of a stage belongs to its stage (issue 18): N = 3, 4,
+    # 6, 3, not a stage of one block; ConvNeXtTiny's `x + layer_scale(f(x))` sums: 3, 3, 9, 3.
+    from keras_goodinit import _graph
+
+    for build, sizes in ((keras.applications.ResNet50V2, [3, 4, 6, 3]),
+                         (keras.applications.ConvNeXtTiny, [3, 3, 9, 3])):
+        model = build(weights=None, input_shape=(32, 32, 3), classes=10)
+        blocks, _ = _graph.residual_blocks(_graph.flatten(model))
+        stages = [b.stage for b in blocks]
+        assert [stages.count(s) for s in sorted(set(stages))] == sizes
+        assert [b.num_blocks for b in blocks] == [n for n in sizes for _ in range(n)]

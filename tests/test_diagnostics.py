@@ -695,3 +695,62 @@ def test_statistics_are_after_a_separate_activation_layer(compile):
         bound = reordered(4, max(32, expected.size), np.abs(expected).max())
         assert abs(row.mean - expected.mean()) <= bound, row
         assert abs(row.std - expected.std()) <= bound, row
+
+
+# --- Blocks written as tensor code and inside subclassed layers (issue 18) ------------------
+
+class _InlineBlock(keras.layers.Layer):
+    """A residual sum in a subclassed layer's own code, in one of three shapes:
+
+    "scaled": `x + 0.5 * b(x)`, the layer's output (the branch is read at `b`'s call,
+    times 0.25 in variance); "post_norm": `norm(x + b(x))` (the sum is read where the
+    norm's call takes it); "hidden": `tanh(x + b(x))`, the sum seen by no call at all.
+    """
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(**kwargs)
+        self.shape = shape
+        self.b = _scaled_conv(4, 0.5, f"{kwargs['name']}_b")
+        self.norm = keras.layers.Identity(name=f"{kwargs['name']}_norm")
+
+    def call(self, x):
+        if self.shape == "scaled":
+            return x + 0.5 * self.b(x)
+        total = x + self.b(x)
+        return self.norm(total) if self.shape == "post_norm" else keras.ops.tanh(total)
+
+
+def test_blocks_written_as_ops_and_inside_layers_are_all_reported(image_batch):
+    inputs = keras.Input((6, 6, 4))
+    h = _scaled_conv(4, 2.0, "stem")(inputs)
+    h = h + _scaled_conv(4, 0.5, "b0")(h)  # an op node of the functional model
+    h = keras.ops.add(_scaled_conv(4, 0.5, "b1")(h), h)
+    for shape in ("scaled", "post_norm", "hidden"):
+        h = _InlineBlock(shape, name=shape)(h)
+    model = keras.Model(inputs, keras.layers.Flatten()(h))
+    report = signal_report(model, image_batch, gradients=False)
+    assert [b.num_blocks for b in report.blocks] == [5] * 5  # one stream, one stage
+    op, ops_add, scaled, post_norm, hidden = report.blocks
+    # Named by path: the op inside the layer (auto-named "add_<n>").
+    assert [b.name.split("/")[0] for b in report.blocks[2:]] == ["scaled", "post_norm",
+                                                                   "hidden"]
+    # Linear maps of x: h0 = 2x, h1 = 1.5 h0, h2 = 1.5 h1, h3 = 1.25 h2 (its branch 0.5 * b(h2)
+    # = 0.25 h2), h4 = 1.5 h3 through the identity "norm"; the last sum is hidden.
+    x = image_batch.astype("float64")
+    h0 = 2.0 * x
+    h1, h2 = 1.5 * h0, 2.25 * h0
+    h3 = 1.25 * h2
+    h4 = 1.5 * h3
+    expected = [(op, h1, 0.5 * h0, h0), (ops_add, h2, 0.5 * h1, h1),
+                (scaled, h3, 0.25 * h2, h2), (post_norm, h4, 0.5 * h3, h3)]
+    for block, out, branch, skip in expected:
+        assert block.status == "ok", block
+        assert block.variance == pytest.approx(_channel_stats(out)[1], rel=1e-5), block.name
+        assert block.branch_variance == pytest.approx(_channel_stats(branch)[1], rel=1e-5)
+        assert block.skip_variance == pytest.approx(_channel_stats(skip)[1], rel=1e-5)
+    # The hidden sum is listed all the same, and says why its output was not measured.
+    assert hidden.status == "skipped" and np.isnan(hidden.variance)
+    assert "output" in hidden.reason and "own code" in hidden.reason, hidden.reason
+    assert hidden.skip_variance == pytest.approx(_channel_stats(h4)[1], rel=1e-5)
+    assert "1 of 5 residual blocks" in report.note
+    assert f"skipped {hidden.name}: output:" in report.table()

@@ -101,6 +101,7 @@ def functional_of(model) -> Any:
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OPEN_LENGTH = 8  # the length an inlined layer is traced at where the model leaves it open
 
 
 def flatten(model: keras.layers.Layer) -> Graph:
@@ -185,15 +186,25 @@ class _Builder:
         `arguments` holds the call's `args`, `kwargs` and `keras_tensors` (as a
         Keras node's); `count` is the number of outputs expected (None: any).
         """
-        fresh = {}
-        for tensor in arguments.keras_tensors:
-            fresh.setdefault(id(tensor), keras.KerasTensor(tensor.shape, tensor.dtype))
-        args = _substituted(arguments.args, fresh)
-        kwargs = _substituted(arguments.kwargs, fresh)
-        try:
-            outputs = layer.call(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - any failure means: not traceable
-            return [], _untraceable(error)
+        # Concrete sizes where the model leaves them open: code that builds tensors from
+        # `ops.shape(x)` (masks, positions) cannot take None. A batch of 1; a sequence of
+        # _OPEN_LENGTH, or of 1 where the layer does not accept that many.
+        for length in (_OPEN_LENGTH, 1):
+            fresh = {}
+            for tensor in arguments.keras_tensors:
+                shape = tuple(tensor.shape)
+                shape = tuple(1 if i == 0 and d is None else length if d is None else d
+                              for i, d in enumerate(shape))
+                fresh.setdefault(id(tensor), keras.KerasTensor(shape, tensor.dtype))
+            args = _substituted(arguments.args, fresh)
+            kwargs = _substituted(arguments.kwargs, fresh)
+            try:
+                outputs = layer.call(*args, **kwargs)
+                break
+            except Exception as error:  # noqa: BLE001 - any failure means: not traceable
+                failure = error
+        else:
+            return [], _untraceable(failure)
         flat = keras.tree.flatten(outputs)
         if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
             return [], "its call returns something other than tensors computed by Keras ops"
@@ -250,7 +261,7 @@ def _subclassed(model, builder) -> tuple[list[int], list[int]]:
             "model built on one input (its graph is traced from that input's shape); this is "
             f"{type(model).__name__}, built on {shapes or 'nothing'}. Received: model={model!r}")
     (shape,) = shapes.values()
-    tensor = keras.KerasTensor(tuple(shape), "float32")
+    tensor = keras.KerasTensor((None, *tuple(shape)[1:]), "float32")
     arguments = types.SimpleNamespace(keras_tensors=[tensor], args=(tensor,), kwargs={})
     inputs = [builder.new_key(tensor)]
     outs, why = builder.inline(model, arguments, None, inputs, "")

@@ -142,7 +142,7 @@ def mean_field_init(
     ops of tensor code such as `h + x`, nested models, and subclassed layers
     traced into their ops), each step by its rule (`keras_goodinit.rules`).
     Each kernel layer (Dense, Conv*, Conv*Transpose, DepthwiseConv*,
-    SeparableConv*, EinsumDense with a matrix kernel, `WeightNormalization`
+    SeparableConv*, EinsumDense (its fans from its equation), `WeightNormalization`
     wrappers) gets, for every output unit, a fan-in vector of norm
     `g = sqrt(gamma * C_in / C_out)`:
 
@@ -654,15 +654,35 @@ def _container(target, graph) -> tuple[str, str]:
 
 
 def _unsupported(target) -> str:
-    if isinstance(target.inner, klayers.EinsumDense) and len(target.direction_variable.shape) != 2:
-        return "EinsumDense with a kernel of rank > 2: its fans are not known"
+    if _einsum(target):
+        try:
+            rules.einsum_axes(target.inner.equation, len(target.direction_variable.shape))
+        except ValueError as error:
+            return str(error).split(" Received")[0]
     return ""
+
+
+def _einsum(target) -> bool:
+    """An EinsumDense kernel of rank > 2: its fans come from its equation."""
+    return (isinstance(target.inner, klayers.EinsumDense)
+            and len(target.direction_variable.shape) != 2)
+
+
+def _einsum_view(target) -> tuple[list[int], list[int], tuple[int, int]]:
+    """(fan-in axes, output axes, (C_in, C_out)) of an EinsumDense kernel."""
+    shape = tuple(target.direction_variable.shape)
+    fan_in, units = rules.einsum_axes(target.inner.equation, len(shape))
+    return fan_in, units, (math.prod(shape[i] for i in fan_in),
+                           math.prod(shape[i] for i in units))
 
 
 def _fan_ratio(target) -> float:
     """C_in / C_out of the layer (for a separable conv, of the whole layer)."""
     if isinstance(target.inner, _SEPARABLE):
         return target.inner.depthwise_kernel.shape[-2] / target.direction_variable.shape[-1]
+    if _einsum(target):
+        c_in, c_out = _einsum_view(target)[2]
+        return c_in / c_out
     c_in, c_out = _layouts.channel_fans(tuple(target.direction_variable.shape),
                                         target.kernel_layout)
     return c_in / c_out
@@ -672,6 +692,9 @@ def _current_gain(target) -> float:
     """Mean squared norm of the layer's current effective fan-in vectors."""
     if target.is_weight_normalized:
         norms = ops.convert_to_numpy(target.layer.g).astype(float)
+    elif _einsum(target):
+        values = ops.convert_to_numpy(target.direction_variable.value).astype(float)
+        norms = np.sqrt(np.sum(values**2, axis=tuple(_einsum_view(target)[0])))
     else:
         norms = ops.convert_to_numpy(unit_norms(target.direction_variable.value,
                                                 target.kernel_layout)).astype(float)
@@ -705,7 +728,15 @@ def _write(target, decision: _Decision, distribution, seeds) -> float:
         gamma = norm**2 * c_out / c_in
     else:
         gamma = decision.gamma
-    if distribution is not None:
+    if distribution is not None and _einsum(target):
+        # Drawn as the (C_in, C_out) matrix the equation applies, then put in place.
+        fan_in, units, matrix = _einsum_view(target)
+        drawn = GoodInit("wn_linear", gamma=gamma, distribution=distribution,
+                         seed=seeds[0]).draw(matrix, kernel.dtype)
+        shape = tuple(kernel.shape)
+        drawn = ops.reshape(drawn, [shape[i] for i in fan_in + units])
+        kernel.assign(ops.transpose(drawn, [int(i) for i in np.argsort(fan_in + units)]))
+    elif distribution is not None:
         drawn = GoodInit("wn_linear", gamma=gamma, distribution=distribution, layout=layout,
                          seed=seeds[0]).draw(tuple(kernel.shape), kernel.dtype)
         kernel.assign(drawn)
@@ -717,7 +748,8 @@ def _write(target, decision: _Decision, distribution, seeds) -> float:
         g.assign(np.full(tuple(g.shape), norm, keras.backend.standardize_dtype(g.dtype)))
     else:
         values = ops.convert_to_numpy(kernel.value).astype("float64")
-        axes = _layouts.norm_axes(len(values.shape), layout)
+        axes = (tuple(_einsum_view(target)[0]) if _einsum(target)
+                else _layouts.norm_axes(len(values.shape), layout))
         norms = np.sqrt(np.sum(np.square(values), axis=axes, keepdims=True))
         factor = np.where(norms > 0, norm / np.where(norms > 0, norms, 1.0), 1.0)
         kernel.assign((values * factor).astype(keras.backend.standardize_dtype(kernel.dtype)))

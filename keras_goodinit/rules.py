@@ -672,9 +672,8 @@ class ConstantRule(LayerRule):
 
 def _builtin_rules() -> None:
     a = keras.activations
-    kernel = KernelRule()
-    for cls in (klayers.Dense, klayers.EinsumDense):
-        _RULES[cls] = kernel
+    _RULES[klayers.Dense] = KernelRule()
+    _RULES[klayers.EinsumDense] = EinsumKernelRule()
     for cls in (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D, klayers.SeparableConv1D,
                 klayers.SeparableConv2D):
         _RULES[cls] = KernelRule("default", "conv")
@@ -752,6 +751,27 @@ def _builtin_rules() -> None:
         _RULES[cls] = padding
     _RULES[klayers.Rescaling] = RescalingRule()
     _RULES[klayers.Embedding] = EmbeddingRule()
+
+
+class EinsumKernelRule(KernelRule):
+    """EinsumDense: its equation says which kernel axes meet the input (the fan-in)."""
+
+    def fan_axes(self, layer, rank: int) -> tuple[list[int], list[int]]:
+        """(kernel axes contracted with the input, kernel axes of the output)."""
+        return einsum_axes(layer.equation, rank)
+
+
+def einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:
+    """Kernel axes an EinsumDense equation contracts with its input, and its output axes."""
+    inputs, output = equation.replace("...", "").split("->")
+    _, kernel = inputs.split(",")
+    units = [i for i, letter in enumerate(kernel) if letter in output]
+    fan_in = [i for i in range(rank) if i not in units]
+    if not units or not fan_in or len(kernel) != rank:
+        raise ValueError(
+            "An EinsumDense kernel needs both fan-in and output axes. "
+            f"Received: equation={equation!r}")
+    return fan_in, units
 
 
 class _WrappedKernelRule(KernelRule):

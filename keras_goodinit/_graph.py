@@ -104,21 +104,23 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _OPEN_LENGTH = 8  # the length an inlined layer is traced at where the model leaves it open
 
 
-def flatten(model: keras.layers.Layer) -> Graph:
+def flatten(model: keras.layers.Layer, input_shape: tuple | None = None) -> Graph:
     """The steps of a built model, nested models walked into and subclassed layers inlined.
 
     Cached per model until its structure changes (`_sweep.model_fingerprint`).
     A subclassed model is inlined like a subclassed layer, from the input
-    shape it was built with. Raises a ValueError for a Sequential model that
-    has never been built, or a subclassed model that cannot be traced.
+    shape it was built with, or else `input_shape` (Keras does not record it
+    where a model was built by an eager call, as on JAX when a symbolic build
+    fails). Raises a ValueError for a Sequential model that has never been
+    built, or a subclassed model that cannot be traced.
     """
     from keras_goodinit import _sweep  # a cycle at import time otherwise
 
-    key = (rules._VERSION, _sweep.model_fingerprint(model))
+    key = (rules._VERSION, _sweep.model_fingerprint(model), input_shape)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    graph = _build(model)
+    graph = _build(model, input_shape)
     _CACHE[model] = (key, graph)
     return graph
 
@@ -220,7 +222,7 @@ class _Builder:
         return [inner_env[id(t)] for t in flat], ""
 
 
-def _build(model) -> Graph:
+def _build(model, input_shape) -> Graph:
     graph = functional_of(model)
     builder = _Builder()
     layers = list(model._flatten_layers(include_self=True, recursive=True))
@@ -231,7 +233,7 @@ def _build(model) -> Graph:
             inputs = [builder.new_key(t) for t in keras.tree.flatten(graph.inputs)]
             outputs = builder.functional(graph, inputs, "", True)
         else:
-            inputs, outputs = _subclassed(model, builder)
+            inputs, outputs = _subclassed(model, builder, input_shape)
     finally:
         # Tracing calls the sublayers on KerasTensors, which records nodes on them: the
         # model must come out as it went in (`layer.output` and friends read those).
@@ -249,16 +251,19 @@ def _build(model) -> Graph:
                  _hooks(builder), builder.opaque)
 
 
-def _subclassed(model, builder) -> tuple[list[int], list[int]]:
+def _subclassed(model, builder, input_shape) -> tuple[list[int], list[int]]:
     if isinstance(model, keras.Sequential):
         raise ValueError(
             "Argument `model` must be built: this is a Sequential model that is not built "
             f"(call it once, or give it a `keras.Input`). Received: model={model!r}")
     shapes = getattr(model, "_build_shapes_dict", None) or {}
+    if not shapes and input_shape is not None:
+        shapes = {"input_shape": tuple(input_shape)}
     if not model.built or len(shapes) != 1:
         raise ValueError(
             "Argument `model` must be a built Sequential or functional model, or a subclassed "
-            "model built on one input (its graph is traced from that input's shape); this is "
+            "model built on one input (its graph is traced from that input's shape, which "
+            "Keras records at a symbolic build; where it did not, pass data); this is "
             f"{type(model).__name__}, built on {shapes or 'nothing'}. Received: model={model!r}")
     (shape,) = shapes.values()
     tensor = keras.KerasTensor((None, *tuple(shape)[1:]), "float32")

@@ -246,12 +246,13 @@ def mean_field_init(
     if not model.built:
         raise ValueError("Argument `model` must be built (call it once, or give it a "
                          f"`keras.Input`). Received: model={model.name!r}")
-    graph = _graph.flatten(model)
-    targets = _sweep.find_targets(model)
     x = None
     if data is not None:
         x = _data.first_batch(data)
         _data.check_batch(x)
+    shape = None if x is None else tuple(keras.tree.flatten(x)[0].shape)
+    graph = _graph.flatten(model, input_shape=shape)
+    targets = _sweep.find_targets(model)
     inputs = _input_signals(graph, x, input_variance, input_mean)
     plan = _Planner(graph, targets, residual, inputs, head, training).run()
     rng = None if seed is None else np.random.default_rng(seed)

@@ -181,7 +181,10 @@ def test_the_head_aims_at_unit_logits_and_the_paper_rule_stays_available():
     report = mean_field_init(model, seed=0, verbose=0, data=x)
     assert report["logits"].rule == "head"
     assert report["logits"].predicted == pytest.approx(1.0, rel=1e-9)
-    assert report["logits"].measured == pytest.approx(1.0, rel=_tolerance(1024))
+    # Held to the report's own tolerance: the batch's sampling error and the kernel draw's
+    # (10 logits; a 1/pi share of a ReLU output's second moment is its mean).
+    assert report["logits"].status == "ok"
+    assert report["logits"].measured == pytest.approx(1.0, rel=report["logits"].tolerance)
     paper = mean_field_init(model, seed=0, verbose=0, head="paper")
     assert paper["logits"].gamma == 1.0 and paper["logits"].rule == "head_paper"
     assert paper["logits"].predicted == pytest.approx(64 / 10, rel=1e-9)

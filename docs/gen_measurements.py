@@ -168,7 +168,46 @@ def _compare_inits(result: dict) -> str:
             "versions the same seed gave identical loss histories idle and under load.\n")
 
 
-RENDERERS = {"compare_inits": _compare_inits, "lsuv_speed": _lsuv_speed, "zoo": _zoo}
+def _figure(value, fmt: str = ".3g") -> str:
+    if isinstance(value, list):  # a (min, max) range
+        return f"{value[0]:{fmt}}-{value[1]:{fmt}}"
+    return f"{value:{fmt}}"
+
+
+def _graph_init(result: dict) -> str:
+    backend = result.get("backend", "tensorflow")
+    lines = [
+        f"## Graph-level inits on issue 18's models: {BACKENDS.get(backend, backend)}",
+        "",
+        "`benchmarks/graph_init.py` (models in `benchmarks/graph_models.py`), batch 64, on a "
+        "held-out batch. *init s*: the init's first call on the model (second call in "
+        "brackets for the data-free ones); *max Add var*: the largest variance at a residual "
+        "sum (layer or op); *blocks*: `signal_report(...).blocks` found / in the code."
+        + (f" {result['note']}." if result.get("note") else ""),
+        "",
+        "| model | method | init s | spread | all-layer var | max pre-act m2 | logits var "
+        "| max Add var | blocks |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        blocks = (f"{row['blocks_found']} / {row['blocks_expected']}"
+                  if isinstance(row.get("blocks_found"), int) else row.get("blocks_found", ""))
+        if row["skipped"]:
+            lines.append(f"| {row['model']} | {row['method']} | {row['skipped']} | | | | | "
+                         f"| {blocks} |")
+            continue
+        warm = row.get("warm_seconds")
+        seconds = f"{row['seconds']:.2f}" + (
+            f" ({warm:.2f})" if isinstance(warm, float) and warm == warm else "")
+        lines.append(
+            f"| {row['model']} | {row['method']} | {seconds} | {_figure(row['spread'])} | "
+            f"{_figure(row['all_var_range'])} | {_figure(row['max_preact_m2'])} | "
+            f"{_figure(row['logits_var'])} | {_figure(row['max_add_var'])} | {blocks} |")
+    return "\n".join(lines) + "\n\n" + _context(result) + "\n\n" + _checks(result)
+
+
+RENDERERS = {"compare_inits": _compare_inits, "graph_init": _graph_init,
+             "lsuv_speed": _lsuv_speed, "zoo": _zoo}
 
 
 def render(results: list[dict]) -> str:

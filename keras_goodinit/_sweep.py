@@ -209,35 +209,29 @@ def check_layers(layers) -> list | None:
     return list(layers)
 
 
-def following_activation(model: keras.layers.Layer, target: Target):
-    """The activation step that alone takes the target's output, if the graph has one.
+def followers(model: keras.layers.Layer, targets: Sequence[Target]) -> dict[int, Any]:
+    """id(target) -> the activation step that alone takes its output, for those that have one.
 
     Keras' builders (and most Sequential models) put the non-linearity in a
     separate `ReLU`/`Activation` layer or a `keras.ops` call; a
     post-activation statistic must apply it. Found on the model's graph by
     `_graph.follower`, through steps that keep the values' signs
-    (dropout, pooling, reshapes, padding), not through a normalization.
-    Returns the layer or op, callable on the output alone; None when the
-    target has a fused activation, its output goes anywhere else at any of
-    its calls, or the model has no graph.
+    (dropout, pooling, reshapes, padding), not through a normalization: the
+    layer or op, callable on the output alone. None for a target with a
+    fused activation, whose output goes anywhere else at any of its calls,
+    or in a model with no graph.
     """
-    if target.inner.activation not in (None, keras.activations.linear):
-        return None
-    found = _followers_of(model, target)
-    layers = {id(f.step.layer): f.step.layer for f, _ in found if f.step is not None}
-    if not found or len(layers) != 1 or not all(
-            f.kind == "activation" and not _normalized(through)
-            and f.step.args == (_graph.Ref(f.step.inputs[0]),) and not f.step.kwargs
-            for f, through in found):
-        return None
-    return next(iter(layers.values()))
-
-
-def followers(model: keras.layers.Layer,
-              targets: Sequence[Target]) -> dict[int, Any]:
-    """id(target) -> its `following_activation`, for the targets that have one."""
-    found = {id(t): following_activation(model, t) for t in targets}
-    return {key: layer for key, layer in found.items() if layer is not None}
+    graph = _graph_of(model)
+    found = {}
+    for target in targets:
+        met = _followers_of(graph, target)
+        layers = {id(f.step.layer): f.step.layer for f, _ in met if f.step is not None}
+        if met and len(layers) == 1 and all(
+                f.kind == "activation" and not _normalized(through)
+                and f.step.args == (_graph.Ref(f.step.inputs[0]),) and not f.step.kwargs
+                for f, through in met):
+            found[id(target)] = next(iter(layers.values()))
+    return found
 
 
 def follower_key(targets: Sequence[Target], followers: dict) -> tuple:
@@ -246,25 +240,33 @@ def follower_key(targets: Sequence[Target], followers: dict) -> tuple:
     return tuple((i, id(followers[id(t)])) for i, t in enumerate(targets) if id(t) in followers)
 
 
-def followed_by_normalization(model: keras.layers.Layer, target: Target) -> bool:
-    """Whether the target's output goes only into a normalization (BN, LN, GN...), through
-    steps that do not change which (dropout, pooling, reshapes)."""
-    if target.inner.activation not in (None, keras.activations.linear):
-        return False
-    found = _followers_of(model, target)
-    return bool(found) and all(_normalized(through) for _, through in found)
+def followed_by_normalization(model: keras.layers.Layer, targets: Sequence[Target]) -> set:
+    """id(target) of those whose output goes only into a normalization (BN, LN, GN...),
+    through steps that do not change which (dropout, pooling, reshapes)."""
+    graph = _graph_of(model)
+    found = set()
+    for target in targets:
+        met = _followers_of(graph, target)
+        if met and all(_normalized(through) for _, through in met):
+            found.add(id(target))
+    return found
 
 
 def _normalized(steps) -> bool:
     return any(rules.rule_for(step.layer).family == "normalization" for step in steps)
 
 
-def _followers_of(model, target: Target) -> list:
-    """(`_graph.Follower`, the steps it looked through) for each call of the target's layer
-    in the model's graph; empty where the model has no graph."""
+def _graph_of(model):
     try:
-        graph = _graph.flatten(model)
+        return _graph.flatten(model)
     except ValueError:  # a subclassed model that cannot be traced, an unbuilt Sequential
+        return None
+
+
+def _followers_of(graph, target: Target) -> list:
+    """(`_graph.Follower`, the steps it looked through) for each call of the target's layer
+    in `graph`; empty for a target with a fused activation or without a graph."""
+    if graph is None or target.inner.activation not in (None, keras.activations.linear):
         return []
     found = []
     for step in graph.steps:

@@ -722,13 +722,17 @@ def signal_report(
     output reaches the loss: the last layer of a plain network, and never a
     head whose output the model discards (its ratio would be 0/0).
 
-    For a Sequential or functional model, every residual block (an `Add` of
-    a skip, identity or projection, and a branch with a kernel; nested
-    models included) also gets, in the same forward pass, the three signal
-    propagation curves of Brock et al. (2021) in `SignalReport.blocks`: the
-    average channel squared mean and the average channel variance of the
-    block's output (the residual stream after the `Add`), and the average
-    channel variance of the branch's output before it. A stream whose
+    Every residual block of the model's graph (a sum of a skip, identity or
+    projection, and one or more branches: an `Add` layer, `h + x` or
+    `keras.ops.add` in a functional model, a sum inside a subclassed layer
+    or model, which the graph traces into; nested models included) also
+    gets, in the same forward pass, the three signal propagation curves of
+    Brock et al. (2021) in `SignalReport.blocks`: the average channel
+    squared mean and the average channel variance of the block's output
+    (the residual stream after the sum), and the average channel variance
+    of the branch's output before it. A block whose tensors no call of the
+    pass makes or takes (an op inside a subclassed layer's own code) is
+    listed all the same, with `status` `"partial"` or `"skipped"` and why. A stream whose
     variance grows by about 1 per block has branches of unit variance; the
     `1/N` rule of `mean_field_init` keeps each branch near `1/N` of the
     stream.

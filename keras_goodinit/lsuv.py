@@ -652,8 +652,9 @@ def _mark_data_initialized(pairs) -> None:
 
 def _normalization_notes(model, pairs) -> list[str]:
     """Notes the rows that a normalization layer follows; returns the summary line."""
+    followed = _sweep.followed_by_normalization(model, [target for target, _ in pairs])
     normalized = [row for target, row in pairs
-                  if row.status != "skipped" and _sweep.followed_by_normalization(model, target)]
+                  if row.status != "skipped" and id(target) in followed]
     for row in normalized:
         row.reason = "; ".join(r for r in (row.reason, _NORMALIZED) if r)
     if not normalized:

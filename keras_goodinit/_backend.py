@@ -87,6 +87,20 @@ def matmul(a, b):
     return ops.matmul(a, b)
 
 
+def gram(x):
+    """`x^T x` over the last two axes, in `x`'s dtype, without writing out the transpose
+    (a pass over `x` as large as the product's own reads on CPU)."""
+    backend = name()
+    if backend == "tensorflow":
+        return tf.linalg.matmul(x, x, adjoint_a=True)
+    if backend == "torch":
+        import torch
+
+        x = ops.convert_to_tensor(x)
+        return torch.matmul(x.mT, x)
+    return ops.matmul(ops.swapaxes(x, -1, -2), x)
+
+
 def wide() -> str:
     """The dtype of statistics: float64, or float32 where the backend has none (JAX
     without `jax_enable_x64`, where a float64 request silently gives float32)."""

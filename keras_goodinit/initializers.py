@@ -241,9 +241,11 @@ class GoodInit(keras.initializers.Initializer):
         matrix = self._directions(lead, fan_in, n_units, work_dtype)
         norms = ops.sqrt(ops.sum(ops.square(matrix), axis=-2, keepdims=True))
         matrix = matrix * (norm / norms)
-        offset = len(lead)
-        kernel = ops.transpose(ops.reshape(matrix, lead + tuple(moved)),
-                               list(range(offset)) + [offset + i for i in _inverse(perm)])
+        kernel = ops.reshape(matrix, lead + tuple(moved))
+        if perm != sorted(perm):  # a transpose copies even when it has nothing to move
+            offset = len(lead)
+            kernel = ops.transpose(kernel, list(range(offset))
+                                   + [offset + i for i in _inverse(perm)])
         return ops.cast(kernel, dtype)
 
     def _checked_unit_norm(self, shape: tuple[int, ...], dtype: str, fan_in: int) -> float:
@@ -369,7 +371,7 @@ def _cholesky_qr2(sample):
     eye = ops.broadcast_to(ops.eye(n, dtype=sample.dtype), tuple(sample.shape[:-2]) + (n, n))
     q = sample
     for _ in range(2):
-        lower = ops.cholesky(_backend.matmul(ops.swapaxes(q, -1, -2), q))  # A^T A = L L^T
+        lower = ops.cholesky(_backend.gram(q))  # A^T A = L L^T
         # R^-1 = (L^T)^-1 = (L^-1)^T; one triangular solve on n x n, then a matmul.
         inverse_r = ops.swapaxes(ops.solve_triangular(lower, eye, lower=True), -1, -2)
         q = _backend.matmul(q, inverse_r)

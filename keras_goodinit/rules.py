@@ -60,6 +60,10 @@ class Signal:
     # An activation's output also keeps its Gaussian input: (spec, mean, variance), so that
     # max pooling, which commutes with a non-decreasing activation, is followed exactly.
     gaussian: tuple | None = None
+    # A sum `gain * phi(z) + g` of one activation's output and independent Gaussian rest:
+    # (phi spec, mean of z, variance of z, gain, mean of g, variance of g), arrays over
+    # positions or floats; an activation applied to it is followed exactly (`_sum_source`).
+    mixture: tuple | None = None
 
     @property
     def q(self) -> float:
@@ -222,12 +226,17 @@ def fit(signal: Signal, shape: tuple) -> Signal:
     if signal.unknown:
         return Signal.unknown_after(signal.unknown, shape)
     power, mean = np.asarray(signal.power, float), np.asarray(signal.mean, float)
+    mixture = signal.mixture
+    if mixture is not None and any(np.shape(part) not in ((), shape) for part in mixture[1:]):
+        # Averaged over positions, as `gaussian` is.
+        mixture = (mixture[0], *(float(np.mean(part)) for part in mixture[1:]))
     if power.shape == shape and mean.shape == shape:
-        return Signal(power, mean, gaussian=signal.gaussian)
+        return Signal(power, mean, gaussian=signal.gaussian, mixture=mixture)
     if power.shape == shape:
-        return Signal(power, np.full(shape, np.mean(mean)), gaussian=signal.gaussian)
+        return Signal(power, np.full(shape, np.mean(mean)), gaussian=signal.gaussian,
+                      mixture=mixture)
     return Signal(np.full(shape, np.mean(power)), np.full(shape, np.mean(mean)),
-                  gaussian=signal.gaussian)
+                  gaussian=signal.gaussian, mixture=mixture)
 
 
 def _numeric(value) -> np.ndarray | None:
@@ -287,13 +296,70 @@ class KernelRule(LayerRule):
 # --- activations ---------------------------------------------------------------------------
 
 def activation_output(spec: _moments.ActivationSpec, signal: Signal) -> Signal:
-    """An elementwise activation's output moments, inputs taken Gaussian."""
+    """An elementwise activation's output moments.
+
+    The input is taken Gaussian, unless it is a sum carrying a `mixture` (one
+    activation's output plus an independent Gaussian rest, as the stream
+    `relu(h + f(h))` of a post-activation ResNet): then the moments are those
+    of that law, exactly (`_moments.sum_moments`), and the output's Gaussian
+    source is the moment-matched one (`_moments.match_moments`).
+    """
     if signal.unknown:
         return signal
     var = signal.power - signal.mean**2
-    second, first = _moments.moments(spec, signal.mean, var)
-    return Signal(np.asarray(second, float), np.asarray(first, float),
-                  gaussian=(spec, float(np.mean(signal.mean)), float(np.mean(var))))
+    plain = (spec, float(np.mean(signal.mean)), float(np.mean(var)))
+    if signal.mixture is None:
+        second, first = _moments.moments(spec, signal.mean, var)
+        return Signal(np.asarray(second, float), np.asarray(first, float), gaussian=plain)
+    if _moments._affine_identity(spec):  # a linear activation keeps the law
+        return Signal(signal.power, signal.mean, gaussian=plain, mixture=signal.mixture)
+    source, mean, source_var, gain, other_mean, other_var = signal.mixture
+    second, first = _moments.sum_moments(source, mean, source_var, gain, spec, other_mean,
+                                         other_var)
+    second = np.broadcast_to(second, np.shape(signal.power)).astype(float)
+    first = np.broadcast_to(first, np.shape(signal.power)).astype(float)
+    matched = _moments.match_moments(spec, second, first)
+    if matched is not None:
+        plain = (spec, float(np.mean(matched[0])), float(np.mean(matched[1])))
+    return Signal(second, first, gaussian=plain)
+
+
+def _is_gaussian(signal: Signal) -> bool:
+    """The entries are Gaussian (a kernel's output) or their law is not known: no source."""
+    return signal.mixture is None and (
+        signal.gaussian is None or _moments._affine_identity(signal.gaussian[0]))
+
+
+def _sum_source(terms: list[tuple[float, Signal]], shape: tuple) -> tuple | None:
+    """The `mixture` of a weighted sum of independent tensors, or None.
+
+    One term, an activation's output (its `gaussian`) or a sum that is one
+    already (its `mixture`), keeps its law; the others are taken Gaussian,
+    their means and variances adding. Of several such terms the one of most
+    second moment keeps its law. The source is rescaled to each position's
+    second moment where its activation is homogeneous (zero padding's borders).
+    """
+    candidates = [(w**2 * s.q, i) for i, (w, s) in enumerate(terms) if not _is_gaussian(s)]
+    if not candidates:
+        return None
+    chosen = max(candidates)[1]
+    weight, signal = terms[chosen]
+    other_mean, other_var = np.zeros(shape), np.zeros(shape)
+    for i, (w, s) in enumerate(terms):
+        if i != chosen:
+            other_mean = other_mean + w * s.mean
+            other_var = other_var + w**2 * np.maximum(s.power - s.mean**2, 0.0)
+    if signal.mixture is not None:
+        source, mean, var, gain, mean_g, var_g = signal.mixture
+        return (source, mean, var, weight * gain, weight * np.asarray(mean_g) + other_mean,
+                weight**2 * np.asarray(var_g) + other_var)
+    source, mean, var = signal.gaussian
+    mean, var = np.full(shape, float(mean)), np.full(shape, float(var))
+    reference = float(_moments.moments(source, mean.flat[0], var.flat[0])[0])
+    if source.homogeneous and reference > 0:
+        scale = np.sqrt(np.broadcast_to(signal.power, shape) / reference)
+        mean, var = scale * mean, scale**2 * var
+    return (source, mean, var, weight, other_mean, other_var)
 
 
 class ActivationRule(LayerRule):
@@ -429,7 +495,13 @@ class SumRule(LayerRule):
         for i in range(len(terms)):
             for j in range(i + 1, len(terms)):
                 power = power + 2 * terms[i][0] * terms[j][0] * terms[i][1].mean * terms[j][1].mean
-        return [Signal(power, mean)]
+        power, mean = (np.array(a) for a in np.broadcast_arrays(np.asarray(power, float),
+                                                                np.asarray(mean, float)))
+        try:
+            mixture = _sum_source(terms, power.shape)
+        except ValueError:  # inputs over positions that do not broadcast
+            mixture = None
+        return [Signal(power, mean, mixture=mixture)]
 
 
 class ProductRule(LayerRule):

@@ -297,3 +297,27 @@ def test_residual_lsuv_on_application_models_finds_every_stage():
         stages = [b.stage for b in blocks]
         assert [stages.count(s) for s in sorted(set(stages))] == sizes
         assert [b.num_blocks for b in blocks] == [n for n in sizes for _ in range(n)]
+
+
+def test_a_sum_of_several_branches_shares_s_over_n_and_a_weighted_branch_is_noted():
+    inputs = keras.Input((16,))
+    stem = L.Dense(16, name="stem")(inputs)
+    # Block A: a constant factor on the branch, `h + 0.5 f(h)`.
+    h = stem + 0.5 * L.Dense(16, name="a_end")(L.Dense(16, activation="relu")(stem))
+    # Block B: a three-input sum of the stream and two branches.
+    ends = [L.Dense(16, name=f"b_end{i}")(L.Dense(16, activation="relu")(h)) for i in (1, 2)]
+    out = L.Add(name="b_add")([h, *ends])
+    model = keras.Model(inputs, L.Dense(2, name="head")(out))
+    x = normal((128, 16), 50)
+    report = lsuv_init(model, x, pre_init=None, verbose=0)
+    rows = {row.name: row for row in report.rows}
+    # One stage of two blocks (N = 2); block B's two branches each take s / (2 N), so that
+    # the block adds s / N in all.
+    stream = keras.Model(inputs, [stem, h])(x)
+    s_a, s_b = (float(np.var(keras.ops.convert_to_numpy(y))) for y in stream)
+    assert rows["a_end"].target_var == pytest.approx(s_a / 2, rel=1e-4)
+    for name in ("b_end1", "b_end2"):
+        assert rows[name].target_var == pytest.approx(s_b / 4, rel=1e-4), rows[name]
+        assert "/ 4" in rows[name].reason
+    # The weighted branch keeps s / N at its kernel, and the notes say it adds c^2 s / N.
+    assert any("times 0.5" in note and "a_end" in note for note in report.notes), report.notes

@@ -365,16 +365,14 @@ def _block_reads(model) -> _Blocks:
                 **{f"branch{i}": key for i, key in enumerate(block.branches)}}
         missing = {}
         own = graph.hook(block.add.outputs[0]) if block.add.hookable else None
-        if own is not None:
-            layer, call, position = own
-            flat = keras.tree.flatten(block.add.args)
-            reads.append(_Read(layer, call, ("out", position), index, "output"))
-            for field, key in keys.items():
-                if field != "output":
-                    reads.append(_Read(layer, call, ("arg", flat.index(_graph.Ref(key))),
-                                       index, field))
-        else:
-            for field, key in keys.items():
+        flat = keras.tree.flatten(block.add.args)
+        for field, key in keys.items():
+            if own is not None and field == "output":
+                reads.append(_Read(own[0], own[1], ("out", own[2]), index, field))
+            elif own is not None and _graph.Ref(key) in flat:  # a positional input
+                reads.append(_Read(own[0], own[1], ("arg", flat.index(_graph.Ref(key))),
+                                   index, field))
+            else:
                 found, factor = _readable(graph, key)
                 if isinstance(found, str):
                     missing[field] = found

@@ -342,7 +342,7 @@ def unscalable_layers(model: keras.layers.Layer,
             continue
         if not getattr(layer, "_trainable_variables", None):
             continue
-        if isinstance(layer, klayers.Embedding):
+        if rule is not None and rule.family == "embedding":
             reason = ("an embedding lookup, not a linear map of the layer's input: "
                       "no output variance a kernel scale sets")
         elif isinstance(layer, _RNN_CELLS):

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 from keras import ops
 
-from keras_goodinit import _backend, _data, _distribute, _residual, _sweep, _validate
+from keras_goodinit import _backend, _data, _distribute, _residual, _sweep, _validate, rules
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import WeightNormalization, unit_norms
@@ -782,7 +782,7 @@ def _draw_plan(target):
     shape = tuple(variable.shape)
     inner = target.inner
     if isinstance(inner, keras.layers.EinsumDense):
-        fan_in, units = _einsum_axes(inner.equation, len(shape))
+        fan_in, units = rules.einsum_axes(inner.equation, len(shape))
         sizes = [shape[i] for i in fan_in + units]
         inverse = [int(i) for i in np.argsort(fan_in + units)]
 
@@ -802,19 +802,6 @@ def _draw_plan(target):
 
         return block, "default", groups, assemble
     return shape, target.kernel_layout, 1, lambda blocks: blocks[0]
-
-
-def _einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:
-    """Kernel axes an EinsumDense equation contracts with its input, and its output axes."""
-    inputs, output = equation.replace("...", "").split("->")
-    _, kernel = inputs.split(",")
-    units = [i for i, letter in enumerate(kernel) if letter in output]
-    fan_in = [i for i in range(rank) if i not in units]
-    if not units or not fan_in or len(kernel) != rank:
-        raise ValueError(
-            "The orthogonal pre-init needs an EinsumDense kernel with fan-in and output "
-            f"axes. Received: equation={equation!r}")
-    return fan_in, units
 
 
 def _followers(model, targets, measure) -> dict:

@@ -711,11 +711,12 @@ def _depthwise_gain(layer) -> float:
 
 
 def _write(target, decision: _Decision, distribution, seeds) -> float:
-    """Sets the target's unit norms to `decision.norm`; returns new / old mean norm."""
-    old = math.sqrt(_current_gain(target))
+    """Sets the target's unit norms to `decision.norm`; returns new / old RMS unit norm."""
+    old = math.sqrt(_mean_square_norm(target))
     layout = target.kernel_layout
     kernel = target.direction_variable
     norm = decision.norm
+    new = norm  # what a draw or a weight-norm `g` guarantees, to rounding
     if isinstance(target.inner, _SEPARABLE):
         depthwise = target.inner.depthwise_kernel
         if distribution is not None:
@@ -754,8 +755,24 @@ def _write(target, decision: _Decision, distribution, seeds) -> float:
         norms = np.sqrt(np.sum(np.square(values), axis=axes, keepdims=True))
         factor = np.where(norms > 0, norm / np.where(norms > 0, norms, 1.0), 1.0)
         kernel.assign((values * factor).astype(keras.backend.standardize_dtype(kernel.dtype)))
-    new = math.sqrt(_current_gain(target))
+        new = math.sqrt(_mean_square_norm(target))  # all-zero units stay zero
     return new / old if old > 0 else math.inf
+
+
+def _mean_square_norm(target) -> float:
+    """`_current_gain` in one reduction: the mean squared unit norm is the kernel's sum
+    of squares over its number of units (summed in float32 at least)."""
+    if target.is_weight_normalized:
+        return _current_gain(target)
+    kernel = target.direction_variable.value
+    dtype = "float64" if keras.backend.standardize_dtype(kernel.dtype) == "float64" else "float32"
+    axes = (tuple(_einsum_view(target)[0]) if _einsum(target)
+            else _layouts.norm_axes(len(kernel.shape), target.kernel_layout))
+    units = math.prod(kernel.shape) // math.prod(kernel.shape[i] for i in axes)
+    gain = float(ops.convert_to_numpy(ops.sum(ops.square(ops.cast(kernel, dtype))))) / units
+    if isinstance(target.inner, _SEPARABLE):
+        gain *= _depthwise_gain(target.inner)
+    return gain
 
 
 def _measure(model, x, targets, plan: _Planner, training: bool) -> None:

@@ -280,6 +280,10 @@ class KernelRule(LayerRule):
         kernel_size = tuple(layer.kernel_size)
         if not _channels_last(layer) or layer.padding == "causal" or len(kernel_size) != rank:
             return np.full(out_map, np.mean(power))
+        if self.conv == "conv":
+            y = _window_mean(power, kernel_size, _tuple(layer.strides, rank),
+                             _tuple(layer.dilation_rate, rank), layer.padding)
+            return y if y.shape == out_map else np.full(out_map, float(np.mean(y)))
         x = ops.convert_to_tensor(power[None, ..., None], "float32")
         ones = np.full(kernel_size + (1, 1), 1.0 / math.prod(kernel_size), "float32")
         if self.conv == "transpose":
@@ -291,6 +295,34 @@ class KernelRule(LayerRule):
                          dilation_rate=layer.dilation_rate)
         y = ops.convert_to_numpy(y)[0, ..., 0].astype(float)
         return y if y.shape == out_map else np.full(out_map, float(np.mean(y)))
+
+
+def _tuple(value, rank: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
+
+
+def _window_mean(power: np.ndarray, kernel, strides, dilation, padding) -> np.ndarray:
+    """The mean of `power` over each output position's receptive field, zero padding
+    counted, as a convolution with `padding` ("valid" or "same") places its windows.
+
+    NumPy on the small position map: no backend op (and no compile) per layer.
+    """
+    pads = []
+    for n, k, s, d in zip(power.shape, kernel, strides, dilation):
+        span = d * (k - 1) + 1
+        if padding == "same":
+            out = -(-n // s)
+            total = max((out - 1) * s + span - n, 0)
+            pads.append((total // 2, total - total // 2))
+        else:
+            pads.append((0, 0))
+    padded = np.pad(power, pads)
+    spans = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, spans)
+    rank = power.ndim
+    windows = windows[tuple(slice(None, None, s) for s in strides)
+                      + tuple(slice(None, None, d) for d in dilation)]
+    return windows.mean(axis=tuple(range(rank, 2 * rank)))
 
 
 # --- activations ---------------------------------------------------------------------------

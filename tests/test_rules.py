@@ -442,3 +442,21 @@ def test_unknown_inputs_stay_unknown():
         ins = [unknown, A][:len([a for a in args if isinstance(a, Input)])]
         out = propagate(layer, args, ins, [SHAPE] * len(ins), [SHAPE])
         assert out.unknown == "opaque: HostCode"
+
+
+@pytest.mark.parametrize("shape, kernel, strides, dilation, padding", [
+    ((9, 9), (3, 3), (1, 1), (1, 1), "same"), ((9, 8), (3, 3), (2, 2), (1, 1), "same"),
+    ((10, 10), (3, 5), (1, 1), (1, 2), "valid"), ((7, 7), (7, 7), (2, 2), (1, 1), "same"),
+    ((16,), (3,), (1,), (2,), "same"), ((8, 8), (1, 1), (2, 2), (1, 1), "valid")])
+def test_receptive_field_means_are_a_convolution_with_a_flat_kernel(shape, kernel, strides,
+                                                                    dilation, padding):
+    from keras_goodinit.rules import _window_mean
+
+    power = np.random.default_rng(0).uniform(size=shape)
+    x = ops.convert_to_tensor(power[None, ..., None], "float32")
+    flat = np.full(kernel + (1, 1), 1.0 / math.prod(kernel), "float32")
+    expected = ops.convert_to_numpy(ops.conv(x, flat, strides=strides, padding=padding,
+                                             dilation_rate=dilation))[0, ..., 0]
+    # The convolution sums at most 49 float32 terms of size <= 1: within 64 eps32.
+    np.testing.assert_allclose(_window_mean(power, kernel, strides, dilation, padding),
+                               expected, rtol=0, atol=64 * np.finfo("float32").eps)

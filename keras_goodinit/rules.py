@@ -637,6 +637,8 @@ class RearrangeRule(LayerRule):
 
 
 class DropoutRule(LayerRule):
+    """Noise in training mode, the identity in inference mode."""
+
     family = "dropout"
     look_through = True
 
@@ -644,21 +646,19 @@ class DropoutRule(LayerRule):
         signal = ins[0]
         if signal.unknown or not ctx.training:
             return [signal]
+        return [self.noisy(signal, ctx.layer)]
+
+    def noisy(self, signal: Signal, layer) -> Signal:
         # Inverted dropout x * mask / (1 - rate), or GaussianDropout's x * N(1, rate / (1 -
         # rate)): the mean is kept and E[y^2] = E[x^2] / (1 - rate) in both.
-        rate = float(ctx.layer.rate)
-        return [Signal(signal.power / (1 - rate), signal.mean)]
+        return Signal(signal.power / (1 - float(layer.rate)), signal.mean)
 
 
-class NoiseRule(LayerRule):
-    family = "dropout"
-    look_through = True
+class NoiseRule(DropoutRule):
+    """GaussianNoise: an independent N(0, stddev^2) added in training mode."""
 
-    def propagate(self, ctx, ins):
-        signal = ins[0]
-        if signal.unknown or not ctx.training:
-            return [signal]
-        return [Signal(signal.power + float(ctx.layer.stddev) ** 2, signal.mean)]
+    def noisy(self, signal: Signal, layer) -> Signal:
+        return Signal(signal.power + float(layer.stddev) ** 2, signal.mean)
 
 
 def _max_of(signal: Signal, count: int) -> Signal:

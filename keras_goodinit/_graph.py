@@ -116,7 +116,10 @@ def flatten(model: keras.layers.Layer, input_shape: tuple | None = None) -> Grap
     """
     from keras_goodinit import _sweep  # a cycle at import time otherwise
 
-    key = (rules._VERSION, _sweep.model_fingerprint(model), input_shape)
+    # The shape matters only where the model itself does not say it (see `_subclassed`).
+    shape_key = input_shape if functional_of(model) is None and not getattr(
+        model, "_build_shapes_dict", None) else None
+    key = (rules._VERSION, _sweep.model_fingerprint(model), shape_key)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -266,6 +269,11 @@ def _subclassed(model, builder, input_shape) -> tuple[list[int], list[int]]:
             "Keras records at a symbolic build; where it did not, pass data); this is "
             f"{type(model).__name__}, built on {shapes or 'nothing'}. Received: model={model!r}")
     (shape,) = shapes.values()
+    if not (isinstance(shape, (tuple, list)) and all(
+            d is None or isinstance(d, int) for d in shape)):
+        raise ValueError(
+            "Argument `model` must be a subclassed model built on one input tensor to be "
+            f"traced; {type(model).__name__} was built on {shape!r}. Received: model={model!r}")
     tensor = keras.KerasTensor((None, *tuple(shape)[1:]), "float32")
     arguments = types.SimpleNamespace(keras_tensors=[tensor], args=(tensor,), kwargs={})
     inputs = [builder.new_key(tensor)]
@@ -334,6 +342,36 @@ def _untraceable(error: BaseException) -> str:
     first = text[0] if text else ""
     return (f"its call could not be traced on symbolic tensors ({type(error).__name__}: "
             f"{first[:160]})")
+
+
+def dependent(graph: Graph, step: Step) -> str:
+    """Why `step`'s tensor inputs are not independent, or "" if they are taken to be.
+
+    Two inputs are dependent where both reach one tensor through steps that
+    are not kernels (`h + 0.5 * h`, `h * sigmoid(h)`): a kernel's random
+    directions are what makes its output independent of what it shares with
+    a skip, so a residual sum's skip and branch are independent.
+    """
+    if len(set(step.inputs)) < 2:
+        return ""
+    seen: dict[int, int] = {}
+    for position, key in enumerate(dict.fromkeys(step.inputs)):
+        stack = [key]
+        while stack:
+            key = stack.pop()
+            owner = seen.setdefault(key, position)
+            if owner != position:
+                return (f"its inputs are not independent: they share "
+                        f"{_tensor_name(graph, key)} with no kernel between")
+            made_by = graph.producer.get(key)
+            if made_by is not None and not is_kernel(made_by):
+                stack.extend(k for k in made_by.inputs if seen.get(k) != position)
+    return ""
+
+
+def _tensor_name(graph: Graph, key: int) -> str:
+    made_by = graph.producer.get(key)
+    return "a model input" if made_by is None else f"the output of {made_by.name}"
 
 
 def ancestors(graph: Graph) -> dict[int, frozenset]:
@@ -541,6 +579,9 @@ def _branch(graph, key, above, skip):
         if rule is None:
             why = made_by.opaque or "it has no rule"
             return None, scale, gate, f"the branch passes {made_by.name} ({why})"
+        if rule.family == "normalization":  # a kernel before it cannot set the branch's scale
+            return None, scale, gate, (f"the branch ends in the normalization "
+                                       f"{made_by.name}: its gain sets the branch's scale")
         if len(set(made_by.inputs)) == 1:
             factor = rule.scale(context(graph, made_by))
             if factor is not None:

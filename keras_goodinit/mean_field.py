@@ -207,8 +207,8 @@ def mean_field_init(
             `None` (every sum is a plain sum).
         distribution: `"orthogonal"` or `"normal"` re-draws every kernel's
             directions; `None` keeps them and sets only the norms.
-        input_variance: Second moment of the model's inputs' entries. Default:
-            1, or measured on `data` when it is given.
+        input_variance: Variance of the model's inputs' entries. Default: 1, or
+            measured on `data` when it is given.
         input_mean: Mean of the inputs' entries. Default: 0, or measured on
             `data` when it is given.
         head: The second moment the logits aim at (a positive number), or
@@ -253,7 +253,7 @@ def mean_field_init(
     shape = None if x is None else tuple(keras.tree.flatten(x)[0].shape)
     graph = _graph.flatten(model, input_shape=shape)
     targets = _sweep.find_targets(model)
-    inputs = _input_signals(graph, x, input_variance, input_mean)
+    inputs = _input_signals(model, graph, x, input_variance, input_mean)
     plan = _Planner(graph, targets, residual, inputs, head, training).run()
     rng = None if seed is None else np.random.default_rng(seed)
     seeds = {id(t): (None if rng is None else int(rng.integers(0, 2**31 - 1)),
@@ -293,23 +293,33 @@ def _batch_size(x) -> int:
     return int(keras.tree.flatten(x)[0].shape[0])
 
 
-def _input_signals(graph, x, variance, mean) -> dict[int, Signal]:
-    """The moments of the model's inputs: given, measured on `x`, or N(0, 1)."""
-    flat = keras.tree.flatten(x) if x is not None else [None] * len(graph.inputs)
+def _input_signals(model, graph, x, variance, mean) -> dict[int, Signal]:
+    """The moments of the model's inputs: given, measured on `x`, or N(0, 1).
+
+    `variance` and `mean` override what `x` gives; the second moment is
+    `variance + mean^2`.
+    """
+    flat = [None] * len(graph.inputs) if x is None else _by_input(model, x)
     signals = {}
     for key, value in zip(graph.inputs, flat):
         shape = rules.map_shape(graph.shapes[key])
-        measured_power = measured_mean = None
+        m, v = 0.0, 1.0
         if value is not None:
             array = np.asarray(ops.convert_to_numpy(value), dtype="float64")
-            measured_mean, measured_power = float(np.mean(array)), float(np.mean(array**2))
-        m = mean if mean is not None else (measured_mean if measured_mean is not None else 0.0)
-        if variance is not None:
-            power = variance + m**2 if mean is not None or measured_mean is None else variance
-        else:
-            power = measured_power if measured_power is not None else 1.0 + m**2
-        signals[key] = Signal(np.full(shape, power), np.full(shape, m))
+            m, v = float(np.mean(array)), float(np.var(array))
+        m = m if mean is None else mean
+        v = v if variance is None else variance
+        signals[key] = Signal(np.full(shape, v + m**2), np.full(shape, m))
     return signals
+
+
+def _by_input(model, x) -> list:
+    """The batch's tensors in the order of the model's inputs (a dict by input name)."""
+    if isinstance(x, dict):
+        names = [getattr(t, "name", None) for t in keras.tree.flatten(model.inputs)]
+        if all(name in x for name in names):
+            return [x[name] for name in names]
+    return keras.tree.flatten(x)
 
 
 @dataclasses.dataclass
@@ -353,7 +363,7 @@ class _Planner:
         self.residual, self.head, self.training = residual, head, training
         blocks, plain = _graph.residual_blocks(graph)
         self.branch_ends: dict[int, int] = {}
-        self._notes = [f"{step.name}: {why}" for step, why in plain]
+        self._notes = [why for _, why in plain]
         if residual == "scaled":
             for block in blocks:
                 ends = [end for end in block.branch_ends if end is not None]
@@ -385,7 +395,9 @@ class _Planner:
         why = ""
         if rule is None:
             why = step.opaque or f"no rule for {type(step.layer).__name__}"
-        else:
+        elif rule.family == "merge" and not isinstance(rule, rules.ConcatenateRule):
+            why = _graph.dependent(self.graph, step)  # sums and products need independence
+        if not why and rule is not None:
             try:
                 outs = rule.propagate(ctx, ins)
             except NotImplementedError:

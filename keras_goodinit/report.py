@@ -87,13 +87,11 @@ class InitReport:
     def __getitem__(self, name: str) -> LayerRecord:
         """The row named `name`: its path (`"block_0/attention/query"`), or its last
         part where that is unique; a ValueError where several rows end so."""
-        for row in self.rows:
-            if row.name == name:
-                return row
-        found = [row for row in self.rows if row.name.rsplit("/", 1)[-1] == name]
+        found = [row for row in self.rows if row.name == name] or [
+            row for row in self.rows if row.name.rsplit("/", 1)[-1] == name]
         if len(found) > 1:
             raise ValueError(
-                f"Argument `name` is ambiguous: {len(found)} rows end in it "
+                f"Argument `name` is ambiguous: {len(found)} rows are named by it "
                 f"({', '.join(row.name for row in found)}); use the path. Received: name={name!r}")
         if not found:
             raise KeyError(name)

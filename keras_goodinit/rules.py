@@ -567,8 +567,20 @@ class ProductRule(LayerRule):
             return [Signal.unknown_after(f"{ctx.layer.name}: a ratio of two tensors",
                                          ctx.out_map())]
         power, mean = np.ones(()), np.ones(())
-        for signal in ins:
-            power, mean = power * signal.power, mean * signal.mean
+        counts: dict[int, int] = {}
+        for index in _tensor_inputs(ctx):
+            counts[index] = counts.get(index, 0) + 1
+        for index, count in counts.items():
+            signal = ins[index]
+            if count == 1:
+                power, mean = power * signal.power, mean * signal.mean
+            elif count == 2:  # x * x: the Gaussian's fourth and second moments
+                var = signal.power - signal.mean**2
+                power = power * (3 * var**2 + 6 * signal.mean**2 * var + signal.mean**4)
+                mean = mean * signal.power
+            else:
+                return [Signal.unknown_after(f"{ctx.layer.name}: a power of a tensor",
+                                             ctx.out_map())]
         for constant in ctx.constants():
             if self.divide:
                 if isinstance(ctx.args[0], Input) and np.all(constant != 0):
@@ -738,18 +750,29 @@ class ZeroPaddingRule(LayerRule):
 
 
 class RescalingRule(LayerRule):
+    """`x * scale + offset`, per channel where they are vectors (channel averages)."""
+
     family = "scale"
 
     def scale(self, ctx):
-        return float(np.mean(ctx.layer.scale)) if not float(np.mean(ctx.layer.offset)) else None
+        scale, offset = self._affine(ctx.layer)
+        return float(np.sqrt(np.mean(scale**2))) if not np.any(offset) else None
 
     def propagate(self, ctx, ins):
         signal = ins[0]
         if signal.unknown:
             return [signal]
-        scale, offset = float(np.mean(ctx.layer.scale)), float(np.mean(ctx.layer.offset))
-        return [Signal(scale**2 * signal.power + 2 * scale * offset * signal.mean + offset**2,
-                       scale * signal.mean + offset)]
+        scale, offset = self._affine(ctx.layer)
+        return [Signal(np.mean(scale**2) * signal.power
+                       + 2 * np.mean(scale * offset) * signal.mean + np.mean(offset**2),
+                       np.mean(scale) * signal.mean + np.mean(offset))]
+
+    @staticmethod
+    def _affine(layer):
+        scale = np.asarray(ops.convert_to_numpy(layer.scale), float).ravel()
+        offset = np.asarray(ops.convert_to_numpy(layer.offset), float).ravel()
+        scale, offset = np.broadcast_arrays(scale, offset)
+        return scale, offset
 
 
 class EmbeddingRule(LayerRule):

@@ -286,3 +286,43 @@ def test_no_ok_row_misses_its_measured_moment_on_the_benchmark_models(name):
         else:
             assert row.status in ("missed", "unanalysed", "skipped") and row.reason, row
     assert report.ok == all(row.status == "ok" for row in report.rows)
+
+
+def test_a_tensor_times_itself_is_followed_exactly():
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(64, name="h")(inputs)
+    out = keras.layers.Dense(64, activation="tanh", name="after")(h * h)
+    x = _normal((1024, 64))
+    report = mean_field_init(keras.Model(inputs, out), seed=0, verbose=0, data=x)
+    # E[h^4] = 3 q^2 for a zero-mean Gaussian h (was q^2, as if independent: 3x off).
+    assert report["after"].status == "ok", report["after"]
+    assert report["after"].measured == pytest.approx(1.0, rel=report["after"].tolerance)
+
+
+@pytest.mark.parametrize("combine", [lambda h: h + 0.5 * h, lambda h: h * ops.sigmoid(h)])
+def test_a_sum_or_product_of_dependent_inputs_is_unanalysed(combine):
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(64, name="h")(inputs)
+    out = keras.layers.Dense(64, activation="tanh", name="after")(combine(h))
+    report = mean_field_init(keras.Model(inputs, out), seed=0, verbose=0)
+    # Independence is what the sum and product rules assume: h shares itself.
+    assert report["h"].status == "ok"
+    assert report["after"].status == "unanalysed", report["after"]
+    assert "not independent" in report.unanalysed[0][2]
+
+
+def test_input_moments_from_a_dict_batch_follow_the_input_names():
+    a = keras.Input((32,), name="zz")
+    b = keras.Input((32,), name="aa")
+    h = keras.layers.Concatenate()([keras.layers.Dense(32, name="from_zz")(a),
+                                    keras.layers.Dense(32, name="from_aa")(b)])
+    model = keras.Model([a, b], keras.layers.Dense(4, name="out")(h))
+    rng = np.random.default_rng(0)
+    batch = {"zz": 5 * rng.normal(size=(512, 32)).astype("float32"),
+             "aa": rng.normal(size=(512, 32)).astype("float32")}
+    report = mean_field_init(model, seed=0, verbose=0, data=batch)
+    for name in ("from_zz", "from_aa"):
+        assert report[name].status == "ok", report[name]
+    # The data's own moments: a Dense 1 : 1 keeps the input's second moment.
+    assert report["from_zz"].predicted == pytest.approx(
+        float(np.mean(batch["zz"].astype("float64") ** 2)), rel=1e-9)

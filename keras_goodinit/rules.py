@@ -800,7 +800,7 @@ class ConstantRule(LayerRule):
 def _builtin_rules() -> None:
     a = keras.activations
     _RULES[klayers.Dense] = KernelRule()
-    _RULES[klayers.EinsumDense] = EinsumKernelRule()
+    _RULES[klayers.EinsumDense] = KernelRule()  # its fans: `einsum_axes`
     for cls in (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D, klayers.SeparableConv1D,
                 klayers.SeparableConv2D):
         _RULES[cls] = KernelRule("default", "conv")
@@ -878,14 +878,6 @@ def _builtin_rules() -> None:
         _RULES[cls] = padding
     _RULES[klayers.Rescaling] = RescalingRule()
     _RULES[klayers.Embedding] = EmbeddingRule()
-
-
-class EinsumKernelRule(KernelRule):
-    """EinsumDense: its equation says which kernel axes meet the input (the fan-in)."""
-
-    def fan_axes(self, layer, rank: int) -> tuple[list[int], list[int]]:
-        """(kernel axes contracted with the input, kernel axes of the output)."""
-        return einsum_axes(layer.equation, rank)
 
 
 def einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:

@@ -27,7 +27,9 @@ time, and have no hook.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import types
 import weakref
 from typing import Any
@@ -100,6 +102,11 @@ def functional_of(model) -> Any:
     return None
 
 
+# Why a layer is opaque whose `call`, on KerasTensors, returns backend tensors: values made
+# from its inputs' shapes only (and its weights), as a position embedding's are. Its step
+# has no inputs, so no sum takes it for a branch of the tensor it was called on.
+_CONSTANT = ("its output is made from its input's shape alone, not from its values "
+             "(a constant for the model's input shape)")
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _OPEN_LENGTH = 8  # the length an inlined layer is traced at where the model leaves it open
 
@@ -172,6 +179,8 @@ class _Builder:
             why = ""
         outs = [self.new_key(t) for t in node.outputs]
         args, kwargs = _refs(node.arguments.args, env), _refs(node.arguments.kwargs, env)
+        if why == _CONSTANT:  # no input: its output is not computed from theirs
+            keys, args, kwargs = [], (), {}
         # A layer called inside an inlined `call` runs as itself only if the model tracks it
         # (one made inside `call` is a new object at every run).
         self.steps.append(Step(op, keys, outs, path, args, kwargs, why,
@@ -211,6 +220,9 @@ class _Builder:
         else:
             return [], _untraceable(failure)
         flat = keras.tree.flatten(outputs)
+        if flat and not any(isinstance(t, keras.KerasTensor) for t in flat) and all(
+                keras.ops.is_tensor(t) for t in flat):
+            return [], _CONSTANT  # made without the inputs' values: from shapes and weights
         if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
             return [], "its call returns something other than tensors computed by Keras ops"
         inputs = {id(fresh[id(t)]): k for t, k in zip(arguments.keras_tensors, keys)}
@@ -232,11 +244,12 @@ def _build(model, input_shape) -> Graph:
     saved = [(layer, len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers]
     builder.tracked = {id(layer) for layer in layers}
     try:
-        if graph is not None:
-            inputs = [builder.new_key(t) for t in keras.tree.flatten(graph.inputs)]
-            outputs = builder.functional(graph, inputs, "", True)
-        else:
-            inputs, outputs = _subclassed(model, builder, input_shape)
+        with _specs_from_call(layers):
+            if graph is not None:
+                inputs = [builder.new_key(t) for t in keras.tree.flatten(graph.inputs)]
+                outputs = builder.functional(graph, inputs, "", True)
+            else:
+                inputs, outputs = _subclassed(model, builder, input_shape)
     finally:
         # Tracing calls the sublayers on KerasTensors, which records nodes on them: the
         # model must come out as it went in (`layer.output` and friends read those).
@@ -252,6 +265,58 @@ def _build(model, input_shape) -> Graph:
                 users.append(step)
     return Graph(builder.steps, inputs, outputs, builder.shapes, producer, consumers,
                  _hooks(builder), builder.opaque)
+
+
+@contextlib.contextmanager
+def _specs_from_call(layers):
+    """Lets a sublayer called while tracing take every argument its `call` takes.
+
+    A layer called on KerasTensors gets its output spec from
+    `compute_output_spec`; an override of it that takes fewer arguments than
+    `call` (KerasHub's `CachedMultiHeadAttention` adds `cache` to
+    `MultiHeadAttention.call`, not to its `compute_output_spec`) raises where
+    the enclosing layer's code passes them. A functional build never meets
+    this: it traces the enclosing layer on backend tensors. For such a layer,
+    and for the time of the tracing only, a call whose arguments the override
+    cannot take gets Keras' default spec instead, which runs `call` itself.
+    """
+    from keras.src.ops.operation import Operation
+
+    patched = []
+    for layer in layers:
+        spec = type(layer).compute_output_spec
+        if spec is Operation.compute_output_spec or spec is keras.layers.Layer.compute_output_spec:
+            continue
+        try:
+            taken = inspect.signature(spec).parameters
+            wanted = inspect.signature(type(layer).call).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in taken.values()) or set(wanted) <= set(taken):
+            continue
+        object.__setattr__(layer, "compute_output_spec", _spec_or_call(layer))
+        patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            object.__delattr__(layer, "compute_output_spec")
+
+
+def _spec_or_call(layer):
+    from keras.src.ops.operation import Operation
+
+    own = layer.compute_output_spec
+    signature = inspect.signature(own)
+
+    def compute_output_spec(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError:
+            return Operation.compute_output_spec(layer, *args, **kwargs)
+        return own(*args, **kwargs)
+
+    return compute_output_spec
 
 
 def _subclassed(model, builder, input_shape) -> tuple[list[int], list[int]]:
@@ -625,12 +690,16 @@ def _stages(graph: Graph, blocks: list[Block]) -> None:
     """Groups blocks into stages: runs of blocks on one stream.
 
     A block continues the stage of the block whose sum its source comes from
-    (through single-input steps that are neither kernels nor normalizations:
-    activations, pooling, reshapes, dropout) unless its skip is a projection:
-    a projection re-sets the stream, so it starts a stage. So a block whose
+    (through single-input steps that are not kernels: activations, pooling,
+    reshapes, dropout, normalizations) unless its skip is a projection: a
+    projection re-sets the stream, so it starts a stage. So a block whose
     identity skip is strided or pooled (ResNet50V2's last block of a stage)
     stays in the stage of the stream it consumes, and a stage ends where a
     kernel (a transition convolution) or a projection skip changes the stream.
+    A normalization of the stream after each sum (post-LN transformers, BERT)
+    does not: a branch end at `s / N` keeps the part of the stream that came
+    through the skips at `(1 + 1/N)^-N > 1/e` of it over the stage, where a
+    stage per block (N = 1) would halve it at every sum.
     """
     by_output = {b.add.outputs[0]: b for b in blocks}
     stage_of: dict[int, int] = {}
@@ -643,7 +712,7 @@ def _stages(graph: Graph, blocks: list[Block]) -> None:
                 if key in by_output:
                     previous = by_output[key]
                     break
-                if made_by is None or _family(made_by) in ("kernel", "normalization", "opaque"):
+                if made_by is None or _family(made_by) in ("kernel", "opaque"):
                     break
         if previous is None or id(previous) not in stage_of:
             stage_of[id(block)] = next_stage

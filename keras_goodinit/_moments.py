@@ -542,6 +542,34 @@ def values(spec: ActivationSpec, z) -> np.ndarray:
     return _evaluate(spec.fn, np.asarray(z, float))
 
 
+def cross_moment(spec: ActivationSpec, mean: float, var: float, cov: float) -> float:
+    """`E[phi(u) phi(v)]` for (u, v) jointly Gaussian, each N(mean, var), covariance `cov`.
+
+    The mean-field correlation map (Poole et al. 2016): what an elementwise
+    activation does to the product of two positions' entries, as two tokens
+    of one sequence. Product Gauss-Hermite quadrature in the two independent
+    normals behind (u, v), exact for polynomials as `moments` is.
+    """
+    var = max(float(var), 0.0)
+    if var == 0.0:
+        value = float(values(spec, np.asarray([mean]))[0])
+        return value * value
+    rho = float(np.clip(cov / var, -1.0, 1.0))
+    s = math.sqrt(var)
+    if spec.pieces is None:  # smooth: product Gauss-Hermite, one evaluation of phi
+        z1 = math.sqrt(2) * np.broadcast_to(_X[:, None], (_NODES, _NODES))
+        z2 = math.sqrt(2) * np.broadcast_to(_X[None, :], (_NODES, _NODES))
+        both = values(spec, np.stack([mean + s * z1,
+                                      mean + s * (rho * z1 + math.sqrt(1.0 - rho * rho) * z2)]))
+        return float(np.sum(_W[:, None] * _W[None, :] * both[0] * both[1]))
+    # Outer: u = mean + s z on a fine grid (the integrand may have kinks, as relu's);
+    # inner: E[phi(v) | z] exactly, v | z ~ N(mean + rho s z, (1 - rho^2) var).
+    z = np.linspace(-_REACH, _REACH, 4001)
+    weight = _phi(z) * (z[1] - z[0])
+    inner = moments(spec, mean + rho * s * z, np.full(z.shape, (1.0 - rho * rho) * var))[1]
+    return float(np.sum(weight * values(spec, mean + s * z) * inner))
+
+
 def max_moments(spec: ActivationSpec, mean: float, var: float, count: int) -> tuple[float, float]:
     """`(E[phi(M)^2], E[phi(M)])`, M the largest of `count` independent N(mean, var) draws.
 

@@ -130,6 +130,7 @@ def mean_field_init(
     input_variance: float | None = None,
     input_mean: float | None = None,
     head: float | str = 1.0,
+    attention_logits: float = 1.0,
     training: bool = True,
     data=None,
     seed: int | None = None,
@@ -161,6 +162,14 @@ def mean_field_init(
     - The head (a last kernel layer with no activation after it, or only a
       softmax) aims at logits of second moment `head` (1 by default);
       `head="paper"` keeps the paper's `g^2 = C_in / C_out`.
+    - The query and key projections of an attention (`dot_product_attention`,
+      as `MultiHeadAttention` and KerasHub's attention layers call it) aim at
+      logits `scale * q.k` whose variance over one query's keys is
+      `attention_logits`: attention starts neither uniform nor one-hot. The
+      attention output's moments follow `rules.AttentionRule` (the values
+      averaged by the softmax, what tokens share surviving it); where it
+      assumes (a data-dependent mask, token correlation it cannot follow) the
+      report says so.
     - A residual block is any sum (an `Add` layer, `h + x`,
       `keras.ops.add`...) with an identity or projection skip. With
       `residual="scaled"` each branch's last kernel gets `gamma / N`, N the
@@ -213,6 +222,8 @@ def mean_field_init(
             `data` when it is given.
         head: The second moment the logits aim at (a positive number), or
             `"paper"` for the paper's `gamma = 1` on the last layer.
+        attention_logits: The variance of each query's attention logits over
+            its keys at init (a positive number; 1 by default).
         training: Follow BatchNormalization and dropout as in training
             (`fit`) or, with False, as in inference.
         data: Optional batch (or dataset: its first batch). If given, the
@@ -240,6 +251,7 @@ def mean_field_init(
     if input_mean is not None:
         input_mean = _validate.number("input_mean", input_mean)
     head = _head(head)
+    attention_logits = _validate.number("attention_logits", attention_logits, positive=True)
     training = _validate.boolean("training", training)
     seed = _validate.seed(seed)
     verbose = _validate.verbose(verbose)
@@ -254,7 +266,7 @@ def mean_field_init(
     graph = _graph.flatten(model, input_shape=shape)
     targets = _sweep.find_targets(model)
     inputs = _input_signals(model, graph, x, input_variance, input_mean)
-    plan = _Planner(graph, targets, residual, inputs, head, training).run()
+    plan = _Planner(graph, targets, residual, inputs, head, training, attention_logits).run()
     rng = None if seed is None else np.random.default_rng(seed)
     seeds = {id(t): (None if rng is None else int(rng.integers(0, 2**31 - 1)),
                      None if rng is None else int(rng.integers(0, 2**31 - 1)))
@@ -307,9 +319,12 @@ def _input_signals(model, graph, x, variance, mean) -> dict[int, Signal]:
         if value is not None:
             array = np.asarray(ops.convert_to_numpy(value), dtype="float64")
             m, v = float(np.mean(array)), float(np.var(array))
+        cross = m**2  # independent positions unless the data say otherwise
+        if value is not None and array.ndim >= 3 and array.shape[1] > 1:
+            cross = rules.measured_cross(array)
         m = m if mean is None else mean
         v = v if variance is None else variance
-        signals[key] = Signal(np.full(shape, v + m**2), np.full(shape, m))
+        signals[key] = Signal(np.full(shape, v + m**2), np.full(shape, m), cross=cross)
     return signals
 
 
@@ -357,8 +372,9 @@ class _Decision:
 class _Planner:
     """Propagates moments through the graph in execution order, deciding each kernel's gamma."""
 
-    def __init__(self, graph, targets, residual, inputs, head, training):
+    def __init__(self, graph, targets, residual, inputs, head, training, attention_logits=1.0):
         self.graph = graph
+        self.attention_logits = attention_logits
         self.targets = {id(t.layer): t for t in targets}
         self.residual, self.head, self.training = residual, head, training
         blocks, plain = _graph.residual_blocks(graph)
@@ -375,6 +391,7 @@ class _Planner:
         self.decisions: dict[int, _Decision] = {}
         self.unanalysed: list[tuple[str, str, str]] = []
         self.add_outputs: dict[str, float] = {}
+        self._attention_of: dict[int, tuple] = {}
 
     def run(self) -> _Planner:
         graph = self.graph
@@ -391,7 +408,7 @@ class _Planner:
 
     def _propagate(self, step, ins) -> list[Signal]:
         rule = step.rule
-        ctx = _graph.context(self.graph, step, self.training)
+        ctx = self._context(step)
         why = ""
         if rule is None:
             why = step.opaque or f"no rule for {type(step.layer).__name__}"
@@ -400,8 +417,11 @@ class _Planner:
         if not why and rule is not None:
             try:
                 outs = rule.propagate(ctx, ins)
-            except NotImplementedError:
-                why = f"no rule for {type(step.layer).__name__}"
+            except NotImplementedError as error:
+                why = str(error) or f"no rule for {type(step.layer).__name__}"
+            for note in ctx.notes:
+                if f"{step.name}: {note}" not in self._notes:
+                    self._notes.append(f"{step.name}: {note}")
         if why:
             self._unanalysed(step, why)
             return [Signal.unknown_after(f"after {step.name} ({why})", ctx.out_map(i))
@@ -412,6 +432,30 @@ class _Planner:
         if rule.terms(ctx) is not None and not outs[0].unknown:
             self.add_outputs[step.name] = outs[0].q
         return outs
+
+    def _context(self, step) -> rules.Context:
+        ctx = _graph.context(self.graph, step, self.training)
+        if isinstance(step.rule, rules.AttentionRule):
+            ctx.in_shapes = [self._sequence_shape(k) for k in step.inputs]
+        return ctx
+
+    def _sequence_shape(self, key: int) -> tuple:
+        """`key`'s shape, its sequence axis taken from upstream where a layer's own shape
+        inference left it open (MultiHeadAttention's projections do)."""
+        shape = tuple(self.graph.shapes[key])
+        seen, frontier = set(), [key]
+        while len(shape) >= 3 and shape[1] is None and frontier:
+            current = frontier.pop(0)
+            step = self.graph.producer.get(current)
+            if step is None or current in seen:
+                continue
+            seen.add(current)
+            for k in step.inputs:
+                upstream = self.graph.shapes[k]
+                if len(upstream) >= 3 and isinstance(upstream[1], int):
+                    return (shape[0], upstream[1], *shape[2:])
+                frontier.append(k)
+        return shape
 
     def _unanalysed(self, step, why):
         if all(name != step.name for name, _, _ in self.unanalysed):
@@ -429,7 +473,8 @@ class _Planner:
                 else ops.convert_to_numpy(target.bias).astype(float).ravel())
         decision = self.decisions.get(id(target))
         if decision is None:
-            decision = self._decide(step, target, float(np.mean(taps)), bias, unknown)
+            decision = self._decide(step, target, float(np.mean(taps)), bias, unknown,
+                                    rules.cross_of(signal))
             self.decisions[id(target)] = decision
             if not unknown and signal.q > 0:
                 decision.mean_fraction = float(np.mean(signal.mean) ** 2 / signal.q)
@@ -439,7 +484,9 @@ class _Planner:
         if unknown or decision.status == "unanalysed" and not math.isfinite(decision.gamma):
             return Signal.unknown_after(unknown or f"after {decision.name}", out_map)
         norms = decision.norm**2 if decision.writes else _current_gain(target)
-        pre = Signal(norms * taps + np.mean(bias**2), np.full(taps.shape, np.mean(bias)))
+        cross = rules.cross_of(signal) if rules.per_position(step.layer) else None
+        pre = Signal(norms * taps + np.mean(bias**2), np.full(taps.shape, np.mean(bias)),
+                     cross=None if cross is None else norms * cross + float(np.mean(bias**2)))
         if decision.calls == 1:
             decision.predicted = pre.q
             spec = self._spec_after(step, target)[0]
@@ -451,7 +498,8 @@ class _Planner:
             return Signal.unknown_after(f"after {decision.name}'s activation", out_map)
         return rules.activation_output(spec, pre)
 
-    def _decide(self, step, target, taps: float, bias, unknown: str) -> _Decision:
+    def _decide(self, step, target, taps: float, bias, unknown: str,
+                cross: float | None = None) -> _Decision:
         decision = _Decision(target, self._name(step))
         unscalable = target.unscalable_reason() or _unsupported(target)
         if unscalable:
@@ -463,6 +511,8 @@ class _Planner:
         num_blocks = self.branch_ends.get(id(step), 0)
         if kind == "head" and num_blocks == 0:
             return self._head(decision, taps, bias, why, unknown)
+        if kind.startswith("attention_") and num_blocks == 0:
+            return self._attention(decision, kind, taps, bias, why, unknown, cross)
         if spec is None:  # the activation after it has no rule
             decision.status, decision.reason = "unanalysed", why
             if num_blocks == 0:
@@ -525,6 +575,49 @@ class _Planner:
         decision.reason = f"{why}; head: logits' second moment set to {self.head:g}"
         return decision
 
+    def _attention(self, decision, kind, taps, bias, why, unknown, cross) -> _Decision:
+        """A query or key projection: logits of variance `attention_logits` over the keys.
+
+        The logit `scale q.k` varies from key to key with variance
+        `scale^2 d q_q (q_k - c_k)` (`rules.AttentionRule`); the query and the
+        key each take the square root of the target in units of `1 / (scale^2 d)`.
+        """
+        attention, role = self._attention_of[id(decision.target)]
+        ctx = self._context(attention)
+        bound = rules.attention_arguments(ctx)
+        depth = ctx.in_shapes[bound["query"].index][-1]
+        scale = rules._numeric(bound.get("scale"))
+        scale = 1.0 / math.sqrt(depth) if scale is None else float(scale.ravel()[0])
+        share = math.sqrt(self.attention_logits) / (scale * math.sqrt(depth))
+        decision.rule = "attention"
+        if unknown:
+            decision.status, decision.reason = "unanalysed", (
+                f"its input's moments are unknown ({unknown}); {why}: left as it is")
+            return decision
+        if not taps > 0:
+            decision.status, decision.reason = "skipped", "its input is predicted to be zero"
+            return decision
+        if kind == "attention_query":
+            room = share - float(np.mean(bias**2))
+            if not room > 0:
+                room = share
+                why += "; its bias alone exceeds the target: the bias not counted"
+            decision.gamma = room / taps / decision.ratio
+            decision.reason = (f"{why}; query: its second moment set to {share:.3g}, for "
+                               f"logits of variance {self.attention_logits:g}")
+            return decision
+        # Keys: only what varies between tokens moves the softmax.
+        spread = taps - (cross or 0.0)
+        floor = 0.01 * taps
+        if spread < floor:
+            spread = floor
+            why += "; the tokens are nearly identical here: the key gain is capped"
+        decision.gamma = share / spread / decision.ratio
+        assumed = " (tokens taken independent)" if cross is None else ""
+        decision.reason = (f"{why}; key: its variance across tokens set to {share:.3g}, for "
+                           f"logits of variance {self.attention_logits:g}{assumed}")
+        return decision
+
     def _name(self, step) -> str:
         target = self.targets[id(step.layer)]
         return step.name if step.layer is target.layer else target.name
@@ -559,11 +652,28 @@ class _Planner:
             return spec, f"{spec.name} follows{via}", "activation"
         if found.kind == "output":
             return _moments.spec_of("linear"), f"model output{via}", "head"
+        if found.kind == "other" and isinstance(found.step.rule, rules.AttentionRule):
+            role = self._role(step.outputs[0], found.step)
+            self._attention_of[id(target)] = (found.step, role)
+            kind = f"attention_{role}" if role in ("query", "key") else "linear"
+            return (_moments.spec_of("linear"), f"linear: the {role} of {found.step.name}{via}",
+                    kind)
         what = {"add": f"sum {found.step.name} follows" if found.step else "",
                 "kernel": "a kernel layer follows",
                 "fork": "its output feeds several steps",
                 "other": f"{found.step.name} follows" if found.step else ""}
         return _moments.spec_of("linear"), f"linear: {what[found.kind]}{via}", "linear"
+
+    def _role(self, key: int, attention) -> str:
+        """Which argument of the attention step the tensor `key` becomes."""
+        while key not in attention.inputs:
+            key = self.graph.consumers[key][0].outputs[0]
+        bound = rules.attention_arguments(_graph.context(self.graph, attention, self.training))
+        index = attention.inputs.index(key)
+        for name in ("query", "key", "value"):
+            if isinstance(bound.get(name), rules.Input) and bound[name].index == index:
+                return name
+        return "input"
 
     def notes(self) -> list[str]:
         mode = ("training mode (batch statistics), as `fit` runs" if self.training else

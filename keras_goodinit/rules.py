@@ -64,6 +64,10 @@ class Signal:
     # (phi spec, mean of z, variance of z, gain, mean of g, variance of g), arrays over
     # positions or floats; an activation applied to it is followed exactly (`_sum_source`).
     mixture: tuple | None = None
+    # E[x_i x_j] between two positions i != j along the first position axis (two tokens of
+    # one sequence), averaged over channels and pairs; None where it is not followed. The
+    # attention rule reads it: softmax averages tokens, which keeps what they share.
+    cross: float | None = None
 
     @property
     def q(self) -> float:
@@ -87,6 +91,7 @@ class Context:
         out_shapes: Symbolic shapes of the outputs.
         training: The mode the moments are followed in (BatchNormalization's
             statistics, dropout).
+        notes: A rule appends what it had to assume here.
     """
 
     layer: Any
@@ -95,6 +100,9 @@ class Context:
     in_shapes: list = dataclasses.field(default_factory=list)
     out_shapes: list = dataclasses.field(default_factory=list)
     training: bool = True
+    # What a rule assumed where the graph does not say (a mask from the data, token
+    # correlation): reports show these notes.
+    notes: list = dataclasses.field(default_factory=list)
 
     def constants(self) -> list[np.ndarray]:
         """The numeric (non-tensor) positional arguments, as float64 arrays."""
@@ -230,13 +238,26 @@ def fit(signal: Signal, shape: tuple) -> Signal:
     if mixture is not None and any(np.shape(part) not in ((), shape) for part in mixture[1:]):
         # Averaged over positions, as `gaussian` is.
         mixture = (mixture[0], *(float(np.mean(part)) for part in mixture[1:]))
+    keep = dict(gaussian=signal.gaussian, mixture=mixture, cross=signal.cross)
     if power.shape == shape and mean.shape == shape:
-        return Signal(power, mean, gaussian=signal.gaussian, mixture=mixture)
+        return Signal(power, mean, **keep)
     if power.shape == shape:
-        return Signal(power, np.full(shape, np.mean(mean)), gaussian=signal.gaussian,
-                      mixture=mixture)
-    return Signal(np.full(shape, np.mean(power)), np.full(shape, np.mean(mean)),
-                  gaussian=signal.gaussian, mixture=mixture)
+        return Signal(power, np.full(shape, np.mean(mean)), **keep)
+    return Signal(np.full(shape, np.mean(power)), np.full(shape, np.mean(mean)), **keep)
+
+
+def cross_of(signal: Signal) -> float | None:
+    """`signal.cross`, or None where the signal or its cross moment is unknown."""
+    return None if signal.unknown or signal.cross is None else float(signal.cross)
+
+
+def affine_cross(signal: Signal, scale_sq: float, scale_shift: float = 0.0,
+                 shift_sq: float = 0.0) -> float | None:
+    """The cross moment after `y = a x + b` per channel: E[a^2] c + 2 E[ab] m + E[b^2]."""
+    cross = cross_of(signal)
+    if cross is None:
+        return None
+    return scale_sq * cross + 2 * scale_shift * float(np.mean(signal.mean)) + shift_sq
 
 
 def _numeric(value) -> np.ndarray | None:
@@ -342,9 +363,14 @@ def activation_output(spec: _moments.ActivationSpec, signal: Signal) -> Signal:
     plain = (spec, float(np.mean(signal.mean)), float(np.mean(var)))
     if signal.mixture is None:
         second, first = _moments.moments(spec, signal.mean, var)
-        return Signal(np.asarray(second, float), np.asarray(first, float), gaussian=plain)
+        cross = None
+        if signal.cross is not None:  # two positions as a correlated Gaussian pair
+            cross = _moments.cross_moment(spec, plain[1], plain[2], signal.cross - plain[1]**2)
+        return Signal(np.asarray(second, float), np.asarray(first, float), gaussian=plain,
+                      cross=cross)
     if _moments._affine_identity(spec):  # a linear activation keeps the law
-        return Signal(signal.power, signal.mean, gaussian=plain, mixture=signal.mixture)
+        return Signal(signal.power, signal.mean, gaussian=plain, mixture=signal.mixture,
+                      cross=signal.cross)
     source, mean, source_var, gain, other_mean, other_var = signal.mixture
     second, first = _moments.sum_moments(source, mean, source_var, gain, spec, other_mean,
                                          other_var)
@@ -441,13 +467,30 @@ class NormalizationRule(LayerRule):
             return [self._inference(layer, signal, gain, shift)]
         mean = float(np.mean(shift))
         shape = signal.power.shape if not signal.unknown else ctx.out_map()
+        cross = self._cross(layer, signal, gain, shift)
         if isinstance(layer, (klayers.BatchNormalization, klayers.GroupNormalization)) and (
                 not signal.unknown):
             # Statistics pooled over positions: the profile over positions survives.
             profile = signal.power / signal.q if signal.q > 0 else np.ones(shape)
-            return [Signal(np.mean(gain**2) * profile + np.mean(shift**2), np.full(shape, mean))]
+            return [Signal(np.mean(gain**2) * profile + np.mean(shift**2), np.full(shape, mean),
+                           cross=cross)]
         power = np.mean(gain**2) + np.mean(shift**2)
-        return [Signal(np.full(shape, power), np.full(shape, mean))]
+        return [Signal(np.full(shape, power), np.full(shape, mean), cross=cross)]
+
+    @staticmethod
+    def _cross(layer, signal, gain, shift) -> float | None:
+        """Two positions after normalizing: their correlation, centred unless RMS, times the
+        gain, plus the shift (wide layers: the statistics are close to their expectations)."""
+        cross = cross_of(signal)
+        if cross is None or not signal.q > 0:
+            return None
+        centre = 0.0 if isinstance(layer, klayers.RMSNormalization) else float(
+            np.mean(signal.mean)) ** 2
+        spread = signal.q - centre
+        if not spread > 0:
+            return None
+        rho = min(max((cross - centre) / spread, -1.0), 1.0)
+        return float(np.mean(gain**2) * rho + np.mean(shift**2))
 
     @staticmethod
     def _affine(layer):
@@ -473,7 +516,8 @@ class NormalizationRule(LayerRule):
         # Per channel y = a x + b, with x's moments the same in every channel.
         power = (np.mean(a**2) * signal.power + 2 * np.mean(a * b) * signal.mean
                  + np.mean(b**2))
-        return Signal(power, np.mean(a) * signal.mean + np.mean(b))
+        return Signal(power, np.mean(a) * signal.mean + np.mean(b),
+                      cross=affine_cross(signal, np.mean(a**2), np.mean(a * b), np.mean(b**2)))
 
 
 # --- merges and ops ------------------------------------------------------------------------
@@ -515,7 +559,7 @@ class SumRule(LayerRule):
             sign = 1.0 if tensor_first else self.sign
             mean = sign * signal.mean + shift
             power = signal.power + 2 * sign * signal.mean * shift + shift**2
-            return [Signal(power, mean)]
+            return [Signal(power, mean, cross=affine_cross(signal, 1.0, sign * shift, shift**2))]
         # A tensor that enters twice (h + h) is one term with the summed weight.
         total: dict[int, float] = {}
         for w, index in zip(weights, _tensor_inputs(ctx)):
@@ -533,7 +577,13 @@ class SumRule(LayerRule):
             mixture = _sum_source(terms, power.shape)
         except ValueError:  # inputs over positions that do not broadcast
             mixture = None
-        return [Signal(power, mean, mixture=mixture)]
+        cross = None
+        if all(cross_of(s) is not None for _, s in terms):
+            cross = sum(w**2 * s.cross for w, s in terms) + 2 * sum(
+                terms[i][0] * terms[j][0] * float(np.mean(terms[i][1].mean))
+                * float(np.mean(terms[j][1].mean))
+                for i in range(len(terms)) for j in range(i + 1, len(terms)))
+        return [Signal(power, mean, mixture=mixture, cross=cross)]
 
 
 class ProductRule(LayerRule):
@@ -566,7 +616,7 @@ class ProductRule(LayerRule):
         if self.divide and len(ins) != 1:
             return [Signal.unknown_after(f"{ctx.layer.name}: a ratio of two tensors",
                                          ctx.out_map())]
-        power, mean = np.ones(()), np.ones(())
+        power, mean, cross = np.ones(()), np.ones(()), 1.0
         counts: dict[int, int] = {}
         for index in _tensor_inputs(ctx):
             counts[index] = counts.get(index, 0) + 1
@@ -574,7 +624,11 @@ class ProductRule(LayerRule):
             signal = ins[index]
             if count == 1:
                 power, mean = power * signal.power, mean * signal.mean
+                # Independent factors: the cross moments multiply too.
+                cross = None if cross is None or cross_of(signal) is None else (
+                    cross * signal.cross)
             elif count == 2:  # x * x: the Gaussian's fourth and second moments
+                cross = None
                 var = signal.power - signal.mean**2
                 power = power * (3 * var**2 + 6 * signal.mean**2 * var + signal.mean**4)
                 mean = mean * signal.power
@@ -590,7 +644,8 @@ class ProductRule(LayerRule):
                                                  ctx.out_map())]
             # A per-channel constant: the channel average of c^2 and of c.
             power, mean = power * float(np.mean(constant**2)), mean * float(np.mean(constant))
-        return [Signal(power, mean)]
+            cross = None if cross is None else cross * float(np.mean(constant**2))
+        return [Signal(power, mean, cross=cross)]
 
 
 class ConcatenateRule(LayerRule):
@@ -617,7 +672,9 @@ class ConcatenateRule(LayerRule):
                 total = sum(widths)
                 power = sum(w * s.power for w, s in zip(widths, ins)) / total
                 mean = sum(w * s.mean for w, s in zip(widths, ins)) / total
-                return [Signal(power, mean)]
+                cross = None if any(cross_of(s) is None for s in ins) else sum(
+                    w * s.cross for w, s in zip(widths, ins)) / total
+                return [Signal(power, mean, cross=cross)]
         elif all(s.power.ndim == rank - 2 and s.mean.shape == s.power.shape for s in ins):
             return [Signal(np.concatenate([s.power for s in ins], axis - 1),
                            np.concatenate([s.mean for s in ins], axis - 1))]
@@ -633,7 +690,8 @@ class NegativeRule(LayerRule):
 
     def propagate(self, ctx, ins):
         signal = ins[0]
-        return [signal if signal.unknown else Signal(signal.power, -signal.mean)]
+        return [signal if signal.unknown else Signal(signal.power, -signal.mean,
+                                                      cross=signal.cross)]
 
 
 # --- single-input rearrangements, dropout, pooling, padding ---------------------------------
@@ -645,7 +703,28 @@ class RearrangeRule(LayerRule):
     look_through = True
 
     def propagate(self, ctx, ins):
-        return [ins[0]] * max(1, len(ctx.out_shapes))
+        signal = ins[0]
+        if signal.cross is not None and not _keeps_positions(ctx):
+            signal = dataclasses.replace(signal, cross=None)
+        return [signal] * max(1, len(ctx.out_shapes))
+
+
+def _keeps_positions(ctx) -> bool:
+    """The first position axis (axis 1) still holds the same positions after the step."""
+    layer = ctx.layer
+    if isinstance(layer, (_np.Transpose, _np.Moveaxis, _np.Swapaxes, klayers.Permute,
+                          klayers.Flatten, klayers.RepeatVector, _np.Repeat, _np.Tile,
+                          _np.GetItem)) or "Cropping" in type(layer).__name__ or (
+                              "UpSampling" in type(layer).__name__):
+        axes = getattr(layer, "axes", None)
+        if isinstance(layer, _np.Transpose) and axes is not None and len(axes) > 1:
+            return axes[0] == 0 and axes[1] == 1
+        return False
+    ins, outs = ctx.in_shapes, ctx.out_shapes
+    if not ins or not outs or len(ins[0]) < 3 or len(outs[0]) < 3:
+        return not isinstance(layer, (klayers.Reshape, _np.Reshape, _np.ExpandDims,
+                                      _np.Squeeze))
+    return ins[0][1] == outs[0][1] and ins[0][0] == outs[0][0]
 
 
 class DropoutRule(LayerRule):
@@ -663,14 +742,15 @@ class DropoutRule(LayerRule):
     def noisy(self, signal: Signal, layer) -> Signal:
         # Inverted dropout x * mask / (1 - rate), or GaussianDropout's x * N(1, rate / (1 -
         # rate)): the mean is kept and E[y^2] = E[x^2] / (1 - rate) in both.
-        return Signal(signal.power / (1 - float(layer.rate)), signal.mean)
+        # Independent masks: two positions' product keeps its expectation.
+        return Signal(signal.power / (1 - float(layer.rate)), signal.mean, cross=signal.cross)
 
 
 class NoiseRule(DropoutRule):
     """GaussianNoise: an independent N(0, stddev^2) added in training mode."""
 
     def noisy(self, signal: Signal, layer) -> Signal:
-        return Signal(signal.power + float(layer.stddev) ** 2, signal.mean)
+        return Signal(signal.power + float(layer.stddev) ** 2, signal.mean, cross=signal.cross)
 
 
 def _max_of(signal: Signal, count: int) -> Signal:
@@ -765,7 +845,9 @@ class RescalingRule(LayerRule):
         scale, offset = self._affine(ctx.layer)
         return [Signal(np.mean(scale**2) * signal.power
                        + 2 * np.mean(scale * offset) * signal.mean + np.mean(offset**2),
-                       np.mean(scale) * signal.mean + np.mean(offset))]
+                       np.mean(scale) * signal.mean + np.mean(offset),
+                       cross=affine_cross(signal, np.mean(scale**2), np.mean(scale * offset),
+                                          np.mean(offset**2)))]
 
     @staticmethod
     def _affine(layer):
@@ -781,7 +863,10 @@ class EmbeddingRule(LayerRule):
     def propagate(self, ctx, ins):
         table = ops.convert_to_numpy(ctx.layer.embeddings).astype(float)
         out_map = ctx.out_map()
-        return [Signal(np.full(out_map, np.mean(table**2)), np.full(out_map, np.mean(table)))]
+        # Two positions holding independent ids, uniform over the vocabulary (an assumption
+        # the data may break): E[e_a e_b] per channel is that channel's mean squared.
+        return [Signal(np.full(out_map, np.mean(table**2)), np.full(out_map, np.mean(table)),
+                       cross=float(np.mean(np.mean(table, axis=0) ** 2)))]
 
 
 class ConstantRule(LayerRule):
@@ -794,7 +879,144 @@ class ConstantRule(LayerRule):
 
     def propagate(self, ctx, ins):
         out_map = ctx.out_map()
-        return [Signal(np.full(out_map, self.value**2), np.full(out_map, self.value))]
+        return [Signal(np.full(out_map, self.value**2), np.full(out_map, self.value),
+                       cross=self.value**2)]
+
+
+# --- attention -----------------------------------------------------------------------------
+
+_ATTENTION_ARGS = ("query", "key", "value", "bias", "mask", "scale")
+
+
+def attention_arguments(ctx) -> dict:
+    """The arguments of a `dot_product_attention` call by name (tensors as `Input`)."""
+    bound = dict(zip(_ATTENTION_ARGS, ctx.args))
+    bound.update({k: v for k, v in ctx.kwargs.items() if k in _ATTENTION_ARGS})
+    return bound
+
+
+_OPEN_LENGTH = 8  # the length `_graph` traces open sequence axes at
+_SAMPLES = 1 << 17  # logits drawn per estimate: the estimate's relative error is ~1e-3
+_SQUARES: dict = {}
+
+
+def softmax_square(count: int, var: float) -> float:
+    """`E[sum_j p_j^2]` for p = softmax of `count` independent N(0, var) logits.
+
+    From 1/count (uniform attention, var = 0) up to 1 (one-hot, large var).
+    Estimated with fixed random numbers (seed 0, 2^17 logits), so the same
+    arguments give the same value on every machine up to float rounding.
+    """
+    count = max(int(count), 1)
+    if count == 1 or var <= 0:
+        return 1.0 / count
+    key = (count, round(float(var), 6))
+    if key not in _SQUARES:
+        rows = max(_SAMPLES // count, 256)
+        z = np.random.default_rng(0).standard_normal((rows, count)) * math.sqrt(var)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        _SQUARES[key] = float(np.mean(np.sum(p * p, axis=1)))
+    return _SQUARES[key]
+
+
+_HERMITE_X, _HERMITE_W = np.polynomial.hermite_e.hermegauss(8)
+_HERMITE_W = _HERMITE_W / _HERMITE_W.sum()
+
+
+def _softmax_square_over_queries(count: int, logits: float, depth: int) -> float:
+    """`softmax_square` averaged over the query's own squared norm.
+
+    One query's logits have variance `logits * |q|^2 / (d E[q^2])`: a chi-square
+    with d degrees of freedom over d for Gaussian queries, taken here by the
+    Wilson-Hilferty cube of a normal (8 Gauss-Hermite nodes), so that the
+    rule is exact for independent Gaussian queries, keys and values.
+    """
+    d = max(int(depth), 1)
+    spread = math.sqrt(2.0 / (9.0 * d))
+    factors = np.maximum(1.0 - 2.0 / (9.0 * d) + spread * _HERMITE_X, 0.0) ** 3
+    return float(sum(w * softmax_square(count, logits * f)
+                     for w, f in zip(_HERMITE_W, factors)))
+
+
+class AttentionRule(LayerRule):
+    """`dot_product_attention`: softmax(scale Q K^T + mask) V at init (docs/science section 4).
+
+    The output at query i is a weighted average of the visible values, so
+    `E[o_i^2] = c_v + (q_v - c_v) E[sum_j p_ij^2]` (c_v the values' cross
+    moment between tokens). The logits of one query over its keys have variance
+    `scale^2 d q_q (q_k - c_k)`: what varies from key to key. The weights are
+    taken as a softmax of independent Gaussian logits (`softmax_square`), and two
+    queries' weights as independent (their overlap `|V_i & V_i'| / (n_i n_i')`
+    sets the output's cross moment). A mask tensor computed from the data
+    (padding) is taken as all keys visible, and the report says so.
+    """
+
+    family = "attention"
+
+    def propagate(self, ctx, ins):
+        bound = attention_arguments(ctx)
+        roles = {}
+        for name in ("query", "key", "value"):
+            if not isinstance(bound.get(name), Input):
+                raise NotImplementedError(f"{name} is not a tensor")
+            roles[name] = ins[bound[name].index]
+        for signal in roles.values():
+            if signal.unknown:
+                return [signal]
+        out_map = ctx.out_map()
+        if isinstance(bound.get("bias"), Input):
+            return [Signal.unknown_after(
+                f"{ctx.layer.name}: an additive attention bias (no rule)", out_map)]
+        q_shape = ctx.in_shapes[bound["query"].index]
+        k_shape = ctx.in_shapes[bound["key"].index]
+        depth, queries, keys = q_shape[-1], q_shape[1], k_shape[1]
+        if queries is None or keys is None:
+            ctx.notes.append(f"sequence length open in the graph: {_OPEN_LENGTH} taken")
+            queries = _OPEN_LENGTH if queries is None else queries
+            keys = queries if keys is None else keys
+        scale = _numeric(bound.get("scale"))
+        scale = 1.0 / math.sqrt(depth) if scale is None else float(scale.ravel()[0])
+        visible = self._visible(ctx, bound, queries, keys)
+        query, key, value = roles["query"], roles["key"], roles["value"]
+        key_cross, value_cross = cross_of(key), cross_of(value)
+        if key_cross is None or value_cross is None:
+            ctx.notes.append("tokens taken independent (their correlation is not followed "
+                             "to here)")
+        key_cross = float(np.mean(key.mean)) ** 2 if key_cross is None else key_cross
+        value_cross = float(np.mean(value.mean)) ** 2 if value_cross is None else value_cross
+        logits = scale**2 * depth * query.q * max(key.q - key_cross, 0.0)
+        if getattr(ctx.layer, "attn_logits_soft_cap", None):
+            ctx.notes.append("the logits' soft cap taken as the identity")
+        counts = visible.sum(axis=1)
+        squares = np.array([_softmax_square_over_queries(n, logits, depth) for n in counts])
+        spread = max(value.q - value_cross, 0.0)
+        power = value_cross + spread * squares  # per query position
+        overlap = (visible @ visible.T) / np.maximum(np.outer(counts, counts), 1)
+        pairs = queries * (queries - 1)
+        cross = value_cross + spread * (
+            (overlap.sum() - np.trace(overlap)) / pairs if pairs else 0.0)
+        shape = out_map if out_map else ()
+        power = power.reshape((-1,) + (1,) * (len(shape) - 1)) if len(shape) else np.mean(power)
+        return [Signal(np.broadcast_to(power, shape).astype(float),
+                       np.full(shape, float(np.mean(value.mean))), cross=float(cross))]
+
+    @staticmethod
+    def _visible(ctx, bound, queries: int, keys: int) -> np.ndarray:
+        """Which keys each query sees, a (queries, keys) 0/1 array."""
+        visible = np.ones((queries, keys))
+        mask = bound.get("mask")
+        if isinstance(mask, Input):
+            ctx.notes.append("a mask tensor from the data taken as all keys visible")
+        elif mask is not None:
+            array = _numeric(mask)
+            if array is not None and array.shape[-2:] == (queries, keys):
+                visible = np.mean(array.reshape(-1, queries, keys) != 0, axis=0)
+        if getattr(ctx.layer, "is_causal", False):
+            # Query i sees the keys up to its own position (a cache: the later queries).
+            visible = visible * np.tri(queries, keys, keys - queries)
+        return visible
 
 
 def _builtin_rules() -> None:
@@ -878,6 +1100,7 @@ def _builtin_rules() -> None:
         _RULES[cls] = padding
     _RULES[klayers.Rescaling] = RescalingRule()
     _RULES[klayers.Embedding] = EmbeddingRule()
+    _RULES[_nn.DotProductAttention] = AttentionRule()
 
 
 def einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:
@@ -904,3 +1127,28 @@ class _WrappedKernelRule(KernelRule):
 
 
 _builtin_rules()
+
+
+def per_position(layer) -> bool:
+    """A kernel layer that maps each position on its own (Dense, a position-wise EinsumDense):
+    the cross moment between positions scales as the second moment does."""
+    inner = getattr(layer, "layer", layer)  # WeightNormalization
+    if isinstance(inner, klayers.Dense):
+        return True
+    if isinstance(inner, klayers.EinsumDense):
+        inputs, output = inner.equation.split("->")
+        letters = inputs.split(",")[0]
+        if letters.startswith("...") or len(letters) < 3:
+            return letters.startswith("...") or len(letters) == 2
+        return len(output) > 1 and output[1] == letters[1] and letters[1] not in (
+            inputs.split(",")[1])
+    return False
+
+
+def measured_cross(array: np.ndarray) -> float:
+    """The cross moment along axis 1 of a batch (batch, positions, ..., channels)."""
+    array = np.asarray(array, float)
+    total = np.sum(array, axis=1)
+    pairs = np.sum(total**2) - np.sum(array**2)  # sum over i != j of x_i x_j
+    count = array.shape[1] * (array.shape[1] - 1) * (array.size // array.shape[1])
+    return float(pairs / count)

@@ -81,12 +81,9 @@ def test_the_crash_reproducer_runs_and_says_what_it_cannot_predict():
     names = [row.name for row in report.rows]
     assert names[:4] == ["attention/query", "attention/key", "attention/value",
                          "attention/attention_output"]
-    assert not report.ok
-    # The softmax attention has no rule yet: what follows it is not predicted, and says so.
-    assert [name for name, _, _ in report.unanalysed] == [
-        "attention/dot_product_attention"]
-    assert report["head"].status == "unanalysed"
-    assert math.isnan(report["head"].predicted)
+    # The attention has its rule (`rules.AttentionRule`): every row is predicted.
+    assert report.ok and not report.unanalysed
+    assert report["head"].status == "ok" and math.isfinite(report["head"].predicted)
 
 
 def test_two_attention_layers_give_unique_names_and_an_ambiguous_name_raises():

@@ -339,7 +339,17 @@ def spec_of(activation) -> ActivationSpec | None:
         return activation
     if activation is None:
         return _REGISTRY[keras.activations.linear]
-    return _REGISTRY.get(_hashable(activation))
+    spec = _REGISTRY.get(_hashable(activation))
+    if spec is None and callable(activation) and (
+            f"{getattr(activation, '__module__', '')}.{getattr(activation, '__name__', '')}"
+            in _KNOWN_ELSEWHERE):
+        # Elementwise functions of other Keras libraries, known without importing them.
+        spec = _REGISTRY[_hashable(activation)] = ActivationSpec(activation.__name__, activation)
+    return spec
+
+
+# Smooth elementwise activations other Keras libraries define (quadrature handles them).
+_KNOWN_ELSEWHERE = frozenset({"keras_hub.src.utils.keras_utils.gelu_approximate"})
 
 
 def gamma(activation, q: float = 1.0) -> float:

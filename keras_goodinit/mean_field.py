@@ -131,6 +131,7 @@ def mean_field_init(
     input_mean: float | None = None,
     head: float | str = 1.0,
     attention_logits: float = 1.0,
+    embeddings: bool = True,
     training: bool = True,
     data=None,
     seed: int | None = None,
@@ -170,6 +171,12 @@ def mean_field_init(
       averaged by the softmax, what tokens share surviving it); where it
       assumes (a data-dependent mask, token correlation it cannot follow) the
       report says so.
+    - With `embeddings=True`, each `Embedding` table (token, position,
+      segment; KerasHub's `ReversibleEmbedding` too) is rescaled so that the
+      stream starts at second moment 1, shared among the embeddings summed
+      into it. A table tied to the output logits (`tie_weights=True`) takes
+      `E[e^2] = head / d` instead: after a final normalization of unit
+      variance the tied logits then have second moment `head`.
     - A residual block is any sum (an `Add` layer, `h + x`,
       `keras.ops.add`...) with an identity or projection skip. With
       `residual="scaled"` each branch's last kernel gets `gamma / N`, N the
@@ -224,6 +231,8 @@ def mean_field_init(
             `"paper"` for the paper's `gamma = 1` on the last layer.
         attention_logits: The variance of each query's attention logits over
             its keys at init (a positive number; 1 by default).
+        embeddings: Rescale embedding tables for the stream they start
+            (True, the default) or leave them as they are (False).
         training: Follow BatchNormalization and dropout as in training
             (`fit`) or, with False, as in inference.
         data: Optional batch (or dataset: its first batch). If given, the
@@ -252,6 +261,7 @@ def mean_field_init(
         input_mean = _validate.number("input_mean", input_mean)
     head = _head(head)
     attention_logits = _validate.number("attention_logits", attention_logits, positive=True)
+    embeddings = _validate.boolean("embeddings", embeddings)
     training = _validate.boolean("training", training)
     seed = _validate.seed(seed)
     verbose = _validate.verbose(verbose)
@@ -266,14 +276,18 @@ def mean_field_init(
     graph = _graph.flatten(model, input_shape=shape)
     targets = _sweep.find_targets(model)
     inputs = _input_signals(model, graph, x, input_variance, input_mean)
-    plan = _Planner(graph, targets, residual, inputs, head, training, attention_logits).run()
+    plan = _Planner(graph, targets, residual, inputs, head, training, attention_logits,
+                    embeddings, _input_dtypes(model)).run()
     rng = None if seed is None else np.random.default_rng(seed)
     seeds = {id(t): (None if rng is None else int(rng.integers(0, 2**31 - 1)),
                      None if rng is None else int(rng.integers(0, 2**31 - 1)))
              for t in targets}
     written = [v for t in targets for v in t.variables()]
     written += [t.inner.depthwise_kernel for t in targets if isinstance(t.inner, _SEPARABLE)]
+    written += [variable for variable, _ in plan.tables.values()]
     with _sweep.atomic(written):
+        for variable, row in plan.tables.values():
+            variable.assign(variable * ops.cast(row.scale, variable.dtype))
         for target in targets:
             decision = plan.decisions.get(id(target))
             if decision is not None and decision.writes:
@@ -328,6 +342,13 @@ def _input_signals(model, graph, x, variance, mean) -> dict[int, Signal]:
     return signals
 
 
+def _input_dtypes(model) -> list[str]:
+    try:
+        return [str(t.dtype) for t in keras.tree.flatten(model.inputs)]
+    except (AttributeError, ValueError):  # a subclassed model has no symbolic inputs
+        return []
+
+
 def _by_input(model, x) -> list:
     """The batch's tensors in the order of the model's inputs (a dict by input name)."""
     if isinstance(x, dict):
@@ -372,8 +393,13 @@ class _Decision:
 class _Planner:
     """Propagates moments through the graph in execution order, deciding each kernel's gamma."""
 
-    def __init__(self, graph, targets, residual, inputs, head, training, attention_logits=1.0):
+    def __init__(self, graph, targets, residual, inputs, head, training, attention_logits=1.0,
+                 embeddings=False, input_dtypes=()):
         self.graph = graph
+        self._values: dict[int, object] = {}
+        self.input_dtypes = list(input_dtypes)
+        self.embeddings = embeddings
+        self.tables: dict[int, tuple] = {}  # id(layer) -> (layer, its MeanFieldRecord)
         self.attention_logits = attention_logits
         self.targets = {id(t.layer): t for t in targets}
         self.residual, self.head, self.training = residual, head, training
@@ -400,6 +426,12 @@ class _Planner:
             shapes = [graph.shapes[k] for k in step.outputs]
             if id(step.layer) in self.targets:
                 outs = [self._kernel(step, ins[0])]
+            elif isinstance(step.rule, rules.EmbeddingRule):
+                (signal,) = step.rule.propagate(self._context(step), [])
+                outs = [self._embedding(step, signal, step.layer.embeddings)]
+            elif not step.inputs and step.rule is None and isinstance(
+                    step.layer, keras.layers.Layer):
+                outs = [self._constant(step)]
             else:
                 outs = self._propagate(step, ins)
             for key, signal, shape in zip(step.outputs, outs, shapes):
@@ -422,6 +454,10 @@ class _Planner:
             for note in ctx.notes:
                 if f"{step.name}: {note}" not in self._notes:
                     self._notes.append(f"{step.name}: {note}")
+        if why and all(self._value(k) is not None for k in step.outputs):
+            # Computed from integer inputs alone (a mask, positions): its values are known.
+            return [self._known(self._value(k), ctx.out_map(i))
+                    for i, k in enumerate(step.outputs)]
         if why:
             self._unanalysed(step, why)
             return [Signal.unknown_after(f"after {step.name} ({why})", ctx.out_map(i))
@@ -433,11 +469,137 @@ class _Planner:
             self.add_outputs[step.name] = outs[0].q
         return outs
 
+    def _constant(self, step) -> Signal:
+        """A layer whose output is made from its input's shape alone (a position embedding):
+        computed, and, where one variable makes it (a table), taken as an embedding."""
+        shape = tuple(1 if i == 0 else rules._OPEN_LENGTH if d is None else d
+                      for i, d in enumerate(self.graph.shapes[step.outputs[0]]))
+        try:
+            value = np.asarray(ops.convert_to_numpy(step.layer(np.zeros(shape, "float32"))),
+                               float)
+        except Exception:  # noqa: BLE001 - whatever it needs, it cannot be computed alone
+            value = None
+        if value is None or value.shape[-1] != shape[-1] or value.ndim < 2:
+            why = step.opaque or "its output cannot be computed from its input's shape alone"
+            self._unanalysed(step, why)
+            return Signal.unknown_after(f"after {step.name} ({why})",
+                                        rules.map_shape(self.graph.shapes[step.outputs[0]]))
+        axes = (0, value.ndim - 1)
+        signal = Signal(np.mean(value**2, axis=axes), np.mean(value, axis=axes),
+                        cross=rules.measured_cross(value) if value.ndim >= 3 else None)
+        variables = [v for v in step.layer.trainable_variables
+                     if keras.backend.is_float_dtype(v.dtype)]
+        if len(variables) != 1:
+            return signal
+        return self._embedding(step, signal, variables[0])
+
+    def _embedding(self, step, signal: Signal, variable) -> Signal:
+        """An embedding table rescaled for the stream it starts (`embeddings=True`)."""
+        layer = step.layer
+        if not self.embeddings:
+            return signal
+        if id(layer) in self.tables:
+            row = self.tables[id(layer)][1]
+        else:
+            width = int(variable.shape[-1])
+            if getattr(layer, "tie_weights", False):
+                head = 1.0 if self.head == "paper" else self.head
+                target = head / width
+                why = (f"tied to the output logits: E[e^2] = {head:g} / {width}, so that the "
+                       f"logits after a unit-variance normalization have second moment {head:g}")
+            else:
+                count = self._embeddings_summed(step)
+                target = 1.0 / count
+                why = ("the stream starts at second moment 1" + (
+                    f", shared among the {count} embeddings summed into it" if count > 1 else ""))
+            scale = math.sqrt(target / signal.q) if signal.q > 0 else math.nan
+            status = "ok" if math.isfinite(scale) else "skipped"
+            if status == "skipped":
+                scale, why = 1.0, "its table is zero: left as it is"
+            row = MeanFieldRecord(self._path(step), type(layer).__name__, math.nan, math.nan,
+                                  0, scale, status, why, gamma=scale**2,
+                                  predicted=target if status == "ok" else signal.q,
+                                  rule="embedding")
+            self.tables[id(layer)] = (variable, row)
+        factor = row.scale
+        return Signal(signal.power * factor**2, signal.mean * factor,
+                      cross=None if signal.cross is None else signal.cross * factor**2)
+
+    def _path(self, step) -> str:
+        return step.name
+
+    def _embeddings_summed(self, step) -> int:
+        """How many embeddings (steps without tensor inputs, or embedding lookups) the sum
+        after `step` adds, `step` included; 1 where no sum follows."""
+        found = _graph.follower(self.graph, step.outputs[0])
+        if found.kind != "add":
+            return 1
+        count = 0
+        for key in found.step.inputs:
+            producer = self.graph.producer.get(key)
+            while producer is not None and producer.rule is not None and (
+                    producer.rule.look_through) and len(producer.inputs) == 1:
+                producer = self.graph.producer.get(producer.inputs[0])
+            if producer is not None and (isinstance(producer.rule, rules.EmbeddingRule)
+                                         or not producer.inputs):
+                count += 1
+        return max(count, 1)
+
     def _context(self, step) -> rules.Context:
         ctx = _graph.context(self.graph, step, self.training)
-        if isinstance(step.rule, rules.AttentionRule):
+        if isinstance(step.rule, (rules.AttentionRule, rules.SoftmaxRule, rules.EinsumRule)):
             ctx.in_shapes = [self._sequence_shape(k) for k in step.inputs]
+            # Masks are computed from the model's inputs (a padding mask, positions): their
+            # values, from the data or for full sequences, say which keys a query sees.
+            ctx.values = [self._value(k) if i > 0 else None
+                          for i, k in enumerate(step.inputs)]
         return ctx
+
+    @staticmethod
+    def _known(value, out_map) -> Signal:
+        value = np.asarray(value, float)
+        return rules.fit(Signal(np.asarray(np.mean(value**2)), np.asarray(np.mean(value))),
+                         out_map)
+
+    def _value(self, key: int):
+        """The value of tensor `key` computed from the model's integer and boolean inputs
+        taken as ones (sequences without padding); None where it needs more."""
+        if key in self._values:
+            return self._values[key]
+        value = None
+        if key in self.graph.inputs:
+            index = self.graph.inputs.index(key)
+            shape = self.graph.shapes[key]
+            # At the graph's own sizes (its constants were made at them): one full sequence.
+            if index < len(self.input_dtypes) and (
+                    "int" in self.input_dtypes[index] or "bool" in self.input_dtypes[index]):
+                value = np.ones(tuple(1 if i == 0 else rules._OPEN_LENGTH if d is None else d
+                                      for i, d in enumerate(shape)), "int32")
+        else:
+            step = self.graph.producer.get(key)
+            if step is not None and step.inputs and len(step.inputs) <= 4:
+                inputs = [self._value(k) for k in step.inputs]
+                # Integer and boolean values only: masks and positions, not the signal.
+                if all(v is not None and not np.issubdtype(v.dtype, np.floating)
+                       for v in inputs):
+                    value = self._call(step, inputs, key)
+        self._values[key] = value
+        return value
+
+    def _call(self, step, inputs, key):
+        ctx = _graph.context(self.graph, step, self.training)
+
+        def bind(value):
+            return inputs[value.index] if isinstance(value, rules.Input) else value
+
+        args = keras.tree.map_structure(bind, ctx.args)
+        kwargs = keras.tree.map_structure(bind, ctx.kwargs)
+        try:
+            out = step.layer(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - not computable here: the rule assumes instead
+            return None
+        flat = keras.tree.flatten(out)
+        return np.asarray(ops.convert_to_numpy(flat[step.outputs.index(key)]))
 
     def _sequence_shape(self, key: int) -> tuple:
         """`key`'s shape, its sequence axis taken from upstream where a layer's own shape
@@ -700,7 +862,7 @@ class _Planner:
     def rows(self, targets, batch: int | None) -> list[MeanFieldRecord]:
         order = [self.targets[id(s.layer)] for s in self.graph.steps
                  if id(s.layer) in self.targets]
-        seen, rows = set(), []
+        seen, rows = set(), [row for _, row in self.tables.values()]
         for target in order + list(targets):
             if id(target) in seen:
                 continue

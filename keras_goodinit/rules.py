@@ -64,6 +64,8 @@ class Signal:
     # (phi spec, mean of z, variance of z, gain, mean of g, variance of g), arrays over
     # positions or floats; an activation applied to it is followed exactly (`_sum_source`).
     mixture: tuple | None = None
+    # An unfused attention's logits or weights in flight (`Scores`).
+    scores: Any = None
     # E[x_i x_j] between two positions i != j along the first position axis (two tokens of
     # one sequence), averaged over channels and pairs; None where it is not followed. The
     # attention rule reads it: softmax averages tokens, which keeps what they share.
@@ -103,6 +105,8 @@ class Context:
     # What a rule assumed where the graph does not say (a mask from the data, token
     # correlation): reports show these notes.
     notes: list = dataclasses.field(default_factory=list)
+    # The values of tensor inputs the caller could compute (masks), by input index.
+    values: list | None = None
 
     def constants(self) -> list[np.ndarray]:
         """The numeric (non-tensor) positional arguments, as float64 arrays."""
@@ -238,7 +242,8 @@ def fit(signal: Signal, shape: tuple) -> Signal:
     if mixture is not None and any(np.shape(part) not in ((), shape) for part in mixture[1:]):
         # Averaged over positions, as `gaussian` is.
         mixture = (mixture[0], *(float(np.mean(part)) for part in mixture[1:]))
-    keep = dict(gaussian=signal.gaussian, mixture=mixture, cross=signal.cross)
+    keep = dict(gaussian=signal.gaussian, mixture=mixture, cross=signal.cross,
+                scores=signal.scores)
     if power.shape == shape and mean.shape == shape:
         return Signal(power, mean, **keep)
     if power.shape == shape:
@@ -743,7 +748,11 @@ class DropoutRule(LayerRule):
         # Inverted dropout x * mask / (1 - rate), or GaussianDropout's x * N(1, rate / (1 -
         # rate)): the mean is kept and E[y^2] = E[x^2] / (1 - rate) in both.
         # Independent masks: two positions' product keeps its expectation.
-        return Signal(signal.power / (1 - float(layer.rate)), signal.mean, cross=signal.cross)
+        rate = float(layer.rate)
+        scores = signal.scores
+        if scores is not None:  # attention weights: the mask's E[m^2] = 1 / (1 - rate)
+            scores = dataclasses.replace(scores, dropout=scores.dropout / (1 - rate))
+        return Signal(signal.power / (1 - rate), signal.mean, cross=signal.cross, scores=scores)
 
 
 class NoiseRule(DropoutRule):
@@ -940,6 +949,97 @@ def _softmax_square_over_queries(count: int, logits: float, depth: int) -> float
                      for w, f in zip(_HERMITE_W, factors)))
 
 
+def _visible_keys(ctx, mask, queries: int, keys: int, causal: bool) -> np.ndarray:
+    """Which keys each query sees, a (queries, keys) array of 0/1 (averaged over a batch).
+
+    A mask computed from the model's inputs counts where the caller computed it
+    (`ctx.values`); its own length then wins over the graph's.
+    """
+    visible = np.ones((queries, keys))
+    array = None
+    if isinstance(mask, Input):
+        if ctx.values is not None and ctx.values[mask.index] is not None:
+            array = np.asarray(ctx.values[mask.index])
+            ctx.notes.append("its mask computed for sequences without padding")
+        else:
+            ctx.notes.append("a mask tensor from the data taken as all keys visible")
+    elif mask is not None:
+        array = _numeric(mask)
+    if array is not None and array.ndim >= 2:
+        visible = np.mean(array.reshape(-1, *array.shape[-2:]) != 0, axis=0)
+        queries, keys = visible.shape
+    if causal:
+        # Query i sees the keys up to its own position (with a cache: the later queries).
+        visible = visible * np.tri(queries, keys, keys - queries)
+    return visible
+
+
+def _lengths(ctx, queries, keys) -> tuple[int, int]:
+    if queries is None or keys is None:
+        ctx.notes.append(f"sequence length open in the graph: {_OPEN_LENGTH} taken")
+        queries = _OPEN_LENGTH if queries is None else queries
+        keys = queries if keys is None else keys
+    return int(queries), int(keys)
+
+
+def _spread(query: Signal, key: Signal, depth: int, ctx) -> float:
+    """The variance of one query's logits `q.k` over its keys (the scale inside `query`)."""
+    key_cross = cross_of(key)
+    if key_cross is None:
+        ctx.notes.append("tokens taken independent (their correlation is not followed here)")
+        key_cross = float(np.mean(key.mean)) ** 2
+    return depth * query.q * max(key.q - key_cross, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Attention logits (`stage="logits"`) or weights (`"weights"`) of an unfused attention,
+    carried by a `Signal` from the query-key einsum through the softmax to the value einsum.
+
+    Attributes:
+        spread: The variance of one query's logits over its keys.
+        depth: The size the logits sum over (the head dimension).
+        queries, keys: The number of query and key positions.
+        visible: After the softmax, which keys each query sees (queries x keys).
+        dropout: E[m^2] / E[m]^2 of a dropout mask on the weights (1: none).
+    """
+
+    spread: float
+    depth: int
+    queries: int
+    keys: int
+    stage: str = "logits"
+    visible: Any = None
+    dropout: float = 1.0
+
+
+def _attention_output(value: Signal, visible: np.ndarray, squares: np.ndarray,
+                      out_map: tuple, dropout: float = 1.0) -> Signal:
+    """`o_i = sum_j p_ij v_j`: `E[o_i^2] = c_v + (f q_v - c_v) E[sum_j p_ij^2]` (f the
+    dropout mask's E[m^2]), and two queries share `c_v + (q_v - c_v) |V_i & V_i'| /
+    (n_i n_i')` (their weights taken independent)."""
+    value_cross = cross_of(value)
+    if value_cross is None:
+        value_cross = float(np.mean(value.mean)) ** 2
+    power = value_cross + (dropout * value.q - value_cross) * squares  # per query
+    counts = visible.sum(axis=1)
+    overlap = (visible @ visible.T) / np.maximum(np.outer(counts, counts), 1)
+    pairs = len(counts) * (len(counts) - 1)
+    cross = value_cross + max(value.q - value_cross, 0.0) * (
+        (overlap.sum() - np.trace(overlap)) / pairs if pairs else 0.0)
+    shape = out_map if out_map else ()
+    power = power.reshape((-1,) + (1,) * (len(shape) - 1)) if shape else np.mean(power)
+    if shape and np.shape(power)[0] != shape[0]:
+        power = np.mean(power)
+    return Signal(np.broadcast_to(power, shape).astype(float),
+                  np.full(shape, float(np.mean(value.mean))), cross=float(cross))
+
+
+def _squares(visible: np.ndarray, spread: float, depth: int) -> np.ndarray:
+    return np.array([_softmax_square_over_queries(n, spread, depth)
+                     for n in visible.sum(axis=1)])
+
+
 class AttentionRule(LayerRule):
     """`dot_product_attention`: softmax(scale Q K^T + mask) V at init (docs/science section 4).
 
@@ -950,7 +1050,9 @@ class AttentionRule(LayerRule):
     taken as a softmax of independent Gaussian logits (`softmax_square`), and two
     queries' weights as independent (their overlap `|V_i & V_i'| / (n_i n_i')`
     sets the output's cross moment). A mask tensor computed from the data
-    (padding) is taken as all keys visible, and the report says so.
+    (padding) is taken as all keys visible, and the report says so. The same
+    rule, split in three (`EinsumRule`, `SoftmaxRule`, `EinsumRule`), follows
+    attentions written as einsums and a softmax layer.
     """
 
     family = "attention"
@@ -971,52 +1073,96 @@ class AttentionRule(LayerRule):
                 f"{ctx.layer.name}: an additive attention bias (no rule)", out_map)]
         q_shape = ctx.in_shapes[bound["query"].index]
         k_shape = ctx.in_shapes[bound["key"].index]
-        depth, queries, keys = q_shape[-1], q_shape[1], k_shape[1]
-        if queries is None or keys is None:
-            ctx.notes.append(f"sequence length open in the graph: {_OPEN_LENGTH} taken")
-            queries = _OPEN_LENGTH if queries is None else queries
-            keys = queries if keys is None else keys
+        depth = q_shape[-1]
+        queries, keys = _lengths(ctx, q_shape[1], k_shape[1])
         scale = _numeric(bound.get("scale"))
         scale = 1.0 / math.sqrt(depth) if scale is None else float(scale.ravel()[0])
-        visible = self._visible(ctx, bound, queries, keys)
-        query, key, value = roles["query"], roles["key"], roles["value"]
-        key_cross, value_cross = cross_of(key), cross_of(value)
-        if key_cross is None or value_cross is None:
-            ctx.notes.append("tokens taken independent (their correlation is not followed "
-                             "to here)")
-        key_cross = float(np.mean(key.mean)) ** 2 if key_cross is None else key_cross
-        value_cross = float(np.mean(value.mean)) ** 2 if value_cross is None else value_cross
-        logits = scale**2 * depth * query.q * max(key.q - key_cross, 0.0)
+        visible = _visible_keys(ctx, bound.get("mask"), queries, keys,
+                                bool(getattr(ctx.layer, "is_causal", False)))
         if getattr(ctx.layer, "attn_logits_soft_cap", None):
             ctx.notes.append("the logits' soft cap taken as the identity")
-        counts = visible.sum(axis=1)
-        squares = np.array([_softmax_square_over_queries(n, logits, depth) for n in counts])
-        spread = max(value.q - value_cross, 0.0)
-        power = value_cross + spread * squares  # per query position
-        overlap = (visible @ visible.T) / np.maximum(np.outer(counts, counts), 1)
-        pairs = queries * (queries - 1)
-        cross = value_cross + spread * (
-            (overlap.sum() - np.trace(overlap)) / pairs if pairs else 0.0)
-        shape = out_map if out_map else ()
-        power = power.reshape((-1,) + (1,) * (len(shape) - 1)) if len(shape) else np.mean(power)
-        return [Signal(np.broadcast_to(power, shape).astype(float),
-                       np.full(shape, float(np.mean(value.mean))), cross=float(cross))]
+        spread = scale**2 * _spread(roles["query"], roles["key"], depth, ctx)
+        return [_attention_output(roles["value"], visible, _squares(visible, spread, depth),
+                                  out_map)]
 
-    @staticmethod
-    def _visible(ctx, bound, queries: int, keys: int) -> np.ndarray:
-        """Which keys each query sees, a (queries, keys) 0/1 array."""
-        visible = np.ones((queries, keys))
-        mask = bound.get("mask")
-        if isinstance(mask, Input):
-            ctx.notes.append("a mask tensor from the data taken as all keys visible")
-        elif mask is not None:
-            array = _numeric(mask)
-            if array is not None and array.shape[-2:] == (queries, keys):
-                visible = np.mean(array.reshape(-1, queries, keys) != 0, axis=0)
-        if getattr(ctx.layer, "is_causal", False):
-            # Query i sees the keys up to its own position (a cache: the later queries).
-            visible = visible * np.tri(queries, keys, keys - queries)
-        return visible
+
+def _einsum_parts(ctx) -> tuple[list[str], str, list[int]] | None:
+    """(operand subscripts, output subscripts, operand input indices) of a two-tensor einsum."""
+    equation = getattr(ctx.layer, "subscripts", None)  # the Einsum op keeps it
+    operands = list(ctx.args)
+    if equation is None and operands and isinstance(operands[0], str):
+        equation, operands = operands[0], operands[1:]
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation:
+        return None
+    if len(operands) != 2 or not all(isinstance(a, Input) for a in operands):
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    return inputs.split(","), output, [a.index for a in operands]
+
+
+class EinsumRule(LayerRule):
+    """`ops.einsum` of two tensors where it is half an attention (`AttentionRule`):
+    query-key logits (the output's last axis runs over one operand's positions, a
+    size is summed over), or softmax weights times values."""
+
+    family = "other"
+
+    def propagate(self, ctx, ins):
+        parts = _einsum_parts(ctx)
+        if parts is None:
+            raise NotImplementedError("no rule for an einsum other than an attention's")
+        subscripts, output, indices = parts
+        signals = [ins[i] for i in indices]
+        for signal in signals:
+            if signal.unknown:
+                return [signal]
+        shapes = [ctx.in_shapes[i] for i in indices]
+        weighted = [i for i, s in enumerate(signals) if s.scores is not None
+                    and s.scores.stage == "weights"]
+        if weighted:
+            (w,) = weighted[:1]
+            scores, value = signals[w].scores, signals[1 - w]
+            squares = _squares(scores.visible, scores.spread, scores.depth)
+            return [_attention_output(value, scores.visible, squares, ctx.out_map(),
+                                      scores.dropout)]
+        key_letter = output[-1]
+        owners = [i for i, sub in enumerate(subscripts) if key_letter in sub]
+        summed = [c for c in set(subscripts[0]) & set(subscripts[1]) if c not in output]
+        if len(owners) != 1 or not summed or len(subscripts[owners[0]]) < 3 or (
+                subscripts[owners[0]][1] != key_letter):
+            raise NotImplementedError("no rule for an einsum other than an attention's")
+        k = owners[0]
+        q = 1 - k
+        depth = 1
+        for c in summed:
+            size = shapes[k][subscripts[k].index(c)]
+            depth *= size if isinstance(size, int) else 1
+        queries, keys = _lengths(ctx, shapes[q][1], shapes[k][1])
+        spread = _spread(signals[q], signals[k], depth, ctx)
+        out_map = ctx.out_map()
+        power = depth * signals[q].q * signals[k].q
+        mean = depth * float(np.mean(signals[q].mean)) * float(np.mean(signals[k].mean))
+        return [Signal(np.full(out_map, power), np.full(out_map, mean),
+                       scores=Scores(spread, depth, queries, keys))]
+
+
+class SoftmaxRule(ActivationRule):
+    """A softmax: attention weights where its input carries logits (`Scores`); otherwise
+    not elementwise, so no rule."""
+
+    def propagate(self, ctx, ins):
+        signal = ins[0]
+        scores = signal.scores
+        if signal.unknown or scores is None or scores.stage != "logits":
+            return super().propagate(ctx, ins)
+        mask = ctx.kwargs.get("mask", ctx.args[1] if len(ctx.args) > 1 else None)
+        visible = _visible_keys(ctx, mask, scores.queries, scores.keys, False)
+        squares = _squares(visible, scores.spread, scores.depth)
+        counts = np.maximum(visible.sum(axis=1), 1)
+        out_map = ctx.out_map()
+        return [Signal(np.full(out_map, float(np.mean(squares / counts))),
+                       np.full(out_map, float(np.mean(1.0 / counts))),
+                       scores=dataclasses.replace(scores, stage="weights", visible=visible))]
 
 
 def _builtin_rules() -> None:
@@ -1101,6 +1247,8 @@ def _builtin_rules() -> None:
     _RULES[klayers.Rescaling] = RescalingRule()
     _RULES[klayers.Embedding] = EmbeddingRule()
     _RULES[_nn.DotProductAttention] = AttentionRule()
+    _RULES[_np.Einsum] = EinsumRule()
+    _RULES[klayers.Softmax] = _RULES[_nn.Softmax] = SoftmaxRule()
 
 
 def einsum_axes(equation: str, rank: int) -> tuple[list[int], list[int]]:

@@ -138,3 +138,65 @@ def test_mean_field_on_the_crash_reproducer_predicts_every_row():
     report = mean_field_init(model, data=x, seed=0, verbose=0)
     assert [row.status for row in report.rows] == ["ok"] * 5, report.table()
     assert not report.unanalysed
+
+
+class _Positions(keras.layers.Layer):
+    """A learned position embedding made from its input's shape alone (as KerasHub's)."""
+
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=(input_shape[1], input_shape[2]),
+                                     initializer="uniform")
+
+    def call(self, x):
+        return ops.broadcast_to(self.table, ops.shape(x))
+
+
+def _no_norm_block(dropout: float, causal: bool):
+    keras.utils.set_random_seed(0)  # the tables keep their draws: one fixed draw
+    tokens = keras.Input((16,), dtype="int32")
+    h = keras.layers.Embedding(10, 32, name="tokens")(tokens)
+    h = h + _Positions(name="positions")(h)
+    a = keras.layers.MultiHeadAttention(4, 8, dropout=dropout, name="attention")(
+        h, h, use_causal_mask=causal)
+    h = keras.layers.Add()([h, a])
+    return keras.Model(tokens, keras.layers.Dense(10, name="head")(h))
+
+
+# (Dropout with a causal mask cannot be traced on symbolic tensors: MultiHeadAttention's
+# projections leave the length open and its causal mask needs it; the rows say so.)
+@pytest.mark.parametrize("dropout,causal", [(0.0, True), (0.0, False), (0.25, False)])
+def test_fused_and_einsum_attention_predict_what_runs(dropout, causal):
+    # Dropout makes MultiHeadAttention take its einsum-and-softmax path (EinsumRule,
+    # SoftmaxRule); without it, dot_product_attention (AttentionRule).
+    model = _no_norm_block(dropout, causal)
+    x = np.random.default_rng(4).integers(0, 10, (256, 16)).astype("int32")
+    report = mean_field_init(model, data=x, seed=0, verbose=0)
+    assert not report.unanalysed, report.table()
+    assert all(row.status == "ok" for row in report.rows), report.table()
+    # The embeddings start the stream at 1, half each (the rows say so).
+    assert report["tokens"].predicted == pytest.approx(0.5)
+    assert report["positions"].predicted == pytest.approx(0.5)
+    for table in (model.get_layer("tokens").embeddings, model.get_layer("positions").table):
+        # float32 rounding of one rescale: relative 1e-5 is 80 epsilons.
+        assert np.mean(ops.convert_to_numpy(table) ** 2) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_embeddings_false_leaves_tables_alone():
+    model = _no_norm_block(0.0, False)
+    before = ops.convert_to_numpy(model.get_layer("tokens").embeddings).copy()
+    report = mean_field_init(model, embeddings=False, seed=0, verbose=0)
+    np.testing.assert_array_equal(ops.convert_to_numpy(model.get_layer("tokens").embeddings),
+                                  before)
+    assert "tokens" not in [row.name for row in report.rows]
+
+
+def test_kerashub_gelu_approximate_is_known_by_name():
+    def gelu_approximate(x):
+        return keras.activations.gelu(x, approximate=True)
+
+    gelu_approximate.__module__ = "keras_hub.src.utils.keras_utils"
+    spec = _moments.spec_of(gelu_approximate)
+    assert spec is not None and spec.name == "gelu_approximate"
+    exact = _moments.moments(_moments.spec_of("gelu"), 0.0, 1.0)[0]
+    # tanh-approximate GELU is within 1e-3 of GELU pointwise; its second moment likewise.
+    assert float(_moments.moments(spec, 0.0, 1.0)[0]) == pytest.approx(float(exact), abs=1e-3)

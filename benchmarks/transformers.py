@@ -72,7 +72,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import transformer_models  # noqa: E402  (benchmarks/ is the script's folder, so on sys.path)
-from graph_init import _anyinit, _error, _sum_variances, _warm_up_process  # noqa: E402
+from graph_init import _anyinit, _error, _score, _sum_variances, _warm_up_process  # noqa: E402
 from lsuv_speed import compiled_forward  # noqa: E402
 
 import keras_goodinit as kg  # noqa: E402
@@ -221,6 +221,7 @@ def measure(name: str, methods=INITS) -> list[dict]:
             continue
         if report is not None:
             row["coverage"] = coverage(report, kernels)
+            row["notes"] = [note[:300] for note in report.notes]
         try:
             row.update(held_out(spec, model, held))
             if method == "mean_field":
@@ -435,6 +436,24 @@ def targets(rows: list[dict], costs: list[dict], runs: list[dict]) -> list[tuple
     return checks
 
 
+def init_not_ahead(rows: list[dict]) -> list[str]:
+    """Per model: where an init of ours is not ahead of every other on a held-out column."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = {r["init"]: r for r in rows if r["model"] == model and not r["skipped"]}
+        for label, key, goal in (("max sum var", "max_sum_var", "low"),
+                                 ("logits var", "logits_var", 1.0)):
+            theirs = [m for m in group if m not in OURS and math.isfinite(group[m][key])]
+            if not theirs:
+                continue
+            best = min(theirs, key=lambda m: _score(group[m], key, goal))
+            for method in (m for m in OURS if m in group):
+                if _score(group[method], key, goal) > _score(group[best], key, goal):
+                    lines.append(f"NOT AHEAD: {model}, {label}: {method} "
+                                 f"{group[method][key]:.4g} vs {best} {group[best][key]:.4g}")
+    return lines
+
+
 def not_ahead(runs: list[dict]) -> list[str]:
     """Where an init of ours trains no better than anyinit or plain LSUV (min accuracy)."""
     lines = []
@@ -512,6 +531,8 @@ def main() -> None:
                     runs.append(train(name, method, seed, args.steps))
     print()
     print(init_table(rows))
+    lines = init_not_ahead(rows)
+    print("\n".join(lines) if lines else "Ours is ahead on both held-out columns of every model.")
     if costs:
         print()
         print(cost_table(costs))

@@ -1,0 +1,70 @@
+"""Transformer blocks under `mean_field_init`: the 1/N rule on every branch of a stream.
+
+A transformer layer has two residual branches (attention, MLP) on one
+stream, so a stream of L layers has N = 2L branch ends, each given the
+variance share 1/N (docs/science section 4). GPT-2's output-projection init,
+std 0.02 / sqrt(2 L), is this rule in standard-deviation form: the test
+checks that the branch ends' kernels are those of the plain kernels of the
+same shape scaled by 1 / sqrt(2 L), exactly (float32 rounding), at two depths.
+"""
+
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_goodinit import mean_field_init
+
+
+def _gpt2(layers: int):
+    if sys.version_info < (3, 11):  # keras-hub needs Python 3.11+ (setup.cfg's test extra)
+        pytest.skip("keras-hub needs Python 3.11 or later")
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=layers, num_heads=2, hidden_dim=32,
+        intermediate_dim=32, max_sequence_length=16, dropout=0.0)
+
+
+def _unit_norms(layer, fan_in_axes: int) -> np.ndarray:
+    """The norm of each output unit's fan-in vector (the first `fan_in_axes` axes)."""
+    kernel = ops.convert_to_numpy(layer.kernel).astype(float)
+    fan_in = int(np.prod(kernel.shape[:fan_in_axes]))
+    return np.sqrt(np.sum(kernel.reshape(fan_in, -1) ** 2, axis=0))
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_gpt2_branch_ends_get_one_over_2L(layers):
+    model = _gpt2(layers)
+    report = mean_field_init(model, seed=0, verbose=0)
+    ends = [r for r in report.rows if r.name.endswith(("attention_output",
+                                                       "feedforward_output_dense"))]
+    assert len(ends) == 2 * layers
+    for row in ends:
+        assert row.num_blocks == 2 * layers and row.rule == "residual", row
+        assert row.gamma == pytest.approx(1.0 / (2 * layers), rel=1e-12)
+    # The rule in standard-deviation form. The value projection (32 -> 2 heads x 16, linear)
+    # and the output projection (2 x 16 -> 32, a branch end) both have C_in = C_out = 32, so
+    # g = sqrt(gamma): 1 against 1 / (2L), each unit's norm exactly (float32: 1e-6 relative).
+    for index in range(layers):
+        attention = model.get_layer(f"transformer_layer_{index}")._self_attention_layer
+        value = _unit_norms(attention._value_dense, 1)
+        out = _unit_norms(attention._output_dense, 2)
+        np.testing.assert_allclose(value, 1.0, rtol=1e-5)
+        np.testing.assert_allclose(out, 1.0 / np.sqrt(2 * layers), rtol=1e-5)
+
+
+def test_gpt2_stream_after_mean_field_is_bounded_and_rows_are_predicted():
+    model = _gpt2(4)
+    rng = np.random.default_rng(0)
+    data = {"token_ids": rng.integers(0, 64, (64, 16)).astype("int32"),
+            "padding_mask": np.ones((64, 16), "int32")}
+    report = mean_field_init(model, data=data, seed=0, verbose=0)
+    assert not report.unanalysed, report.unanalysed
+    # Every kernel and table has a predicted row.
+    assert all(np.isfinite(r.predicted) for r in report.rows), report.table()
+    # The stream: 1 from the embeddings plus N shares of at most 1 each: below e.
+    assert max(report.add_outputs.values()) < np.e

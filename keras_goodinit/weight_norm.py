@@ -39,16 +39,31 @@ def substituted(variable, value):
 
 
 @contextlib.contextmanager
-def _substituted(pairs):
-    """`substituted` for a list of `(variable, value)` pairs."""
+def _substituted(pairs, carried=()):
+    """`substituted` for a list of `(variable, value)` pairs.
+
+    Assignments made inside to a variable of `carried` (a dropout seed's
+    state, a stateful RNN's states) are made again outside, or handed to
+    the enclosing stateless scope: the scope would otherwise drop them, and
+    every call would draw the same dropout mask.
+    """
     from keras.src.backend.common.stateless_scope import get_stateless_scope
 
     parent = get_stateless_scope()
     scope = keras.StatelessScope(state_mapping=pairs, collect_losses=True)
     if parent is not None:
         scope.state_mapping = {**parent.state_mapping, **scope.state_mapping}
+    before = dict(scope.state_mapping)
     with scope:
         yield scope.losses
+    for variable in carried:
+        value = scope.state_mapping.get(id(variable))
+        if value is None or value is before.get(id(variable)):
+            continue
+        if parent is not None:
+            parent.add_update((variable, value))
+        else:
+            variable.assign(value)
 
 
 def _concrete(variable) -> bool:
@@ -78,6 +93,45 @@ def stored_dtype(variable) -> str:
     return keras.backend.standardize_dtype(variable._dtype)
 
 
+_SUPPORTED = ("Dense, Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D, SimpleRNN, LSTM, "
+              "GRU, ConvLSTM1D/2D/3D, their cells, and Bidirectional of these RNNs")
+
+
+def _cell_classes() -> tuple[type, ...]:
+    """The recurrent cells whose `kernel` and `recurrent_kernel` the wrapper normalizes."""
+    from keras.src.layers.rnn.conv_lstm import ConvLSTMCell  # not exported by Keras
+
+    layers = keras.layers
+    return (layers.SimpleRNNCell, layers.LSTMCell, layers.GRUCell, ConvLSTMCell)
+
+
+def _recurrent_cells(layer) -> list | None:
+    """The cells of a recurrent layer `WeightNormalization` can wrap; None for another layer.
+
+    A cell, an RNN of one (SimpleRNN, LSTM, GRU, ConvLSTM1D/2D/3D,
+    `keras.layers.RNN(cell)`) or a `Bidirectional` of two: forward first.
+    Raises for a recurrent layer whose cell is not one of these (stacked or
+    custom cells, an RNN of an already wrapped cell).
+    """
+    layers = keras.layers
+    if isinstance(layer, _cell_classes()):
+        return [layer]
+    if isinstance(layer, layers.Bidirectional):
+        sides = (layer.forward_layer, layer.backward_layer)
+        if all(isinstance(side, layers.RNN) for side in sides):
+            cells = [_recurrent_cells(side) for side in sides]
+            return cells[0] + cells[1]
+    elif isinstance(layer, layers.RNN) and isinstance(layer.cell, _cell_classes()):
+        return [layer.cell]
+    if isinstance(layer, (layers.RNN, layers.Bidirectional)):
+        raise ValueError(
+            f"Unsupported layer type {type(layer).__name__}: WeightNormalization wraps an "
+            "RNN of one SimpleRNNCell, LSTMCell, GRUCell or ConvLSTM cell (not stacked, "
+            f"custom or already wrapped cells). Supported: {_SUPPORTED}. "
+            f"Received: layer={layer!r}")
+    return None
+
+
 def _wrappable_layout(layer) -> str:
     """The kernel layout of a layer `WeightNormalization` can wrap; raises for others.
 
@@ -86,16 +140,15 @@ def _wrappable_layout(layer) -> str:
     (two kernels), an EinsumDense (its equation places the fan-in axes) or a
     wrapper already.
     """
-    try:
-        layout = _layouts.layout_of(layer)
-    except ValueError:
-        layout = None
     layers = keras.layers
-    if layout is None or isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D,
-                                            layers.EinsumDense, WeightNormalization)):
+    layout = None
+    if not isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D,
+                              layers.EinsumDense, WeightNormalization)):
+        with contextlib.suppress(ValueError):
+            layout = _layouts.layout_of(layer)
+    if layout is None:
         raise ValueError(
-            f"Unsupported layer type {type(layer).__name__}. Supported: Dense, "
-            "Conv1D/2D/3D, Conv1D/2D/3DTranspose, DepthwiseConv1D/2D. "
+            f"Unsupported layer type {type(layer).__name__}. Supported: {_SUPPORTED}. "
             f"Received: layer={layer!r}"
         )
     return layout
@@ -180,8 +233,42 @@ class WeightNormalization(keras.layers.Wrapper):
     and the effective kernel is `g * v / ||v||` plus the low-rank update;
     `g` and the LoRA factors train.
 
-    Supported layers: Dense, Conv1D/2D/3D, Conv1D/2D/3DTranspose and
-    DepthwiseConv1D/2D.
+    Supported layers: Dense, Conv1D/2D/3D, Conv1D/2D/3DTranspose,
+    DepthwiseConv1D/2D, and the recurrent SimpleRNN, LSTM, GRU and
+    ConvLSTM1D/2D/3D, their cells (`keras.layers.RNN(WeightNormalization(
+    keras.layers.LSTMCell(8)))`, a cell without dropout) and `Bidirectional`
+    either way round: `Bidirectional(WeightNormalization(LSTM(8)))` (each
+    direction gets its own wrapper) and `WeightNormalization(Bidirectional(
+    LSTM(8)))` (one wrapper, with `g`, `recurrent_g`, `backward_g` and
+    `backward_recurrent_g`) compute the same.
+
+    Recurrent layers: a cell computes each gate as `x W + h U + b`, with the
+    input kernel `W` and the recurrent kernel `U` both of shape
+    `(*k, fan_in, gates * units)` (gates: 1 SimpleRNN, 4 LSTM and ConvLSTM,
+    3 GRU). Every column of each, one unit of one gate, is a fan-in vector
+    as a Dense kernel's is, and is normalized on its own: `W_j = g_j v_j /
+    ||v_j||` and `U_j = r_j u_j / ||u_j||`, with `g` (the `g` variable) and
+    `r` (`recurrent_g`) one value per unit and gate, `(gates * units,)`. Both
+    by default (`recurrent=True`): Salimans & Kingma reparameterize every
+    weight vector a unit's pre-activation is a dot product with, and the
+    recurrent one is where a learnt scale matters most, since the norms of
+    `U`'s columns set the gain of the step-to-step Jacobian `dh_t/dh_{t-1}`,
+    which decides whether signals and gradients shrink or grow over time;
+    with `r` apart from `U`'s direction, the optimizer moves that gain
+    directly. `recurrent=False` normalizes `W` only (`U` stays the
+    layer's own variable), for a model that should keep the plain
+    recurrent kernel. (tensorflow-addons normalized only the cell's
+    `recurrent_kernel`, as a single gain per column, and `W` not at all.)
+    At build `g = ||v||` and `r = ||u||`, so the wrapped RNN computes what
+    the bare one computes. `data_init=True` raises for recurrent layers: a
+    gate's pre-activation depends on the state, which the init would change,
+    so one batch gives no per-unit statistic to normalize (the paper uses
+    the standard init for its recurrent models; tensorflow-addons warned
+    against it and rescaled the recurrent gains by the statistics of the
+    layer's output). The wrapper forwards what `keras.layers.RNN` asks of a
+    cell and `Bidirectional` of an RNN (`state_size`, `return_sequences`,
+    `go_backwards`...), and the wrapped layer's dropout and stateful states
+    advance as without the wrapper.
 
     With `data_init=True` the wrapper does the data-dependent init of
     Salimans & Kingma once, on the first batch it sees in training (as
@@ -233,32 +320,71 @@ class WeightNormalization(keras.layers.Wrapper):
     >>> bool(np.allclose(pre.mean(0), 0, atol=1e-5) and np.allclose(pre.std(0), 1, atol=1e-4))
     True
 
+    >>> lstm = WeightNormalization(keras.layers.LSTM(8))
+    >>> h = lstm(np.ones((2, 5, 3)))
+    >>> tuple(lstm.g.shape), tuple(lstm.recurrent_g.shape)  # 4 gates x 8 units
+    ((32,), (32,))
+
     Args:
         layer: The layer to wrap.
         data_init: Whether to do the data-dependent init on the first
-            training batch (see above). Defaults to `False`.
+            training batch (see above). Defaults to `False`; `True` raises
+            for recurrent layers.
+        recurrent: For recurrent layers, whether the recurrent kernel is
+            normalized too (see above); `False` is an error for other
+            layers. Defaults to `True`.
         **kwargs: Base layer keyword arguments, such as `name` or `dtype`.
 
     Reference:
         - [Salimans & Kingma, 2016](https://arxiv.org/abs/1602.07868)
     """
 
-    def __init__(self, layer: keras.layers.Layer, data_init: bool = False, **kwargs):
+    def __init__(self, layer: keras.layers.Layer, data_init: bool = False,
+                 recurrent: bool = True, **kwargs):
         if not isinstance(layer, keras.layers.Layer):
             raise ValueError(
-                "Argument `layer` must be a Keras layer. Supported: Dense, Conv1D/2D/3D, "
-                f"Conv1D/2D/3DTranspose, DepthwiseConv1D/2D. Received: layer={layer!r}"
+                f"Argument `layer` must be a Keras layer. Supported: {_SUPPORTED}. "
+                f"Received: layer={layer!r}"
             )
-        if not isinstance(data_init, (bool, np.bool_)):
-            raise ValueError(
-                f"Argument `data_init` must be True or False. Received: data_init={data_init!r}")
+        for name, value in (("data_init", data_init), ("recurrent", recurrent)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(
+                    f"Argument `{name}` must be True or False. Received: {name}={value!r}")
         self.data_init = bool(data_init)
-        self.layout = _wrappable_layout(layer)
+        self.recurrent = bool(recurrent)
+        # `Bidirectional` makes its backward copy from this wrapper's config, with
+        # `go_backwards=True` added: it is the wrapped RNN's.
+        go_backwards = kwargs.pop("go_backwards", None)
+        self._cells = _recurrent_cells(layer)
+        if self._cells is None:
+            if not self.recurrent:
+                raise ValueError(
+                    "Argument `recurrent` applies to recurrent layers only (it says whether "
+                    "their recurrent kernel is normalized too). Received: recurrent=False "
+                    f"for layer={layer!r}")
+            if go_backwards is not None:
+                raise ValueError(
+                    "Argument `go_backwards` applies to recurrent layers only. Received: "
+                    f"go_backwards={go_backwards!r} for layer={layer!r}")
+            self.layout = _wrappable_layout(layer)
+        else:
+            self.layout = "default"  # both kernels: (*k, fan_in, gates * units)
+            self._check_recurrent(layer)
+            if go_backwards is not None:
+                layer.go_backwards = bool(go_backwards)
         if kwargs.get("dtype") is None:
             kwargs["dtype"] = layer.dtype_policy
         super().__init__(layer, **kwargs)
         # A mask passes through the wrapper as it would pass through the layer itself.
         self.supports_masking = bool(getattr(layer, "supports_masking", False))
+        if not (self._cells is not None and layer._call_has_mask_arg):
+            # Keras hands a mask to a `call` that names one, and a functional model records
+            # it with the call: only a wrapped RNN takes it (a baked Dense could not).
+            signature = self._call_signature
+            self._call_signature = signature.replace(parameters=[
+                p for p in signature.parameters.values() if p.name != "mask"])
+            self.call_signature_parameters.remove("mask")
+            self._call_has_mask_arg = False
         # A quantized layer keeps its quantized policy (set when it was quantized).
         if layer.quantization_mode is None and layer.dtype_policy.name != self.dtype_policy.name:
             layer.dtype_policy = self.dtype_policy
@@ -272,10 +398,31 @@ class WeightNormalization(keras.layers.Wrapper):
         # start from the effective kernel (see `save_own_variables`).
         object.__setattr__(layer, "save_own_variables", self._save_layer_variables)
 
+    def _check_recurrent(self, layer) -> None:
+        """Raises for what a recurrent wrapper cannot do (see the class docstring)."""
+        if self.data_init:
+            raise ValueError(
+                "Argument `data_init=True` is not supported for recurrent layers: a gate's "
+                "pre-activation `x W + h U + b` depends on the state h, which the init "
+                "itself changes, so there is no per-unit statistic of one batch to "
+                "normalize (Salimans & Kingma use the standard init for recurrent models). "
+                f"Received: data_init=True for layer={layer!r}")
+        if layer is self._cells[0] and (getattr(layer, "dropout", 0)
+                                        or getattr(layer, "recurrent_dropout", 0)):
+            raise ValueError(
+                "A recurrent cell with dropout cannot be wrapped on its own: "
+                "`keras.layers.RNN` resets a cell's dropout masks after each sequence only "
+                "when the cell is its direct child, so a wrapped cell would reuse its first "
+                "masks. Wrap the RNN layer instead. Received: "
+                f"layer={layer!r} (dropout={layer.dropout}, "
+                f"recurrent_dropout={layer.recurrent_dropout})")
+
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
-        if self.layer.quantization_mode is not None:  # loaded quantized: g is unused
+        if self._cells is not None:
+            self._build_recurrent()
+        elif self.layer.quantization_mode is not None:  # loaded quantized: g is unused
             shape = _layouts.unit_shape(tuple(self.layer.kernel.shape), self.layout)
             self._g = self.add_weight(name="g", shape=shape, initializer="ones",
                                       trainable=False, dtype=self.layer.variable_dtype)
@@ -307,6 +454,27 @@ class WeightNormalization(keras.layers.Wrapper):
             self._shift_pending = False
         self.built = True
 
+    def _build_recurrent(self) -> None:
+        """One gain per normalized kernel: `g` (input), `recurrent_g`; `backward_` ones."""
+        gains = []  # (kernel variable, its g)
+        sides = ("", "backward_") if len(self._cells) == 2 else ("",)
+        for side, cell in zip(sides, self._cells):
+            kinds = (("", "kernel"), ("recurrent_", "recurrent_kernel"))
+            for kind, attribute in kinds[:2 if self.recurrent else 1]:
+                kernel = getattr(cell, attribute)
+                g = self.add_weight(
+                    name=f"{side}{kind}g",
+                    shape=(kernel.shape[-1],),
+                    initializer=lambda shape, dtype, kernel=kernel: ops.cast(
+                        unit_norms(kernel.value, self.layout), dtype),
+                    trainable=True,
+                    dtype=kernel.dtype,
+                )
+                gains.append((kernel, g))
+        # Not tracked: the kernels are the wrapped layer's variables, not the wrapper's own.
+        object.__setattr__(self, "_gains", tuple(gains))
+        self._g = gains[0][1]
+
     @property
     def g(self) -> keras.Variable:
         """The gain variable: the norm of each unit's effective kernel."""
@@ -315,8 +483,25 @@ class WeightNormalization(keras.layers.Wrapper):
 
     @property
     def v(self) -> keras.Variable:
-        """The direction variable: the wrapped layer's own kernel."""
+        """The direction variable: the wrapped layer's own kernel.
+
+        For a recurrent layer, its (forward) cell's input `kernel`.
+        """
+        if self._cells is not None:
+            return self._cells[0].kernel
         return kernel_variable(self.layer)
+
+    @property
+    def recurrent_g(self) -> keras.Variable | None:
+        """The gain of the (forward) cell's `recurrent_kernel`; None where it is not normalized."""
+        if self._cells is None or not self.recurrent:
+            return None
+        return self._gains[1][1]
+
+    @property
+    def recurrent_v(self) -> keras.Variable | None:
+        """The (forward) cell's `recurrent_kernel`, or None for a non-recurrent layer."""
+        return None if self._cells is None else self._cells[0].recurrent_kernel
 
     def _effective_g(self):
         """g, plus the init not yet folded into it (`data_init` under a stateless trainer)."""
@@ -336,8 +521,10 @@ class WeightNormalization(keras.layers.Wrapper):
                 f"compute. Received: layer={self.layer.name!r}")
         self._fold_shift()
         with _float32_reads():
-            v = self.v.value
-            g = self._effective_g()
+            return self._normalized(self.v.value, self._effective_g())
+
+    def _normalized(self, v, g):
+        """`g * v / ||v||` for the values `v` and `g`, in v's dtype."""
         u, sum_sq, _ = _directions(v, self.layout)
         # sum_sq >= 1 for a non-zero column; 0 marks an all-zero one, whose u is 0.
         scale = ops.reshape(ops.cast(g, u.dtype), sum_sq.shape) * ops.rsqrt(
@@ -346,6 +533,10 @@ class WeightNormalization(keras.layers.Wrapper):
 
     def _substitutions(self):
         """(variable, value) pairs under which the wrapped layer computes this layer."""
+        if self._cells is not None:
+            with _float32_reads():
+                return [(kernel, self._normalized(kernel.value, g.value))
+                        for kernel, g in self._gains]
         pairs = [(self.v, self.normalized_kernel())]
         if self.data_init and self._bias_shift is not None:
             with _float32_reads():
@@ -353,23 +544,64 @@ class WeightNormalization(keras.layers.Wrapper):
                               self.layer.bias.value + self._bias_shift.value))
         return pairs
 
-    def call(self, inputs, *args, training=None, **kwargs):
+    def call(self, inputs, *args, training=None, mask=None, **kwargs):
         if training is not None:
             kwargs["training"] = training
+        if mask is not None and self.layer._call_has_mask_arg:
+            kwargs["mask"] = mask
         if self.layer.quantization_mode is not None:  # g was folded into the kernel
             return self.layer(inputs, *args, **kwargs)
         if self.data_init and not keras.backend.is_keras_tensor(inputs):
             self._fold_shift()
             if training and not self._lora_enabled():
                 self._data_init_once(inputs, args, kwargs)
-        with _substituted(self._substitutions()) as losses:
+        with _substituted(self._substitutions(), self._carried()) as losses:
             outputs = self.layer(inputs, *args, **kwargs)
         for loss in losses:  # re-added outside the scope, where Keras keeps them
             self.layer.add_loss(loss)
         return outputs
 
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
+    def _carried(self) -> list:
+        """Variables the wrapped layer assigns in a forward pass (see `_substituted`)."""
+        if self._cells is None:
+            return []
+        carried = list(self.layer.non_trainable_variables)  # dropout seeds
+        for layer in self.layer._flatten_layers():
+            if isinstance(layer, keras.layers.RNN) and layer.stateful and layer.states:
+                carried.extend(keras.tree.flatten(layer.states))
+        return carried
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return self.layer.compute_output_shape(input_shape, *args, **kwargs)
+
+    # What `keras.layers.RNN` asks of a cell and `Bidirectional` of an RNN, from the
+    # wrapped one: `RNN(WeightNormalization(LSTMCell(4)))` and
+    # `Bidirectional(WeightNormalization(LSTM(4)))` work as without the wrapper.
+    def _recurrent_attribute(self, name):
+        if self._cells is None or not hasattr(self.layer, name):
+            raise AttributeError(
+                f"{type(self).__name__} of {type(self.layer).__name__} has no `{name}`")
+        return getattr(self.layer, name)
+
+    state_size = property(lambda self: self._recurrent_attribute("state_size"))
+    output_size = property(lambda self: self._recurrent_attribute("output_size"))
+    get_initial_state = property(lambda self: self._recurrent_attribute("get_initial_state"))
+    return_sequences = property(lambda self: self._recurrent_attribute("return_sequences"))
+    return_state = property(lambda self: self._recurrent_attribute("return_state"))
+    go_backwards = property(lambda self: self._recurrent_attribute("go_backwards"))
+    stateful = property(lambda self: self._recurrent_attribute("stateful"))
+    states = property(lambda self: self._recurrent_attribute("states"))
+    reset_state = property(lambda self: self._recurrent_attribute("reset_state"))
+    reset_states = property(lambda self: self._recurrent_attribute("reset_states"))
+
+    @property
+    def zero_output_for_mask(self):
+        return self._recurrent_attribute("zero_output_for_mask")
+
+    @zero_output_for_mask.setter
+    def zero_output_for_mask(self, value):
+        self._recurrent_attribute("zero_output_for_mask")
+        self.layer.zero_output_for_mask = value
 
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)
@@ -380,6 +612,8 @@ class WeightNormalization(keras.layers.Wrapper):
         # keras-goodinit from before data_init existed.
         if self.data_init:
             config["data_init"] = True
+        if not self.recurrent:
+            config["recurrent"] = False
         return config
 
     def effective_kernel_scope(self):
@@ -596,7 +830,8 @@ class WeightNormalization(keras.layers.Wrapper):
         """The wrapped layer's `quantize`, run on the effective kernel `g * v / ||v||`."""
         layer = self.layer
         quantize = layer._keras_quantize
-        if not (self.built and layer.built) or layer.quantization_mode is not None:
+        if (not (self.built and layer.built) or layer.quantization_mode is not None
+                or self._cells is not None):
             return quantize(mode, *args, **kwargs)  # Keras raises its own error
         v, g = self.v, self.g
         saved = (ops.convert_to_numpy(v.value), ops.convert_to_numpy(g.value))
@@ -748,40 +983,57 @@ def _rename_in_graph(config: dict) -> None:
 def _copy_weights(model: keras.Model, baked: keras.Model) -> list[str]:
     """Copies every layer's own variables into its rebuilt twin; returns unbaked WN paths.
 
-    The two models are walked in the same order (`_flatten_layers`, which
-    saving uses too): a baked wrapper stands in the original for its wrapped
-    layer, whose kernel then reads as the effective kernel while it is saved.
+    The two layer trees are walked together, each layer's direct sublayers
+    in the order saving finds them (`_flatten_layers`), except where a
+    layer names its sublayers' roles: a `Bidirectional`'s forward and
+    backward layers, an RNN's cell, a wrapper's layer (a rebuilt
+    `Bidirectional` may list its backward layer first). A baked wrapper
+    stands in the original for its wrapped layer, whose kernels (and its
+    sublayers': an RNN's cells') then read as the effective kernels while
+    they are saved.
     """
-    twins = iter(baked._flatten_layers())
-    skip, kept = set(), []
-    for layer in model._flatten_layers():
-        if id(layer) in skip:
-            continue
-        twin = next(twins, None)
-        source, scope = layer, contextlib.nullcontext()
-        if isinstance(layer, WeightNormalization):
-            if isinstance(twin, WeightNormalization):
-                kept.append(layer.path)
-            else:
-                source = layer.layer
-                skip.add(id(source))
-                # A quantized layer's kernel already is the effective kernel (g was
-                # folded in when it was quantized): its variables are copied as they are.
-                if source.quantization_mode is None:
-                    scope = layer.effective_kernel_scope()
-        # By type, not name: a sublayer a custom layer creates itself gets a new name.
-        if twin is None or type(twin) is not type(source):
-            raise ValueError(
-                "bake_weight_norm could not match the rebuilt model's layers to the "
-                f"original's: {source.path!r} ({type(source).__name__}) has no twin (found "
-                f"{getattr(twin, 'path', None)!r}). Received: model={model.name!r}"
-            )
-        store = {}
-        with scope:
-            source.save_own_variables(store)
-            store = {key: ops.convert_to_numpy(value) for key, value in store.items()}
-        twin.load_own_variables(store)
+    kept: list[str] = []
+    _copy_tree(model, baked, contextlib.nullcontext, kept, model.name)
     return kept
+
+
+def _copy_tree(source, twin, scope, kept: list[str], model_name: str) -> None:
+    """`_copy_weights` for `source` and its sublayers, under the context `scope()`."""
+    if isinstance(source, WeightNormalization):
+        if isinstance(twin, WeightNormalization):
+            kept.append(source.path)
+        else:
+            # A quantized layer's kernel already is the effective kernel (g was
+            # folded in when it was quantized): its variables are copied as they are.
+            if source.layer.quantization_mode is None:
+                scope = source.effective_kernel_scope
+            source = source.layer
+    # By type, not name: a sublayer a custom layer creates itself gets a new name.
+    if twin is None or type(twin) is not type(source):
+        raise ValueError(
+            "bake_weight_norm could not match the rebuilt model's layers to the "
+            f"original's: {source.path!r} ({type(source).__name__}) has no twin (found "
+            f"{getattr(twin, 'path', None)!r}). Received: model={model_name!r}"
+        )
+    store = {}
+    with scope():
+        source.save_own_variables(store)
+        store = {key: ops.convert_to_numpy(value) for key, value in store.items()}
+    twin.load_own_variables(store)
+    children, twins = _sublayers(source), _sublayers(twin)
+    for i, child in enumerate(children):
+        _copy_tree(child, twins[i] if i < len(twins) else None, scope, kept, model_name)
+
+
+def _sublayers(layer) -> list:
+    """A layer's direct sublayers, in the order `_copy_tree` pairs them."""
+    if isinstance(layer, keras.layers.Bidirectional):
+        return [layer.forward_layer, layer.backward_layer]
+    if isinstance(layer, keras.layers.Wrapper):
+        return [layer.layer]
+    if isinstance(layer, keras.layers.RNN):
+        return [layer.cell]
+    return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
 def _without_package_objects(config: dict) -> dict:

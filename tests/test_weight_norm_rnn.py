@@ -1,0 +1,613 @@
+"""WeightNormalization of recurrent layers (issue 19): RNNs, their cells, Bidirectional, ConvLSTM.
+
+Run as a script, this file is also the worker that checks the same facts under
+another Keras backend (the mechanism of tests/_backend_worker.py, with
+TensorFlow made unimportable):
+
+    KERAS_BACKEND=jax python tests/test_weight_norm_rnn.py OUT.json
+"""
+
+import sys
+
+if __name__ == "__main__":  # the worker: as if TensorFlow were not installed
+    sys.modules["tensorflow"] = None
+
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _rounding import magnitude, reordered  # noqa: E402
+from keras import layers as L  # noqa: E402
+
+from keras_goodinit import WeightNormalization, bake_weight_norm  # noqa: E402
+
+# name -> (layer factory, input shape without batch). Keras' defaults draw the kernels
+# (Glorot uniform, orthogonal recurrent kernels); every layer returns sequences where it
+# can, so every step's output is compared.
+CASES = {
+    "SimpleRNN": (lambda: L.SimpleRNN(6, return_sequences=True), (5, 4)),
+    "LSTM": (lambda: L.LSTM(6, return_sequences=True), (5, 4)),
+    "GRU": (lambda: L.GRU(6, return_sequences=True), (5, 4)),
+    "GRU_reset_before": (lambda: L.GRU(6, reset_after=False, return_sequences=True), (5, 4)),
+    "RNN_of_LSTMCell": (lambda: L.RNN(L.LSTMCell(6), return_sequences=True), (5, 4)),
+    "ConvLSTM1D": (lambda: L.ConvLSTM1D(3, 3, padding="same", return_sequences=True),
+                   (4, 7, 2)),
+    "ConvLSTM2D": (lambda: L.ConvLSTM2D(3, 3, return_sequences=True), (3, 6, 6, 2)),
+    "ConvLSTM3D": (lambda: L.ConvLSTM3D(2, 2, return_sequences=True), (3, 4, 4, 4, 2)),
+    "Bidirectional": (lambda: L.Bidirectional(L.LSTM(6, return_sequences=True)), (5, 4)),
+}
+GATES = {"SimpleRNN": 1, "LSTM": 4, "GRU": 3, "GRU_reset_before": 3, "RNN_of_LSTMCell": 4,
+         "ConvLSTM1D": 4, "ConvLSTM2D": 4, "ConvLSTM3D": 4, "Bidirectional": 4}
+
+
+def numpy(value):
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _inputs(shape, batch=3, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, *shape)).astype("float32")
+
+
+def _cells(wrapper):
+    layer = wrapper.layer
+    if isinstance(layer, L.Bidirectional):
+        return [layer.forward_layer.cell, layer.backward_layer.cell]
+    return [getattr(layer, "cell", layer)]
+
+
+def _built(name, seed=0, **kwargs):
+    """A wrapper of case `name` built on its input, every bias drawn non-zero."""
+    keras.utils.set_random_seed(seed)
+    factory, shape = CASES[name]
+    wrapper = WeightNormalization(factory(), **kwargs)
+    x = _inputs(shape, seed=seed)
+    wrapper.build(x.shape)
+    rng = np.random.default_rng(seed + 1)
+    for cell in _cells(wrapper):
+        cell.bias.assign(rng.normal(size=cell.bias.shape))
+    return wrapper, x
+
+
+def _rounding_bound(wrapper, x, expected) -> float:
+    """What rounding alone lets the wrapper's output differ from the bare layer's.
+
+    The wrapper computes with `w = g v/||v||`, g = ||v|| from the same float32
+    routine, so each entry is v's to a few roundings, one more per log2 of the
+    column length inside the norm: each step's pre-activation, a sum over the
+    input and the recurrent kernel's fan-ins (n terms), moves by at most the
+    random walk sqrt(n) eps times its size (tests/_rounding.py). Gates and tanh
+    have slope <= 1 and the recurrent kernels are orthogonal, so the difference
+    passed from step to step does not grow: it adds up over the T steps (depth
+    T). The gated outputs are bounded by 1, and the pre-activations at these
+    seeds are O(1): scale max(1, |y|).
+    """
+    cell = _cells(wrapper)[0]
+    n = sum(int(np.prod(k.shape[:-1])) for k in (cell.kernel, cell.recurrent_kernel))
+    steps = x.shape[1]
+    return reordered(steps, n, max(1.0, magnitude(expected)))
+
+
+def exactness(name) -> dict:
+    """Max |wrapper - bare layer| at build (the bare one computes with v itself), and the bound."""
+    wrapper, x = _built(name)
+    expected = numpy(wrapper.layer(x))  # the bare layer: its kernels are v and u
+    got = numpy(wrapper(x))
+    return {"diff": float(np.abs(got - expected).max()),
+            "bound": min(1e-6, _rounding_bound(wrapper, x, expected)),
+            "shape": list(got.shape), "expected_shape": list(expected.shape)}
+
+
+def _trained_like(model, seed=5):
+    """Moves every g (and kernel) away from its build value, so that w != v."""
+    rng = np.random.default_rng(seed)
+    for variable in model.trainable_weights:
+        variable.assign(numpy(variable) * rng.uniform(0.5, 1.5, size=variable.shape))
+
+
+def _mixed_model(every_way=True):
+    """Every way a recurrent layer is wrapped, in one functional model (or two of them)."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((5, 4))
+    h = L.Bidirectional(WeightNormalization(L.GRU(3, return_sequences=True)))(inputs)
+    if every_way:
+        h = WeightNormalization(L.Bidirectional(L.SimpleRNN(3, return_sequences=True)))(h)
+        h = L.RNN(WeightNormalization(L.GRUCell(4)), return_sequences=True)(h)
+    h = WeightNormalization(L.LSTM(3, dropout=0.25, recurrent_dropout=0.25),
+                            recurrent=False)(h)
+    outputs = L.Dense(2)(h)
+    model = keras.Model(inputs, outputs)
+    _trained_like(model)
+    return model
+
+
+def baking_and_saving(folder, every_way=True) -> dict:
+    """The mixed model, baked and saved and loaded: max differences of their outputs."""
+    model = _mixed_model(every_way)
+    x = _inputs((5, 4), batch=4, seed=7)
+    expected = numpy(model(x))
+    baked = bake_weight_norm(model)
+    path = os.path.join(folder, "rnn.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    return {"bake": float(np.abs(numpy(baked(x)) - expected).max()),
+            "load": float(np.abs(numpy(loaded(x)) - expected).max()),
+            "baked_classes": sorted({type(layer).__name__ for layer in baked._flatten_layers()}),
+            # Four chained recurrent layers of 5 steps, fan-ins <= 6 + 6.
+            "bound": reordered(4 * 5, 12, max(1.0, magnitude(expected)))}
+
+
+def fit_with_dropout(bare=True) -> dict:
+    """Two `fit` steps of WN(LSTM) with dropout (and of the bare LSTM): g moves, and the
+    dropout seed's state ends where the bare layer's does."""
+    seeds, facts = [], {}
+    for wrap in (True, False)[:2 if bare else 1]:
+        keras.utils.set_random_seed(4)
+        layer = L.LSTM(4, dropout=0.5, recurrent_dropout=0.5)
+        wrapper = WeightNormalization(layer) if wrap else layer
+        model = keras.Sequential([keras.Input((5, 3)), wrapper, L.Dense(1)])
+        model.compile("sgd", "mse")
+        if wrap:
+            before = [numpy(wrapper.g), numpy(wrapper.recurrent_g)]
+            facts["seed_before"] = numpy(layer.non_trainable_variables[0]).tolist()
+        x, y = _inputs((5, 3), batch=16, seed=8), np.ones((16, 1), "float32")
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        seeds.append(numpy(layer.non_trainable_variables[0]).tolist())
+        if wrap:
+            facts |= {"loss": float(history.history["loss"][-1]),
+                     "g_moved": float(np.abs(numpy(wrapper.g) - before[0]).max()),
+                     "recurrent_g_moved": float(np.abs(numpy(wrapper.recurrent_g)
+                                                       - before[1]).max())}
+    return {**facts, "seed": seeds[0], "bare_seed": seeds[-1]}
+
+
+# ---------------------------------------------------------------------------------------
+# The worker (run as a script under another backend). JAX compiles every eager RNN call
+# (a scan): a few cases, one of each cell family and the Bidirectional, keep it short.
+WORKER_CASES = ("LSTM", "GRU", "ConvLSTM1D", "Bidirectional")
+
+if __name__ == "__main__":
+    from _scenarios import recorder
+
+    RESULTS, scenario = recorder(sys.argv[1])
+    RESULTS["backend"] = keras.backend.backend()
+
+    @scenario
+    def exact_at_build():
+        return {name: exactness(name) for name in WORKER_CASES}
+
+    @scenario
+    def bake_and_save():
+        with tempfile.TemporaryDirectory() as folder:
+            return baking_and_saving(folder, every_way=False)
+
+    @scenario
+    def fit():
+        return fit_with_dropout(bare=False)  # the bare layer's seed: TensorFlow's test
+
+    print("DONE", flush=True)
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------
+# TensorFlow, in this process.
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_goodinit.weight_norm import substituted  # noqa: E402
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_wrapper_computes_what_the_bare_layer_computes_at_build(name):
+    facts = exactness(name)
+    assert facts["shape"] == facts["expected_shape"]
+    assert facts["diff"] <= facts["bound"], facts
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_both_kernels_get_one_trainable_gain_per_unit_and_gate(name):
+    wrapper, _ = _built(name)
+    cells = _cells(wrapper)
+    kernels = [k for cell in cells for k in (cell.kernel, cell.recurrent_kernel)]
+    gains = [w for w in wrapper.weights if w.path.split("/")[-1].endswith("g")
+             and w.path.startswith(wrapper.path + "/") and w.path.count("/") == 1]
+    expected_names = (["g", "recurrent_g", "backward_g", "backward_recurrent_g"]
+                      if len(cells) == 2 else ["g", "recurrent_g"])
+    assert [w.path.split("/")[-1] for w in gains] == expected_names
+    # No second copy of any kernel: the wrapper adds exactly its gains.
+    assert len(wrapper.weights) == len(wrapper.layer.weights) + len(gains)
+    assert len({id(w) for w in wrapper.weights}) == len(wrapper.weights)
+    units = cells[0].kernel.shape[-1] // GATES[name]
+    for kernel, g in zip(kernels, gains):
+        assert tuple(g.shape) == (GATES[name] * units,) and g.trainable
+        v = numpy(kernel).astype("float64")
+        norms = np.sqrt(np.sum(v**2, axis=tuple(range(v.ndim - 1))))
+        np.testing.assert_allclose(numpy(g), norms, rtol=1e-6)  # float32 norms, ~sqrt(n) eps
+    assert wrapper.g is gains[0] and wrapper.recurrent_g is gains[1]
+    assert wrapper.v is cells[0].kernel and wrapper.recurrent_v is cells[0].recurrent_kernel
+
+
+@pytest.mark.parametrize("name", ["SimpleRNN", "LSTM", "ConvLSTM2D"])
+def test_only_directions_of_the_kernels_matter_and_the_gains_set_their_norms(name):
+    wrapper, x = _built(name)
+    before = numpy(wrapper(x))
+    cell = _cells(wrapper)[0]
+    columns = cell.recurrent_kernel.shape[-1]
+    scale = np.random.default_rng(2).uniform(0.5, 2.0, size=columns).astype("float32")
+    # Scaling each column of v or u by a positive number changes no direction.
+    for kernel in (cell.kernel, cell.recurrent_kernel):
+        kernel.assign(numpy(kernel) * scale)
+    # Float32 scaling rounds each entry once: the same bound as at build.
+    bound = min(1e-6, _rounding_bound(wrapper, x, before))
+    assert np.abs(numpy(wrapper(x)) - before).max() <= bound
+    # The recurrent gain alone changes the output (it is the recurrent kernel's norm).
+    wrapper.recurrent_g.assign(numpy(wrapper.recurrent_g) * 1.5)
+    assert np.abs(numpy(wrapper(x)) - before).max() > 1e-2
+
+
+def test_recurrent_false_normalizes_the_input_kernel_only():
+    wrapper, x = _built("LSTM", recurrent=False)
+    cell = _cells(wrapper)[0]
+    assert wrapper.recurrent_g is None
+    assert [w.path.split("/")[-1] for w in wrapper._trainable_variables] == ["g"]
+    assert WeightNormalization.from_config(wrapper.get_config()).recurrent is False
+    before = numpy(wrapper(x))
+    # The recurrent kernel is the layer's own: scaling it changes the output.
+    cell.recurrent_kernel.assign(numpy(cell.recurrent_kernel) * 2.0)
+    assert np.abs(numpy(wrapper(x)) - before).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "ConvLSTM1D", "Bidirectional"])
+def test_gradients_reach_every_gain_kernel_and_bias_and_are_orthogonal_to_v(name):
+    wrapper, x = _built(name)
+    rng = np.random.default_rng(3)
+    for _, g in wrapper._gains:  # away from ||v||, so the effective kernels differ from v
+        g.assign(rng.uniform(0.5, 2.0, size=g.shape))
+    probe = rng.normal(size=wrapper(x).shape).astype("float32")
+    variables = wrapper.trainable_weights
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(wrapper(x) * probe)
+    grads = {v.path: np.asarray(g, "float64")
+             for v, g in zip(variables, tape.gradient(loss, variables))}
+    for path, grad in grads.items():
+        assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0, path
+    # The gradient of a normalized direction has no component along it (per column).
+    for kernel, _ in wrapper._gains:
+        v, grad = numpy(kernel).astype("float64"), grads[kernel.path]
+        axes = tuple(range(v.ndim - 1))
+        cosine = np.abs(np.sum(grad * v, axis=axes)) / (
+            np.sqrt(np.sum(grad**2, axis=axes)) * np.sqrt(np.sum(v**2, axis=axes)))
+        assert cosine.max() < 1e-5, (kernel.path, cosine)
+
+
+GAINS = ("g", "recurrent_g", "backward_g", "backward_recurrent_g")
+
+
+def _copy_into(bare, wrapped):
+    """The bare layer's (or model's) kernels and biases into the wrapped one; g = ||v||."""
+    targets = [w for w in wrapped.weights if w.path.split("/")[-1] not in GAINS]
+    assert [tuple(w.shape) for w in targets] == [tuple(w.shape) for w in bare.weights]
+    for source, target in zip(bare.weights, targets):
+        target.assign(source)
+    for layer in wrapped._flatten_layers():
+        if isinstance(layer, WeightNormalization):
+            for kernel, g in layer._gains:
+                g.assign(np.sqrt(np.sum(numpy(kernel).astype("float64") ** 2, axis=0)))
+
+
+def test_bidirectional_either_way_round_computes_the_bare_bidirectional():
+    keras.utils.set_random_seed(1)
+    x = _inputs((5, 4))
+    bare = L.Bidirectional(L.LSTM(6, return_sequences=True))
+    outer = WeightNormalization(L.Bidirectional(L.LSTM(6, return_sequences=True)))
+    inner = L.Bidirectional(WeightNormalization(L.LSTM(6, return_sequences=True)))
+    for layer in (bare, outer, inner):
+        layer(x)
+    assert inner.backward_layer.go_backwards and not inner.forward_layer.go_backwards
+    assert inner.backward_layer.layer.go_backwards
+    rng = np.random.default_rng(0)
+    bare.set_weights([rng.normal(size=w.shape).astype("float32") * 0.5 for w in bare.weights])
+    expected = numpy(bare(x))
+    for layer in (outer, inner):
+        _copy_into(bare, layer)
+        # Two directions of 5 steps, fan-in 4 + 6, outputs bounded by 1.
+        assert np.abs(numpy(layer(x)) - expected).max() <= min(1e-6, reordered(5, 10))
+    # Backward really runs backward: the same weights in a forward-only layer differ.
+    assert np.abs(expected[:, :, 6:] - expected[:, :, :6]).max() > 1e-2
+
+
+def test_a_wrapped_cell_in_an_rnn_computes_the_bare_rnn():
+    keras.utils.set_random_seed(2)
+    x = _inputs((5, 4))
+    wrapper = WeightNormalization(L.GRUCell(6))
+    rnn = L.RNN(wrapper, return_sequences=True, return_state=True)
+    got = [numpy(t) for t in rnn(x)]
+    bare = L.RNN(wrapper.layer, return_sequences=True, return_state=True)  # the same cell
+    expected = [numpy(t) for t in bare(x)]
+    assert wrapper.state_size == wrapper.layer.state_size
+    for a, b in zip(got, expected):
+        assert np.abs(a - b).max() <= min(1e-6, reordered(5, 10))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_mask_reaches_the_wrapped_rnn(bidirectional):
+    keras.utils.set_random_seed(3)
+    x = _inputs((6, 4))
+    x[0, 3:] = 0.0  # padding, masked out
+    x[2, 5:] = 0.0
+
+    def model(wrap):
+        layer = L.LSTM(5)
+        if wrap:
+            layer = WeightNormalization(layer)
+        if bidirectional:
+            layer = L.Bidirectional(layer)
+        return keras.Sequential([keras.Input((6, 4)), L.Masking(0.0), layer])
+
+    bare, wrapped = model(False), model(True)
+    _copy_into(bare, wrapped)
+    expected = numpy(bare(x))
+    unmasked = numpy(keras.Sequential([keras.Input((6, 4)), bare.layers[-1]])(x))
+    assert np.abs(expected[0] - unmasked[0]).max() > 1e-3  # the mask matters here
+    assert np.abs(numpy(wrapped(x)) - expected).max() <= min(1e-6, reordered(6, 9))
+
+
+def test_dropout_masks_and_stateful_states_advance_as_without_the_wrapper():
+    x = _inputs((5, 4), batch=2)
+    outputs = {}
+    for wrap in (False, True):
+        keras.utils.set_random_seed(6)
+        layer = L.LSTM(6, dropout=0.5, recurrent_dropout=0.5, stateful=True, seed=11)
+        if wrap:
+            layer = WeightNormalization(layer)
+        layer.build((2, 5, 4))
+        outputs[wrap] = [numpy(layer(x, training=True)) for _ in range(3)]
+    bound = min(1e-6, reordered(3 * 5, 10))  # three calls chained by the state
+    for got, expected in zip(outputs[True], outputs[False]):
+        assert np.abs(got - expected).max() <= bound
+    # New masks and a carried state at each call: the outputs differ call to call.
+    assert np.abs(outputs[True][1] - outputs[True][0]).max() > 1e-2
+    assert np.abs(outputs[True][2] - outputs[True][1]).max() > 1e-2
+
+
+def test_a_compiled_fit_moves_both_gains_and_advances_dropout():
+    facts = fit_with_dropout()
+    assert np.isfinite(facts["loss"])
+    assert facts["g_moved"] > 0 and facts["recurrent_g_moved"] > 0
+    assert facts["seed"] == facts["bare_seed"] != facts["seed_before"], facts
+
+
+def test_bake_and_save_of_every_kind_of_wrapped_rnn(tmp_path):
+    facts = baking_and_saving(tmp_path)
+    assert "WeightNormalization" not in facts["baked_classes"]
+    assert {"Bidirectional", "GRU", "GRUCell", "SimpleRNN", "LSTM", "RNN"} <= set(
+        facts["baked_classes"])
+    assert facts["bake"] <= facts["bound"], facts
+    assert facts["load"] == 0.0, facts  # the same weights, the same graph
+
+
+def test_the_baked_kernels_are_the_effective_kernels():
+    wrapper, x = _built("LSTM")
+    model = keras.Sequential([keras.Input((5, 4)), wrapper])
+    _trained_like(model)
+    baked = bake_weight_norm(model)
+    cell = baked.layers[0].cell
+    with wrapper.effective_kernel_scope():
+        effective = [numpy(wrapper.layer.cell.kernel), numpy(wrapper.layer.cell.recurrent_kernel)]
+    np.testing.assert_array_equal(numpy(cell.kernel), effective[0])
+    np.testing.assert_array_equal(numpy(cell.recurrent_kernel), effective[1])
+    v = numpy(wrapper.recurrent_v).astype("float64")
+    np.testing.assert_allclose(np.sqrt(np.sum(numpy(cell.recurrent_kernel) ** 2, axis=0)),
+                               numpy(wrapper.recurrent_g), rtol=1e-6)
+    assert np.abs(v).max() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# tensorflow-addons' own RNN cases (tensorflow_addons/layers/tests/wrappers_test.py), as
+# this package does them: `remove()` is `bake_weight_norm`, `.h5` weights are
+# `.weights.h5`, and `data_init=True` (TFA: a warning that the paper advises against it,
+# then g rescaled by the statistics of the RNN's output) is a ValueError here.
+TFA_RNNS = {
+    "SimpleRNN": (lambda: L.SimpleRNN(1), [10, 10]),
+    "LSTM": (lambda: L.LSTM(1), [10, 10]),
+}
+
+
+@pytest.mark.parametrize("name", TFA_RNNS)
+def test_tfa_serialization(name):
+    base = TFA_RNNS[name][0]()
+    wrapper = WeightNormalization(base, False)
+    new = keras.layers.deserialize(keras.layers.serialize(wrapper))
+    assert new.data_init == wrapper.data_init is False
+    assert new.recurrent is True and isinstance(new.layer, type(base))
+
+
+@pytest.mark.parametrize("data_init", [False, True])
+@pytest.mark.parametrize("name,shape", [("SimpleRNN", [None, 10]), ("LSTM", [10, 10])])
+def test_tfa_model_build(name, shape, data_init):
+    if data_init:
+        with pytest.raises(ValueError, match=r"`data_init=True` is not supported for "
+                                             r"recurrent layers.*Received: data_init=True"):
+            WeightNormalization(TFA_RNNS[name][0](), data_init)
+        return
+    model = keras.Sequential([keras.Input(shape), WeightNormalization(TFA_RNNS[name][0](),
+                                                                      data_init)])
+    model.build()
+    assert model.built and model.output_shape == (None, 1)
+
+
+@pytest.mark.parametrize("name", TFA_RNNS)
+def test_tfa_save_weights_file(name, tmp_path):
+    factory, shape = TFA_RNNS[name]
+    model = keras.Sequential([WeightNormalization(factory())])
+    model.build([None] + shape)
+    _trained_like(model)
+    model.save_weights(tmp_path / "wrapper_test_model.weights.h5")
+    other = keras.Sequential([WeightNormalization(factory())])
+    other.build([None] + shape)
+    other.load_weights(tmp_path / "wrapper_test_model.weights.h5")
+    x = np.ones([1] + shape, "float32")
+    np.testing.assert_array_equal(numpy(other(x)), numpy(model(x)))
+
+
+@pytest.mark.parametrize("name", TFA_RNNS)
+def test_tfa_forward_pass(name):
+    factory, shape = TFA_RNNS[name]
+    x = np.ones([1] + shape, dtype=np.float32)
+    base = factory()
+    base_output = numpy(base(x))
+    wn_output = numpy(WeightNormalization(base, False)(x))
+    np.testing.assert_allclose(base_output, wn_output, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("data_init", [False, True])
+@pytest.mark.parametrize("name", TFA_RNNS)
+def test_tfa_removal(name, data_init):
+    factory, shape = TFA_RNNS[name]
+    if data_init:
+        with pytest.raises(ValueError, match=r"data_init=True"):
+            WeightNormalization(factory(), data_init)
+        return
+    x = np.ones([1] + shape, dtype=np.float32)
+    base = factory()
+    model = keras.Sequential([keras.Input(shape), WeightNormalization(base, data_init)])
+    _trained_like(model)
+    wn_output = numpy(model(x))
+    removed = bake_weight_norm(model)
+    assert isinstance(removed.layers[0], type(base))
+    # One unit, 10 steps, fan-in 10 + 1: the effective kernel is copied, not recomputed.
+    np.testing.assert_allclose(numpy(removed(x)), wn_output, rtol=0, atol=reordered(10, 11))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input.
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_recurrent_must_be_a_bool(value):
+    with pytest.raises(ValueError, match=re.escape(f"Received: recurrent={value!r}")):
+        WeightNormalization(L.LSTM(2), recurrent=value)
+
+
+def test_recurrent_false_on_a_non_recurrent_layer_raises():
+    with pytest.raises(ValueError, match=r"`recurrent` applies to recurrent layers only.*"
+                                         r"Received: recurrent=False"):
+        WeightNormalization(L.Dense(2), recurrent=False)
+
+
+def test_a_cell_with_dropout_raises_and_points_at_the_rnn():
+    with pytest.raises(ValueError, match=r"Wrap the RNN layer instead.*dropout=0.5"):
+        WeightNormalization(L.LSTMCell(2, dropout=0.5))
+
+
+@pytest.mark.parametrize("layer", [
+    L.RNN(L.StackedRNNCells([L.LSTMCell(2), L.LSTMCell(2)])),
+    L.RNN(WeightNormalization(L.LSTMCell(2))),
+    WeightNormalization(L.LSTM(2)),
+], ids=["stacked_cells", "rnn_of_a_wrapped_cell", "wrapped_twice"])
+def test_unsupported_recurrent_layers_raise_listing_the_supported(layer):
+    with pytest.raises(ValueError, match=r"Supported: Dense.*SimpleRNN, LSTM, GRU, "
+                                         r"ConvLSTM1D/2D/3D.*Received: layer=") as info:
+        WeightNormalization(layer)
+    assert type(layer).__name__ in str(info.value)
+
+
+def test_rnn_attributes_of_a_non_recurrent_wrapper_are_missing():
+    wrapper = WeightNormalization(L.Dense(2))
+    for name in ("state_size", "return_sequences", "go_backwards", "get_initial_state"):
+        assert getattr(wrapper, name, None) is None
+    with pytest.raises(ValueError, match=r"Received: go_backwards=True"):
+        WeightNormalization(L.Dense(2), go_backwards=True)
+
+
+def test_substituted_kernels_do_not_leak_out_of_the_call():
+    wrapper, x = _built("LSTM")
+    cell = _cells(wrapper)[0]
+    wrapper.recurrent_g.assign(numpy(wrapper.recurrent_g) * 2.0)
+    before = [numpy(cell.kernel), numpy(cell.recurrent_kernel)]
+    wrapper(x)
+    np.testing.assert_array_equal(numpy(cell.kernel), before[0])
+    np.testing.assert_array_equal(numpy(cell.recurrent_kernel), before[1])
+    with substituted(cell.kernel, np.zeros(cell.kernel.shape, "float32")):
+        assert float(np.abs(numpy(cell.kernel.value)).max()) == 0.0
+    np.testing.assert_array_equal(numpy(cell.kernel), before[0])
+
+
+# ---------------------------------------------------------------------------------------
+# JAX and PyTorch, each in its own process running this file as the worker.
+
+BACKENDS = ("jax", "torch")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def started(request, tmp_path_factory):
+    """The workers, started with this module's first test, to run beside the others
+    (not at all when no selected test needs them)."""
+    processes = {}
+    if not any("workers" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield processes
+        return
+    folder = tmp_path_factory.mktemp("rnn_workers")
+    for backend in BACKENDS:
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
+               "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+        out, log = folder / f"{backend}.json", folder / f"{backend}.log"
+        with open(log, "w") as handle:
+            processes[backend] = (subprocess.Popen(
+                [sys.executable, str(Path(__file__)), str(out)], stdout=handle,
+                stderr=subprocess.STDOUT, text=True, env=env,
+                cwd=str(Path(__file__).parent)), out, log)
+    yield processes
+    for process, _, _ in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def workers(started):
+    """backend -> (the facts its worker recorded, its log)."""
+    processes, results = started, {}
+    for backend, (process, out, log) in processes.items():
+        try:
+            process.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        results[backend] = (json.loads(out.read_text()) if out.exists() else {},
+                            log.read_text())
+    return results
+
+
+def _fact(workers, backend, name):
+    results, log = workers[backend]
+    assert "DONE" in log and results.get("backend") == backend, log[-4000:]
+    result = results[name]
+    assert "error" not in result, f"{result['error']}\n{result.get('traceback', '')}"
+    return result
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_backends_compute_what_the_bare_layer_computes_at_build(workers, backend):
+    facts = _fact(workers, backend, "exact_at_build")
+    assert set(facts) == set(WORKER_CASES)
+    for name, fact in facts.items():
+        assert fact["shape"] == fact["expected_shape"], name
+        assert fact["diff"] <= fact["bound"], (name, fact)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_backends_bake_save_and_fit(workers, backend):
+    facts = _fact(workers, backend, "bake_and_save")
+    assert "WeightNormalization" not in facts["baked_classes"]
+    assert facts["bake"] <= facts["bound"] and facts["load"] == 0.0, facts
+    fit = _fact(workers, backend, "fit")
+    assert np.isfinite(fit["loss"]) and fit["g_moved"] > 0 and fit["recurrent_g_moved"] > 0
+    # Keras' JAX trainer runs the step in a stateless scope, whose seed update the
+    # wrapper must hand on; PyTorch's dropout keeps no state in the seed (bare layers too).
+    if backend == "jax":
+        assert fit["seed"] != fit["seed_before"], fit

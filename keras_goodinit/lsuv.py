@@ -11,7 +11,16 @@ import ml_dtypes
 import numpy as np
 from keras import ops
 
-from keras_goodinit import _backend, _data, _distribute, _residual, _sweep, _validate, rules
+from keras_goodinit import (
+    _backend,
+    _data,
+    _distribute,
+    _recurrent,
+    _residual,
+    _sweep,
+    _validate,
+    rules,
+)
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.weight_norm import WeightNormalization, unit_norms
@@ -395,12 +404,14 @@ def _check_model(model) -> None:
             f"Argument `model` must be a Keras model or layer. Received: model={model!r}")
 
 
-def _prepare(model, data, layers):
+def _prepare(model, data, layers, recurrent=False):
     """First batch, checked; the targets the sweep can scale; rows for the rest.
 
     The rest: targets whose kernel must not be scaled (quantized...) and, when
     `layers` is None, every other layer with weights of its own, so that the
-    report lists every weight-bearing layer.
+    report lists every weight-bearing layer. `recurrent=True` (and `layers`
+    None): the plain recurrent layers (`_recurrent.model_layers`) come back
+    fourth, and their cells get no skipped row (they get rows of their own).
     """
     x = _data.first_batch(data)
     _data.check_batch(x)
@@ -408,10 +419,13 @@ def _prepare(model, data, layers):
     targets = _scalable(found)
     rows = [_skipped(t.name, t.class_name, t.unscalable_reason())
             for t in found if t.unscalable_reason()]
+    rnns = _recurrent.model_layers(model) if recurrent and layers is None else []
     if layers is None:
+        cells = {id(rnn.cell) for rnn, _, _ in rnns}
         rows += [_skipped(layer.name, type(layer).__name__, reason)
-                 for layer, reason in _sweep.unscalable_layers(model, found)]
-    return x, targets, rows
+                 for layer, reason in _sweep.unscalable_layers(model, found)
+                 if id(layer) not in cells]
+    return (x, targets, rows, rnns) if recurrent else (x, targets, rows)
 
 
 def _scalable(found):
@@ -603,8 +617,9 @@ def lsuv_init(
         compile=compile, residual=residual))
     compile, verbose, seed = checked["compile"], checked["verbose"], checked["seed"]
     data = _data.replayable(data)
-    x, targets, other_rows = _prepare(model, data, checked["layers"])
-    variables = [v for t in targets for v in t.variables()]
+    x, targets, other_rows, recurrent = _prepare(model, data, checked["layers"], recurrent=True)
+    variables = [v for t in targets for v in t.variables()] + [
+        v for rnn, _, _ in recurrent for v in (rnn.cell.kernel, rnn.cell.recurrent_kernel)]
     ends, residual_notes = ({}, []) if checked["residual"] is None else \
         _residual.branch_ends(model, targets)
     spec = _Spec(checked["target_var"], checked["tol"], checked["max_iter"], checked["measure"],
@@ -613,13 +628,25 @@ def lsuv_init(
     with _sweep.atomic(variables):
         if checked["pre_init"] == "orthogonal":
             notes = _orthogonal_pre_init(targets, seed)
-        if checked["new_batch_per_trial"]:
-            pairs, result, x, batches = _lsuv_trials(model, data, targets, spec,
-                                                     verbose=verbose, compile=compile)
-        else:
+            for index, (rnn, _, _) in enumerate(recurrent):
+                _recurrent.orthogonalize(rnn, None if seed is None else seed + 7919 + 2 * index)
+
+        def kernel_pass():
+            if checked["new_batch_per_trial"]:
+                return _lsuv_trials(model, data, targets, spec, verbose=verbose,
+                                    compile=compile)
             result = _sweep.run(model, x, targets, spec.policy(spec.max_iter), compile=compile,
                                 key=spec.key(targets, spec.max_iter), probes=spec.probes)
-            pairs, batches = _commit_lsuv(result, targets, spec, verbose), 1
+            return _commit_lsuv(result, targets, spec, verbose), result, x, 1
+
+        first = x
+        pairs, result, x, batches = kernel_pass()
+        recurrent_rows, position = [], {}
+        if recurrent:
+            recurrent_rows, position, last = _recurrent_lsuv(model, first, recurrent, targets,
+                                                             spec, pairs, kernel_pass)
+            if last is not None:
+                pairs, result, x, batches = last
         if not _sweep.in_flight_is_exact(targets):
             # The pass just run says which mode works: a failed trace is not tried again.
             _measure_after(model, x, targets, pairs, followers=spec.followers,
@@ -631,8 +658,68 @@ def lsuv_init(
                    + ([result.note] if result.note else []))
         _distribute.broadcast_from_chief(variables)
         _mark_data_initialized(pairs)
-        return InitReport("lsuv", [row for _, row in pairs] + other_rows, batches=batches,
-                          notes=summary, mode=result.mode)
+        rows = _in_order(pairs, recurrent_rows, position)
+        return InitReport("lsuv", rows + other_rows, batches=batches, notes=summary,
+                          mode=result.mode)
+
+
+def _recurrent_lsuv(model, x, recurrent, targets, spec, pairs, kernel_pass) -> tuple:
+    """LSUV on each recurrent layer in execution order (`_recurrent.lsuv_fit`), on `x`.
+
+    A layer is fitted on its input as the model computes it then, so every
+    kernel layer before it must already be at its target: the kernel sweep
+    runs again before a recurrent layer that kernel layers run between it and
+    the previous one (they were fitted to that one's old output), and once at
+    the end if kernel layers follow the last. Layers within `tol` stay as they
+    are in a new sweep, so each sweep only moves the layers after the
+    recurrent one just fitted. Returns the `(position, row)` pairs, each
+    layer's position in execution order, and the last kernel sweep's
+    `(pairs, result, x, batches)` (None if none ran again).
+    """
+    inners = [t.inner for t in targets]
+    order = _recurrent.call_order(model, x, [rnn for rnn, _, _ in recurrent] + inners)
+    position = {id(layer): i for i, layer in enumerate(order)}
+    kernel_positions = sorted(position[id(layer)] for layer in inners if id(layer) in position)
+    called = sorted((r for r in recurrent if id(r[0]) in position),
+                    key=lambda r: position[id(r[0])])
+    rows = [(math.inf, _skipped(label, class_name, "not called in the forward pass"))
+            for rnn, label, class_name in recurrent if id(rnn) not in position]
+    last = -1
+    state = None
+    for rnn, label, class_name in called:
+        here = position[id(rnn)]
+        if last >= 0 and any(last < k < here for k in kernel_positions):
+            state = _merged(pairs, kernel_pass())
+            pairs = state[0]
+        found = _recurrent.layer_input(model, x, rnn)
+        row = _recurrent.lsuv_fit(rnn, found["x"], found["mask"], found["initial_state"],
+                                  target_var=spec.target_var, tol=spec.tol,
+                                  max_iter=spec.max_iter, name=label, class_name=class_name)
+        rows.append((here, row))
+        last = here
+    if last >= 0 and any(k > last for k in kernel_positions):
+        state = _merged(pairs, kernel_pass())
+    return rows, position, state
+
+
+def _merged(old_pairs, new) -> tuple:
+    """A later kernel sweep's outcome, its rows counting the earlier sweeps' steps too."""
+    pairs = new[0]
+    earlier = {id(target): row for target, row in old_pairs}
+    for target, row in pairs:
+        before = earlier.get(id(target))
+        if before is not None and before.status != "skipped":
+            row.var_before = before.var_before
+            row.scale *= before.scale
+            row.iterations += before.iterations
+    return (pairs, *new[1:])
+
+
+def _in_order(pairs, recurrent_rows, position) -> list:
+    """The kernel rows with the recurrent layers' rows put at their places in execution order."""
+    placed = [(position.get(id(target.inner), math.inf), row) for target, row in pairs]
+    placed += recurrent_rows
+    return [row for _, row in sorted(placed, key=lambda item: item[0])]
 
 
 _follower_key = _sweep.follower_key

@@ -5,11 +5,11 @@ download), once per module, and flattened: every kernel inside its
 transformer blocks must be a step that a pass can hook, and its residual
 sums must be found as blocks, two per transformer layer (attention, MLP)
 on one stream. `mean_field_init` and `lsuv_init` then run on it and set
-every branch end from N = 2 * layers. Two KerasHub-free tests pin the two
-tracing cases the backbones meet: a sublayer whose `compute_output_spec`
-cannot take every argument of its `call` (`CachedMultiHeadAttention`),
-and a layer whose output is made from its input's shape alone
-(`PositionEmbedding`).
+every branch end from N = 2 * layers. KerasHub-free tests pin the cases
+the backbones meet: a sublayer whose `compute_output_spec` cannot take
+every argument of its `call` (`CachedMultiHeadAttention`), a layer whose
+output is made from its input's shape alone (`PositionEmbedding`), and
+post-LN blocks (BERT), one stage however many norms the stream passes.
 """
 
 import os
@@ -283,3 +283,17 @@ def test_a_layer_made_from_its_input_shape_is_a_step_without_inputs():
     assert graph.hook(step.outputs[0]) == (model.get_layer("positions"), 0, 0)
     blocks, plain = _graph.residual_blocks(graph)
     assert not blocks and [s.name for s, _ in plain] == ["add"]
+
+
+def test_post_ln_blocks_are_one_stage():
+    # x <- LayerNorm(x + f(x)): the norm after each sum keeps the stream, so the stage goes on
+    # (a Dense between two sums, a transition, would end it: test_graph's two-stage ResNet).
+    inputs = keras.Input((8,))
+    h = inputs
+    for index in range(3):
+        f = layers.Dense(8, name=f"f{index}")(layers.Dense(8, "relu")(h))
+        h = layers.LayerNormalization(name=f"norm{index}")(layers.Add()([h, f]))
+    blocks, plain = _graph.residual_blocks(_graph.flatten(keras.Model(inputs, h)))
+    assert not plain
+    assert [(b.branch_end.name, b.stage, b.num_blocks) for b in blocks] == [
+        (f"f{index}", 0, 3) for index in range(3)]

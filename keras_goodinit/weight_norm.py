@@ -388,6 +388,9 @@ class WeightNormalization(keras.layers.Wrapper):
         # A quantized layer keeps its quantized policy (set when it was quantized).
         if layer.quantization_mode is None and layer.dtype_policy.name != self.dtype_policy.name:
             layer.dtype_policy = self.dtype_policy
+            # An RNN's cells (and a Bidirectional's layers) compute: they follow it too.
+            for sublayer in layer._flatten_layers(include_self=False) if self._cells else ():
+                sublayer.dtype_policy = self.dtype_policy
         # Model.quantize() only calls leaf layers, so the wrapped layer's own method is
         # the one place to fold g into v before its kernel is quantized. (Keras' own
         # per-instance wrapper is kept once, even if the layer is wrapped again.)

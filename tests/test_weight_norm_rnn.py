@@ -375,6 +375,35 @@ def test_dropout_masks_and_stateful_states_advance_as_without_the_wrapper():
     assert np.abs(outputs[True][2] - outputs[True][1]).max() > 1e-2
 
 
+@pytest.mark.parametrize("name", ["LSTM", "Bidirectional"])
+def test_the_wrapped_rnn_and_its_cells_follow_the_wrappers_dtype_policy(name):
+    keras.utils.set_random_seed(0)
+    factory, shape = CASES[name]
+    wrapper = WeightNormalization(factory(), dtype="mixed_float16")
+    x = _inputs(shape)
+    got = numpy(wrapper(x))
+    assert got.dtype == np.float16
+    for cell in _cells(wrapper):
+        assert cell.compute_dtype == "float16" and cell.variable_dtype == "float32"
+    for _, g in wrapper._gains:
+        assert keras.backend.standardize_dtype(g.dtype) == "float32"
+    # The bare layer, with the same policy: kernels w and v differ by float32 rounding,
+    # which float16 rounding of the kernels may turn into 1 float16 ulp; 5 steps, fan-in 10.
+    expected = numpy(wrapper.layer(x))
+    bound = reordered(5, 10, max(1.0, magnitude(expected)), "float16")
+    assert np.abs(got.astype("float32") - expected.astype("float32")).max() <= bound
+
+
+def test_a_failed_call_leaves_every_weight_as_it_was():
+    wrapper, x = _built("LSTM")
+    before = [numpy(w).copy() for w in wrapper.weights]
+    with pytest.raises(Exception, match=r"(?i)incompatible|shape"):
+        wrapper(np.ones((3, 5, 7), "float32"))  # built for 4 features
+    for value, w in zip(before, wrapper.weights):
+        np.testing.assert_array_equal(numpy(w), value, err_msg=w.path)
+    np.testing.assert_array_equal(numpy(wrapper(x)), numpy(wrapper(x)))
+
+
 def test_a_compiled_fit_moves_both_gains_and_advances_dropout():
     facts = fit_with_dropout()
     assert np.isfinite(facts["loss"])

@@ -13,7 +13,10 @@ as a node, and those nodes are walked in turn, recursively, so the residual
 adds inside it are ordinary steps. A call that cannot be traced that way
 (host code, Python control flow on tensor values, a backend-only function)
 stays one *opaque* step whose `opaque` field says why; the rules then know
-nothing about its output, and the reports say so rather than guess. What
+nothing about its output, and the reports say so rather than guess. A layer
+whose `call` returns backend tensors made from its input's shape alone (a
+position embedding's slice of its table) is an opaque step with no inputs,
+so that no sum takes it for a branch of the tensor it was called on. What
 each kind of step does (kernel, activation, sum, look-through...) is not
 decided here but by the step's rule, the one place for that knowledge.
 Residual blocks are found on the steps: any sum whose inputs are a skip and
@@ -44,7 +47,9 @@ class Step:
     """One call: `outputs = layer(*args, **kwargs)`, tensors named by integer keys.
 
     `layer` is the Keras layer or `keras.ops` operation called; `args` and
-    `kwargs` are the call's arguments with each tensor replaced by its `Ref`.
+    `kwargs` are the call's arguments with each tensor replaced by its `Ref`
+    (none, and no `inputs`, for a layer whose output its input's values do
+    not make: see the module docstring).
     """
 
     layer: Any

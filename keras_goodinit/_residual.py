@@ -60,7 +60,7 @@ def branch_ends(model: keras.layers.Layer,
                     f"walk ({error}), so every layer targets target_var"]
     blocks, _ = _graph.residual_blocks(graph)
     by_layer = {id(t.layer): t for t in targets}
-    ends, skipped, weighted = {}, [], []
+    ends, skipped, weighted, upstreams = {}, [], [], []
     for block in blocks:
         found = [(end, scale, gate) for end, scale, gate in
                  zip(block.branch_ends, block.scales, block.gates, strict=True)
@@ -68,7 +68,9 @@ def branch_ends(model: keras.layers.Layer,
         if not found:
             continue
         projected = block.projection is not None and id(block.projection.layer) in by_layer
-        hook = None if projected else graph.hook(block.source)
+        hook, upstream = (None, "") if projected else _stream_hook(graph, blocks, block.source)
+        if upstream:
+            upstreams.append(f"{block.add.name} (read at {upstream})")
         for end, scale, gate in found:
             target = by_layer[id(end.layer)]
             end_hook = graph.hook(end.outputs[0])
@@ -101,6 +103,39 @@ def branch_ends(model: keras.layers.Layer,
                      "kernel, so they add c^2 s / N to the stream (less than s / N for c < 1): "
                      + "; ".join(f"{len(names)} {kind} (e.g. {names[0]})"
                                  for kind, names in kinds.items()))
+    if upstreams:
+        notes.append("the stream of these blocks is made inside a layer's own code (a "
+                     "transformer block's sum after attention): s is read where the stream "
+                     "last enters a pass, before the sums between (they add s / N each, so s is "
+                     "low by at most that): " + "; ".join(upstreams[:3]) + (
+                         f" and {len(upstreams) - 3} more" if len(upstreams) > 3 else ""))
     if skipped:
         notes.append("residual branch ends kept at target_var: " + "; ".join(skipped))
     return ends, notes
+
+
+def _stream_hook(graph, blocks, key: int) -> tuple[tuple | None, str]:
+    """Where a pass reads the stream `key`, or failing that the stream before it.
+
+    Up the skips of the sums that made it (and the steps their rules look
+    through): `(hook, "")` where `key` itself is readable, `(hook, name)` for
+    the readable stream upstream, `(None, "")` where there is none.
+    """
+    made_by = {block.add.outputs[0]: block for block in blocks}
+    current = key
+    for _ in range(len(graph.steps) + 1):
+        hook = graph.hook(current)
+        if hook is not None:
+            if current == key:
+                return hook, ""
+            producer = graph.producer.get(current)
+            return hook, producer.name if producer is not None else "the model input"
+        if current in made_by:
+            current = made_by[current].skip
+            continue
+        step = graph.producer.get(current)
+        if step is None or step.rule is None or not step.rule.look_through or len(
+                step.inputs) != 1:
+            return None, ""
+        current = step.inputs[0]
+    return None, ""

@@ -68,3 +68,23 @@ def test_gpt2_stream_after_mean_field_is_bounded_and_rows_are_predicted():
     assert all(np.isfinite(r.predicted) for r in report.rows), report.table()
     # The stream: 1 from the embeddings plus N shares of at most 1 each: below e.
     assert max(report.add_outputs.values()) < np.e
+
+
+def test_gpt2_residual_lsuv_scales_both_branches_of_every_block():
+    from keras_goodinit import lsuv_init
+
+    layers = 3
+    model = _gpt2(layers)
+    rng = np.random.default_rng(1)
+    data = {"token_ids": rng.integers(0, 64, (32, 16)).astype("int32"),
+            "padding_mask": np.ones((32, 16), "int32")}
+    report = lsuv_init(model, data, residual="scaled", verbose=0)
+    ends = [r for r in report.rows if r.name.endswith(("attention_output",
+                                                       "feedforward_output_dense"))]
+    assert len(ends) == 2 * layers
+    # The MLP's stream (the sum after attention) is made inside the block's own code: s is
+    # read where the stream last enters a pass, and every branch end still gets s / N.
+    for row in ends:
+        assert "residual branch end" in row.reason and f"/ {2 * layers}" in row.reason, row
+        assert row.target_var < 1.0
+    assert not any("kept at target_var" in note for note in report.notes), report.notes

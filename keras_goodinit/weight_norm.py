@@ -355,7 +355,9 @@ class WeightNormalization(keras.layers.Wrapper):
         # `Bidirectional` makes its backward copy from this wrapper's config, with
         # `go_backwards=True` added: it is the wrapped RNN's.
         go_backwards = kwargs.pop("go_backwards", None)
-        self._cells = _recurrent_cells(layer)
+        cells = _recurrent_cells(layer)
+        # Not tracked: the cells are sublayers of the wrapped layer, not the wrapper's own.
+        object.__setattr__(self, "_cells", None if cells is None else tuple(cells))
         if self._cells is None:
             if not self.recurrent:
                 raise ValueError(

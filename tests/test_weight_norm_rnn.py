@@ -219,7 +219,8 @@ def test_both_kernels_get_one_trainable_gain_per_unit_and_gate(name):
     expected_names = (["g", "recurrent_g", "backward_g", "backward_recurrent_g"]
                       if len(cells) == 2 else ["g", "recurrent_g"])
     assert [w.path.split("/")[-1] for w in gains] == expected_names
-    # No second copy of any kernel: the wrapper adds exactly its gains.
+    # No second copy of any kernel or cell: the wrapper adds exactly its gains.
+    assert list(wrapper._flatten_layers(include_self=False, recursive=False)) == [wrapper.layer]
     assert len(wrapper.weights) == len(wrapper.layer.weights) + len(gains)
     assert len({id(w) for w in wrapper.weights}) == len(wrapper.weights)
     units = cells[0].kernel.shape[-1] // GATES[name]

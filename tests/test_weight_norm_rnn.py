@@ -437,6 +437,42 @@ def test_the_baked_kernels_are_the_effective_kernels():
     assert np.abs(v).max() > 0
 
 
+def _rules_see_wrapped_rnns() -> bool:
+    """Whether keras_goodinit.rules gives WeightNormalization(LSTM) no kernel rule."""
+    from keras_goodinit import rules
+
+    return not rules.is_kernel(WeightNormalization(L.LSTM(2)))
+
+
+# Until rules.rule_for and _sweep.find_targets leave a wrapped RNN out of the kernel
+# layers (the diffs in issue 19's report), the tools raise on it: a strict xfail, which
+# turns into a plain test by itself once they do.
+@pytest.mark.xfail(not _rules_see_wrapped_rnns(), strict=True,
+                   reason="needs the rules.py/_sweep.py change for WeightNormalization(RNN)")
+def test_init_tools_and_signal_report_leave_wrapped_rnns_as_they_are():
+    from keras_goodinit import lsuv_init, mean_field_init, signal_report, weightnorm_data_init
+
+    x = _inputs((5, 4), batch=16)
+    tools = {"mean_field_init": lambda m: mean_field_init(m, verbose=0),
+             "lsuv_init": lambda m: lsuv_init(m, x, verbose=0),
+             "weightnorm_data_init": lambda m: weightnorm_data_init(m, x, verbose=0),
+             "signal_report": lambda m: signal_report(m, x)}
+    for name, tool in tools.items():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((5, 4)), WeightNormalization(L.LSTM(6, return_sequences=True)),
+            L.Bidirectional(WeightNormalization(L.GRU(3))), WeightNormalization(L.Dense(3))])
+        recurrent = model.layers[0].weights + model.layers[1].weights
+        before = [numpy(w).copy() for w in recurrent]
+        report = tool(model)
+        for value, w in zip(before, recurrent):
+            np.testing.assert_array_equal(numpy(w), value, err_msg=f"{name}: {w.path}")
+        if name in ("lsuv_init", "weightnorm_data_init"):
+            assert report[model.layers[2].name].status == "ok", (name, str(report))
+            row = report[model.layers[0].name]
+            assert row.status == "skipped" and "recurrent" in row.reason, (name, str(report))
+
+
 # ---------------------------------------------------------------------------------------
 # tensorflow-addons' own RNN cases (tensorflow_addons/layers/tests/wrappers_test.py), as
 # this package does them: `remove()` is `bake_weight_norm`, `.h5` weights are

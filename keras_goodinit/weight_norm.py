@@ -262,11 +262,13 @@ class WeightNormalization(keras.layers.Wrapper):
     At build `g = ||v||` and `r = ||u||`, so the wrapped RNN computes what
     the bare one computes. `data_init=True` raises for recurrent layers: a
     gate's pre-activation depends on the state, which the init would change,
-    so one batch gives no per-unit statistic to normalize (the paper uses
-    the standard init for its recurrent models; tensorflow-addons warned
-    against it and rescaled the recurrent gains by the statistics of the
-    layer's output). The wrapper forwards what `keras.layers.RNN` asks of a
-    cell and `Bidirectional` of an RNN (`state_size`, `return_sequences`,
+    so one batch gives no per-unit statistic of the whole pre-activation to
+    normalize; only the input part `x W` has one, and an init of `g` alone
+    from it is not offered (tensorflow-addons warned that the paper advises
+    against data init for RNNs, then rescaled the recurrent gains by the
+    statistics of the layer's output, tiled over the gates).
+    The wrapper forwards what `keras.layers.RNN` asks of a cell and
+    `Bidirectional` of an RNN (`state_size`, `return_sequences`,
     `go_backwards`...), and the wrapped layer's dropout and stateful states
     advance as without the wrapper.
 
@@ -410,7 +412,7 @@ class WeightNormalization(keras.layers.Wrapper):
                 "Argument `data_init=True` is not supported for recurrent layers: a gate's "
                 "pre-activation `x W + h U + b` depends on the state h, which the init "
                 "itself changes, so there is no per-unit statistic of one batch to "
-                "normalize (Salimans & Kingma use the standard init for recurrent models). "
+                "normalize; the wrapper keeps g = ||v|| (the standard init's norms). "
                 f"Received: data_init=True for layer={layer!r}")
         if layer is self._cells[0] and (getattr(layer, "dropout", 0)
                                         or getattr(layer, "recurrent_dropout", 0)):

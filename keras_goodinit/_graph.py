@@ -91,6 +91,8 @@ class Graph:
     hooks: dict[int, tuple[Any, int, int]] = dataclasses.field(default_factory=dict)
     # (path name, class name, why) of each layer kept opaque.
     opaque: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    # The length open sequence axes were traced at (`flatten`'s `length`).
+    length: int = 8
 
     def hook(self, key: int) -> tuple[Any, int, int] | None:
         return self.hooks.get(key)
@@ -116,32 +118,38 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _OPEN_LENGTH = 8  # the length an inlined layer is traced at where the model leaves it open
 
 
-def flatten(model: keras.layers.Layer, input_shape: tuple | None = None) -> Graph:
+def flatten(model: keras.layers.Layer, input_shape: tuple | None = None,
+            length: int | None = None) -> Graph:
     """The steps of a built model, nested models walked into and subclassed layers inlined.
 
     Cached per model until its structure changes (`_sweep.model_fingerprint`).
     A subclassed model is inlined like a subclassed layer, from the input
     shape it was built with, or else `input_shape` (Keras does not record it
     where a model was built by an eager call, as on JAX when a symbolic build
-    fails). Raises a ValueError for a Sequential model that has never been
-    built, or a subclassed model that cannot be traced.
+    fails). Sequence axes the model leaves open are traced at `length`
+    (`_OPEN_LENGTH` by default): what depends on the length (a causal mask,
+    an attention's average) is then that of sequences of this length. Raises
+    a ValueError for a Sequential model that has never been built, or a
+    subclassed model that cannot be traced.
     """
     from keras_goodinit import _sweep  # a cycle at import time otherwise
 
     # The shape matters only where the model itself does not say it (see `_subclassed`).
     shape_key = input_shape if functional_of(model) is None and not getattr(
         model, "_build_shapes_dict", None) else None
-    key = (rules._VERSION, _sweep.model_fingerprint(model), shape_key)
+    length = _OPEN_LENGTH if length is None else int(length)
+    key = (rules._VERSION, _sweep.model_fingerprint(model), shape_key, length)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    graph = _build(model, input_shape)
+    graph = _build(model, input_shape, length)
     _CACHE[model] = (key, graph)
     return graph
 
 
 class _Builder:
-    def __init__(self):
+    def __init__(self, length: int = _OPEN_LENGTH):
+        self.length = length
         self.steps: list[Step] = []
         self.shapes: dict[int, tuple] = {}
         self.opaque: list[tuple[str, str, str]] = []
@@ -208,7 +216,7 @@ class _Builder:
         # Concrete sizes where the model leaves them open: code that builds tensors from
         # `ops.shape(x)` (masks, positions) cannot take None. A batch of 1; a sequence of
         # _OPEN_LENGTH, or of 1 where the layer does not accept that many.
-        for length in (_OPEN_LENGTH, 1):
+        for length in (self.length, 1):
             fresh = {}
             for tensor in arguments.keras_tensors:
                 shape = tuple(tensor.shape)
@@ -242,9 +250,9 @@ class _Builder:
         return [inner_env[id(t)] for t in flat], ""
 
 
-def _build(model, input_shape) -> Graph:
+def _build(model, input_shape, length: int = _OPEN_LENGTH) -> Graph:
     graph = functional_of(model)
-    builder = _Builder()
+    builder = _Builder(length)
     layers = list(model._flatten_layers(include_self=True, recursive=True))
     saved = [(layer, len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers]
     builder.tracked = {id(layer) for layer in layers}
@@ -269,7 +277,7 @@ def _build(model, input_shape) -> Graph:
             if step not in users:
                 users.append(step)
     return Graph(builder.steps, inputs, outputs, builder.shapes, producer, consumers,
-                 _hooks(builder), builder.opaque)
+                 _hooks(builder), builder.opaque, length)
 
 
 @contextlib.contextmanager
@@ -474,7 +482,8 @@ def context(graph: Graph, step: Step, training: bool = True) -> rules.Context:
     return rules.Context(step.layer, keras.tree.map_structure(as_input, step.args),
                          keras.tree.map_structure(as_input, step.kwargs),
                          [graph.shapes[k] for k in step.inputs],
-                         [graph.shapes[k] for k in step.outputs], training)
+                         [graph.shapes[k] for k in step.outputs], training,
+                         length=graph.length)
 
 
 def is_kernel(step: Step) -> bool:

@@ -49,10 +49,17 @@ class Target:
     # The TimeDistributed wrapper the target sits in, if any: during a sweep it runs
     # its layer once on the merged batch x time input (see `_merged_time_call`).
     time_distributed: Any = None
+    # The layer's path in the model ("block_0/attention/query"), set by `find_targets`.
+    path: str = ""
 
     @property
     def name(self) -> str:
         return self.layer.name
+
+    @property
+    def path_name(self) -> str:
+        """The name a report row carries: the path, unique where bare names repeat."""
+        return self.path or self.layer.name
 
     @property
     def class_name(self) -> str:
@@ -281,6 +288,21 @@ def _followers_of(graph, target: Target) -> list:
     return found
 
 
+def _layer_paths(model: keras.layers.Layer) -> dict[int, str]:
+    """`id(layer)` -> its path of names below `model` (the first, for a shared layer)."""
+    paths: dict[int, str] = {}
+
+    def walk(layer, prefix):
+        for sub in layer._flatten_layers(include_self=False, recursive=False):
+            if id(sub) in paths:
+                continue
+            paths[id(sub)] = f"{prefix}/{sub.name}" if prefix else sub.name
+            walk(sub, paths[id(sub)])
+
+    walk(model, "")
+    return paths
+
+
 def find_targets(model: keras.layers.Layer,
                  layers: Sequence[keras.layers.Layer | str] | None = None) -> list[Target]:
     """All linear-kernel layers under `model`, recursively, in registration order.
@@ -297,6 +319,9 @@ def find_targets(model: keras.layers.Layer,
         elif rules.is_kernel(layer):
             found.append(Target(layer, layer))
     found = [t for t in found if not (t.layer is t.inner and id(t.layer) in wrapped)]
+    paths = _layer_paths(model)
+    for target in found:
+        target.path = paths.get(id(target.layer), target.layer.name)
     for wrapper in model._flatten_layers(include_self=True, recursive=True):
         if isinstance(wrapper, klayers.TimeDistributed):
             inside = {id(layer) for layer in wrapper.layer._flatten_layers(

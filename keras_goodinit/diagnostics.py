@@ -996,11 +996,11 @@ def _assembled(result: _sweep.SweepResult, targets, input_norm: float, found_blo
     rows, samples = [], {}
     for target in result.order:
         state = result.states[id(target)]
-        rows.append(LayerSignal(target.name, target.class_name, float(state["mean"]),
+        rows.append(LayerSignal(target.path_name, target.class_name, float(state["mean"]),
                                 float(state["std"]), _ratio(float(state["norm"]), input_norm)))
-        samples[target.name] = state["sample"]
+        samples[target.path_name] = state["sample"]
     met = {id(t) for t in result.order}
-    unmet = [LayerSignal(t.name, t.class_name, math.nan, math.nan, math.nan,
+    unmet = [LayerSignal(t.path_name, t.class_name, math.nan, math.nan, math.nan,
                          status="skipped", reason=_sweep.unmet_reason(t, result))
              for t in targets if id(t) not in met]
     extra, static = result.extra, result.static

@@ -273,7 +273,10 @@ def mean_field_init(
         x = _data.first_batch(data)
         _data.check_batch(x)
     shape = None if x is None else tuple(keras.tree.flatten(x)[0].shape)
-    graph = _graph.flatten(model, input_shape=shape)
+    # Open sequence axes are traced at the data's length, so that what depends on it
+    # (attention averages, causal masks) is predicted for the sequences measured.
+    graph = _graph.flatten(model, input_shape=shape,
+                           length=shape[1] if shape is not None and len(shape) >= 2 else None)
     targets = _sweep.find_targets(model)
     inputs = _input_signals(model, graph, x, input_variance, input_mean)
     plan = _Planner(graph, targets, residual, inputs, head, training, attention_logits,
@@ -472,7 +475,7 @@ class _Planner:
     def _constant(self, step) -> Signal:
         """A layer whose output is made from its input's shape alone (a position embedding):
         computed, and, where one variable makes it (a table), taken as an embedding."""
-        shape = tuple(1 if i == 0 else rules._OPEN_LENGTH if d is None else d
+        shape = tuple(1 if i == 0 else self.graph.length if d is None else d
                       for i, d in enumerate(self.graph.shapes[step.outputs[0]]))
         try:
             value = np.asarray(ops.convert_to_numpy(step.layer(np.zeros(shape, "float32"))),
@@ -573,7 +576,7 @@ class _Planner:
             # At the graph's own sizes (its constants were made at them): one full sequence.
             if index < len(self.input_dtypes) and (
                     "int" in self.input_dtypes[index] or "bool" in self.input_dtypes[index]):
-                value = np.ones(tuple(1 if i == 0 else rules._OPEN_LENGTH if d is None else d
+                value = np.ones(tuple(1 if i == 0 else self.graph.length if d is None else d
                                       for i, d in enumerate(shape)), "int32")
         else:
             step = self.graph.producer.get(key)

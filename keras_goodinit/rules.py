@@ -107,6 +107,8 @@ class Context:
     notes: list = dataclasses.field(default_factory=list)
     # The values of tensor inputs the caller could compute (masks), by input index.
     values: list | None = None
+    # The length the graph traced sequence axes the model leaves open at.
+    length: int = 8
 
     def constants(self) -> list[np.ndarray]:
         """The numeric (non-tensor) positional arguments, as float64 arrays."""
@@ -904,7 +906,6 @@ def attention_arguments(ctx) -> dict:
     return bound
 
 
-_OPEN_LENGTH = 8  # the length `_graph` traces open sequence axes at
 _SAMPLES = 1 << 17  # logits drawn per estimate: the estimate's relative error is ~1e-3
 _SQUARES: dict = {}
 
@@ -976,8 +977,8 @@ def _visible_keys(ctx, mask, queries: int, keys: int, causal: bool) -> np.ndarra
 
 def _lengths(ctx, queries, keys) -> tuple[int, int]:
     if queries is None or keys is None:
-        ctx.notes.append(f"sequence length open in the graph: {_OPEN_LENGTH} taken")
-        queries = _OPEN_LENGTH if queries is None else queries
+        ctx.notes.append(f"sequence length open in the graph: {ctx.length} taken")
+        queries = ctx.length if queries is None else queries
         keys = queries if keys is None else keys
     return int(queries), int(keys)
 

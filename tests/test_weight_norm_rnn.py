@@ -421,6 +421,23 @@ def test_bake_and_save_of_every_kind_of_wrapped_rnn(tmp_path):
     assert facts["load"] == 0.0, facts  # the same weights, the same graph
 
 
+def test_a_masked_functional_model_bakes_with_its_mask():
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6,), dtype="int32")
+    h = L.Embedding(10, 4, mask_zero=True)(inputs)
+    h = WeightNormalization(L.LSTM(5, return_sequences=True))(h)
+    outputs = L.Bidirectional(WeightNormalization(L.GRU(3)))(h)
+    model = keras.Model(inputs, outputs)
+    _trained_like(model)
+    tokens = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 8, 9]], "int32")
+    expected = numpy(model(tokens))
+    # The mask matters: the padded row differs from the same tokens with 1 as padding.
+    assert np.abs(numpy(model(np.where(tokens == 0, 1, tokens)))[0] - expected[0]).max() > 1e-3
+    baked = bake_weight_norm(model)
+    # Two chained recurrent layers of 6 steps, fan-ins <= 5 + 5 (and 4 + 5).
+    assert np.abs(numpy(baked(tokens)) - expected).max() <= reordered(2 * 6, 10)
+
+
 def test_the_baked_kernels_are_the_effective_kernels():
     wrapper, x = _built("LSTM")
     model = keras.Sequential([keras.Input((5, 4)), wrapper])

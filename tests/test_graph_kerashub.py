@@ -51,9 +51,13 @@ def _bert_tokens():
 
 
 def _encoder_stack(hub, depth, width=16):
-    """Post-LN `TransformerEncoder` layers (KerasHub's default) in a functional model."""
+    """Post-LN `TransformerEncoder` layers (KerasHub's default) in a functional model.
+
+    An input projection first, as an embedding would be: a stream that is the model's
+    input itself is one residual LSUV cannot read in a pass.
+    """
     inputs = keras.Input((None, width))
-    h = inputs
+    h = layers.Dense(width, name="embed")(inputs)
     for index in range(depth):
         h = hub.layers.TransformerEncoder(32, num_heads=2, name=f"encoder_{index}")(h)
     return keras.Model(inputs, h)
@@ -211,7 +215,10 @@ def test_lsuv_init_runs(backbones, name):
     # Its rows are named by layer name, which repeats from one transformer layer to the next.
     missing = Counter(x.name for x in kernel_layers(model)) - Counter(r.name for r in report.rows)
     assert not missing
-    assert any(f"N = {2 * count}" in note for note in report.notes), report.notes
+    # Every branch end, the MLP's too (its stream is a sum inside the block's own code).
+    scaled = f"{2 * count} residual branch ends target s / N (N = {2 * count}:"
+    assert any(note.startswith(f"residual='scaled': {scaled}") for note in report.notes), (
+        report.notes)
 
 
 def test_lsuv_init_runs_on_a_post_ln_stack():
@@ -219,7 +226,9 @@ def test_lsuv_init_runs_on_a_post_ln_stack():
     model = _encoder_stack(_keras_hub(), 4)
     report = lsuv_init(model, _sequences(), verbose=0, seed=0)
     assert sorted(r.name for r in report.rows) == sorted(x.name for x in kernel_layers(model))
-    assert any("N = 8" in note for note in report.notes), report.notes
+    scaled = "8 residual branch ends target s / N (N = 8:"
+    assert any(note.startswith(f"residual='scaled': {scaled}") for note in report.notes), (
+        report.notes)
 
 
 # --- the two tracing cases, without KerasHub ---------------------------------------------

@@ -61,9 +61,9 @@ def test_the_recursion_predicts_every_gates_second_moment_at_every_step(kind):
     # The output's moments per step too (return_sequences=True), in Keras' output order.
     out = keras.ops.convert_to_numpy(layer(x)).astype(float)
     h_power = np.mean(out**2, axis=(0, 2))
-    # h is a bounded function of the gates: the same sampling bound, doubled for the
-    # Gaussian stand-in of the LSTM cell state inside tanh (module docstring).
-    assert np.max(np.abs(h_power / trace.h_power - 1)) < 2 * SAMPLING
+    # The same sampling bound plus the recursion's model error: it takes the gates
+    # independent across time (module docstring); measured here at most 4% over 8 steps.
+    assert np.max(np.abs(h_power / trace.h_power - 1)) < SAMPLING + R.MODEL_ERROR
 
 
 @pytest.fixture
@@ -261,27 +261,41 @@ def test_a_layers_filter_leaves_recurrent_layers_alone():
         model.get_layer("lstm").cell.kernel), before)
 
 
-def test_a_four_layer_lstm_learns_to_recall_the_first_token_after_lsuv_init():
-    steps, vocab, n = 10, 8, 1024
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab, size=(n, steps)).astype("int32")
+def _cross_entropy(logits, labels) -> float:
+    logits = np.asarray(logits, float)
+    logits = logits - logits.max(-1, keepdims=True)
+    return float(np.mean(np.log(np.exp(logits).sum(-1))
+                         - logits[np.arange(len(labels)), labels]))
+
+
+def test_four_layer_lstms_learn_to_recall_the_first_token_after_lsuv_init():
+    # Two independent 4-layer LSTM stacks side by side in one model: two draws for the cost
+    # of one traced training step (Adam's steps are per parameter, so the towers do not
+    # interact). Each must recall the first of 8 random tokens from its last state.
+    steps, vocab, n = 8, 8, 512
+    tokens = np.random.default_rng(0).integers(0, vocab, size=(n, steps)).astype("int32")
     labels = tokens[:, 0]
-    for seed in (0, 1):
-        keras.utils.set_random_seed(seed)
-        inputs = keras.Input((steps,), dtype="int32")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((steps,), dtype="int32")
+    towers = []
+    for k in range(2):
         h = L.Embedding(vocab, 16)(inputs)
         for i in range(4):
-            h = L.LSTM(32, return_sequences=i < 3)(h)
-        model = keras.Model(inputs, L.Dense(vocab)(h))
-        report = lsuv_init(model, tokens[:128], verbose=0, seed=seed)
-        assert sum(row.class_name == "LSTM" and row.status == "ok" for row in report.rows) == 4
-        model.compile(keras.optimizers.Adam(3e-3),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        start = model.evaluate(tokens[:512], labels[:512], verbose=0)
-        model.fit(tokens, labels, batch_size=32, epochs=3, verbose=0, shuffle=False)
-        end = model.evaluate(tokens[:512], labels[:512], verbose=0)
-        # Chance is ln(8) = 2.08; measured after 96 steps: about 0.02 (default init: ~1.0).
-        assert end < 0.1 * start, (seed, start, end)
+            h = L.LSTM(16, return_sequences=i < 3)(h)
+        towers.append(L.Dense(vocab, name=f"tower{k}")(h))
+    model = keras.Model(inputs, towers)
+    report = lsuv_init(model, tokens[:128], verbose=0, seed=0)
+    assert sum(row.class_name == "LSTM" and row.status == "ok" for row in report.rows) == 8
+    start = [_cross_entropy(out, labels) for out in model(tokens)]
+    model.compile(keras.optimizers.Adam(1e-2),
+                  [keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * 2,
+                  jit_compile=False)
+    model.fit(tokens, [labels, labels], batch_size=32, epochs=4, verbose=0, shuffle=False)
+    end = [_cross_entropy(out, labels) for out in model(tokens)]
+    # Measured (seeds 0 and 3, four towers): end / start 0.01-0.022 after these 64 steps;
+    # with Keras' default init 0.18-0.68 (chance: ln 8 = 2.08).
+    for before, after in zip(start, end):
+        assert after < 0.1 * before, (start, end)
 
 
 def test_bad_input_names_the_argument():
@@ -302,3 +316,35 @@ def test_bad_input_names_the_argument():
         R.write(layer, R.plan(layer, signal), seed=-2)
     with pytest.raises(ValueError, match="built"):
         R.plan(L.GRU(3), signal)
+
+
+def test_a_written_plan_measures_as_predicted_over_the_unmasked_steps(recurrent_rules):
+    # What mean_field_init does with a recurrent layer: plan from the propagated signal,
+    # follow the planned outputs downstream, write, then measure on data.
+    steps, width = 16, 24
+    inputs = keras.Input((steps, width))
+    masked = L.Masking(0.0)(inputs)
+    h = L.LSTM(U, return_sequences=True, name="lstm")(masked)
+    h = L.Bidirectional(L.GRU(U, name="gru"), name="bi")(h)
+    model = keras.Model(inputs, h)
+    graph = _graph.flatten(model)
+    signal = rules.Signal(np.full(steps, 2.0), np.zeros(steps))
+    x = (math.sqrt(2.0) * np.random.default_rng(4).normal(size=(B, steps, width))).astype(
+        "float32")
+    x[: B // 2, steps - 4:] = 0.0  # half the samples end in 4 padded steps
+    rows = []
+    for step in graph.steps:
+        if step.rule is not recurrent_rules:
+            continue
+        plan = R.plan(step.layer, signal)
+        planned = R.planned_outputs(_graph.context(graph, step), [signal], plan)
+        R.write(step.layer, plan, seed=7)
+        # After writing, the layer's own kernels give the planned outputs (norms exact).
+        own = step.rule.propagate(_graph.context(graph, step), [signal])
+        np.testing.assert_allclose(own[0].power, planned[0].power, rtol=1e-5)
+        signal = planned[0]
+        rows += R.plan_rows(step.layer, plan, R.measure(model, x, step.layer, plan))
+    assert [row["name"] for row in rows] == ["lstm", "bi/forward_gru", "bi/backward_gru"]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert abs(row["measured"] / row["predicted"] - 1) < row["tolerance"], row

@@ -415,11 +415,14 @@ def _prepare(model, data, layers, recurrent=False):
     """
     x = _data.first_batch(data)
     _data.check_batch(x)
-    found = _sweep.prepare(model, x, layers)
+    if not model.built:
+        model(x, training=False)
+    rnns = _recurrent.model_layers(model) if recurrent and layers is None else []
+    # A model of recurrent layers alone has no kernel target, and needs none.
+    found = _sweep.find_targets(model) if rnns else _sweep.prepare(model, x, layers)
     targets = _scalable(found)
     rows = [_skipped(t.name, t.class_name, t.unscalable_reason())
             for t in found if t.unscalable_reason()]
-    rnns = _recurrent.model_layers(model) if recurrent and layers is None else []
     if layers is None:
         cells = {id(rnn.cell) for rnn, _, _ in rnns}
         rows += [_skipped(layer.name, type(layer).__name__, reason)
@@ -536,8 +539,15 @@ def lsuv_init(
     (dead or constant) is skipped and keeps its (pre-initialized) weights.
     Quantized kernels are never touched (skipped); a LoRA-enabled layer is
     scaled through its effective kernel (base kernel and `lora_kernel_b`)
-    and not pre-initialized. Every other layer with weights of its own
-    (Embedding, RNN cells...) is listed as skipped with the reason, and
+    and not pre-initialized. Recurrent layers (SimpleRNN, LSTM, GRU, either
+    side of a `Bidirectional`; all of them when `layers` is None) get one row
+    each: their recurrent kernel is drawn orthogonal per gate block (with
+    `pre_init="orthogonal"`) and each gate block of the input kernel is
+    scaled until that gate's pre-activation `x_t W + h_{t-1} U + b` has
+    variance `target_var` over every unmasked time step of the layer's own
+    recursion on the first batch (`_recurrent.lsuv_fit`); the kernel layers
+    after one are fitted again to its new output. Every other layer with
+    weights of its own (Embedding...) is listed as skipped with the reason, and
     layers that a normalization layer follows are noted, since it undoes
     their scale in training mode. If anything raises, every weight is
     restored exactly; every other weight that is not a target's (such as
@@ -632,6 +642,8 @@ def lsuv_init(
                 _recurrent.orthogonalize(rnn, None if seed is None else seed + 7919 + 2 * index)
 
         def kernel_pass():
+            if not targets:
+                return [], _sweep.SweepResult(order=[], states={}, calls={}), x, 1
             if checked["new_batch_per_trial"]:
                 return _lsuv_trials(model, data, targets, spec, verbose=verbose,
                                     compile=compile)

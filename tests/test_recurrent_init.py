@@ -261,6 +261,18 @@ def test_a_layers_filter_leaves_recurrent_layers_alone():
         model.get_layer("lstm").cell.kernel), before)
 
 
+def test_a_model_of_recurrent_layers_alone_is_initialized():
+    model = keras.Sequential([keras.Input((10, 6)), L.LSTM(8, return_sequences=True, name="a"),
+                              L.GRU(8, name="b")])
+    x = np.random.default_rng(0).normal(size=(64, 10, 6)).astype("float32")
+    report = lsuv_init(model, 3.0 * x, verbose=0, seed=0)
+    assert [(row.name, row.status) for row in report.rows] == [("a", "ok"), ("b", "ok")]
+    for row in report.rows:
+        assert abs(row.var_after - 1.0) < 0.1, row
+    # Before: the input's variance 9 through unit-norm columns; then an LSTM's small output.
+    assert report["a"].var_before > 4 and report["b"].var_before < 0.5, report.rows
+
+
 def _cross_entropy(logits, labels) -> float:
     logits = np.asarray(logits, float)
     logits = logits - logits.max(-1, keepdims=True)

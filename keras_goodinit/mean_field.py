@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import keras
 import numpy as np
@@ -17,7 +16,9 @@ from keras_goodinit import (
     _graph,
     _layouts,
     _moments,
+    _patterns,
     _sweep,
+    _tables,
     _validate,
     rules,
 )
@@ -288,9 +289,9 @@ def mean_field_init(
              for t in targets}
     written = [v for t in targets for v in t.variables()]
     written += [t.inner.depthwise_kernel for t in targets if isinstance(t.inner, _SEPARABLE)]
-    written += [variable for variable, _, _ in plan.tables.values()]
+    written += [table.variable for table in plan.tables.values()]
     with _sweep.atomic(written):
-        write_tables(plan.tables)
+        _tables.write(plan.tables)
         for target in targets:
             decision = plan.decisions.get(id(target))
             if decision is not None and decision.writes:
@@ -401,8 +402,9 @@ class _Planner:
         self.graph = graph
         self._values: dict[int, object] = {}
         self.input_dtypes = list(input_dtypes)
-        # id(layer) -> (variable, its MeanFieldRecord, its output before the rescale)
-        self.tables = plan_tables(graph, head) if embeddings else {}
+        self.patterns = _patterns.find(graph)
+        self.internal = set().union(*(m.internal for m in self.patterns.values()))
+        self.tables = _tables.plan(graph, head) if embeddings else {}
         self.attention_logits = attention_logits
         self.targets = {id(t.layer): t for t in targets}
         self.residual, self.head, self.training = residual, head, training
@@ -429,8 +431,16 @@ class _Planner:
             shapes = [graph.shapes[k] for k in step.outputs]
             if id(step.layer) in self.targets:
                 outs = [self._kernel(step, ins[0])]
-            elif _is_table(step):
+            elif _tables.is_table(step):
                 outs = [self._table(step)]
+            elif id(step) in self.patterns:
+                match = self.patterns[id(step)]
+                outs = [_patterns.propagate(match, self.signals[match.source],
+                                            rules.map_shape(shapes[0]))]
+            elif step.outputs and all(k in self.internal for k in step.outputs):
+                # Inside an RMSNorm or a rotation written as ops: not needed, not reported.
+                outs = [Signal.unknown_after(f"inside a pattern ending after {step.name}",
+                                             rules.map_shape(s)) for s in shapes]
             else:
                 outs = self._propagate(step, ins)
             for key, signal, shape in zip(step.outputs, outs, shapes):
@@ -470,13 +480,13 @@ class _Planner:
 
     def _table(self, step) -> Signal:
         """A table-made output (an embedding, a position embedding): rescaled where
-        `plan_tables` planned it."""
+        `_tables.plan` planned it."""
         if id(step.layer) in self.tables:
-            _, row, signal = self.tables[id(step.layer)]
-            factor = row.scale
+            table = self.tables[id(step.layer)]
+            signal, factor = table.signal, table.scale
             return Signal(signal.power * factor**2, signal.mean * factor,
                           cross=None if signal.cross is None else signal.cross * factor**2)
-        signal, _, why = _table_signal(self.graph, step, self._context(step))
+        signal, _, why = _tables.signal_of(self.graph, step, self._context(step))
         if signal is None:
             self._unanalysed(step, why)
             return Signal.unknown_after(f"after {step.name} ({why})",
@@ -800,7 +810,10 @@ class _Planner:
     def rows(self, targets, batch: int | None) -> list[MeanFieldRecord]:
         order = [self.targets[id(s.layer)] for s in self.graph.steps
                  if id(s.layer) in self.targets]
-        seen, rows = set(), [row for _, row, _ in self.tables.values()]
+        seen, rows = set(), [
+            MeanFieldRecord(t.name, t.class_name, math.nan, math.nan, 0, t.scale, t.status,
+                            t.reason, gamma=t.scale**2, predicted=t.target, rule="embedding")
+            for t in self.tables.values()]
         for target in order + list(targets):
             if id(target) in seen:
                 continue
@@ -828,97 +841,6 @@ class _Planner:
                                         measured=d.measured, num_blocks=d.num_blocks,
                                         chi=d.chi, rule=d.rule, tolerance=tolerance))
         return rows
-
-
-def _is_table(step) -> bool:
-    """An embedding lookup, or a layer whose output is made from its input's shape alone."""
-    return isinstance(step.rule, rules.EmbeddingRule) or (
-        not step.inputs and step.rule is None and isinstance(step.layer, keras.layers.Layer))
-
-
-def _table_signal(graph, step, ctx) -> tuple[Signal | None, Any, str]:
-    """(its output's moments, the one variable that scales it or None, why not known)."""
-    if isinstance(step.rule, rules.EmbeddingRule):
-        return step.rule.propagate(ctx, [])[0], step.layer.embeddings, ""
-    # Made from the input's shape alone (a position embedding): computed.
-    shape = tuple(1 if i == 0 else graph.length if d is None else d
-                  for i, d in enumerate(graph.shapes[step.outputs[0]]))
-    try:
-        value = np.asarray(ops.convert_to_numpy(step.layer(np.zeros(shape, "float32"))), float)
-    except Exception:  # noqa: BLE001 - whatever it needs, it cannot be computed alone
-        value = None
-    if value is None or value.ndim < 2 or value.shape[-1] != shape[-1]:
-        return None, None, step.opaque or (
-            "its output cannot be computed from its input's shape alone")
-    axes = (0, value.ndim - 1)
-    signal = Signal(np.mean(value**2, axis=axes), np.mean(value, axis=axes),
-                    cross=rules.measured_cross(value) if value.ndim >= 3 else None)
-    variables = [v for v in step.layer.trainable_variables
-                 if keras.backend.is_float_dtype(v.dtype)]
-    return signal, variables[0] if len(variables) == 1 else None, ""
-
-
-def _embeddings_summed(graph, step) -> int:
-    """How many tables (embedding lookups, steps without tensor inputs) the sum after
-    `step` adds, `step` included; 1 where no sum follows."""
-    found = _graph.follower(graph, step.outputs[0])
-    if found.kind != "add":
-        return 1
-    count = 0
-    for key in found.step.inputs:
-        producer = graph.producer.get(key)
-        while producer is not None and producer.rule is not None and (
-                producer.rule.look_through) and len(producer.inputs) == 1:
-            producer = graph.producer.get(producer.inputs[0])
-        if producer is not None and _is_table(producer):
-            count += 1
-    return max(count, 1)
-
-
-def plan_tables(graph, head: float | str = 1.0) -> dict[int, tuple]:
-    """Embedding tables rescaled for the stream they start: `id(layer)` -> (variable, row,
-    its output's moments before the rescale).
-
-    An untied table aims at second moment `1 / k`, k the tables summed into
-    the stream (token, position, segment), so that the stream starts at 1. A
-    table tied to the output logits (`tie_weights=True`, KerasHub's
-    `ReversibleEmbedding`) aims at `head / d`: after a final normalization of
-    unit variance the tied logits have second moment `head`. A lookup's second
-    moment is its table's: token frequencies aside, the same with data.
-    """
-    tables: dict[int, tuple] = {}
-    for step in graph.steps:
-        if not _is_table(step) or id(step.layer) in tables:
-            continue
-        signal, variable, _ = _table_signal(graph, step, _graph.context(graph, step))
-        if signal is None or variable is None:
-            continue
-        width = int(variable.shape[-1])
-        if getattr(step.layer, "tie_weights", False):
-            aim = 1.0 if head == "paper" else float(head)
-            target = aim / width
-            why = (f"tied to the output logits: E[e^2] = {aim:g} / {width}, so that the "
-                   f"logits after a unit-variance normalization have second moment {aim:g}")
-        else:
-            count = _embeddings_summed(graph, step)
-            target = 1.0 / count
-            why = ("the stream starts at second moment 1" + (
-                f", shared among the {count} tables summed into it" if count > 1 else ""))
-        if signal.q > 0:
-            scale, status = math.sqrt(target / signal.q), "ok"
-        else:
-            scale, status, why, target = 1.0, "skipped", "its table is zero: left as it is", 0.0
-        row = MeanFieldRecord(step.name, type(step.layer).__name__, math.nan, math.nan, 0,
-                              scale, status, why, gamma=scale**2, predicted=target,
-                              rule="embedding")
-        tables[id(step.layer)] = (variable, row, signal)
-    return tables
-
-
-def write_tables(tables: dict[int, tuple]) -> None:
-    """Rescales each planned table (inside the caller's `_sweep.atomic`)."""
-    for variable, row, _ in tables.values():
-        variable.assign(variable * ops.cast(row.scale, variable.dtype))
 
 
 def _is_identity(step) -> bool:

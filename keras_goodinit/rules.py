@@ -652,7 +652,16 @@ class ProductRule(LayerRule):
             # A per-channel constant: the channel average of c^2 and of c.
             power, mean = power * float(np.mean(constant**2)), mean * float(np.mean(constant))
             cross = None if cross is None else cross * float(np.mean(constant**2))
-        return [Signal(power, mean, cross=cross)]
+        scores = None
+        if len(counts) == 1 and ins[next(iter(counts))].scores is not None:
+            # Attention logits scaled after the query-key einsum (Llama): their spread too.
+            scores = ins[next(iter(counts))].scores
+            if scores.stage == "logits":
+                factor = float(power / ins[next(iter(counts))].power.mean()) if np.all(
+                    ins[next(iter(counts))].power > 0) else 1.0
+                scores = dataclasses.replace(scores, spread=scores.spread * float(
+                    np.mean(factor)))
+        return [Signal(power, mean, cross=cross, scores=scores)]
 
 
 class ConcatenateRule(LayerRule):

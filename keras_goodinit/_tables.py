@@ -1,0 +1,120 @@
+"""Embedding tables rescaled for the stream they start: one place for `mean_field_init` and LSUV.
+
+A transformer's residual stream starts as the sum of its tables' lookups
+(token, position, segment). Keras and KerasHub draw them small (uniform
++-0.05, or std 0.02: second moment 1e-3 to 4e-4), so the first kernels that
+read the stream need gains of 30 or more to reach unit variance, and a tied
+output projection gives logits of variance near 0.01. `plan` rescales each
+table so that the stream starts at second moment 1, shared among the tables
+summed into it; a table tied to the output logits (`tie_weights=True`,
+KerasHub's `ReversibleEmbedding`) aims at `head / d` instead, so that after
+a final normalization of unit variance the tied logits have second moment
+`head`. A lookup's second moment is its table's (token frequencies aside), so
+the same plan serves with or without data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_goodinit import _graph, rules
+from keras_goodinit.rules import Signal
+
+
+@dataclasses.dataclass
+class Table:
+    """One table's rescale: the variable, its factor, and the row a report shows."""
+
+    name: str  # the step's path name
+    class_name: str
+    variable: Any
+    scale: float  # the factor the table is multiplied by
+    target: float  # the second moment its output aims at
+    status: str  # "ok", or "skipped" for a zero table
+    reason: str
+    signal: Signal  # its output's moments before the rescale
+
+
+def is_table(step) -> bool:
+    """An embedding lookup, or a layer whose output is made from its input's shape alone."""
+    return isinstance(step.rule, rules.EmbeddingRule) or (
+        not step.inputs and step.rule is None and isinstance(step.layer, keras.layers.Layer))
+
+
+def signal_of(graph, step, ctx) -> tuple[Signal | None, Any, str]:
+    """(its output's moments, the one variable that scales it or None, why not known)."""
+    if isinstance(step.rule, rules.EmbeddingRule):
+        return step.rule.propagate(ctx, [])[0], step.layer.embeddings, ""
+    # Made from the input's shape alone (a position embedding): computed.
+    shape = tuple(1 if i == 0 else graph.length if d is None else d
+                  for i, d in enumerate(graph.shapes[step.outputs[0]]))
+    try:
+        value = np.asarray(ops.convert_to_numpy(step.layer(np.zeros(shape, "float32"))), float)
+    except Exception:  # noqa: BLE001 - whatever it needs, it cannot be computed alone
+        value = None
+    if value is None or value.ndim < 2 or value.shape[-1] != shape[-1]:
+        return None, None, step.opaque or (
+            "its output cannot be computed from its input's shape alone")
+    axes = (0, value.ndim - 1)
+    signal = Signal(np.mean(value**2, axis=axes), np.mean(value, axis=axes),
+                    cross=rules.measured_cross(value) if value.ndim >= 3 else None)
+    variables = [v for v in step.layer.trainable_variables
+                 if keras.backend.is_float_dtype(v.dtype)]
+    return signal, variables[0] if len(variables) == 1 else None, ""
+
+
+def _summed(graph, step) -> int:
+    """How many tables the sum after `step` adds, `step` included; 1 where no sum follows."""
+    found = _graph.follower(graph, step.outputs[0])
+    if found.kind != "add":
+        return 1
+    count = 0
+    for key in found.step.inputs:
+        producer = graph.producer.get(key)
+        while producer is not None and producer.rule is not None and (
+                producer.rule.look_through) and len(producer.inputs) == 1:
+            producer = graph.producer.get(producer.inputs[0])
+        if producer is not None and is_table(producer):
+            count += 1
+    return max(count, 1)
+
+
+def plan(graph, head: float | str = 1.0) -> dict[int, Table]:
+    """`id(layer)` -> its `Table`, for every table of the graph that one variable makes."""
+    tables: dict[int, Table] = {}
+    for step in graph.steps:
+        if not is_table(step) or id(step.layer) in tables:
+            continue
+        signal, variable, _ = signal_of(graph, step, _graph.context(graph, step))
+        if signal is None or variable is None:
+            continue
+        width = int(variable.shape[-1])
+        if getattr(step.layer, "tie_weights", False):
+            aim = 1.0 if head == "paper" else float(head)
+            target = aim / width
+            why = (f"tied to the output logits: E[e^2] = {aim:g} / {width}, so that the "
+                   f"logits after a unit-variance normalization have second moment {aim:g}")
+        else:
+            count = _summed(graph, step)
+            target = 1.0 / count
+            why = ("the stream starts at second moment 1" + (
+                f", shared among the {count} tables summed into it" if count > 1 else ""))
+        if signal.q > 0:
+            scale, status = math.sqrt(target / signal.q), "ok"
+        else:
+            scale, status, why, target = 1.0, "skipped", "its table is zero: left as it is", 0.0
+        tables[id(step.layer)] = Table(step.name, type(step.layer).__name__, variable, scale,
+                                       target, status, why, signal)
+    return tables
+
+
+def write(tables: dict[int, Table]) -> None:
+    """Rescales each planned table (inside the caller's `_sweep.atomic`)."""
+    for table in tables.values():
+        table.variable.assign(table.variable * ops.cast(table.scale, table.variable.dtype))

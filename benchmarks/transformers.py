@@ -282,9 +282,12 @@ def train(name: str, method: str, seed: int, steps: int) -> dict:
         return row
     below = [i + 1 for i, loss in enumerate(losses) if loss < 0.1]
     later = losses[SPIKE_AFTER:]
+    # A loss that is not finite counts as the largest: max() would skip NaN or not by order.
+    finite = all(math.isfinite(v) for v in later)
     row.update(accuracy=float(np.mean(predicted == y)), first_below=below[0] if below else None,
-               start_loss=losses[0], max_later_loss=max(later) if later else math.nan,
-               final_loss=losses[-1], losses=[round(v, 4) for v in losses])
+               start_loss=losses[0], max_later_loss=max(later) if finite else math.inf,
+               final_loss=losses[-1], diverged=not finite,
+               losses=[round(v, 4) for v in losses])
     row["spike_ratio"] = row["max_later_loss"] / row["start_loss"]
     return row
 
@@ -354,7 +357,7 @@ def _summary(runs: list[dict]) -> dict:
     return {"skipped": "", "seeds": len(ok), "acc_min": min(r["accuracy"] for r in ok),
             "acc_max": max(r["accuracy"] for r in ok),
             "first_below": below, "spike_max": max(r["spike_ratio"] for r in ok),
-            "spikes": sum(r["spike_ratio"] > 1 for r in ok),
+            "spikes": sum(not r["spike_ratio"] <= 1 for r in ok),
             "train_s": sum(r["train_s"] for r in ok)}
 
 

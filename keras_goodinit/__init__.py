@@ -13,6 +13,10 @@ from keras_goodinit.report import InitReport, LayerRecord
 from keras_goodinit.rules import LayerRule, Signal, register_layer_rule
 from keras_goodinit.weight_norm import WeightNormalization, bake_weight_norm
 
+from keras_goodinit import _recurrent  # noqa: E402 - after rules: it imports the sweep
+
+_recurrent.register()
+
 __version__ = "0.1.0"
 
 __all__ = [

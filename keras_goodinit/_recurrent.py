@@ -916,3 +916,13 @@ def layer_input(model, x, rnn) -> dict | None:
         except _Collected:
             pass
     return seen or None
+
+
+def register() -> None:
+    """Registers `RecurrentRule` for Keras' recurrent layers (from the package's `__init__`:
+    this module imports the sweep, which imports `rules`, so `rules` cannot import it).
+    `RNN` itself too: ConvLSTM and custom cells are then one step, unanalysed, not traced."""
+    rule = RecurrentRule()
+    for cls in (keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU, keras.layers.RNN,
+                keras.layers.Bidirectional):
+        rules.register_layer_rule(cls, rule)

@@ -313,7 +313,7 @@ def find_targets(model: keras.layers.Layer,
     found = []
     wrapped = set()
     for layer in model._flatten_layers(include_self=True, recursive=True):
-        if isinstance(layer, WeightNormalization):
+        if isinstance(layer, WeightNormalization) and rules.is_kernel(layer):
             found.append(Target(layer, layer.layer))
             wrapped.add(id(layer.layer))
         elif rules.is_kernel(layer):
@@ -370,6 +370,9 @@ def unscalable_layers(model: keras.layers.Layer,
         if rule is not None and rule.family == "embedding":
             reason = ("an embedding lookup, not a linear map of the layer's input: "
                       "no output variance a kernel scale sets")
+        elif isinstance(layer, WeightNormalization):
+            reason = ("weight-normalized recurrent layer: its gains act through time, so one "
+                      "scale does not set its output variance")
         elif isinstance(layer, _RNN_CELLS):
             reason = ("recurrent cell: its kernels act through time, so one scale does not "
                       "set its output variance")

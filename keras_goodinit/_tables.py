@@ -33,6 +33,7 @@ class Table:
 
     name: str  # the step's path name
     class_name: str
+    layer: Any
     variable: Any
     scale: float  # the factor the table is multiplied by
     target: float  # the second moment its output aims at
@@ -109,8 +110,8 @@ def plan(graph, head: float | str = 1.0) -> dict[int, Table]:
             scale, status = math.sqrt(target / signal.q), "ok"
         else:
             scale, status, why, target = 1.0, "skipped", "its table is zero: left as it is", 0.0
-        tables[id(step.layer)] = Table(step.name, type(step.layer).__name__, variable, scale,
-                                       target, status, why, signal)
+        tables[id(step.layer)] = Table(step.name, type(step.layer).__name__, step.layer,
+                                       variable, scale, target, status, why, signal)
     return tables
 
 

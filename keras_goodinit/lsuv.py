@@ -15,9 +15,11 @@ from keras_goodinit import (
     _backend,
     _data,
     _distribute,
+    _graph,
     _recurrent,
     _residual,
     _sweep,
+    _tables,
     _validate,
     rules,
 )
@@ -357,6 +359,7 @@ _CHECKS = {
     "seed": _validate.seed,
     "compile": lambda v: _validate.one_of("compile", v, _sweep.COMPILE_MODES),
     "residual": lambda v: _validate.one_of("residual", v, _residual.RESIDUAL_MODES),
+    "embeddings": lambda v: _validate.boolean("embeddings", v),
 }
 _ACCEPTED = {"lsuv": tuple(_CHECKS), "weightnorm_data_init": ("layers", "verbose", "compile")}
 
@@ -512,6 +515,7 @@ def lsuv_init(
     seed: int | None = None,
     compile: str = "auto",
     residual: str | None = "scaled",
+    embeddings: bool = True,
 ) -> InitReport:
     """Layer-sequential unit-variance init: rescales every kernel so its output has unit variance.
 
@@ -611,6 +615,10 @@ def lsuv_init(
             by at most a factor e per stage, not by `target_var` per block.
             `None`: every layer targets `target_var` (the paper's LSUV).
             Each row's `target_var` says what it aimed at.
+        embeddings: Rescale embedding tables first (True, the default), as
+            `mean_field_init` does (`keras_goodinit._tables`): the stream they
+            start at second moment 1, a table tied to the output logits at
+            `target_var / d`; each gets a row. False leaves them as they are.
 
     Returns:
         An `InitReport` with one row per target layer, in execution order.
@@ -624,18 +632,27 @@ def lsuv_init(
     checked = _checked("lsuv", dict(
         tol=tol, max_iter=max_iter, target_var=target_var, pre_init=pre_init, measure=measure,
         layers=layers, new_batch_per_trial=new_batch_per_trial, verbose=verbose, seed=seed,
-        compile=compile, residual=residual))
+        compile=compile, residual=residual, embeddings=embeddings))
     compile, verbose, seed = checked["compile"], checked["verbose"], checked["seed"]
     data = _data.replayable(data)
     x, targets, other_rows, recurrent = _prepare(model, data, checked["layers"], recurrent=True)
+    tables = _planned_tables(model, checked["target_var"]) if checked["embeddings"] and (
+        checked["layers"] is None) else {}
     variables = [v for t in targets for v in t.variables()] + [
-        v for rnn, _, _ in recurrent for v in (rnn.cell.kernel, rnn.cell.recurrent_kernel)]
+        v for rnn, _, _ in recurrent for v in (rnn.cell.kernel, rnn.cell.recurrent_kernel)] + [
+        table.variable for table in tables.values()]
+    if tables:  # their rows replace the "no kernel" rows of the same layers
+        names = {table.layer.name for table in tables.values()}
+        other_rows = [row for row in other_rows if row.name not in names] + [
+            LayerRecord(t.name, t.class_name, math.nan, math.nan, 0, t.scale, t.status, t.reason,
+                        target_var=t.target) for t in tables.values()]
     ends, residual_notes = ({}, []) if checked["residual"] is None else \
         _residual.branch_ends(model, targets)
     spec = _Spec(checked["target_var"], checked["tol"], checked["max_iter"], checked["measure"],
                  _followers(model, targets, checked["measure"]), ends)
     notes = {}
     with _sweep.atomic(variables):
+        _tables.write(tables)  # before the sweep: the kernels are fitted to the new stream
         if checked["pre_init"] == "orthogonal":
             notes = _orthogonal_pre_init(targets, seed)
             for index, (rnn, _, _) in enumerate(recurrent):
@@ -673,6 +690,14 @@ def lsuv_init(
         rows = _in_order(pairs, recurrent_rows, position)
         return InitReport("lsuv", rows + other_rows, batches=batches, notes=summary,
                           mode=result.mode)
+
+
+def _planned_tables(model, target_var: float) -> dict:
+    try:
+        graph = _graph.flatten(model)
+    except ValueError:  # no graph to walk: the tables stay as they are
+        return {}
+    return _tables.plan(graph, target_var)
 
 
 def _recurrent_lsuv(model, x, recurrent, targets, spec, pairs, kernel_pass) -> tuple:

@@ -219,6 +219,8 @@ def rule_for(op) -> LayerRule | None:
     """The rule of a layer or op: its class's, or its nearest registered base class's."""
     for cls in type(op).__mro__:
         rule = _RULES.get(cls)
+        if isinstance(rule, _WrappedKernelRule) and not is_kernel(op.layer):
+            return rule_for(op.layer)  # WeightNormalization(LSTM): the LSTM's own (none)
         if rule is not None:
             return rule
     return None

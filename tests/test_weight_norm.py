@@ -55,7 +55,7 @@ def test_supported_layers_compute_what_the_bare_layer_computes_at_build(name):
 
 
 @pytest.mark.parametrize("layer", [
-    keras.layers.LSTM(4),
+    keras.layers.RNN(keras.layers.StackedRNNCells([keras.layers.LSTMCell(4)])),
     keras.layers.SeparableConv2D(4, 3),
     keras.layers.BatchNormalization(),
 ], ids=lambda layer: type(layer).__name__)

@@ -70,20 +70,25 @@ def signal_of(graph, step, ctx) -> tuple[Signal | None, Any, str]:
     return signal, variables[0] if len(variables) == 1 else None, ""
 
 
-def _summed(graph, step) -> int:
-    """How many tables the sum after `step` adds, `step` included; 1 where no sum follows."""
+def _summed(graph, step) -> list:
+    """The table steps the sum after `step` adds, `step` included; `[step]` where no sum
+    follows."""
     found = _graph.follower(graph, step.outputs[0])
     if found.kind != "add":
-        return 1
-    count = 0
+        return [step]
+    tables = []
     for key in found.step.inputs:
         producer = graph.producer.get(key)
         while producer is not None and producer.rule is not None and (
                 producer.rule.look_through) and len(producer.inputs) == 1:
             producer = graph.producer.get(producer.inputs[0])
         if producer is not None and is_table(producer):
-            count += 1
-    return max(count, 1)
+            tables.append(producer)
+    return tables or [step]
+
+
+def _tied(step) -> bool:
+    return bool(getattr(step.layer, "tie_weights", False))
 
 
 def plan(graph, head: float | str = 1.0) -> dict[int, Table]:
@@ -96,16 +101,21 @@ def plan(graph, head: float | str = 1.0) -> dict[int, Table]:
         if signal is None or variable is None:
             continue
         width = int(variable.shape[-1])
-        if getattr(step.layer, "tie_weights", False):
-            aim = 1.0 if head == "paper" else float(head)
+        aim = 1.0 if head == "paper" else float(head)
+        if _tied(step):
             target = aim / width
             why = (f"tied to the output logits: E[e^2] = {aim:g} / {width}, so that the "
                    f"logits after a unit-variance normalization have second moment {aim:g}")
         else:
-            count = _summed(graph, step)
-            target = 1.0 / count
+            # The stream starts at 1: what tied tables summed with this one leave, shared.
+            summed = _summed(graph, step)
+            tied = sum(aim / int(t.layer.embeddings.shape[-1]) for t in summed
+                       if _tied(t) and hasattr(t.layer, "embeddings"))
+            untied = sum(not _tied(t) for t in summed)
+            target = max(1.0 - tied, 0.5) / max(untied, 1)
             why = ("the stream starts at second moment 1" + (
-                f", shared among the {count} tables summed into it" if count > 1 else ""))
+                f", shared among the {len(summed)} tables summed into it"
+                if len(summed) > 1 else ""))
         if signal.q > 0:
             scale, status = math.sqrt(target / signal.q), "ok"
         else:

@@ -305,6 +305,10 @@ def mean_field_init(
                              notes=plan.notes(), unanalysed=plan.unanalysed,
                              add_outputs=plan.add_outputs, training=training, chi=plan.chi())
     report.notes.extend(_chi_notes(report.chi))
+    if x is None and _length_matters(graph):
+        report.notes.append(
+            f"the model leaves its sequence length open: sequences of {graph.length} taken "
+            "(attention averages and causal masks depend on it); data= traces at its length")
     if verbose:
         report.summary()
     return report
@@ -841,6 +845,13 @@ class _Planner:
                                         measured=d.measured, num_blocks=d.num_blocks,
                                         chi=d.chi, rule=d.rule, tolerance=tolerance))
         return rows
+
+
+def _length_matters(graph) -> bool:
+    open_axes = any(None in tuple(graph.shapes[k])[1:-1] or (
+        len(graph.shapes[k]) == 2 and graph.shapes[k][1] is None) for k in graph.inputs)
+    attention = (rules.AttentionRule, rules.EinsumRule, rules.SoftmaxRule)
+    return open_axes and any(isinstance(step.rule, attention) for step in graph.steps)
 
 
 def _is_identity(step) -> bool:

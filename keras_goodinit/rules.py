@@ -5,7 +5,7 @@ Every graph-level feature (`mean_field_init`, residual-aware `lsuv_init`,
 layer's class:
 
 - `propagate`: the per-entry mean and second moment of the outputs from
-  those of the inputs (the mean-field rules of `docs/science`).
+  those of the inputs (the mean-field rules of `docs/concepts.md`).
 - `kernel`: a layer with a kernel applied linearly (Dense, Conv*, ...), and
   its kernel layout (which axes hold one unit's fan-in vector).
 - `activation`: the elementwise function it applies, as an
@@ -52,6 +52,19 @@ class Signal:
     and channel axes, `()` for a vector), so that zero padding at borders and
     strides are followed exactly. `unknown` says why they are not known
     ("" when they are): then `power` and `mean` are meaningless.
+
+    Attributes:
+        power: E[x^2] per position.
+        mean: E[x] per position.
+        unknown: Why the moments are not known, or "".
+        gaussian: An activation's output: `(spec, mean, variance)` of its
+            Gaussian input (max pooling commutes with it).
+        mixture: A sum of one activation's output and an independent
+            Gaussian rest (the stream `relu(h + f(h))`), followed exactly.
+        scores: An unfused attention's logits or weights in flight (`Scores`).
+        cross: E[x_i x_j] between two positions i != j along the first
+            position axis (two tokens of a sequence), averaged over channels;
+            None where it is not followed. The attention rules read it.
     """
 
     power: np.ndarray
@@ -927,6 +940,20 @@ def softmax_square(count: int, var: float) -> float:
     From 1/count (uniform attention, var = 0) up to 1 (one-hot, large var).
     Estimated with fixed random numbers (seed 0, 2^17 logits), so the same
     arguments give the same value on every machine up to float rounding.
+
+    Examples:
+
+    >>> softmax_square(16, 0.0)  # uniform: 1 / 16
+    0.0625
+    >>> 0.1 < softmax_square(16, 1.0) < 0.2  # about e / 16 for many keys
+    True
+
+    Args:
+        count: The number of keys a query sees.
+        var: The variance of its logits over those keys.
+
+    Returns:
+        The expected sum of the squared weights, in [1 / count, 1].
     """
     count = max(int(count), 1)
     if count == 1 or var <= 0:
@@ -1011,7 +1038,9 @@ class Scores:
     Attributes:
         spread: The variance of one query's logits over its keys.
         depth: The size the logits sum over (the head dimension).
-        queries, keys: The number of query and key positions.
+        queries: The number of query positions.
+        keys: The number of key positions.
+        stage: `"logits"` before the softmax, `"weights"` after it.
         visible: After the softmax, which keys each query sees (queries x keys).
         dropout: E[m^2] / E[m]^2 of a dropout mask on the weights (1: none).
     """
@@ -1053,7 +1082,9 @@ def _squares(visible: np.ndarray, spread: float, depth: int) -> np.ndarray:
 
 
 class AttentionRule(LayerRule):
-    """`dot_product_attention`: softmax(scale Q K^T + mask) V at init (docs/science section 4).
+    """`dot_product_attention`: softmax(scale Q K^T + mask) V at init.
+
+    (docs/concepts.md, "Attention and transformer blocks".)
 
     The output at query i is a weighted average of the visible values, so
     `E[o_i^2] = c_v + (q_v - c_v) E[sum_j p_ij^2]` (c_v the values' cross

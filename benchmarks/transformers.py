@@ -397,12 +397,14 @@ def targets(rows: list[dict], costs: list[dict], runs: list[dict]) -> list[tuple
     for model in dict.fromkeys(r["model"] for r in rows):
         for method in OURS:
             row = _find(rows, model, method)
-            if row is not None and not row["skipped"] and "coverage" in row:
+            if row is None:  # not asked for (--inits)
+                continue
+            if not row["skipped"] and "coverage" in row:
                 cov = row["coverage"]
                 full = cov["rows"].get("rule", 0) == cov["kernels"]
                 checks.append((f"{model}: every block kernel has a row after {method}", full,
                                _rows_cell(row)))
-            elif row is not None:
+            else:
                 checks.append((f"{model}: every block kernel has a row after {method}", False,
                                row["skipped"] or "no report"))
             check(f"{model}: max residual-sum var <= 3 after {method}", row, "max_sum_var",

@@ -17,6 +17,7 @@ from keras_goodinit import (
     _layouts,
     _moments,
     _patterns,
+    _recurrent,
     _sweep,
     _tables,
     _validate,
@@ -290,8 +291,13 @@ def mean_field_init(
     written = [v for t in targets for v in t.variables()]
     written += [t.inner.depthwise_kernel for t in targets if isinstance(t.inner, _SEPARABLE)]
     written += [table.variable for table in plan.tables.values()]
+    recurrent = list(plan.recurrent.values()) if distribution is not None else []
+    written += [v for layer, _ in recurrent for v in _recurrent.variables(layer)]
     with _sweep.atomic(written):
         _tables.write(plan.tables)
+        for layer, layer_plan in recurrent:
+            _recurrent.write(layer, layer_plan,
+                             seed=None if rng is None else int(rng.integers(0, 2**30)))
         for target in targets:
             decision = plan.decisions.get(id(target))
             if decision is not None and decision.writes:
@@ -301,6 +307,10 @@ def mean_field_init(
         if x is not None:
             _measure(model, x, targets, plan, training)
     rows = plan.rows(targets, None if x is None else _batch_size(x))
+    for layer, layer_plan in recurrent:
+        found = None if x is None else _recurrent.measure(model, x, layer, layer_plan)
+        rows += [MeanFieldRecord(**fields)
+                 for fields in _recurrent.plan_rows(layer, layer_plan, found)]
     report = MeanFieldReport("mean_field_init", rows, batches=0 if x is None else 1,
                              notes=plan.notes(), unanalysed=plan.unanalysed,
                              add_outputs=plan.add_outputs, training=training, chi=plan.chi())
@@ -409,6 +419,7 @@ class _Planner:
         self.patterns = _patterns.find(graph)
         self.internal = set().union(*(m.internal for m in self.patterns.values()))
         self.tables = _tables.plan(graph, head) if embeddings else {}
+        self.recurrent: dict[int, tuple] = {}  # id(layer) -> (layer, its plan)
         self.attention_logits = attention_logits
         self.targets = {id(t.layer): t for t in targets}
         self.residual, self.head, self.training = residual, head, training
@@ -441,6 +452,13 @@ class _Planner:
                 match = self.patterns[id(step)]
                 outs = [_patterns.propagate(match, self.signals[match.source],
                                             rules.map_shape(shapes[0]))]
+            elif step.rule is not None and step.rule.family == "recurrent" and (
+                    self._recurrent_plan(step, ins) is not None):
+                ctx = self._context(step)
+                outs = _recurrent.planned_outputs(ctx, ins, self.recurrent[id(step.layer)][1])
+                for note in ctx.notes:
+                    if f"{step.name}: {note}" not in self._notes:
+                        self._notes.append(f"{step.name}: {note}")
             elif step.outputs and all(k in self.internal for k in step.outputs):
                 # Inside an RMSNorm or a rotation written as ops: not needed, not reported.
                 outs = [Signal.unknown_after(f"inside a pattern ending after {step.name}",
@@ -481,6 +499,24 @@ class _Planner:
         if rule.terms(ctx) is not None and not outs[0].unknown:
             self.add_outputs[step.name] = outs[0].q
         return outs
+
+    def _recurrent_plan(self, step, ins) -> dict | None:
+        """A recurrent layer's plan (`_recurrent.plan`), made once from its first call's
+        input; None (the rule then gives unknowns with its reason) where that is unknown."""
+        found = self.recurrent.get(id(step.layer))
+        if found is not None:
+            return found[1]
+        try:
+            rnns = _recurrent.sides(step.layer)
+        except ValueError:
+            return None
+        signal = ins[0] if ins else None
+        if (signal is None or signal.unknown or not signal.q > 0 or len(ins) > 1
+                or any(rnn.stateful for rnn in rnns)):
+            return None
+        plan = _recurrent.plan(step.layer, signal, target_var=TARGET_Q)
+        self.recurrent[id(step.layer)] = (step.layer, plan)
+        return plan
 
     def _table(self, step) -> Signal:
         """A table-made output (an embedding, a position embedding): rescaled where

@@ -360,3 +360,20 @@ def test_a_written_plan_measures_as_predicted_over_the_unmasked_steps(recurrent_
     for row in rows:
         assert row["status"] == "ok", row
         assert abs(row["measured"] / row["predicted"] - 1) < row["tolerance"], row
+
+
+def test_mean_field_init_plans_a_recurrent_layer_and_checks_it_on_data():
+    from keras_goodinit import mean_field_init
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10, 8))
+    model = keras.Model(inputs, keras.layers.LSTM(16, return_sequences=True, name="lstm")(inputs))
+    x = np.random.default_rng(0).normal(size=(256, 10, 8)).astype("float32")
+    report = mean_field_init(model, data=x, seed=0, verbose=0)
+    row = report["lstm"]
+    # One recurrent layer on unit Gaussian input: the recursion's gate predictions are the
+    # ones measured within the row's tolerance (sampling error plus the model's bias).
+    assert row.rule == "recurrent" and row.status == "ok", report.table()
+    u = np.asarray(model.get_layer("lstm").cell.recurrent_kernel)
+    for block in np.split(u, 4, axis=1):  # each gate's block orthogonal (float32 rounding)
+        np.testing.assert_allclose(block.T @ block, np.eye(16), atol=1e-5)

@@ -28,7 +28,7 @@ from keras_goodinit.report import InitReport, LayerRecord, format_table
 from keras_goodinit.rules import Signal
 from keras_goodinit.weight_norm import unit_norms
 
-RESIDUAL = ("scaled", None)
+RESIDUAL = ("scaled", "deepnorm", None)
 _SEPARABLE = (klayers.SeparableConv1D, klayers.SeparableConv2D)
 # A non-homogeneous activation's pre-activations are set to this second moment.
 TARGET_Q = 1.0
@@ -222,8 +222,12 @@ def mean_field_init(
     Args:
         model: A built model: Sequential, functional or subclassed (traced
             from the input shape it was built with).
-        residual: `"scaled"` (the paper's `1/N` for residual branch ends) or
-            `None` (every sum is a plain sum).
+        residual: `"scaled"` (the paper's `1/N` for residual branch ends),
+            `"deepnorm"` (Wang et al. 2022, for post-LN transformers: every
+            kernel inside a branch but the query and key projections gets
+            `gamma * beta^2`, `beta = (8 L)^(-1/4)` for L = N / 2 layers; the
+            skip's `alpha = (2 L)^(1/4)` is the model's own code, and the
+            report says its value) or `None` (every sum is a plain sum).
         distribution: `"orthogonal"` or `"normal"` re-draws every kernel's
             directions; `None` keeps them and sets only the norms.
         input_variance: Variance of the model's inputs' entries. Default: 1, or
@@ -426,6 +430,9 @@ class _Planner:
         blocks, plain = _graph.residual_blocks(graph)
         self.branch_ends: dict[int, int] = {}
         self._notes = [why for _, why in plain]
+        self.deepnorm: dict[int, tuple[float, float]] = {}  # id(step) -> (beta, alpha)
+        if residual == "deepnorm":
+            self._deepnorm(graph, blocks)
         if residual == "scaled":
             for block in blocks:
                 ends = [end for end in block.branch_ends if end is not None]
@@ -499,6 +506,34 @@ class _Planner:
         if rule.terms(ctx) is not None and not outs[0].unknown:
             self.add_outputs[step.name] = outs[0].q
         return outs
+
+    def _deepnorm(self, graph, blocks) -> None:
+        """DeepNorm's beta on every kernel inside each block's branches (Wang et al. 2022)."""
+        alphas = set()
+        streams = {block.add.outputs[0] for block in blocks}  # a branch stops at a stream
+        for block in blocks:
+            layers = max(block.num_blocks / 2.0, 1.0)  # a transformer layer has two sums
+            beta, alpha = (8.0 * layers) ** -0.25, (2.0 * layers) ** 0.25
+            alphas.add(round(alpha, 4))
+            for key in block.branches:
+                stack, seen = [key], set()
+                while stack:
+                    current = stack.pop()
+                    if current in seen or current == block.source or current in streams:
+                        continue
+                    seen.add(current)
+                    step = graph.producer.get(current)
+                    if step is None:
+                        continue
+                    if rules.is_kernel(step.layer):
+                        self.deepnorm[id(step)] = (beta, alpha)
+                    stack.extend(step.inputs)
+        if alphas:
+            self._notes.append(
+                "residual='deepnorm': branch kernels (but queries and keys) times beta; "
+                "DeepNorm also multiplies each skip by alpha = " + ", ".join(
+                    f"{a:g}" for a in sorted(alphas)) + ": that is the model's own code "
+                "(x = LN(alpha x + f(x))); without it this is beta alone")
 
     def _recurrent_plan(self, step, ins) -> dict | None:
         """A recurrent layer's plan (`_recurrent.plan`), made once from its first call's
@@ -695,6 +730,11 @@ class _Planner:
             why += f"; residual branch end, N = {num_blocks}"
             decision.num_blocks = num_blocks
             decision.rule = "residual"
+        if id(step) in self.deepnorm:
+            beta, _ = self.deepnorm[id(step)]
+            gamma *= beta**2
+            why += f"; DeepNorm: times beta^2 = {beta**2:.3g}"
+            decision.rule = "deepnorm"
         if unknown:
             decision.status = "unanalysed"
             why = f"its input's moments are unknown ({unknown}): gain set, q not predicted; {why}"

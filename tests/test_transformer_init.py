@@ -108,3 +108,30 @@ def test_llama_rmsnorm_and_rotary_written_as_ops_are_followed():
     # row's measurement agrees with its prediction within the row's sampling tolerance.
     assert not report.unanalysed, report.unanalysed
     assert [r.status for r in report.rows] == ["ok"] * len(report.rows), report.table()
+
+
+def test_deepnorm_scales_branch_kernels_but_queries_and_keys():
+    if sys.version_info < (3, 11):
+        pytest.skip("keras-hub needs Python 3.11 or later")
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 16))
+    h = inputs
+    for index in range(4):  # post-LN encoder layers: two sums each, L = 4
+        h = keras_hub.layers.TransformerEncoder(32, num_heads=2, name=f"encoder_{index}")(h)
+    model = keras.Model(inputs, h)
+    scaled = mean_field_init(model, residual="deepnorm", seed=0, verbose=0)
+    plain = mean_field_init(model, residual=None, seed=0, verbose=0)
+    beta_sq = (8 * 4) ** -0.5  # Wang et al. 2022, encoder: beta = (8 L)^(-1/4)
+    for row in scaled.rows:
+        reference = plain[row.name].gamma
+        if row.name.endswith(("query", "key")):
+            # Aimed at the attention logits as without DeepNorm (their gain reads the
+            # tokens' correlation, which the scaled branches upstream change).
+            assert row.rule == "attention", row
+        else:
+            # After a post-LN norm every kernel's input is the same: only beta^2 differs.
+            assert row.rule == "deepnorm" and row.gamma == pytest.approx(
+                reference * beta_sq, rel=1e-12), row
+    assert any("alpha = 1.6818" in note for note in scaled.notes)  # (2 L)^(1/4) = 8^(1/4)

@@ -55,10 +55,17 @@ targets, met or not, each beside the figure measured.
 
 Usage:
 
-    python benchmarks/transformers.py                          # everything, TensorFlow
+    python benchmarks/transformers.py                          # everything, TensorFlow (*)
     python benchmarks/transformers.py --models gpt2 nonorm24 --no-train
     python benchmarks/transformers.py --models nonorm24 --seeds 0 --steps 400
     python benchmarks/transformers.py --backend jax            # transformers_jax.json
+
+(*) Measured on 2 shared cores (load 4-7), TensorFlow: the init and cost
+tables take about 25 min (`nonorm96` alone 15, anyinit's and LSUV's calls on
+it about 1.5 min each); a 400-step run of `nonorm24` 2-3 min, so its 15 runs
+about 40 min; a 50-step run of `nonorm96` 3.3 min (its first step traces the
+96 blocks), so its 15 runs of 400 steps roughly 2-2.5 hours. `--models
+nonorm96` in a process of its own lets the rest finish first.
 """
 
 from __future__ import annotations

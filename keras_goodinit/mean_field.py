@@ -709,12 +709,7 @@ class _Planner:
             decision.rule = "homogeneous"
             if not spec.homogeneous:
                 why += "; the residual stream is linear: its gain counts"
-        elif unknown:
-            decision.status, decision.reason = "unanalysed", (
-                f"its input's moments are unknown ({unknown}); {why}: left as it is")
-            return decision
-        elif not taps > 0:
-            decision.status, decision.reason = "skipped", "its input is predicted to be zero"
+        elif _left_as_it_is(decision, unknown, taps, why):
             return decision
         else:
             room = TARGET_Q - float(np.mean(bias**2))
@@ -780,12 +775,7 @@ class _Planner:
         scale = 1.0 / math.sqrt(depth) if scale is None else float(scale.ravel()[0])
         share = math.sqrt(self.attention_logits) / (scale * math.sqrt(depth))
         decision.rule = "attention"
-        if unknown:
-            decision.status, decision.reason = "unanalysed", (
-                f"its input's moments are unknown ({unknown}); {why}: left as it is")
-            return decision
-        if not taps > 0:
-            decision.status, decision.reason = "skipped", "its input is predicted to be zero"
+        if _left_as_it_is(decision, unknown, taps, why):
             return decision
         if kind == "attention_query":
             room = share - float(np.mean(bias**2))
@@ -921,6 +911,18 @@ class _Planner:
                                         measured=d.measured, num_blocks=d.num_blocks,
                                         chi=d.chi, rule=d.rule, tolerance=tolerance))
         return rows
+
+
+def _left_as_it_is(decision, unknown: str, taps: float, why: str) -> bool:
+    """A gain that needs its input's second moment cannot be set: say why, on `decision`."""
+    if unknown:
+        decision.status, decision.reason = "unanalysed", (
+            f"its input's moments are unknown ({unknown}); {why}: left as it is")
+        return True
+    if not taps > 0:
+        decision.status, decision.reason = "skipped", "its input is predicted to be zero"
+        return True
+    return False
 
 
 def _length_matters(graph) -> bool:

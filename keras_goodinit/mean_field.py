@@ -287,7 +287,7 @@ def mean_field_init(
     targets = _sweep.find_targets(model)
     inputs = _input_signals(model, graph, x, input_variance, input_mean)
     plan = _Planner(graph, targets, residual, inputs, head, training, attention_logits,
-                    embeddings, _input_dtypes(model)).run()
+                    embeddings, _input_dtypes(model), plan_recurrent=distribution is not None).run()
     rng = None if seed is None else np.random.default_rng(seed)
     seeds = {id(t): (None if rng is None else int(rng.integers(0, 2**31 - 1)),
                      None if rng is None else int(rng.integers(0, 2**31 - 1)))
@@ -355,11 +355,16 @@ def _input_signals(model, graph, x, variance, mean) -> dict[int, Signal]:
         if value is not None:
             array = np.asarray(ops.convert_to_numpy(value), dtype="float64")
             m, v = float(np.mean(array)), float(np.var(array))
-        cross = m**2  # independent positions unless the data say otherwise
+        measured = None
         if value is not None and array.ndim >= 3 and array.shape[1] > 1:
-            cross = rules.measured_cross(array)
+            measured = rules.measured_cross(array)
+        m0, v0 = m, v
         m = m if mean is None else mean
         v = v if variance is None else variance
+        # Independent positions unless the data say otherwise; their covariance in the
+        # units the overrides give.
+        cross = m**2 if measured is None else m**2 + (measured - m0**2) * (
+            v / v0 if v0 > 0 else 0.0)
         signals[key] = Signal(np.full(shape, v + m**2), np.full(shape, m), cross=cross)
     return signals
 
@@ -416,14 +421,18 @@ class _Planner:
     """Propagates moments through the graph in execution order, deciding each kernel's gamma."""
 
     def __init__(self, graph, targets, residual, inputs, head, training, attention_logits=1.0,
-                 embeddings=False, input_dtypes=()):
+                 embeddings=False, input_dtypes=(), plan_recurrent=True):
         self.graph = graph
         self._values: dict[int, object] = {}
         self.input_dtypes = list(input_dtypes)
         self.patterns = _patterns.find(graph)
+        self._rotary_end = {m.source: s for s in graph.steps
+                            for m in [self.patterns.get(id(s))] if m and m.kind == "rotary"}
         self.internal = set().union(*(m.internal for m in self.patterns.values()))
         self.tables = _tables.plan(graph, head) if embeddings else {}
         self.recurrent: dict[int, tuple] = {}  # id(layer) -> (layer, its plan)
+        # Recurrent kernels are redrawn (orthogonal U): not with distribution=None.
+        self.plan_recurrent = plan_recurrent
         self.attention_logits = attention_logits
         self.targets = {id(t.layer): t for t in targets}
         self.residual, self.head, self.training = residual, head, training
@@ -459,8 +468,9 @@ class _Planner:
                 match = self.patterns[id(step)]
                 outs = [_patterns.propagate(match, self.signals[match.source],
                                             rules.map_shape(shapes[0]))]
-            elif step.rule is not None and step.rule.family == "recurrent" and (
-                    self._recurrent_plan(step, ins) is not None):
+            elif self.plan_recurrent and step.rule is not None and (
+                    step.rule.family == "recurrent") and (
+                        self._recurrent_plan(step, ins) is not None):
                 ctx = self._context(step)
                 outs = _recurrent.planned_outputs(ctx, ins, self.recurrent[id(step.layer)][1])
                 for note in ctx.notes:
@@ -492,7 +502,8 @@ class _Planner:
             for note in ctx.notes:
                 if f"{step.name}: {note}" not in self._notes:
                     self._notes.append(f"{step.name}: {note}")
-        if why and all(self._value(k) is not None for k in step.outputs):
+        if why and all(self._value(k) is not None and not np.issubdtype(
+                self._value(k).dtype, np.floating) for k in step.outputs):
             # Computed from integer inputs alone (a mask, positions): its values are known.
             return [self._known(self._value(k), ctx.out_map(i))
                     for i, k in enumerate(step.outputs)]
@@ -593,7 +604,8 @@ class _Planner:
         if key in self.graph.inputs:
             index = self.graph.inputs.index(key)
             shape = self.graph.shapes[key]
-            # At the graph's own sizes (its constants were made at them): one full sequence.
+            # At the graph's own sizes (its constants were made at them): one full sequence,
+            # with or without data (the data's length may differ from the graph's).
             if index < len(self.input_dtypes) and (
                     "int" in self.input_dtypes[index] or "bool" in self.input_dtypes[index]):
                 value = np.ones(tuple(1 if i == 0 else self.graph.length if d is None else d
@@ -659,7 +671,8 @@ class _Planner:
         decision = self.decisions.get(id(target))
         if decision is None:
             decision = self._decide(step, target, float(np.mean(taps)), bias, unknown,
-                                    rules.cross_of(signal))
+                                    rules.cross_of(signal),
+                                    0.0 if unknown else float(np.mean(signal.mean)) ** 2)
             self.decisions[id(target)] = decision
             if not unknown and signal.q > 0:
                 decision.mean_fraction = float(np.mean(signal.mean) ** 2 / signal.q)
@@ -684,7 +697,7 @@ class _Planner:
         return rules.activation_output(spec, pre)
 
     def _decide(self, step, target, taps: float, bias, unknown: str,
-                cross: float | None = None) -> _Decision:
+                cross: float | None = None, mean_sq: float = 0.0) -> _Decision:
         decision = _Decision(target, self._name(step))
         unscalable = target.unscalable_reason() or _unsupported(target)
         if unscalable:
@@ -697,7 +710,7 @@ class _Planner:
         if kind == "head" and num_blocks == 0:
             return self._head(decision, taps, bias, why, unknown)
         if kind.startswith("attention_") and num_blocks == 0:
-            return self._attention(decision, kind, taps, bias, why, unknown, cross)
+            return self._attention(decision, kind, taps, bias, why, unknown, cross, mean_sq)
         if spec is None:  # the activation after it has no rule
             decision.status, decision.reason = "unanalysed", why
             if num_blocks == 0:
@@ -760,19 +773,15 @@ class _Planner:
         decision.reason = f"{why}; head: logits' second moment set to {self.head:g}"
         return decision
 
-    def _attention(self, decision, kind, taps, bias, why, unknown, cross) -> _Decision:
+    def _attention(self, decision, kind, taps, bias, why, unknown, cross,
+                   mean_sq: float = 0.0) -> _Decision:
         """A query or key projection: logits of variance `attention_logits` over the keys.
 
         The logit `scale q.k` varies from key to key with variance
         `scale^2 d q_q (q_k - c_k)` (`rules.AttentionRule`); the query and the
         key each take the square root of the target in units of `1 / (scale^2 d)`.
         """
-        attention, role = self._attention_of[id(decision.target)]
-        ctx = self._context(attention)
-        bound = rules.attention_arguments(ctx)
-        depth = ctx.in_shapes[bound["query"].index][-1]
-        scale = rules._numeric(bound.get("scale"))
-        scale = 1.0 / math.sqrt(depth) if scale is None else float(scale.ravel()[0])
+        _, role, depth, scale = self._attention_of[id(decision.target)]
         share = math.sqrt(self.attention_logits) / (scale * math.sqrt(depth))
         decision.rule = "attention"
         if _left_as_it_is(decision, unknown, taps, why):
@@ -787,7 +796,8 @@ class _Planner:
                                f"logits of variance {self.attention_logits:g}")
             return decision
         # Keys: only what varies between tokens moves the softmax.
-        spread = taps - (cross or 0.0)
+        # Independent tokens (cross not followed) share their mean alone.
+        spread = taps - (mean_sq if cross is None else cross)
         floor = 0.01 * taps
         if spread < floor:
             spread = floor
@@ -832,28 +842,55 @@ class _Planner:
             return spec, f"{spec.name} follows{via}", "activation"
         if found.kind == "output":
             return _moments.spec_of("linear"), f"model output{via}", "head"
-        if found.kind == "other" and isinstance(found.step.rule, rules.AttentionRule):
-            role = self._role(step.outputs[0], found.step)
-            self._attention_of[id(target)] = (found.step, role)
+        attention = self._attention_role(step.outputs[0])
+        if attention is not None:
+            self._attention_of[id(target)] = attention
+            name, role = attention[0].name, attention[1]
             kind = f"attention_{role}" if role in ("query", "key") else "linear"
-            return (_moments.spec_of("linear"), f"linear: the {role} of {found.step.name}{via}",
-                    kind)
+            return (_moments.spec_of("linear"), f"linear: the {role} of {name}", kind)
         what = {"add": f"sum {found.step.name} follows" if found.step else "",
                 "kernel": "a kernel layer follows",
                 "fork": "its output feeds several steps",
                 "other": f"{found.step.name} follows" if found.step else ""}
         return _moments.spec_of("linear"), f"linear: {what[found.kind]}{via}", "linear"
 
-    def _role(self, key: int, attention) -> str:
-        """Which argument of the attention step the tensor `key` becomes."""
-        while key not in attention.inputs:
-            key = self.graph.consumers[key][0].outputs[0]
-        bound = rules.attention_arguments(_graph.context(self.graph, attention, self.training))
-        index = attention.inputs.index(key)
-        for name in ("query", "key", "value"):
-            if isinstance(bound.get(name), rules.Input) and bound[name].index == index:
-                return name
-        return "input"
+    def _attention_role(self, key: int) -> tuple | None:
+        """(attention step, "query"/"key"/"value", depth, scale) where the tensor `key` becomes
+        an attention's argument: through the steps its rules look through, a constant scale
+        (`q * d**-0.5`) and a rotary embedding written as ops (`_patterns`), which keep the
+        norm; None otherwise."""
+        for _ in range(len(self.graph.steps)):
+            if key in self._rotary_end:
+                key = self._rotary_end[key].outputs[0]
+                continue
+            users = self.graph.consumers.get(key, [])
+            if len(users) != 1:
+                return None
+            (user,) = users
+            rule = user.rule
+            if isinstance(rule, rules.AttentionRule):
+                ctx = self._context(user)
+                bound = rules.attention_arguments(ctx)
+                index = user.inputs.index(key)
+                role = next((name for name in ("query", "key", "value")
+                             if isinstance(bound.get(name), rules.Input)
+                             and bound[name].index == index), "input")
+                depth = ctx.in_shapes[bound["query"].index][-1]
+                scale = rules._numeric(bound.get("scale"))
+                scale = 1.0 / math.sqrt(depth) if scale is None else float(scale.ravel()[0])
+                return user, role, depth, scale
+            if isinstance(rule, rules.EinsumRule):
+                found = rules.einsum_role(self._context(user), user.inputs.index(key))
+                if found is None:
+                    return None
+                role, depth = found
+                # The scale is a constant multiply before or after the einsum: 1/sqrt(d).
+                return user, role, depth, 1.0 / math.sqrt(depth) if depth else 1.0
+            if rule is None or len(user.inputs) != 1 or rule.family == "normalization" or not (
+                    rule.look_through or rule.scale(self._context(user)) is not None):
+                return None
+            key = user.outputs[0]
+        return None
 
     def notes(self) -> list[str]:
         mode = ("training mode (batch statistics), as `fit` runs" if self.training else

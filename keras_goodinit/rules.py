@@ -1143,6 +1143,30 @@ def _einsum_parts(ctx) -> tuple[list[str], str, list[int]] | None:
     return inputs.split(","), output, [a.index for a in operands]
 
 
+def einsum_role(ctx, operand: int) -> tuple[str, int] | None:
+    """("query" or "key", the size summed over) of operand `operand` (its index among the
+    step's inputs) of a query-key einsum; ("value", 0) of a weights-value one; else None."""
+    parts = _einsum_parts(ctx)
+    if parts is None:
+        return None
+    subscripts, output, indices = parts
+    if operand not in indices:
+        return None
+    position = indices.index(operand)
+    key_letter = output[-1]
+    owners = [i for i, sub in enumerate(subscripts) if key_letter in sub]
+    summed = [c for c in set(subscripts[0]) & set(subscripts[1]) if c not in output]
+    if len(owners) != 1 or not summed or len(subscripts[owners[0]]) < 3 or (
+            subscripts[owners[0]][1] != key_letter):
+        return ("value", 0) if len(subscripts[position]) >= 3 else None
+    shape = ctx.in_shapes[indices[owners[0]]]
+    depth = 1
+    for c in summed:
+        size = shape[subscripts[owners[0]].index(c)]
+        depth *= size if isinstance(size, int) else 1
+    return ("key" if position == owners[0] else "query"), depth
+
+
 class EinsumRule(LayerRule):
     """`ops.einsum` of two tensors where it is half an attention (`AttentionRule`):
     query-key logits (the output's last axis runs over one operand's positions, a

@@ -323,3 +323,14 @@ def test_input_moments_from_a_dict_batch_follow_the_input_names():
     # The data's own moments: a Dense 1 : 1 keeps the input's second moment.
     assert report["from_zz"].predicted == pytest.approx(
         float(np.mean(batch["zz"].astype("float64") ** 2)), rel=1e-9)
+
+
+def test_integer_features_are_not_folded_as_constants():
+    # Masks and positions made from integer inputs are computed (for sequences without
+    # padding); a float feature made from them is the signal, not a mask: unanalysed.
+    inputs = keras.Input((8,), dtype="int32")
+    counts = keras.layers.CategoryEncoding(10, output_mode="count", name="counts")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(counts))
+    report = mean_field_init(model, seed=0, verbose=0)
+    assert report["head"].status == "unanalysed", report.table()
+    assert [name for name, _, _ in report.unanalysed] == ["counts"]

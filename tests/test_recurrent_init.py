@@ -377,3 +377,18 @@ def test_mean_field_init_plans_a_recurrent_layer_and_checks_it_on_data():
     u = np.asarray(model.get_layer("lstm").cell.recurrent_kernel)
     for block in np.split(u, 4, axis=1):  # each gate's block orthogonal (float32 rounding)
         np.testing.assert_allclose(block.T @ block, np.eye(16), atol=1e-5)
+
+
+def test_mean_field_init_without_redrawing_leaves_recurrent_layers_to_their_rule():
+    from keras_goodinit import mean_field_init
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 4))
+    lstm = keras.layers.LSTM(8, return_sequences=True, name="lstm")
+    model = keras.Model(inputs, lstm(inputs))
+    before = [np.array(v) for v in (lstm.cell.kernel, lstm.cell.recurrent_kernel)]
+    report = mean_field_init(model, distribution=None, seed=0, verbose=0)
+    # distribution=None redraws nothing: the recurrent kernels stay, and get no plan row.
+    for old, variable in zip(before, (lstm.cell.kernel, lstm.cell.recurrent_kernel)):
+        np.testing.assert_array_equal(np.array(variable), old)
+    assert "lstm" not in [row.name for row in report.rows]

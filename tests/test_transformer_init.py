@@ -108,6 +108,8 @@ def test_llama_rmsnorm_and_rotary_written_as_ops_are_followed():
     # row's measurement agrees with its prediction within the row's sampling tolerance.
     assert not report.unanalysed, report.unanalysed
     assert [r.status for r in report.rows] == ["ok"] * len(report.rows), report.table()
+    # The query and key reach their einsum through the rotation: aimed at the logits.
+    assert {r.rule for r in report.rows if r.name.endswith(("query", "key"))} == {"attention"}
 
 
 def test_deepnorm_scales_branch_kernels_but_queries_and_keys():

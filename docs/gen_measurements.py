@@ -206,8 +206,45 @@ def _graph_init(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + _context(result) + "\n\n" + _checks(result)
 
 
+def _transformers(result: dict) -> str:
+    backend = result.get("backend", "tensorflow")
+    lines = [
+        f"## Inits on transformers (issue 19): {BACKENDS.get(backend, backend)}", "",
+        "`benchmarks/transformers.py` (models in `benchmarks/transformer_models.py`), batch 32, "
+        "on a held-out batch. *rows*: block kernels with a rule's row in the init's report / "
+        "all; *max sum var*: the largest variance at a residual sum; *cost*: first calls over "
+        "the first call of a compiled forward of a fresh identical model.", ""]
+    if result.get("rows"):
+        lines += ["| model | init | rows | max sum var | logits var |", "|---|---|---|---:|---:|"]
+    for row in result.get("rows", []):
+        if row["skipped"]:
+            lines.append(f"| {row['model']} | {row['init']} | {row['skipped']} | | |")
+            continue
+        cov = row.get("coverage")
+        rows = f"{cov['rows'].get('rule', 0)} / {cov['kernels']}" if cov else "-"
+        lines.append(f"| {row['model']} | {row['init']} | {rows} | "
+                     f"{_figure(row['max_sum_var'])} | {_figure(row['logits_var'])} |")
+    if result.get("costs"):
+        lines += ["", "| model | lsuv_init / forward | signal_report / forward |",
+                  "|---|---:|---:|"]
+        lines += [f"| {c['model']} | {_figure(c['lsuv_ratio'])} | {_figure(c['signal_ratio'])} |"
+                  for c in result["costs"]]
+    runs = [r for r in result.get("training", []) if not r["skipped"]]
+    if runs:
+        lines += ["", "| model | init | seeds | test acc min-max | step loss < 0.1 "
+                  "| max / start loss after step 10 |", "|---|---|---:|---|---|---:|"]
+        for key in dict.fromkeys((r["model"], r["init"]) for r in runs):
+            group = [r for r in runs if (r["model"], r["init"]) == key]
+            accs = [r["accuracy"] for r in group]
+            below = ", ".join(str(r["first_below"] or "never") for r in group)
+            lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {min(accs):.3f}-"
+                         f"{max(accs):.3f} | {below} | "
+                         f"{_figure(max(float(r['spike_ratio']) for r in group))} |")
+    return "\n".join(lines) + "\n\n" + _context(result) + "\n\n" + _checks(result)
+
+
 RENDERERS = {"compare_inits": _compare_inits, "graph_init": _graph_init,
-             "lsuv_speed": _lsuv_speed, "zoo": _zoo}
+             "lsuv_speed": _lsuv_speed, "zoo": _zoo, "transformers": _transformers}
 
 
 def render(results: list[dict]) -> str:

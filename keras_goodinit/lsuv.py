@@ -424,7 +424,7 @@ def _prepare(model, data, layers, recurrent=False):
     # A model of recurrent layers alone has no kernel target, and needs none.
     found = _sweep.find_targets(model) if rnns else _sweep.prepare(model, x, layers)
     targets = _scalable(found)
-    rows = [_skipped(t.name, t.class_name, t.unscalable_reason())
+    rows = [_skipped(t.path_name, t.class_name, t.unscalable_reason())
             for t in found if t.unscalable_reason()]
     if layers is None:
         cells = {id(rnn.cell) for rnn, _, _ in rnns}
@@ -469,7 +469,7 @@ def _reached(targets, result):
 def _not_called(target, result=None) -> LayerRecord:
     reason = ("not called in the forward pass" if result is None
               else f"{_sweep.unmet_reason(target, result)}; not scaled")
-    return _skipped(target.name, target.class_name, reason)
+    return _skipped(target.path_name, target.class_name, reason)
 
 
 def _add_notes(pairs, notes: dict) -> None:
@@ -942,7 +942,7 @@ def _lsuv_rows(result, targets, spec, progbar=None):
         status, reason = _STATUS[int(state["code"])]
         notes = (reason, _shared_note(result, target), _branch_note(spec, target, state))
         pairs.append((target, LayerRecord(
-            target.name, target.class_name, float(state["var_before"]),
+            target.path_name, target.class_name, float(state["var_before"]),
             float(state["var_after"]), int(state["iterations"]), float(state["scale"]),
             status, "; ".join(r for r in notes if r), target_var=spec.target_of(state))))
         scales.append((target, float(state["scale"])))
@@ -1121,6 +1121,6 @@ def _data_init_row(target, state, note) -> LayerRecord:
         dead = int((~valid).sum())
         reason = f"{dead} of {valid.size} units dead, kept as they were" if dead else ""
     reason = "; ".join(r for r in (reason, note) if r)
-    return LayerRecord(target.name, target.class_name, float(state["var_before"]),
+    return LayerRecord(target.path_name, target.class_name, float(state["var_before"]),
                        float(state["var_after"]), 1 if status == "ok" else 0,
                        float(np.mean(state["scale"])), status, reason)

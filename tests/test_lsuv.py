@@ -262,7 +262,8 @@ def test_functional_two_inputs_residual_concat_nested_model():
     report = lsuv_init(model, data, verbose=0)
     names = [r.name for r in report.rows]
     # Both input branches before the mix, the nested model's layers between mix and out.
-    assert sorted(names[:2]) == ["a1", "b1"] and names[2:] == ["mix", "inner1", "inner2", "out"]
+    assert sorted(names[:2]) == ["a1", "b1"]
+    assert names[2:] == ["mix", "inner/inner1", "inner/inner2", "out"]  # rows named by path
     assert_unit_variance(model, data, report)
 
 
@@ -774,7 +775,8 @@ def test_each_target_is_evaluated_once_per_pass_and_no_model_is_built(monkeypatc
     assert counts == {layer.name: 1 for layer in targets}
     assert built == []
     # (tanh's post-activation variance cannot reach 1 within max_iter, so not report.ok.)
-    assert [r.name for r in report.rows] == ["a1", "b1", "mix", "inner1", "inner2", "out"]
+    assert [r.name for r in report.rows] == [
+        "a1", "b1", "mix", "inner/inner1", "inner/inner2", "out"]
 
 
 # ----------------------------------------------------------------------------

@@ -778,6 +778,7 @@ def lsuv_fit(rnn, x, mask=None, initial_state=None, *, target_var: float = 1.0,
     before = None
     iterations = 0
     valid = None
+    original = _numpy(cell.kernel)  # a layer it skips keeps the kernel it came with
     while True:
         h_prev = unroll(rnn, x, mask, initial_state)
         valid = _valid(mask, h_prev.shape) if valid is None else valid
@@ -788,12 +789,15 @@ def lsuv_fit(rnn, x, mask=None, initial_state=None, *, target_var: float = 1.0,
             before = current
         values = np.array(list(current.values()))
         if not np.all(np.isfinite(values)):
-            return _row(name, class_name, before, current, iterations, scales, "skipped",
-                        "non-finite gate variance", target_var, valid)
+            cell.kernel.assign(original)
+            return _row(name, class_name, before, current, iterations, np.ones(len(names)),
+                        "skipped", "non-finite gate variance", target_var, valid)
         dead = [g for g, (a, _, _) in coefficients.items()
                 if not a > floor * max(float(np.mean(np.square(parts[g][0][valid]))), 1e-300)]
         if dead:
-            return _row(name, class_name, before, current, iterations, scales, "skipped",
+            cell.kernel.assign(original)
+            return _row(name, class_name, before, current, iterations, np.ones(len(names)),
+                        "skipped",
                         f"the input part of gates {', '.join(dead)} is zero (dead or constant "
                         "input)", target_var, valid)
         if np.all(np.abs(values - target_var) < tol * target_var):

@@ -1225,10 +1225,11 @@ class SoftmaxRule(ActivationRule):
         mask = ctx.kwargs.get("mask", ctx.args[1] if len(ctx.args) > 1 else None)
         visible = _visible_keys(ctx, mask, scores.queries, scores.keys, False)
         squares = _squares(visible, scores.spread, scores.depth)
-        counts = np.maximum(visible.sum(axis=1), 1)
+        keys = max(visible.shape[1], 1)
         out_map = ctx.out_map()
-        return [Signal(np.full(out_map, float(np.mean(squares / counts))),
-                       np.full(out_map, float(np.mean(1.0 / counts))),
+        # Per entry over all keys (a masked key's weight is 0): E[p^2] = E[sum p^2] / keys.
+        return [Signal(np.full(out_map, float(np.mean(squares)) / keys),
+                       np.full(out_map, 1.0 / keys),
                        scores=dataclasses.replace(scores, stage="weights", visible=visible))]
 
 

@@ -42,10 +42,32 @@ class Table:
     signal: Signal  # its output's moments before the rescale
 
 
+def is_reverse(step) -> bool:
+    """A `ReversibleEmbedding` called with `reverse=True`: the output projection to logits."""
+    return isinstance(step.rule, rules.EmbeddingRule) and bool(step.kwargs.get("reverse") or (
+        len(step.args) > 1 and step.args[1] is True))
+
+
 def is_table(step) -> bool:
     """An embedding lookup, or a layer whose output is made from its input's shape alone."""
-    return isinstance(step.rule, rules.EmbeddingRule) or (
+    return (isinstance(step.rule, rules.EmbeddingRule) and not is_reverse(step)) or (
         not step.inputs and step.rule is None and isinstance(step.layer, keras.layers.Layer))
+
+
+def reverse_output(step, hidden: Signal, tables: dict) -> Signal:
+    """The logits `h W` of a reverse call: `E[logit^2] = d q_h E[W^2]` (W zero-mean,
+    independent of h), W the tied table or the untied `reverse_embeddings`, rescaled."""
+    layer = step.layer
+    tied = bool(getattr(layer, "tie_weights", False))
+    variable = layer.embeddings if tied else layer.reverse_embeddings
+    table = tables.get((id(layer), "reverse")) or (tables.get(id(layer)) if tied else None)
+    factor = 1.0 if table is None else table.scale
+    weights = np.asarray(ops.convert_to_numpy(variable), float) * factor
+    width = int(layer.embeddings.shape[-1])
+    out = np.full(np.shape(hidden.power), width * hidden.q * float(np.mean(weights**2)))
+    if hidden.unknown:
+        return hidden
+    return Signal(out, np.zeros(np.shape(hidden.power)))
 
 
 def signal_of(graph, step, ctx) -> tuple[Signal | None, Any, str]:
@@ -93,8 +115,12 @@ def _tied(step) -> bool:
 
 def plan(graph, head: float | str = 1.0) -> dict[int, Table]:
     """`id(layer)` -> its `Table`, for every table of the graph that one variable makes."""
-    tables: dict[int, Table] = {}
+    tables: dict = {}
     for step in graph.steps:
+        if is_reverse(step) and not getattr(step.layer, "tie_weights", False) and (
+                (id(step.layer), "reverse") not in tables):
+            tables[(id(step.layer), "reverse")] = _output_table(step, head)
+            continue
         if not is_table(step) or id(step.layer) in tables:
             continue
         signal, variable, _ = signal_of(graph, step, _graph.context(graph, step))
@@ -125,7 +151,26 @@ def plan(graph, head: float | str = 1.0) -> dict[int, Table]:
     return tables
 
 
-def write(tables: dict[int, Table]) -> None:
+def _output_table(step, head) -> Table:
+    """An untied output projection (`reverse_embeddings`) aimed like a tied table: after a
+    final normalization of unit variance the logits have second moment `head`."""
+    variable = step.layer.reverse_embeddings
+    width = int(variable.shape[0])
+    aim = 1.0 if head == "paper" else float(head)
+    target = aim / width
+    value = np.asarray(ops.convert_to_numpy(variable), float)
+    power = float(np.mean(value**2))
+    signal = Signal(np.asarray(power), np.asarray(float(np.mean(value))))
+    if power > 0:
+        return Table(f"{step.name}/reverse_embeddings", type(step.layer).__name__, step.layer,
+                     variable, math.sqrt(target / power), target, "ok",
+                     f"the output projection: E[w^2] = {aim:g} / {width}, so that the logits "
+                     f"after a unit-variance normalization have second moment {aim:g}", signal)
+    return Table(f"{step.name}/reverse_embeddings", type(step.layer).__name__, step.layer,
+                 variable, 1.0, 0.0, "skipped", "its table is zero: left as it is", signal)
+
+
+def write(tables: dict) -> None:
     """Rescales each planned table (inside the caller's `_sweep.atomic`)."""
     for table in tables.values():
         table.variable.assign(table.variable * ops.cast(table.scale, table.variable.dtype))

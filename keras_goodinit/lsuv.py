@@ -642,7 +642,7 @@ def lsuv_init(
         v for rnn, _, _ in recurrent for v in (rnn.cell.kernel, rnn.cell.recurrent_kernel)] + [
         table.variable for table in tables.values()]
     if tables:  # their rows replace the "no kernel" rows of the same layers
-        names = {table.layer.name for table in tables.values()}
+        names = {table.layer.name for table in tables.values()}  # one row per table
         other_rows = [row for row in other_rows if row.name not in names] + [
             LayerRecord(t.name, t.class_name, math.nan, math.nan, 0, t.scale, t.status, t.reason,
                         target_var=t.target) for t in tables.values()]

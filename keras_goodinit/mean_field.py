@@ -464,6 +464,8 @@ class _Planner:
                 outs = [self._kernel(step, ins[0])]
             elif _tables.is_table(step):
                 outs = [self._table(step)]
+            elif _tables.is_reverse(step):
+                outs = [_tables.reverse_output(step, ins[0], self.tables)]
             elif id(step) in self.patterns:
                 match = self.patterns[id(step)]
                 outs = [_patterns.propagate(match, self.signals[match.source],

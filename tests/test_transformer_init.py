@@ -137,3 +137,26 @@ def test_deepnorm_scales_branch_kernels_but_queries_and_keys():
             assert row.rule == "deepnorm" and row.gamma == pytest.approx(
                 reference * beta_sq, rel=1e-12), row
     assert any("alpha = 1.6818" in note for note in scaled.notes)  # (2 L)^(1/4) = 8^(1/4)
+
+
+def test_an_untied_output_projection_aims_the_logits():
+    if sys.version_info < (3, 11):
+        pytest.skip("keras-hub needs Python 3.11 or later")
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=2,
+        hidden_dim=64, intermediate_dim=128)
+    model = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+    report = mean_field_init(model, seed=0, verbose=0)
+    (row,) = [r for r in report.rows if r.name.endswith("reverse_embeddings")]
+    assert row.rule == "embedding" and row.predicted == pytest.approx(1 / 64)
+    rng = np.random.default_rng(5)
+    data = {"token_ids": rng.integers(0, 64, (32, 16)).astype("int32"),
+            "padding_mask": np.ones((32, 16), "int32")}
+    logits = ops.convert_to_numpy(model.predict(data, verbose=0))
+    # After the final RMSNorm (unit second moment) the logits' variance is 64 * E[w^2] = 1.
+    # The 64 drawn columns' squared norms average to it within sqrt(2 / 64) / 8 = 0.022
+    # relative (one sd); 0.25 leaves room for the hidden state's own anisotropy.
+    assert float(np.var(logits)) == pytest.approx(1.0, rel=0.25)

@@ -428,7 +428,8 @@ def _prepare(model, data, layers, recurrent=False):
             for t in found if t.unscalable_reason()]
     if layers is None:
         cells = {id(rnn.cell) for rnn, _, _ in rnns}
-        rows += [_skipped(layer.name, type(layer).__name__, reason)
+        paths = _sweep._layer_paths(model)
+        rows += [_skipped(paths.get(id(layer), layer.name), type(layer).__name__, reason)
                  for layer, reason in _sweep.unscalable_layers(model, found)
                  if id(layer) not in cells]
     return (x, targets, rows, rnns) if recurrent else (x, targets, rows)
@@ -642,7 +643,8 @@ def lsuv_init(
         v for rnn, _, _ in recurrent for v in (rnn.cell.kernel, rnn.cell.recurrent_kernel)] + [
         table.variable for table in tables.values()]
     if tables:  # their rows replace the "no kernel" rows of the same layers
-        names = {table.layer.name for table in tables.values()}  # one row per table
+        paths = _sweep._layer_paths(model)  # one row per table
+        names = {paths.get(id(table.layer), table.layer.name) for table in tables.values()}
         other_rows = [row for row in other_rows if row.name not in names] + [
             LayerRecord(t.name, t.class_name, math.nan, math.nan, 0, t.scale, t.status, t.reason,
                         target_var=t.target) for t in tables.values()]

@@ -555,9 +555,13 @@ def test_string_model_inputs_work():
     words = np.random.default_rng(0).choice(["a", "b", "c", "d", "zz"], size=(64, 4))
     report, error = attempt(lsuv_init, model, words, "StringLookup model, strings")
     assert error is None, error
-    # Every weight-bearing layer is listed; the Embedding is not a kernel LSUV scales.
+    # Every weight-bearing layer is listed; the Embedding's table is rescaled for the stream
+    # it starts (embeddings=True), with embeddings=False it is no kernel LSUV scales.
     assert [(r.class_name, r.status) for r in report.rows] == [
-        ("WeightNormalization(Dense)", "ok"), ("Dense", "ok"), ("Embedding", "skipped")]
+        ("WeightNormalization(Dense)", "ok"), ("Dense", "ok"), ("Embedding", "ok")]
+    report, error = attempt(lsuv_init, model, words,
+                            "StringLookup model, strings, tables left alone", embeddings=False)
+    assert error is None and report.rows[-1].status == "skipped", report.rows
     report, error = attempt(weightnorm_data_init, model, words, "StringLookup model, strings")
     assert error is None and report["wn"].status == "ok"
 

@@ -328,7 +328,7 @@ def test_layers_limits_the_layers_judged():
     model = _frozen_body_trained_head()
     trained = values(model)
     init, peek = fit_with_callback(model, layers=["body_dense"])
-    assert init.reason is None and [row.name for row in init.report.rows] == ["body_dense"]
+    assert init.reason is None and [row.name for row in init.report.rows] == ["body/body_dense"]
     assert np.array_equal(peek.weights[-1], trained[-1])  # the head's kernel
     assert not np.array_equal(peek.weights[2], trained[2])  # the body's kernel
 

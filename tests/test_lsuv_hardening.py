@@ -268,7 +268,7 @@ def test_layers_the_sweep_cannot_scale_are_listed_with_a_reason():
         # lsuv_init fits the recurrent layers (their own rows) and rescales the embedding
         # table for the stream it starts (`embeddings=True`); the data init does neither.
         fitted = function is lsuv_init
-        recurrent = ("gru", "lstm") if fitted else ("gru_cell", "lstm_cell")
+        recurrent = ("gru", "lstm") if fitted else ("gru/gru_cell", "lstm/lstm_cell")
         assert set(rows) == {"d", "embed", "scale", *recurrent}, rows
         for name in ("scale", *(() if fitted else ("embed", *recurrent))):
             assert rows[name].status == "skipped" and rows[name].reason, rows[name]
@@ -278,7 +278,7 @@ def test_layers_the_sweep_cannot_scale_are_listed_with_a_reason():
             assert rows["embed"].status == "ok" and "stream" in rows["embed"].reason
         else:
             assert "embedding" in rows["embed"].reason
-            assert "recurrent" in rows["lstm_cell"].reason
+            assert "recurrent" in rows["lstm/lstm_cell"].reason
 
 
 def test_a_layers_filter_lists_only_the_chosen_layers():
@@ -355,7 +355,7 @@ def test_duplicate_names_in_nested_models_keep_separate_rows():
     rng = np.random.default_rng(11)
     batches = [(rng.normal(size=(128, 16)) * 3).astype("float32") for _ in range(6)]
     report = lsuv_init(model, iter(batches), new_batch_per_trial=True, verbose=0)
-    assert [r.name for r in report.rows] == ["dense", "dense"]
+    assert [r.name for r in report.rows] == ["first/dense", "second/dense"]  # by path
     first, second = report.rows
     assert first.scale != pytest.approx(second.scale, rel=0.01)
     # Each row describes its own layer on the last batch drawn.

@@ -205,7 +205,8 @@ def test_blocks_inside_nested_models_are_found_and_probed():
     model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(h)))
     x = normal((32, 8, 8, 3), 31)
     report = lsuv_init(model, x, seed=0, verbose=0)
-    ends = {row.name: row for row in report.rows if "residual branch end" in row.reason}
+    ends = {row.name.rsplit("/", 1)[-1]: row for row in report.rows
+            if "residual branch end" in row.reason}
     assert sorted(ends) == [f"block{i}_c2" for i in range(4)], report
     assert all("/ 4" in row.reason and row.target_var < 1.0 for row in ends.values())
     assert report.ok and report.mode == "compiled"

@@ -90,15 +90,21 @@ def test_gpt2_residual_lsuv_scales_both_branches_of_every_block():
     assert not any("kept at target_var" in note for note in report.notes), report.notes
 
 
-def test_llama_rmsnorm_and_rotary_written_as_ops_are_followed():
+def _llama(causal_lm: bool = False):
+    """A 2-layer Llama backbone (or its causal LM, whose output projection is untied)."""
     if sys.version_info < (3, 11):
         pytest.skip("keras-hub needs Python 3.11 or later")
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    model = keras_hub.models.LlamaBackbone(
+    backbone = keras_hub.models.LlamaBackbone(
         vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=2,
         hidden_dim=64, intermediate_dim=128)
+    return keras_hub.models.LlamaCausalLM(backbone, preprocessor=None) if causal_lm else backbone
+
+
+def test_llama_rmsnorm_and_rotary_written_as_ops_are_followed():
+    model = _llama()
     rng = np.random.default_rng(0)
     data = {"token_ids": rng.integers(0, 64, (32, 16)).astype("int32"),
             "padding_mask": np.ones((32, 16), "int32")}
@@ -140,15 +146,7 @@ def test_deepnorm_scales_branch_kernels_but_queries_and_keys():
 
 
 def test_an_untied_output_projection_aims_the_logits():
-    if sys.version_info < (3, 11):
-        pytest.skip("keras-hub needs Python 3.11 or later")
-    import keras_hub
-
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=2,
-        hidden_dim=64, intermediate_dim=128)
-    model = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+    model = _llama(causal_lm=True)
     report = mean_field_init(model, seed=0, verbose=0)
     (row,) = [r for r in report.rows if r.name.endswith("reverse_embeddings")]
     assert row.rule == "embedding" and row.predicted == pytest.approx(1 / 64)

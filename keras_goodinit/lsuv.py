@@ -640,7 +640,7 @@ def lsuv_init(
     tables = _planned_tables(model, checked["target_var"]) if checked["embeddings"] and (
         checked["layers"] is None) else {}
     variables = [v for t in targets for v in t.variables()] + [
-        v for rnn, _, _ in recurrent for v in (rnn.cell.kernel, rnn.cell.recurrent_kernel)] + [
+        v for rnn, _, _ in recurrent for v in _recurrent.variables(rnn)] + [
         table.variable for table in tables.values()]
     if tables:  # their rows replace the "no kernel" rows of the same layers
         paths = _sweep._layer_paths(model)  # one row per table

@@ -6,13 +6,14 @@ import math
 
 import keras
 import ml_dtypes
+import numpy as np
 from keras import ops
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
 from keras_goodinit import _backend, _layouts, _validate
 
 SCHEMES = ("wn_relu", "wn_linear", "wn_residual", "wn_hanin", "wn_relu_backward")
-DISTRIBUTIONS = ("orthogonal", "normal")
+DISTRIBUTIONS = ("orthogonal", "normal", "delta_orthogonal")
 
 
 def _scheme_count(name: str, value, scheme: str) -> int:
@@ -117,6 +118,23 @@ class GoodInit(keras.initializers.Initializer):
     `keras.initializers.get({"class_name": "GoodInit", "config": {...}})`
     work, and so does `kernel_initializer="GoodInit"`.
 
+    `distribution="delta_orthogonal"` gives the delta-orthogonal kernels of
+    Xiao et al. (2018), with which vanilla CNNs (no skips, no normalization)
+    of 10,000 layers train: every spatial tap is zero except the centre one,
+    index `(k - 1) // 2` along each spatial axis, which holds an orthogonal
+    `(C_in, C_out)` matrix `H`. With `padding="same"` and stride 1 the
+    convolution then maps each position's channels by `x -> x @ H`, like an
+    orthogonal Dense layer, at the borders too. When `C_in >= C_out` the
+    columns of `H` are orthogonal with norm `g`, as for `"orthogonal"`. When
+    `C_in < C_out` columns cannot be both orthogonal and of equal norm: the
+    rows are kept orthogonal, `H H^T = c^2 I`, with the one factor
+    `c = g sqrt(C_out / C_in)` that makes the mean squared unit norm `g^2`;
+    the unit norms then differ from `g`, but the layer is an exact isometry
+    (times `c`), which is what signal propagation through thousands of such
+    layers needs. With `layout="depthwise"` each unit's centre tap is `+-g`.
+    A rank-2 kernel (Dense) has no taps: it gets exactly the `"orthogonal"`
+    kernel of the same seed.
+
     Examples:
 
     >>> init = GoodInit("wn_relu", seed=0)
@@ -125,6 +143,17 @@ class GoodInit(keras.initializers.Initializer):
     >>> last = GoodInit("wn_residual", num_blocks=9)
     >>> same = keras.initializers.get({"class_name": "GoodInit",
     ...                                "config": {"scheme": "wn_linear"}})
+
+    A delta-orthogonal convolution keeps the norm of every position's channels,
+    at the borders too:
+
+    >>> delta = GoodInit("wn_linear", distribution="delta_orthogonal", seed=0)
+    >>> conv = keras.layers.Conv2D(16, 3, padding="same", use_bias=False,
+    ...                            kernel_initializer=delta)
+    >>> x = keras.random.normal((2, 8, 8, 16), seed=1)
+    >>> gain = keras.ops.norm(conv(x), axis=-1) / keras.ops.norm(x, axis=-1)
+    >>> bool(keras.ops.all(keras.ops.abs(gain - 1.0) < 1e-5))
+    True
 
     Args:
         scheme: One of `"wn_relu"`, `"wn_linear"`, `"wn_residual"`,
@@ -136,12 +165,14 @@ class GoodInit(keras.initializers.Initializer):
         gamma: Overrides the scheme's gamma. A positive finite number; when
             a kernel is drawn, `g` must also be representable in the
             kernel's dtype (see `draw`).
-        distribution: `"orthogonal"` (default) or `"normal"` directions.
+        distribution: `"orthogonal"` (default) or `"normal"` directions, or
+            `"delta_orthogonal"` convolution kernels (see above).
             Orthogonal directions are Haar-distributed (the QR of a Gaussian
             sample), except for kernels so large that the QR would cost more
             than 1e10 flops (`m n^2`, e.g. a 4608 x 4096 Dense): those get a
             structured random orthogonal matrix, exactly orthonormal and
-            spread like a Haar one, at `O(n m log m)`.
+            spread like a Haar one, at `O(n m log m)`. A delta-orthogonal
+            kernel's centre matrix is drawn the same way.
         layout: Where the output units sit in the kernel: `"default"` (last
             axis: Dense, ConvND), `"conv_transpose"` (axis -2) or
             `"depthwise"` (the last two axes). An initializer only sees the
@@ -153,6 +184,8 @@ class GoodInit(keras.initializers.Initializer):
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
+        - [Xiao, Bahri, Sohl-Dickstein, Schoenholz & Pennington, 2018](
+          https://arxiv.org/abs/1806.05393), Algorithm 2 (delta-orthogonal)
     """
 
     def __init__(
@@ -182,7 +215,11 @@ class GoodInit(keras.initializers.Initializer):
         self.seed = seed
 
     def unit_norm(self, shape) -> float:
-        """The norm `g` that every unit's fan-in vector gets for this shape."""
+        """The norm `g` that every unit's fan-in vector gets for this shape.
+
+        For a delta-orthogonal kernel with fewer input than output channels
+        it is the root mean square of the unit norms (see the class).
+        """
         if self.scheme == "wn_relu_backward":
             return math.sqrt(self.gamma)
         fan_in, fan_out = _layouts.channel_fans(tuple(shape), self.layout)
@@ -204,7 +241,9 @@ class GoodInit(keras.initializers.Initializer):
         leaves room for rounding), and the largest entry of a unit is at least
         `g / sqrt(n)`. A `gamma` (or a scheme's gamma) that puts `g` outside
         this range raises a `ValueError` rather than returning an infinite or
-        zero kernel.
+        zero kernel. For a delta-orthogonal kernel, `n` counts the centre
+        tap's entries only, and a wide centre matrix's factor
+        `c = g sqrt(C_out / C_in)` takes the place of `g` in the upper bound.
 
         Args:
             shape: The kernel shape, a tuple of positive ints of rank >= 2
@@ -232,26 +271,41 @@ class GoodInit(keras.initializers.Initializer):
         # Lay the kernel out as (fan_in, units), the layout QR and the norms work on.
         perm = list(axes) + units
         moved = [shape[i] for i in perm]
-        fan_in = math.prod(moved[: len(axes)])
+        # A delta-orthogonal kernel is non-zero at one spatial tap: its matrix is the
+        # kernel there, the norm axes after the spatial ones (the first rank - 2).
+        spatial = len(shape) - 2 if self.distribution == "delta_orthogonal" else 0
+        fan_in = math.prod(moved[spatial: len(axes)])
         n_units = math.prod(moved[len(axes):])
-        norm = self._checked_unit_norm(shape, dtype, fan_in)
+        wide = spatial > 0 and self.layout != "depthwise" and fan_in < n_units
+        # A wide matrix's rows get the norm c = g sqrt(units / fan_in) (`_delta_orthogonal`).
+        peak = math.sqrt(n_units / fan_in) if wide else 1.0
+        norm = self._checked_unit_norm(shape, dtype, fan_in, peak)
         lead = () if count is None else (count,)
         # Draw and factor in float32 at least: QR in half precision is inaccurate.
         work_dtype = "float64" if dtype == "float64" else "float32"
-        matrix = self._directions(lead, fan_in, n_units, work_dtype)
-        norms = ops.sqrt(ops.sum(ops.square(matrix), axis=-2, keepdims=True))
-        matrix = matrix * (norm / norms)
-        kernel = ops.reshape(matrix, lead + tuple(moved))
+        if spatial:
+            kernel = self._delta_orthogonal(lead, moved, spatial, (fan_in, n_units),
+                                            norm * peak, work_dtype)
+        else:
+            matrix = self._directions(lead, fan_in, n_units, work_dtype)
+            norms = ops.sqrt(ops.sum(ops.square(matrix), axis=-2, keepdims=True))
+            matrix = matrix * (norm / norms)
+            kernel = ops.reshape(matrix, lead + tuple(moved))
         if perm != sorted(perm):  # a transpose copies even when it has nothing to move
             offset = len(lead)
             kernel = ops.transpose(kernel, list(range(offset))
                                    + [offset + i for i in _inverse(perm)])
         return ops.cast(kernel, dtype)
 
-    def _checked_unit_norm(self, shape: tuple[int, ...], dtype: str, fan_in: int) -> float:
-        """`unit_norm(shape)`, or a ValueError when `dtype` cannot hold such a kernel."""
+    def _checked_unit_norm(self, shape: tuple[int, ...], dtype: str, fan_in: int,
+                           peak: float = 1.0) -> float:
+        """`unit_norm(shape)`, or a ValueError when `dtype` cannot hold such a kernel.
+
+        `fan_in` is the number of non-zero entries a unit's vector may have;
+        `peak * g` bounds the kernel's largest entry.
+        """
         info = ml_dtypes.finfo(dtype)
-        low, high = float(info.tiny) * math.sqrt(fan_in), float(info.max) / 2
+        low, high = float(info.tiny) * math.sqrt(fan_in), float(info.max) / 2 / peak
         try:
             norm = self.unit_norm(shape)
         except OverflowError:
@@ -278,6 +332,32 @@ class GoodInit(keras.initializers.Initializer):
             f"{high * high / ratio:.3g} for this shape (gamma = {self.gamma:.3g} here). "
             f"Received: {name}={value!r}"
         )
+
+    def _delta_orthogonal(self, lead: tuple[int, ...], moved: list[int], spatial: int,
+                          matrix_shape: tuple[int, int], scale: float, dtype: str):
+        """A kernel in the `(*k, fan-in, units)` layout, zero except at the centre tap.
+
+        The centre holds a `(fan_in, units)` matrix: orthogonal columns of norm
+        `scale` when `fan_in >= units`, else orthogonal rows of norm `scale`;
+        for `"depthwise"`, one `+-scale` per unit (each sees one channel).
+        """
+        fan_in, n_units = matrix_shape
+        if self.layout == "depthwise":
+            sample = keras.random.normal(lead + (1, n_units), dtype=dtype, seed=self.seed)
+            signs = ops.where(ops.convert_to_tensor(sample) < 0, -1.0, 1.0)
+            matrix = ops.cast(signs, dtype) * scale
+        else:
+            matrix = self._directions(lead, fan_in, n_units, dtype)
+            # Exact norms along the short side, which QR made orthonormal.
+            axis = -2 if fan_in >= n_units else -1
+            norms = ops.sqrt(ops.sum(ops.square(matrix), axis=axis, keepdims=True))
+            matrix = matrix * (scale / norms)
+        centre = ops.reshape(matrix, lead + (1,) * spatial + tuple(moved[spatial:]))
+        # Tap (k - 1) // 2 is the one `padding="same"` aligns with each output position
+        # (the middle for odd k), so the conv is `x @ matrix` away from the borders.
+        mask = np.zeros(tuple(moved[:spatial]) + (1,) * (len(moved) - spatial), dtype=bool)
+        mask[tuple((k - 1) // 2 for k in moved[:spatial])] = True
+        return ops.where(ops.convert_to_tensor(mask), centre, ops.zeros_like(centre))
 
     def _directions(self, lead: tuple[int, ...], fan_in: int, n_units: int, dtype: str):
         if self.distribution == "normal":

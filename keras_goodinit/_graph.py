@@ -543,6 +543,8 @@ class Block:
     stage: int = 0
     num_blocks: int = 0
     reason: str = ""  # why a branch end cannot be scaled, if one cannot
+    # Each branch's `ResidualGate` steps (`rules.ResidualGateRule`), nearest the sum first.
+    residual_gates: list[list[Step]] = dataclasses.field(default_factory=list)
 
     @property
     def branch(self) -> int:
@@ -618,16 +620,18 @@ def _block(graph, step, weights, above):
     skip_weight = weights[keys.index(skip)]
     if skip_weight <= 0:
         return f"{step.name}: the skip enters with weight {skip_weight:g}: a plain sum"
-    ends, scales, gates, reasons = [], [], [], []
+    ends, scales, gates, reasons, residual_gates = [], [], [], [], []
     for branch in branches:
-        end, scale, gate, reason = _branch(graph, branch, above, skip)
+        found = []
+        end, scale, gate, reason = _branch(graph, branch, above, skip, found)
         ends.append(end)
         scales.append(scale * weights[keys.index(branch)] / skip_weight)
         gates.append(gate)
+        residual_gates.append(found)
         if reason:
             reasons.append(reason)
     return Block(step, skip, branches, source, projection, ends, scales, gates,
-                 reason="; ".join(reasons))
+                 reason="; ".join(reasons), residual_gates=residual_gates)
 
 
 def _projection(graph, keys, above):
@@ -656,8 +660,12 @@ def _projection(graph, keys, above):
     return skip, ma, paths[skip][2] if paths[skip][0] == 1 else None
 
 
-def _branch(graph, key, above, skip):
-    """(last kernel step, constant factor, gate step, why no kernel) of a branch."""
+def _branch(graph, key, above, skip, residual_gates=None):
+    """(last kernel step, constant factor, gate step, why no kernel) of a branch.
+
+    The `ResidualGate` steps met on the way (their factor is their `alpha`)
+    are appended to `residual_gates`, nearest the sum first.
+    """
     scale, gate = 1.0, None
     while True:
         made_by = graph.producer.get(key)
@@ -675,6 +683,8 @@ def _branch(graph, key, above, skip):
             return None, scale, gate, (f"the branch ends in the normalization "
                                        f"{made_by.name}: its gain sets the branch's scale")
         if len(set(made_by.inputs)) == 1:
+            if isinstance(rule, rules.ResidualGateRule) and residual_gates is not None:
+                residual_gates.append(made_by)
             factor = rule.scale(context(graph, made_by))
             if factor is not None:
                 scale *= factor

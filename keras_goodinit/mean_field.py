@@ -21,6 +21,7 @@ from keras_goodinit import (
     _sweep,
     _tables,
     _validate,
+    criticality,
     rules,
 )
 from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
@@ -28,7 +29,8 @@ from keras_goodinit.report import InitReport, LayerRecord, format_table
 from keras_goodinit.rules import Signal
 from keras_goodinit.weight_norm import unit_norms
 
-RESIDUAL = ("scaled", "deepnorm", None)
+RESIDUAL = ("scaled", "deepnorm", "skipinit", "rezero", "fixup", None)
+CRITERIA = ("unit", "critical")
 _SEPARABLE = (klayers.SeparableConv1D, klayers.SeparableConv2D)
 # A non-homogeneous activation's pre-activations are set to this second moment.
 TARGET_Q = 1.0
@@ -60,8 +62,20 @@ class MeanFieldRecord(LayerRecord):
         rule: Which rule set `gamma`: `"homogeneous"`, `"q=1"`, `"residual"`,
             `"head"`, `"head_paper"`, or `""` for a layer left as it was.
         tolerance: With data, the relative gap between `measured` and
-            `predicted` within which they agree (sampling error of the batch
-            and of the kernel's directions); NaN without data.
+            `predicted` within which they agree (sampling error of the batch,
+            of the kernel's directions and of a drawn bias); NaN without data.
+        q_star: With `criterion="critical"`, the fixed point of the
+            activation after the layer that its pre-activations aim at
+            (`criticality.critical_point`); NaN otherwise or where the
+            activation has no critical line.
+        chi_1: With `criterion="critical"`, `sigma_w2 E[phi'(z)^2]` at the
+            predicted second moment: 1 at the edge of chaos.
+        xi_c: The correlation depth scale there (infinite at the edge).
+        trainable_depth: About `6 xi_c`: the depth up to which such networks
+            train (Schoenholz et al. 2017).
+        phase: `"critical"`, `"ordered"`, `"chaotic"` or `"marginal"` (a
+            homogeneous activation: no critical line), or `""` with the
+            default criterion.
     """
 
     gamma: float = math.nan
@@ -71,6 +85,11 @@ class MeanFieldRecord(LayerRecord):
     chi: float = math.nan
     rule: str = ""
     tolerance: float = math.nan
+    q_star: float = math.nan
+    chi_1: float = math.nan
+    xi_c: float = math.nan
+    trainable_depth: float = math.nan
+    phase: str = ""
 
 
 @dataclasses.dataclass
@@ -94,12 +113,15 @@ class MeanFieldReport(InitReport):
             variance map is unstable at the chosen operating point (slope > 1):
             `drift = slope ** depth` is how much a deviation grows over the
             `depth` layers that use it.
+        gates: `{path name: alpha}` of every `ResidualGate` the init set
+            (`residual="skipinit"`).
     """
 
     unanalysed: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     add_outputs: dict[str, float] = dataclasses.field(default_factory=dict)
     training: bool = True
     chi: dict[str, tuple[float, int, float]] = dataclasses.field(default_factory=dict)
+    gates: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -107,12 +129,17 @@ class MeanFieldReport(InitReport):
         out["add_outputs"] = dict(self.add_outputs)
         out["training"] = self.training
         out["chi"] = {k: list(v) for k, v in self.chi.items()}
+        out["gates"] = dict(self.gates)
         return out
 
     def table(self) -> str:
-        header = ("layer", "class", "gamma", "predicted q", "measured q", "chi", "status")
+        critical = any(r.phase for r in self.rows)
+        header = ("layer", "class", "gamma", "predicted q", "measured q", "chi",
+                  *(("q*", "chi_1", "depth") if critical else ()), "status")
         lines = [(r.name, r.class_name, f"{r.gamma:.4g}", f"{r.predicted:.4g}",
                   f"{r.measured:.4g}", f"{r.chi:.3g}",
+                  *((f"{r.q_star:.3g}", f"{r.chi_1:.4g}", f"{r.trainable_depth:.3g}")
+                    if critical else ()),
                   r.status + (f" ({r.reason})" if r.reason else ""))
                  for r in self.rows]
         counts = {s: sum(r.status == s for r in self.rows)
@@ -129,6 +156,8 @@ def mean_field_init(
     model: keras.Model,
     *,
     residual: str | None = "scaled",
+    criterion: str = "unit",
+    q_star: float | None = None,
     distribution: str | None = "orthogonal",
     input_variance: float | None = None,
     input_mean: float | None = None,
@@ -189,6 +218,24 @@ def mean_field_init(
       (`x + 0.1 * f(x)`) or a gate is the model's own design: it is kept and
       counted in the predictions. `residual=None` treats every sum as a
       plain sum.
+    - The zero-init residual families start every branch at zero, so the
+      stream keeps its input's second moment through every block at init
+      (the predictions say so, and each branch-end row says how):
+      `residual="skipinit"` (alias `"rezero"`; De & Smith 2020, Bachlechner
+      et al. 2020) sets the `ResidualGate` (`keras_goodinit.layers`) at the
+      end of each branch to `alpha = 0` and gives the branch's kernels the
+      mean-field init, its end without the `1/N`; a branch without a gate
+      gets its last kernel and bias set to zero instead (SkipInit's alpha
+      moved onto the kernel: the same function at init). `residual="fixup"`
+      (Zhang, Dauphin & Ma 2019) sets each branch's last kernel and bias to
+      zero and multiplies the mean-field gamma of the branch's other kernels
+      (but queries and keys, whose rule sets the attention logits) by
+      `L^(-1/(m-1))`, i.e. their weights by `L^(-1/(2m-2))`, for L the
+      residual branches of the whole network and m the kernel layers of the
+      branch. Fixup's scalar biases and multiplier change the architecture:
+      this init does not add them (a `ResidualGate(1.0)` on each branch is
+      the multiplier, and is left as it is). The paper's `1/N` stays the
+      default: it bounds the stream while every branch carries signal.
 
     Moments propagate through every step by its rule, the first moment too
     (ReLU outputs, `Rescaling` offsets, biases and means count in the second
@@ -201,9 +248,12 @@ def mean_field_init(
     sampling error of the batch; otherwise `"unanalysed"`, `"missed"` or
     `"skipped"`, with the reason. Rows are named by their path in the model.
 
-    Biases are kept; the WeightNormalization `g` is set and `v` is kept
-    (with `distribution=None`) or re-drawn; the other weights are untouched.
-    If anything raises, every weight is left exactly as it was.
+    Biases are kept (but those the zero-init families and the critical
+    criterion write); the WeightNormalization `g` is set and `v` is kept
+    (with `distribution=None`) or re-drawn (a zeroed branch end under weight
+    norm gets `g = 0`); `ResidualGate`s are set by `residual="skipinit"`; the
+    other weights are untouched. If anything raises, every weight is left
+    exactly as it was.
 
     Examples:
 
@@ -227,7 +277,10 @@ def mean_field_init(
             kernel inside a branch but the query and key projections gets
             `gamma * beta^2`, `beta = (8 L)^(-1/4)` for L = N / 2 layers; the
             skip's `alpha = (2 L)^(1/4)` is the model's own code, and the
-            report says its value) or `None` (every sum is a plain sum).
+            report says its value), `"skipinit"` (or `"rezero"`: branch
+            gates at 0, or branch ends zero where there is no gate),
+            `"fixup"` (branch ends zero, the branches' other kernels scaled
+            by `L^(-1/(2m-2))`) or `None` (every sum is a plain sum).
         distribution: `"orthogonal"` or `"normal"` re-draws every kernel's
             directions; `None` keeps them and sets only the norms.
         input_variance: Variance of the model's inputs' entries. Default: 1, or
@@ -257,10 +310,20 @@ def mean_field_init(
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
+        - [Zhang, Dauphin & Ma, 2019 (Fixup)](https://arxiv.org/abs/1901.09321)
+        - [De & Smith, 2020 (SkipInit)](https://arxiv.org/abs/2002.10444)
+        - [Bachlechner et al., 2020 (ReZero)](https://arxiv.org/abs/2003.04887)
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"Argument `model` must be a keras.Model. Received: model={model!r}")
     residual = _validate.one_of("residual", residual, RESIDUAL)
+    residual = "skipinit" if residual == "rezero" else residual  # one init, two names
+    criterion = _validate.one_of("criterion", criterion, CRITERIA)
+    if q_star is not None:
+        q_star = _validate.number("q_star", q_star, positive=True)
+        if criterion != "critical":
+            raise ValueError("Argument `q_star` is only used with criterion='critical'. "
+                             f"Received: q_star={q_star!r} with criterion={criterion!r}")
     distribution = _validate.one_of("distribution", distribution, (*DISTRIBUTIONS, None))
     if input_variance is not None:
         input_variance = _validate.number("input_variance", input_variance, positive=True)
@@ -287,7 +350,8 @@ def mean_field_init(
     targets = _sweep.find_targets(model)
     inputs = _input_signals(model, graph, x, input_variance, input_mean)
     plan = _Planner(graph, targets, residual, inputs, head, training, attention_logits,
-                    embeddings, _input_dtypes(model), plan_recurrent=distribution is not None).run()
+                    embeddings, _input_dtypes(model), plan_recurrent=distribution is not None,
+                    criterion=criterion, q_star=q_star).run()
     rng = None if seed is None else np.random.default_rng(seed)
     seeds = {id(t): (None if rng is None else int(rng.integers(0, 2**31 - 1)),
                      None if rng is None else int(rng.integers(0, 2**31 - 1)))
@@ -297,8 +361,12 @@ def mean_field_init(
     written += [table.variable for table in plan.tables.values()]
     recurrent = list(plan.recurrent.values()) if distribution is not None else []
     written += [v for layer, _ in recurrent for v in _recurrent.variables(layer)]
+    written += [step.layer.alpha for step, _ in plan.gate_values.values()]
     with _sweep.atomic(written):
         _tables.write(plan.tables)
+        for step, value in plan.gate_values.values():
+            step.layer.alpha.assign(np.asarray(value, keras.backend.standardize_dtype(
+                step.layer.alpha.dtype)))
         for layer, layer_plan in recurrent:
             _recurrent.write(layer, layer_plan,
                              seed=None if rng is None else int(rng.integers(0, 2**30)))
@@ -306,6 +374,7 @@ def mean_field_init(
             decision = plan.decisions.get(id(target))
             if decision is not None and decision.writes:
                 decision.scale = _write(target, decision, distribution, seeds[id(target)])
+                _write_bias(target, decision, seeds[id(target)][0])
         # With seed=None every worker drew its own directions: all take the chief's.
         _distribute.broadcast_from_chief(written)
         if x is not None:
@@ -317,7 +386,9 @@ def mean_field_init(
                  for fields in _recurrent.plan_rows(layer, layer_plan, found)]
     report = MeanFieldReport("mean_field_init", rows, batches=0 if x is None else 1,
                              notes=plan.notes(), unanalysed=plan.unanalysed,
-                             add_outputs=plan.add_outputs, training=training, chi=plan.chi())
+                             add_outputs=plan.add_outputs, training=training, chi=plan.chi(),
+                             gates={step.name: value
+                                    for step, value in plan.gate_values.values()})
     report.notes.extend(_chi_notes(report.chi))
     if x is None and _length_matters(graph):
         report.notes.append(
@@ -403,6 +474,17 @@ class _Decision:
     activation: str = ""  # the name of the activation after it, for the chi verdict
     rule: str = ""
     mean_fraction: float = 0.0  # the share of its input's second moment that is the mean's
+    zero: bool = False  # kernel and bias written as exact zeros: a branch that starts at 0
+    bias_draw: float | None = None  # the variance of the N(0, v) bias it draws, if it does
+    point: criticality.MeanFieldPhase | None = None  # criterion="critical": the activation's
+    phase: criticality.MeanFieldPhase | None = None  # ...and its phase at the predicted q
+
+    @property
+    def bias_moments(self) -> tuple[float, float] | None:
+        """(E[b^2], E[b]) of the bias it writes; None where it keeps the layer's own."""
+        if self.zero:
+            return 0.0, 0.0
+        return None if self.bias_draw is None else (self.bias_draw, 0.0)
 
     @property
     def units(self) -> int:
@@ -421,7 +503,8 @@ class _Planner:
     """Propagates moments through the graph in execution order, deciding each kernel's gamma."""
 
     def __init__(self, graph, targets, residual, inputs, head, training, attention_logits=1.0,
-                 embeddings=False, input_dtypes=(), plan_recurrent=True):
+                 embeddings=False, input_dtypes=(), plan_recurrent=True, criterion="unit",
+                 q_star=None):
         self.graph = graph
         self._values: dict[int, object] = {}
         self.input_dtypes = list(input_dtypes)
@@ -440,8 +523,21 @@ class _Planner:
         self.branch_ends: dict[int, int] = {}
         self._notes = [why for _, why in plain]
         self.deepnorm: dict[int, tuple[float, float]] = {}  # id(step) -> (beta, alpha)
+        # Zero-init families: kernels written as zeros (id(step) -> why), branch ends gated
+        # by a ResidualGate (id(step) -> why), the gates' values (id(layer) -> (step, alpha)),
+        # and Fixup's factor on gamma (id(step) -> (factor, L, m)).
+        self.zeroed: dict[int, str] = {}
+        self.gated_ends: dict[int, str] = {}
+        self.gate_values: dict[int, tuple] = {}
+        self.fixup: dict[int, tuple[float, int, int]] = {}
+        self.criterion, self.q_star = criterion, q_star
+        self._points: dict[str, tuple] = {}  # activation name -> (MeanFieldPhase or None, why)
         if residual == "deepnorm":
             self._deepnorm(graph, blocks)
+        if residual == "skipinit":
+            self._skipinit(blocks)
+        if residual == "fixup":
+            self._fixup(graph, blocks)
         if residual == "scaled":
             for block in blocks:
                 ends = [end for end in block.branch_ends if end is not None]
@@ -462,6 +558,8 @@ class _Planner:
             shapes = [graph.shapes[k] for k in step.outputs]
             if id(step.layer) in self.targets:
                 outs = [self._kernel(step, ins[0])]
+            elif id(step.layer) in self.gate_values:
+                outs = [rules.scaled(ins[0], self.gate_values[id(step.layer)][1])]
             elif _tables.is_table(step):
                 outs = [self._table(step)]
             elif _tables.is_reverse(step):
@@ -529,24 +627,76 @@ class _Planner:
             beta, alpha = (8.0 * layers) ** -0.25, (2.0 * layers) ** 0.25
             alphas.add(round(alpha, 4))
             for key in block.branches:
-                stack, seen = [key], set()
-                while stack:
-                    current = stack.pop()
-                    if current in seen or current == block.source or current in streams:
-                        continue
-                    seen.add(current)
-                    step = graph.producer.get(current)
-                    if step is None:
-                        continue
-                    if rules.is_kernel(step.layer):
-                        self.deepnorm[id(step)] = (beta, alpha)
-                    stack.extend(step.inputs)
+                for step in _branch_kernels(graph, block, key, streams):
+                    self.deepnorm[id(step)] = (beta, alpha)
         if alphas:
             self._notes.append(
                 "residual='deepnorm': branch kernels (but queries and keys) times beta; "
                 "DeepNorm also multiplies each skip by alpha = " + ", ".join(
                     f"{a:g}" for a in sorted(alphas)) + ": that is the model's own code "
                 "(x = LN(alpha x + f(x))); without it this is beta alone")
+
+    def _skipinit(self, blocks) -> None:
+        """SkipInit / ReZero: every branch starts at zero through a gate alpha = 0.
+
+        A branch with a `ResidualGate` gets alpha = 0 (the nearest the sum: a
+        second gate at 0 behind it would block alpha's gradient); its kernels
+        keep the mean-field init, its end without the 1/N. A branch without
+        one gets its last kernel and bias zero: the same function at init,
+        alpha moved onto the kernel (De & Smith 2020).
+        """
+        done = []
+        for block in blocks:
+            for end, gates in zip(block.branch_ends, block.residual_gates, strict=True):
+                if gates:
+                    gate = gates[0]
+                    self.gate_values[id(gate.layer)] = (gate, 0.0)
+                    done.append(f"{block.add.name}: gate {gate.name} alpha = 0")
+                    if end is not None:
+                        self.gated_ends[id(end)] = (
+                            f"SkipInit: the branch is gated by {gate.name}, set to alpha = 0; "
+                            "its end not divided by N")
+                elif end is not None:
+                    self.zeroed[id(end)] = (
+                        "SkipInit: no ResidualGate on the branch, so its gate alpha = 0 is "
+                        "moved onto its last kernel: kernel and bias set to zero")
+                    done.append(f"{block.add.name}: branch end {end.name} zero")
+                else:
+                    self._notes.append(f"{block.add.name}: residual='skipinit' cannot start a "
+                                       f"branch at zero ({block.reason}): left to the "
+                                       "mean-field init")
+        if done:
+            self._notes.append("residual='skipinit' (every branch adds 0 at init): "
+                               + "; ".join(done))
+
+    def _fixup(self, graph, blocks) -> None:
+        """Fixup: branch ends zero; the branch's other kernels' weights times
+        `L^(-1/(2m-2))` (Zhang, Dauphin & Ma 2019)."""
+        count = sum(len(block.branches) for block in blocks)  # L: every branch of the model
+        streams = {block.add.outputs[0] for block in blocks}
+        for block in blocks:
+            for key, end in zip(block.branches, block.branch_ends, strict=True):
+                if end is None:
+                    self._notes.append(f"{block.add.name}: residual='fixup' cannot zero a "
+                                       f"branch end ({block.reason}): left to the mean-field "
+                                       "init")
+                    continue
+                kernels = list({id(step.layer): step for step in
+                                _branch_kernels(graph, block, key, streams)}.values())
+                m = len(kernels)
+                self.zeroed[id(end)] = (f"Fixup: branch end, kernel and bias set to zero "
+                                        f"(L = {count} residual branches, m = {m} kernel "
+                                        "layers in the branch)")
+                if m > 1:
+                    factor = count ** (-1.0 / (m - 1))
+                    for step in kernels:
+                        if step.layer is not end.layer:
+                            self.fixup.setdefault(id(step), (factor, count, m))
+        if blocks:
+            self._notes.append(
+                f"residual='fixup': {count} residual branches start at zero (their ends zero), "
+                "their other kernels' weights times L^(-1/(2m-2)); Fixup's scalar biases and "
+                "multiplier are the model's own layers (a ResidualGate at 1 is the multiplier)")
 
     def _recurrent_plan(self, step, ins) -> dict | None:
         """A recurrent layer's plan (`_recurrent.plan`), made once from its first call's
@@ -681,18 +831,28 @@ class _Planner:
         else:
             decision.calls += 1
         out_map = rules.map_shape(self.graph.shapes[step.outputs[0]])
+        bias_sq, bias_mean = decision.bias_moments or (float(np.mean(bias**2)),
+                                                       float(np.mean(bias)))
+        if decision.zero:  # exactly zero, whatever its input
+            taps, unknown, signal = np.zeros(out_map), "", Signal(np.zeros(()), np.zeros(()),
+                                                                   cross=0.0)
         if unknown or decision.status == "unanalysed" and not math.isfinite(decision.gamma):
             return Signal.unknown_after(unknown or f"after {decision.name}", out_map)
         norms = decision.norm**2 if decision.writes else _current_gain(target)
         cross = rules.cross_of(signal) if rules.per_position(step.layer) else None
-        pre = Signal(norms * taps + np.mean(bias**2), np.full(taps.shape, np.mean(bias)),
-                     cross=None if cross is None else norms * cross + float(np.mean(bias**2)))
+        pre = Signal(norms * taps + bias_sq, np.full(taps.shape, bias_mean),
+                     cross=None if cross is None else norms * cross + bias_sq)
         if decision.calls == 1:
             decision.predicted = pre.q
             spec = self._spec_after(step, target)[0]
             if spec is not None:
-                decision.chi = _moments.chi(spec, q=max(pre.q - float(np.mean(bias)) ** 2,
-                                                        1e-12), mean=float(np.mean(bias)))
+                decision.chi = _moments.chi(spec, q=max(pre.q - bias_mean**2, 1e-12),
+                                            mean=bias_mean)
+            if decision.point is not None and decision.point.phase != "marginal":
+                point = decision.point
+                # chi_1 and the depth scales where this layer's pre-activations are predicted.
+                decision.phase = criticality._phase(criticality._spec(spec), point.sigma_w2,
+                                                    point.sigma_b2, q=pre.q)
         spec, _ = _moments.function_spec(getattr(target.inner, "activation", None))
         if spec is None:
             return Signal.unknown_after(f"after {decision.name}'s activation", out_map)
@@ -706,35 +866,69 @@ class _Planner:
             decision.status, decision.reason = "skipped", unscalable
             return decision
         decision.ratio = _fan_ratio(target)
+        if id(step) in self.zeroed:  # the branch starts at zero: written exactly
+            decision.gamma, decision.zero = 0.0, True
+            decision.rule, decision.reason = self.residual, self.zeroed[id(step)]
+            return decision
         spec, why, kind = self._following(step, target)
         decision.activation = "" if spec is None else spec.name
         num_blocks = self.branch_ends.get(id(step), 0)
-        if kind == "head" and num_blocks == 0:
+        branch_end = bool(num_blocks) or id(step) in self.gated_ends
+        if kind == "head" and not branch_end:
             return self._head(decision, taps, bias, why, unknown)
-        if kind.startswith("attention_") and num_blocks == 0:
+        if kind.startswith("attention_") and not branch_end:
             return self._attention(decision, kind, taps, bias, why, unknown, cross, mean_sq)
         if spec is None:  # the activation after it has no rule
             decision.status, decision.reason = "unanalysed", why
-            if num_blocks == 0:
+            if not branch_end:
                 return decision
             spec = _moments.spec_of("linear")
-        if spec.homogeneous or num_blocks:
+        point, note = (None, "")
+        if self.criterion == "critical" and kind == "activation" and not branch_end:
+            point, note = self._critical_point(spec)
+            decision.point = point
+        if spec.homogeneous or branch_end:
             gain_spec = spec if spec.homogeneous else _moments.spec_of("linear")
             gamma = _moments.gamma(gain_spec)
             decision.rule = "homogeneous"
             if not spec.homogeneous:
                 why += "; the residual stream is linear: its gain counts"
+            elif point is not None:
+                why += f"; criterion='critical': {note}: the homogeneous rule kept"
         elif _left_as_it_is(decision, unknown, taps, why):
             return decision
+        elif point is not None and point.phase != "marginal":
+            # The edge of chaos: q = q*, biases N(0, sigma_b2); between equal widths
+            # gamma = (q* - sigma_b2) / E[phi(z*)^2] = sigma_w2.
+            decision.bias_draw = point.sigma_b2 if target.bias is not None else None
+            room = point.q_star - (decision.bias_draw or 0.0)
+            gamma = room / taps / decision.ratio
+            decision.rule = "critical"
+            why += (f"; criterion='critical': q set to q* = {point.q_star:.4g} (input second "
+                    f"moment {taps:.3g})")
+            why += (f", biases drawn N(0, {point.sigma_b2:.4g})" if target.bias is not None
+                    else f"; no bias to draw N(0, {point.sigma_b2:.4g}) into: q* from the "
+                    "kernel alone")
         else:
             room = TARGET_Q - float(np.mean(bias**2))
             decision.rule = "q=1"
+            if note:
+                why += f"; criterion='critical': {note}: the q = 1 rule kept"
             if not room > 0:
                 gamma = _moments.gamma(spec)
                 why += "; its bias alone exceeds q = 1: gamma at q = 1 used"
             else:
                 gamma = room / taps / decision.ratio
                 why += f"; q set to {TARGET_Q:g} (input second moment {taps:.3g})"
+        if id(step) in self.gated_ends:
+            why += "; " + self.gated_ends[id(step)]
+            decision.rule = "skipinit"
+        if id(step) in self.fixup:
+            factor, count, m = self.fixup[id(step)]
+            gamma *= factor
+            why += (f"; Fixup: times L^(-1/(m-1)) = {factor:.4g} (weights times "
+                    f"L^(-1/(2m-2)); L = {count} residual branches, m = {m})")
+            decision.rule = "fixup"
         if num_blocks:
             gamma /= num_blocks
             why += f"; residual branch end, N = {num_blocks}"
@@ -752,6 +946,23 @@ class _Planner:
         decision.reason = why if decision.status != "unanalysed" or not decision.reason else (
             f"{decision.reason}; {why}")
         return decision
+
+    def _critical_point(self, spec) -> tuple[criticality.MeanFieldPhase | None, str]:
+        """(the activation's critical point, what to say of it) for criterion="critical";
+        (None, why) where it has none at `q_star`."""
+        if spec.name not in self._points:
+            try:
+                point = criticality.critical_point(spec, q_star=self.q_star)
+            except ValueError as error:
+                found = None, f"{spec.name} has no critical point here: {error}"
+            else:
+                if point.phase == "marginal":
+                    found = point, f"{spec.name} has no critical line (marginal): {point.note}"
+                else:
+                    found = point, f"{spec.name} at its critical point"
+            self._points[spec.name] = found
+            self._notes.append(f"criterion='critical': {found[0] if found[0] else found[1]}")
+        return self._points[spec.name]
 
     def _head(self, decision, taps, bias, why, unknown) -> _Decision:
         if self.head == "paper":
@@ -937,19 +1148,50 @@ class _Planner:
             if d.calls > 1:
                 reason += f"; called {d.calls} times, set at its first call"
             tolerance = math.nan
-            if batch is not None and math.isfinite(d.measured):
-                tolerance = _tolerance(batch, d.units, d.mean_fraction)
+            if batch is not None and math.isfinite(d.measured) and d.zero:
+                tolerance = 0.0  # zeros in, exact zeros out
+                if status == "ok" and d.measured != 0.0:
+                    status = "missed"
+                    reason = f"measured q {d.measured:.4g} where the branch is zero; {reason}"
+            elif batch is not None and math.isfinite(d.measured):
+                bias_share = (d.bias_draw / d.predicted if d.bias_draw and d.predicted > 0
+                              else 0.0)
+                tolerance = _tolerance(batch, d.units, d.mean_fraction, bias_share)
                 if status == "ok" and not _agrees(d.predicted, d.measured, tolerance):
                     status = "missed"
                     reason = (f"measured q {d.measured:.4g} misses the predicted "
                               f"{d.predicted:.4g} by a factor {d.measured / d.predicted:.3g} "
                               f"(tolerance +-{tolerance:.2g} at batch {batch}); {reason}")
+            phase = d.phase or d.point
+            critical = {} if phase is None else dict(
+                q_star=d.point.q_star, chi_1=phase.chi_1, xi_c=phase.xi_c,
+                trainable_depth=phase.trainable_depth,
+                phase="marginal" if d.point.phase == "marginal" else phase.phase)
             rows.append(MeanFieldRecord(d.name, target.class_name, math.nan,
                                         d.measured_var, 0, d.scale, status, reason,
                                         gamma=d.gamma, predicted=d.predicted,
                                         measured=d.measured, num_blocks=d.num_blocks,
-                                        chi=d.chi, rule=d.rule, tolerance=tolerance))
+                                        chi=d.chi, rule=d.rule, tolerance=tolerance,
+                                        **critical))
         return rows
+
+
+def _branch_kernels(graph, block, key: int, streams: set) -> list:
+    """The kernel steps of the branch of `block` that ends at `key`: every step between
+    the block's source and `key`, stopping at other streams (nested blocks' sums)."""
+    found, stack, seen = [], [key], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or current == block.source or current in streams:
+            continue
+        seen.add(current)
+        step = graph.producer.get(current)
+        if step is None:
+            continue
+        if rules.is_kernel(step.layer):
+            found.append(step)
+        stack.extend(step.inputs)
+    return found
 
 
 def _left_as_it_is(decision, unknown: str, taps: float, why: str) -> bool:
@@ -976,19 +1218,23 @@ def _is_identity(step) -> bool:
     return spec is not None and spec.name == "linear"
 
 
-def _tolerance(batch: int, units: int, mean_fraction: float) -> float:
+def _tolerance(batch: int, units: int, mean_fraction: float, bias_share: float = 0.0) -> float:
     """The relative gap within which a measured second moment agrees with its prediction.
 
-    Two sources of sampling error, in relative variance: the batch (a mean of
-    squares over `batch` independent samples of Gaussian entries: at most
-    `2 / batch`, all of a sample's entries counted as one, the worst case),
-    and the draw of the kernel's directions: the share `f` of the input's
+    Three sources of sampling error, in relative variance: the batch (a mean
+    of squares over `batch` independent samples of Gaussian entries: at most
+    `2 / batch`, all of a sample's entries counted as one, the worst case);
+    the draw of the kernel's directions: the share `f` of the input's
     second moment that lies along its mean is one direction, which each of
     the layer's `units` random unit directions catches with relative
     variance about `2 f^2` (a chi-square with one degree of freedom):
-    `2 f^2 / units` over the layer. `_SIGMAS` standard deviations of the sum.
+    `2 f^2 / units` over the layer; and a bias drawn N(0, v) (the critical
+    criterion), whose mean square over `units` entries has relative variance
+    `2 / units`: `2 s^2 / units` for its share `s = v / q` of the prediction.
+    `_SIGMAS` standard deviations of the sum.
     """
-    return _SIGMAS * math.sqrt(2.0 / max(batch, 1) + 2.0 * mean_fraction**2 / max(units, 1))
+    return _SIGMAS * math.sqrt(2.0 / max(batch, 1)
+                               + 2.0 * (mean_fraction**2 + bias_share**2) / max(units, 1))
 
 
 def _agrees(predicted: float, measured: float, tolerance: float) -> bool:
@@ -1076,6 +1322,11 @@ def _depthwise_gain(layer) -> float:
 def _write(target, decision: _Decision, distribution, seeds) -> float:
     """Sets the target's unit norms to `decision.norm`; returns new / old RMS unit norm."""
     old = math.sqrt(_mean_square_norm(target))
+    if decision.zero:
+        # Exact zeros (no draw makes g = 0); under weight norm `g`, as `v / ||v||` needs v.
+        for variable in target.scale_variables:
+            variable.assign(ops.zeros(tuple(variable.shape), variable.dtype))
+        return 0.0
     layout = target.kernel_layout
     kernel = target.direction_variable
     norm = decision.norm
@@ -1120,6 +1371,21 @@ def _write(target, decision: _Decision, distribution, seeds) -> float:
         kernel.assign((values * factor).astype(keras.backend.standardize_dtype(kernel.dtype)))
         new = math.sqrt(_mean_square_norm(target))  # all-zero units stay zero
     return new / old if old > 0 else math.inf
+
+
+def _write_bias(target, decision: _Decision, seed: int | None) -> None:
+    """Writes the bias the decision plans: zeros, or N(0, v) draws (fresh with no seed)."""
+    bias = target.bias
+    if bias is None or decision.bias_moments is None:
+        return
+    shape, dtype = tuple(bias.shape), bias.dtype
+    if decision.zero or not decision.bias_draw:
+        bias.assign(ops.zeros(shape, dtype))
+        return
+    # Its own stream, apart from the kernel's (seeded from the same per-layer seed).
+    seed = None if seed is None else (seed + 1) % (2**31 - 1)
+    bias.assign(keras.initializers.RandomNormal(stddev=math.sqrt(decision.bias_draw),
+                                                seed=seed)(shape, dtype))
 
 
 def _mean_square_norm(target) -> float:

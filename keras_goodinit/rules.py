@@ -725,6 +725,26 @@ class NegativeRule(LayerRule):
                                                       cross=signal.cross)]
 
 
+class ResidualGateRule(LayerRule):
+    """A `layers.ResidualGate`: its input times the gate's scalar `alpha` as it is now."""
+
+    family = "scale"
+
+    def scale(self, ctx):
+        return float(ops.convert_to_numpy(ctx.layer.alpha))
+
+    def propagate(self, ctx, ins):
+        return [scaled(ins[0], self.scale(ctx))]
+
+
+def scaled(signal: Signal, factor: float) -> Signal:
+    """The moments of `factor * x`."""
+    if signal.unknown:
+        return signal
+    return Signal(factor**2 * signal.power, factor * signal.mean,
+                  cross=affine_cross(signal, factor**2))
+
+
 # --- single-input rearrangements, dropout, pooling, padding ---------------------------------
 
 class RearrangeRule(LayerRule):
@@ -1277,6 +1297,8 @@ def _builtin_rules() -> None:
     _RULES[_np.Divide] = _RULES[_np.TrueDivide] = ProductRule(divide=True)
     _RULES[klayers.Concatenate] = _RULES[_np.Concatenate] = ConcatenateRule()
     _RULES[_np.Negative] = NegativeRule()
+    from keras_goodinit.layers import ResidualGate
+    _RULES[ResidualGate] = ResidualGateRule()
     _RULES[_np.OnesLike] = ConstantRule(1.0)
     _RULES[_np.ZerosLike] = ConstantRule(0.0)
 

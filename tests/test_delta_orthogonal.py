@@ -153,6 +153,10 @@ def test_same_padding_conv_is_the_matmul_by_the_centre_matrix(k, rank, transpose
     assert np.abs(y - expected).max() <= bound, (np.abs(y - expected).max(), bound)
 
 
+def _numpy(tensor):
+    return keras.ops.convert_to_numpy(tensor).astype("float64")
+
+
 def _chain(depth: int, channels: int, distribution: str, seed: int) -> keras.Sequential:
     return keras.Sequential(
         [keras.Input((8, 8, channels))]
@@ -169,14 +173,13 @@ def test_a_deep_delta_orthogonal_chain_keeps_every_positions_norm():
     depth, channels = 30, 8
     x = np.random.default_rng(1).standard_normal((2, 8, 8, channels)).astype("float32")
     before = np.linalg.norm(x.astype("float64"), axis=-1)
-    after = np.linalg.norm(np.asarray(_chain(depth, channels, DELTA, 0)(x), "float64"), axis=-1)
+    after = np.linalg.norm(_numpy(_chain(depth, channels, DELTA, 0)(x)), axis=-1)
     per_layer = orthogonality(channels) + reordered(1, n=9 * channels)
     bound = depth * per_layer * before.max()
     assert np.abs(after - before).max() <= bound, (np.abs(after - before).max(), bound)
     # The same chain with "orthogonal" 3x3 kernels (orthogonal over all 72 fan-in entries)
     # mixes neighbouring positions: per-position norms move by O(1).
-    mixed = np.linalg.norm(np.asarray(_chain(depth, channels, "orthogonal", 0)(x), "float64"),
-                           axis=-1)
+    mixed = np.linalg.norm(_numpy(_chain(depth, channels, "orthogonal", 0)(x)), axis=-1)
     assert np.abs(mixed - before).max() > 100 * bound
 
 

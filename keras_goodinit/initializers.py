@@ -184,8 +184,8 @@ class GoodInit(keras.initializers.Initializer):
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
-        - [Xiao, Bahri, Sohl-Dickstein, Schoenholz & Pennington, 2018](
-          https://arxiv.org/abs/1806.05393), Algorithm 2 (delta-orthogonal)
+        - [Xiao, Bahri, Sohl-Dickstein, Schoenholz & Pennington, 2018](https://arxiv.org/abs/1806.05393):
+          Dynamical Isometry and a Mean Field Theory of CNNs, Algorithm 2
     """
 
     def __init__(

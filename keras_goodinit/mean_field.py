@@ -192,6 +192,18 @@ def mean_field_init(
       1 (gelu, silu), no data-free scalar init is depth-stable: the report
       says by how much a deviation grows over the layers that use it
       (`chi ** depth`) and recommends `lsuv_init`.
+    - With `criterion="critical"`, a kernel layer followed by an activation
+      that has a critical point (`criticality.critical_point`: tanh, gelu,
+      silu, elu, selu, softsign...) aims its pre-activations at that
+      activation's fixed point `q*` instead of 1, and its bias is drawn
+      `N(0, sigma_b2)` (written too): the edge of chaos, `chi_1 = 1`, where
+      the correlation depth scale `xi_c` diverges (Poole et al. 2016;
+      Schoenholz et al. 2017). Between layers of equal width this is
+      `gamma = sigma_w2` exactly. The rows carry `q*`, `chi_1` at the
+      predicted second moment, `xi_c` and the predicted trainable depth
+      (about `6 xi_c`), and the report a note per activation. An activation
+      with no critical line (relu, leaky_relu: marginal) or none at `q_star`
+      (sigmoid, softplus) keeps the default rule, and the row says why.
     - The head (a last kernel layer with no activation after it, or only a
       softmax) aims at logits of second moment `head` (1 by default);
       `head="paper"` keeps the paper's `g^2 = C_in / C_out`.
@@ -281,6 +293,12 @@ def mean_field_init(
             gates at 0, or branch ends zero where there is no gate),
             `"fixup"` (branch ends zero, the branches' other kernels scaled
             by `L^(-1/(2m-2))`) or `None` (every sum is a plain sum).
+        criterion: `"unit"` (the default: a non-homogeneous activation's
+            pre-activations at second moment 1) or `"critical"` (at the
+            activation's critical fixed point `q*`, biases `N(0, sigma_b2)`).
+        q_star: With `criterion="critical"`, the fixed point to put every
+            activation at (a positive number; default: `critical_point`'s,
+            0.01).
         distribution: `"orthogonal"` or `"normal"` re-draws every kernel's
             directions; `None` keeps them and sets only the norms.
         input_variance: Variance of the model's inputs' entries. Default: 1, or
@@ -310,6 +328,8 @@ def mean_field_init(
 
     Reference:
         - [Arpit, Campos & Bengio, 2019](https://arxiv.org/abs/1906.02341)
+        - [Poole et al., 2016](https://arxiv.org/abs/1606.05340)
+        - [Schoenholz et al., 2017](https://arxiv.org/abs/1611.01232)
         - [Zhang, Dauphin & Ma, 2019 (Fixup)](https://arxiv.org/abs/1901.09321)
         - [De & Smith, 2020 (SkipInit)](https://arxiv.org/abs/2002.10444)
         - [Bachlechner et al., 2020 (ReZero)](https://arxiv.org/abs/2003.04887)

@@ -8,14 +8,16 @@ import pytest
 from _rounding import EPS
 from keras import ops
 
-from keras_goodinit import mean_field
+from keras_goodinit import _backend, mean_field
 from keras_goodinit.criticality import critical_point
 from keras_goodinit.mean_field import _SIGMAS, mean_field_init
 
 # sigma_w2 comes from criticality's quadrature, the layer's input second moment from
-# _moments' (rules.activation_output): two trapezoid rules on one grid, which agree to
-# about 1e-10 (criticality's docstring); 1e-10 bounds their difference in gamma.
-_QUADRATURE = 1e-10
+# _moments' (rules.activation_output): two quadratures of E[phi^2], which agree to about
+# 1e-10 (criticality's docstring), each a positive-weighted sum of phi^2 evaluated in the
+# backend's widest float (`_backend.wide()`: float32 on JAX without x64), so each off by
+# at most 2 eps of it; gamma = sigma_w2 times their ratio.
+_QUADRATURE = 1e-10 + 4 * EPS[_backend.wide()]
 
 
 def _normal(shape, seed=0):

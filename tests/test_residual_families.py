@@ -8,7 +8,7 @@ import pytest
 from _rounding import EPS
 from keras import ops
 
-from keras_goodinit import mean_field
+from keras_goodinit import WeightNormalization, mean_field
 from keras_goodinit.layers import ResidualGate
 from keras_goodinit.mean_field import mean_field_init
 
@@ -274,3 +274,20 @@ def test_one_training_step_opens_the_zeroed_branches(gated):
         # A zero end's kernel gradient is its input times dL/dh: nonzero.
         assert all(np.any(_numpy(model.get_layer(f"b{i}_end").kernel)) for i in range(3))
     assert all(np.any(total != skip) for skip, total in _streams(model, pairs, x))
+
+
+def test_a_weight_normalized_branch_end_starts_at_zero_through_g():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    y = WeightNormalization(keras.layers.Dense(16, activation="relu"), name="inner")(inputs)
+    y = WeightNormalization(keras.layers.Dense(16), name="end")(y)
+    h = inputs + y
+    model = keras.Model(inputs, h)
+    x = _normal((64, 16))
+    report = mean_field_init(model, residual="fixup", seed=0, verbose=0, data=x)
+    end = model.get_layer("end")
+    # g = 0 (v / ||v|| needs v: it keeps its directions); the bias zero.
+    assert not np.any(_numpy(end.g)) and np.all(np.linalg.norm(_numpy(end.layer.kernel), axis=0))
+    assert not np.any(_numpy(end.layer.bias))
+    np.testing.assert_array_equal(ops.convert_to_numpy(model(x)), x)
+    assert report["end"].gamma == 0 and report["end"].status == "ok"

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -14,6 +15,9 @@ from keras import ops
 
 from keras_goodinit import _backend, _data, _graph, _sweep, _validate
 from keras_goodinit.report import format_table, json_safe
+
+if TYPE_CHECKING:
+    from keras_goodinit.spectrum import JacobianSpectrum
 
 # Values kept per layer for the optional histograms.
 _HISTOGRAM_SAMPLES = 4096
@@ -126,6 +130,9 @@ class SignalReport:
         mode: How the pass ran: `"xla"`, `"compiled"` or `"eager"`.
         note: Why it ran eagerly under `compile="auto"`, and how many layers
             it could not measure (empty when neither).
+        spectrum: The singular value spectrum of the input-output Jacobian
+            on the same batch (`jacobian_spectrum`), with
+            `signal_report(..., spectrum=...)`; None otherwise.
     """
 
     rows: list[LayerSignal]
@@ -138,6 +145,7 @@ class SignalReport:
     blocks: list[BlockSignal] = dataclasses.field(default_factory=list)
     mode: str = "eager"
     note: str = ""
+    spectrum: JacobianSpectrum | None = None
 
     def column(self, field: str) -> np.ndarray:
         """One statistic for every layer, e.g. `report.column("norm_ratio")`."""
@@ -156,12 +164,14 @@ class SignalReport:
                 "training": self.training, "loss_name": self.loss_name,
                 "grad_reference": self.grad_reference, "mode": self.mode,
                 "rows": safe(self.rows),
-                "blocks": safe(self.blocks)}
+                "blocks": safe(self.blocks),
+                "spectrum": None if self.spectrum is None else self.spectrum.to_dict()}
 
     def table(self) -> str:
         """The per-layer table, with the mode, the loss and the gradient reference below it.
 
-        A model with residual blocks gets a second table: one row per block.
+        A model with residual blocks gets a second table: one row per block;
+        a report with a Jacobian spectrum, its summary below.
         """
         header = ("layer", "class", "mean", "std", "||h||/||x||", "grad ratio", "dW std")
         lines = [(r.name, r.class_name, f"{r.mean:.3g}", f"{r.std:.3g}", f"{r.norm_ratio:.4g}",
@@ -174,7 +184,8 @@ class SignalReport:
         else:
             footer += "; no backward pass"
         skipped = [f"skipped {r.name}: {r.reason}" for r in self.rows if r.status != "ok"]
-        text = format_table(header, lines, "\n".join([footer, *skipped]))
+        spectrum = [] if self.spectrum is None else [self.spectrum.summary()]
+        text = format_table(header, lines, "\n".join([footer, *skipped, *spectrum]))
         if not self.blocks:
             return text
         header = ("block", "stage", "N", "avg ch mean^2", "avg ch var", "branch var",
@@ -201,7 +212,8 @@ class SignalReport:
 
         A model with residual blocks gets a second row: the signal propagation
         plots of Brock et al. (2021), per block, the output's average channel
-        squared mean and variance and the branch's output variance.
+        squared mean and variance and the branch's output variance. A report
+        with a Jacobian spectrum gets its histogram beside the curves.
 
         Args:
             path: Where to write the PNG.
@@ -236,7 +248,8 @@ class SignalReport:
             ("block output: avg channel squared mean", self.block_column("squared_mean")),
             ("block output: avg channel variance", self.block_column("variance")),
             ("residual branch: avg channel variance", self.block_column("branch_variance"))]
-        columns = max(len(curves), min(len(picked), 6) or 1)
+        panels = len(curves) + (self.spectrum is not None)
+        columns = max(panels, min(len(picked), 6) or 1)
         curve_rows = 2 if self.blocks else 1
         rows = curve_rows + math.ceil(len(picked) / columns)
         figure = plt.figure(figsize=(4 * columns, 3.2 * rows))
@@ -249,6 +262,8 @@ class SignalReport:
             axis.set_xlabel("layer")
             axis.set_title(label)
             axis.grid(True, alpha=0.3)
+        if self.spectrum is not None:
+            self.spectrum.plot(figure.add_subplot(rows, columns, len(curves) + 1))
         if self.blocks:
             blocks = np.arange(1, len(self.blocks) + 1)
             stages = self.block_column("stage")
@@ -707,6 +722,7 @@ def signal_report(
     seed: int = 0,
     training: bool = False,
     compile: str = "auto",
+    spectrum: bool | str = False,
 ) -> SignalReport:
     """Measures the signal through every target layer and residual block: one pass each way.
 
@@ -813,6 +829,12 @@ def signal_report(
             gradients by its autograd. JAX differentiates by tracing, so a
             model that cannot be traced gets its forward statistics there
             and no backward pass (`SignalReport.note` says why).
+        spectrum: `True`, or the name of a layer (the `output` of
+            `jacobian_spectrum`: e.g. the last hidden layer before a
+            classifier head), to also measure the singular value spectrum of
+            the input-output Jacobian on the same batch, in the same `training`
+            mode: `SignalReport.spectrum`, printed under the table. The model
+            needs a single input and, for `True`, a single output.
 
     Returns:
         A `SignalReport`. A target the pass cannot measure (called only
@@ -842,6 +864,9 @@ def signal_report(
         if bad_name or (not callable(loss) and not isinstance(loss, str)):
             raise ValueError("Argument `loss` must be a callable, a Keras loss name or None. "
                              f"Received: loss={loss!r}")
+    if not isinstance(spectrum, (bool, str)):
+        raise ValueError("Argument `spectrum` must be True, False or a layer name. "
+                         f"Received: spectrum={spectrum!r}")
     x, labels = _data.first_element(data)
     _data.check_batch(x)
     if loss is not None and labels is None:
@@ -857,10 +882,16 @@ def signal_report(
     # subclassed call that forces bn(x, training=True)). Either way, everything is put back.
     saved = _sweep.snapshot(model.variables)
     try:
-        return _measure(model, x, labels, facts, targets, blocks, gradients=gradients,
-                        loss=loss, seed=seed, training=training, compile=compile)
+        report = _measure(model, x, labels, facts, targets, blocks, gradients=gradients,
+                          loss=loss, seed=seed, training=training, compile=compile)
     finally:
         _restore_changed(saved)
+    if spectrum is not False:
+        from keras_goodinit.spectrum import jacobian_spectrum  # it imports this module
+
+        report.spectrum = jacobian_spectrum(
+            model, x, output=None if spectrum is True else spectrum, training=training)
+    return report
 
 
 def _measure(model, x, labels, facts, targets, blocks, *, gradients, loss, seed, training,

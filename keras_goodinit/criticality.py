@@ -424,15 +424,18 @@ class CriticalInit(GoodInit):
         self.activation = activation if isinstance(activation, str) else point.activation
         self.q_star, self.sigma_b2 = q_star, sigma_b2
         self.point = point
+        self._bias_seed = None
 
     def bias_initializer(self) -> keras.initializers.Initializer:
         """`N(0, sigma_b2)` biases (zeros when `sigma_b2` is 0), fresh for every layer."""
         if self.point.sigma_b2 == 0:
             return keras.initializers.Zeros()
-        seed = self.seed
-        if not isinstance(seed, keras.random.SeedGenerator):
-            seed = keras.random.SeedGenerator(None if seed is None else seed + 1)
-        return keras.initializers.RandomNormal(stddev=math.sqrt(self.point.sigma_b2), seed=seed)
+        if self._bias_seed is None:  # one stream for every layer's biases: each draw is fresh
+            seed = self.seed
+            self._bias_seed = (seed if isinstance(seed, keras.random.SeedGenerator) else
+                               keras.random.SeedGenerator(None if seed is None else seed + 1))
+        return keras.initializers.RandomNormal(stddev=math.sqrt(self.point.sigma_b2),
+                                               seed=self._bias_seed)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -440,3 +443,7 @@ class CriticalInit(GoodInit):
             config.pop(key)
         config.update(activation=self.activation, q_star=self.q_star, sigma_b2=self.sigma_b2)
         return config
+
+
+# As GoodInit: found by its plain name (`kernel_initializer="CriticalInit"`, a config dict).
+keras.saving.get_custom_objects().update({"CriticalInit": CriticalInit})

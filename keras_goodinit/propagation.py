@@ -18,14 +18,15 @@ import numpy as np
 from keras import ops
 
 from keras_goodinit import _backend, _graph, _sweep, _validate
-from keras_goodinit.initializers import DISTRIBUTIONS, GoodInit
+from keras_goodinit.initializers import GoodInit
 from keras_goodinit.models import _kernel_initializer
 from keras_goodinit.weight_norm import WeightNormalization
 
 
 def _check_common(proposed, distribution, seed) -> tuple[bool, int]:
     proposed = _validate.boolean("proposed", proposed)
-    _validate.one_of("distribution", distribution, DISTRIBUTIONS)
+    # The chains are Dense: delta-orthogonal is a convolution's (it would equal "orthogonal").
+    _validate.one_of("distribution", distribution, ("orthogonal", "normal"))
     return proposed, _validate.seed(seed, allow_none=False)
 
 

@@ -250,7 +250,14 @@ def test_goodinit_gives_a_correct_kernel_or_names_the_bad_argument(args):
     # also carries the QR and scaling error (a few ulp): 64 eps.
     eps = EPS[expected_dtype]
     rtol = eps if expected_dtype in ("float16", "bfloat16") else 64 * eps
-    np.testing.assert_allclose(norms, g, rtol=rtol)
+    c_in, c_out = (shape[-1], shape[-2]) if layout == "conv_transpose" else shape[-2:]
+    if distribution == "delta_orthogonal" and len(shape) > 2 and layout != "depthwise" \
+            and c_in < c_out:
+        # A wide centre matrix keeps its rows orthogonal, scaled by one factor: only the
+        # mean squared unit norm is g^2 (squaring doubles the relative error).
+        np.testing.assert_allclose(np.mean(norms**2), g * g, rtol=2 * rtol)
+    else:
+        np.testing.assert_allclose(norms, g, rtol=rtol)
     if distribution == "orthogonal" and units.shape[1] <= units.shape[0]:
         # Directions are orthonormal: |<u_i, u_j>| <= 2 (eps/2) after rounding each entry.
         directions = units / norms

@@ -665,13 +665,13 @@ class _Planner:
         one gets its last kernel and bias zero: the same function at init,
         alpha moved onto the kernel (De & Smith 2020).
         """
-        done = []
+        gated, zeroed = [], []
         for block in blocks:
             for end, gates in zip(block.branch_ends, block.residual_gates, strict=True):
                 if gates:
                     gate = gates[0]
                     self.gate_values[id(gate.layer)] = (gate, 0.0)
-                    done.append(f"{block.add.name}: gate {gate.name} alpha = 0")
+                    gated.append(f"{block.add.name} (gate {gate.name})")
                     if end is not None:
                         self.gated_ends[id(end)] = (
                             f"SkipInit: the branch is gated by {gate.name}, set to alpha = 0; "
@@ -680,14 +680,18 @@ class _Planner:
                     self.zeroed[id(end)] = (
                         "SkipInit: no ResidualGate on the branch, so its gate alpha = 0 is "
                         "moved onto its last kernel: kernel and bias set to zero")
-                    done.append(f"{block.add.name}: branch end {end.name} zero")
+                    zeroed.append(f"{block.add.name} (end {end.name})")
                 else:
                     self._notes.append(f"{block.add.name}: residual='skipinit' cannot start a "
                                        f"branch at zero ({block.reason}): left to the "
                                        "mean-field init")
-        if done:
-            self._notes.append("residual='skipinit' (every branch adds 0 at init): "
-                               + "; ".join(done))
+        if gated or zeroed:
+            # Each branch end's row says which; here the count and the first few.
+            self._notes.append("residual='skipinit' (every branch adds 0 at init): " + "; ".join(
+                f"{len(found)} {what}: " + ", ".join(found[:3]) + (", ..." if len(found) > 3
+                                                                  else "")
+                for what, found in (("branches gated at alpha = 0", gated),
+                                    ("branch ends zero (no ResidualGate)", zeroed)) if found))
 
     def _fixup(self, graph, blocks) -> None:
         """Fixup: branch ends zero; the branch's other kernels' weights times

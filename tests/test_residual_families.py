@@ -156,7 +156,8 @@ def test_skipinit_without_a_gate_zeroes_each_branch_end_and_rezero_is_the_same_i
         assert report[f"b{index}_in0"].gamma == report[f"b{index}_in1"].gamma == 2.0
     for skip, total in _streams(model, pairs, x):
         np.testing.assert_array_equal(total, skip)
-    assert report.ok and any("branch end b0_end zero" in note for note in report.notes)
+    assert report.ok and any("4 branch ends zero (no ResidualGate): add (end b0_end)" in note
+                             for note in report.notes)
     again, _ = _mlp(blocks=4, m=3)
     rezero = mean_field_init(again, residual="rezero", seed=0, verbose=0, data=x)
     for a, b in zip(model.weights, again.weights):

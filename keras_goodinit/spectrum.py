@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import weakref
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -122,8 +123,9 @@ class JacobianSpectrum:
                     label=label)
         ax.set_xscale("log")
         rms = math.sqrt(self.mean_squared)
-        ax.axvline(rms, color="black", linestyle="--", linewidth=1,
-                   label=f"sqrt(mean s^2) = {rms:.3g}")
+        if rms > 0:  # a log axis has no 0
+            ax.axvline(rms, color="black", linestyle="--", linewidth=1,
+                       label=f"sqrt(mean s^2) = {rms:.3g}")
         ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel("singular value of the input-output Jacobian")
         ax.set_ylabel("density")
@@ -217,7 +219,7 @@ def _batch(model, x) -> np.ndarray:
         raise ValueError(
             "Argument `model` must have a single input: the Jacobian is with respect to it. "
             f"Received: model={model.name!r} with {len(inputs)} inputs")
-    if isinstance(x, (dict, list, tuple)) or not hasattr(np.asarray(x), "shape"):
+    if isinstance(x, (dict, list, tuple)):
         raise ValueError("Argument `x` must be one array or tensor (the model's single input). "
                          f"Received: x of type {type(x).__name__}")
     array = np.asarray(ops.convert_to_numpy(x) if hasattr(x, "dtype") else x)
@@ -249,37 +251,45 @@ def _batch(model, x) -> np.ndarray:
 
 
 class _Target:
-    """What the Jacobian is of: a callable of the model's input, and its compiled programs."""
+    """What the Jacobian is of, and its compiled programs.
 
-    def __init__(self, function, name: str, out_shape):
+    `function()` is the callable of the model's input: the model itself (held
+    weakly: the cache must not keep the model alive) or a model of its input
+    and a layer's output (which holds the layers, not the model).
+    """
+
+    def __init__(self, function: Callable[[], Callable], name: str, out_shape):
         self.function, self.name, self.out_shape = function, name, out_shape
         self.programs: dict = {}  # (shape, dtype, forward, training) -> compiled program
 
 
-# Per model, per `output` layer name (None: the model's output): the `_Target`.
+# model -> (its fingerprint, {id of the `output` layer (None: the model's output): target}).
 _TARGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _target(model, output) -> _Target:
-    """The target of `output` in `model`, made once per model and output."""
+    """The target of `output` in `model`, made once per model, output and model state."""
     layer = _output_layer(model, output)
-    targets = _TARGETS.setdefault(model, {})
-    key = None if layer is None else layer.name
-    if key in targets and (layer is None or targets[key].layer is layer):
-        return targets[key]
+    # A changed layer configuration (an activation switched) is another program, as in
+    # the sweep's cache.
+    fingerprint = _sweep.model_fingerprint(model)
+    held = _TARGETS.get(model)
+    if held is None or held[0] != fingerprint:
+        held = _TARGETS[model] = (fingerprint, {})
+    key = None if layer is None else id(layer)
+    if key in held[1]:
+        return held[1][key]
     outputs = getattr(model, "outputs", None)
-    if layer is None and outputs is None:  # a subclassed model: its call is the function
-        target = _Target(model, model.name, None)
-    elif layer is None:
-        history = getattr(outputs[0], "_keras_history", None)
-        target = _Target(model, history.operation.name if history is not None else model.name,
-                         outputs[0].shape)
+    if layer is None:
+        history = getattr(outputs[0], "_keras_history", None) if outputs else None
+        target = _Target(weakref.ref(model),
+                         model.name if history is None else history.operation.name,
+                         None if outputs is None else outputs[0].shape)
     else:
         tensor = layer.output
-        target = _Target(keras.Model(model.inputs, tensor, name=f"{model.name}_to_{layer.name}"),
-                         layer.name, tensor.shape)
-    target.layer = layer
-    targets[key] = target
+        sub = keras.Model(model.inputs, tensor, name=f"{model.name}_to_{layer.name}")
+        target = _Target(lambda: sub, layer.name, tensor.shape)
+    held[1][key] = target
     return target
 
 
@@ -324,7 +334,7 @@ def _output_layer(model, output) -> keras.layers.Layer | None:
 
 def _jacobian(model, target: _Target, x: np.ndarray, training: bool) -> np.ndarray:
     """The per-example Jacobians of the target at `x`, float64, `(batch, out_dim, in_dim)`."""
-    function = target.function
+    function = target.function()
     out_shape = target.out_shape
     if out_shape is None or any(d is None for d in out_shape[1:]):
         probe = function(x[:1], training=training)
@@ -344,12 +354,12 @@ def _jacobian(model, target: _Target, x: np.ndarray, training: bool) -> np.ndarr
     if program is None:
         if backend == "tensorflow":
             program = tf.function(functools.partial(
-                _tf_jacobian, function, count=count, forward=forward, training=training),
-                autograph=False)
+                _tf_jacobian, target.function, count=count, forward=forward,
+                training=training), autograph=False)
         elif backend == "jax":
-            program = _jax_program(function, count, forward, training)
+            program = _jax_program(target.function, count, forward, training)
         elif backend == "torch":
-            program = functools.partial(_torch_jacobian, function, count=count,
+            program = functools.partial(_torch_jacobian, target.function, count=count,
                                         forward=forward, training=training)
         else:
             raise NotImplementedError(
@@ -387,7 +397,7 @@ def _rows(values, batch: int, count: int, forward: bool):
 
 
 def _tf_jacobian(function, x, count: int, forward: bool, training: bool):
-    batch = x.shape[0]
+    function, batch = function(), x.shape[0]
     repeated, units = _tiled(x, count)
     if forward:
         with tf.autodiff.ForwardAccumulator(repeated, tf.reshape(units, repeated.shape)) as acc:
@@ -408,8 +418,8 @@ def _jax_program(function, count: int, forward: bool, training: bool):
 
     def program(trainable, non_trainable, x):
         def call(inputs):
-            return function.stateless_call(trainable, non_trainable, inputs,
-                                           training=training)[0]
+            return function().stateless_call(trainable, non_trainable, inputs,
+                                             training=training)[0]
 
         repeated, units = _tiled(x, count)
         if forward:
@@ -420,14 +430,14 @@ def _jax_program(function, count: int, forward: bool, training: bool):
         return _rows(values.reshape(x.shape[0] * count, -1), x.shape[0], count, forward)
 
     compiled = jax.jit(program)
-    return lambda x: compiled([v.value for v in function.trainable_variables],
-                              [v.value for v in function.non_trainable_variables], x)
+    return lambda x: compiled([v.value for v in function().trainable_variables],
+                              [v.value for v in function().non_trainable_variables], x)
 
 
 def _torch_jacobian(function, x, count: int, forward: bool, training: bool):
     import torch
 
-    x = ops.convert_to_tensor(x)
+    function, x = function(), ops.convert_to_tensor(x)
     repeated, units = _tiled(x, count)
     if forward:
         _, values = torch.func.jvp(lambda inputs: function(inputs, training=training),

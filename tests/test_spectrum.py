@@ -221,3 +221,16 @@ def test_bad_input_is_refused_naming_the_argument():
         jacobian_spectrum(two_outputs, x)
     assert jacobian_spectrum(two_outputs, x, output=two_outputs.layers[2]).out_dim == 3
 
+
+
+def test_the_compiled_programs_do_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    model = _head_model()
+    jacobian_spectrum(model, _batch((2, 5)))
+    jacobian_spectrum(model, _batch((2, 5)), output="hidden")
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -941,4 +941,33 @@ def i17_float64_goodinit_is_orthonormal_to_float64_rounding():
     return found
 
 
+@scenario
+def i21_jacobian_spectrum():
+    # An orthogonal linear chain (an isometry), and a tanh layer with a head against the
+    # exact float64 Jacobian W2^T diag(tanh') W1^T: reverse mode (3 x 5) and forward mode
+    # (7 x 5, output="hidden").
+    width, depth = 32, 20
+    chain = keras.Sequential([keras.Input((width,))] + [
+        L.Dense(width, use_bias=False, kernel_initializer=keras.initializers.Orthogonal(seed=s))
+        for s in range(depth)])
+    x = np.random.default_rng(0).normal(size=(4, width)).astype("float32")
+    spectrum = kg.jacobian_spectrum(chain, x)
+    inputs = keras.Input((5,))
+    hidden = L.Dense(7, activation="tanh", name="hidden",
+                     bias_initializer=keras.initializers.RandomNormal(seed=2))(inputs)
+    model = keras.Model(inputs, L.Dense(3, name="head")(hidden))
+    x = np.random.default_rng(1).normal(size=(6, 5)).astype("float32")
+    w1, b1 = (numpy(w).astype("float64") for w in model.get_layer("hidden").weights)
+    w2 = numpy(model.get_layer("head").kernel).astype("float64")
+    inner = (1 - np.tanh(x.astype("float64") @ w1 + b1) ** 2)[:, :, None] * w1.T[None]
+    errors, scale = {}, 0.0
+    for output, exact in (("head", np.einsum("ho,bhi->boi", w2, inner)), ("hidden", inner)):
+        got = kg.jacobian_spectrum(model, x, output=output).singular_values
+        exact = np.linalg.svd(exact, compute_uv=False)
+        errors[output], scale = float(np.abs(got - exact).max()), max(scale, exact.max())
+    return {"deviation": float(np.abs(spectrum.singular_values - 1).max()),
+            "mean_squared": spectrum.mean_squared, "width": width, "depth": depth,
+            "exact_errors": errors, "scale": float(scale)}
+
+
 print("DONE")

@@ -589,3 +589,16 @@ def test_float64_goodinit_is_orthonormal_to_its_rounding(worker):
         assert drawn["dtype"] == expected, path
         eps = float(np.finfo(expected).eps)
         assert drawn["error"] < 8 * math.sqrt(drawn["rows"]) * eps, path
+
+
+def test_jacobian_spectrum(worker):
+    found = fact(worker, "i21_jacobian_spectrum")
+    # As in test_spectrum.py: an orthogonal chain's singular values are 1 to 9 reordered(depth,
+    # width) (each kernel orthogonal to 8 sqrt(n) eps, each product one more sqrt(n) eps).
+    bound = 9 * reordered(found["depth"], found["width"])
+    assert found["deviation"] <= bound
+    assert abs(found["mean_squared"] - 1) <= 2 * bound
+    # Against the exact float64 Jacobian: two layers of sums of at most 7 terms, at the scale
+    # of the largest singular value, times sqrt(k) for the norm of the perturbation.
+    for output, error in found["exact_errors"].items():
+        assert error <= reordered(2, 7, found["scale"]) * math.sqrt(5), output

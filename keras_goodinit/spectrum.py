@@ -162,8 +162,8 @@ def jacobian_spectrum(
     `torch.autograd.grad` on PyTorch. On two shared CPU cores, a 1,000-layer
     width-64 tanh MLP (a batch of 32) took 12 s on TensorFlow, most of it
     tracing, and 1.2 s on a second call (JAX: 7 s and 0.9 s); a 1,000-layer
-    stack of 8-channel 3x3 convolutions on 8x8 inputs (a batch of 16), 64 s
-    and 14 s (JAX: 15 s and 9.5 s). Each example's Jacobian is of its own output:
+    stack of 8-channel 3x3 convolutions on 8x8 inputs (a batch of 16), 34 s
+    and 4.4 s (JAX: 15 s and 9.5 s). Each example's Jacobian is of its own output:
     in training mode the copies share BatchNormalization's batch statistics
     (every example is repeated as often), but Dropout draws a mask per copy,
     so use inference mode (the default) for a model with dropout.
@@ -406,7 +406,8 @@ def _tf_jacobian(function, x, count: int, forward: bool, training: bool):
     if forward:
         # J v as the gradient of <J^T u, v> with respect to u (the transpose of the reverse
         # pass): TensorFlow traces and runs it faster than a ForwardAccumulator pass (a
-        # 1,000-layer convolution stack: 30 s against 64 s, then 4.6 s against 14 s).
+        # 1,000-layer convolution stack on 2 busy cores: 34 s against 64 s, then 4.4 s
+        # against 14 s).
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 inner.watch(repeated)

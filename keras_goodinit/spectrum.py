@@ -25,10 +25,10 @@ from keras_goodinit import _backend, _sweep, _validate
 from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 
 # Pooled quantiles of the singular values that the spectrum keeps.
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 # The spread is max/min over the largest 90 % of an example's singular values: the
 # smallest few of a square Jacobian are near 0 by chance even for a well-conditioned
-# network (a random matrix's smallest singular value is ~ 1/sqrt(n) of its median).
+# network (an n x n Gaussian matrix's smallest is ~ 1/n of its largest).
 _KEPT = 0.9
 
 
@@ -157,16 +157,17 @@ def jacobian_spectrum(
     reverse-mode pass (unit cotangents) gives all its rows at once: a
     compiled `tf.function` with `GradientTape` (forward mode as the
     transpose of the reverse pass), cached per model, shape and output, on
-    TensorFlow; one `jax.jit` of a
-    `stateless_call` with `jax.jvp` or `jax.vjp` on JAX; `torch.func.jvp` or
-    `torch.autograd.grad` on PyTorch. On two shared CPU cores, a 1,000-layer
-    width-64 tanh MLP (a batch of 32) took 12 s on TensorFlow, most of it
-    tracing, and 1.2 s on a second call (JAX: 7 s and 0.9 s); a 1,000-layer
-    stack of 8-channel 3x3 convolutions on 8x8 inputs (a batch of 16), 34 s
-    and 4.4 s (JAX: 15 s and 9.5 s). Each example's Jacobian is of its own output:
-    in training mode the copies share BatchNormalization's batch statistics
-    (every example is repeated as often), but Dropout draws a mask per copy,
-    so use inference mode (the default) for a model with dropout.
+    TensorFlow; one `jax.jit` of a `stateless_call` with `jax.jvp` or
+    `jax.vjp` on JAX; `torch.func.jvp` or `torch.autograd.grad` on PyTorch.
+    On two shared CPU cores, a 1,000-layer width-64 tanh MLP (a batch of 32)
+    took 12 s on TensorFlow, most of it tracing, and 1.2 s on a second call
+    (JAX: 7 s and 0.9 s); a 1,000-layer stack of 8-channel 3x3 convolutions
+    on 8x8 inputs (a batch of 16), 34 s and 4.4 s (JAX: 15 s and 9.5 s).
+
+    Each example's Jacobian is of its own output: in training mode the
+    copies share BatchNormalization's batch statistics (every example is
+    repeated as often), but Dropout draws a mask per copy, so use inference
+    mode (the default) for a model with dropout.
 
     Every variable of the model is, bit for bit, as it was before the call.
 
@@ -481,5 +482,5 @@ def _spectrum(values: np.ndarray, in_dim: int, out_dim: int, output: str,
         mean_squared=float(np.mean(values**2)),
         spread=float(np.median(spreads)),
         spreads=spreads,
-        quantiles={q: float(np.quantile(pooled, q)) for q in QUANTILES},
+        quantiles={q: float(np.quantile(pooled, q)) for q in _QUANTILES},
         in_dim=in_dim, out_dim=out_dim, output=output, training=training)

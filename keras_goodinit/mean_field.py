@@ -300,7 +300,12 @@ def mean_field_init(
             activation at (a positive number; default: `critical_point`'s,
             0.01).
         distribution: `"orthogonal"` or `"normal"` re-draws every kernel's
-            directions; `None` keeps them and sets only the norms.
+            directions; `"delta_orthogonal"` too, with convolutions
+            delta-orthogonal (Xiao et al. 2018: an orthogonal matrix at the
+            centre tap, zeros elsewhere), but those that widen their channels
+            (a stem), which get orthogonal kernels over all their taps; `None`
+            keeps the directions and sets only the norms. The moments at a
+            convolution's borders follow where the kernel's energy sits.
         input_variance: Variance of the model's inputs' entries. Default: 1, or
             measured on `data` when it is given.
         input_mean: Mean of the inputs' entries. Default: 0, or measured on
@@ -371,7 +376,7 @@ def mean_field_init(
     inputs = _input_signals(model, graph, x, input_variance, input_mean)
     plan = _Planner(graph, targets, residual, inputs, head, training, attention_logits,
                     embeddings, _input_dtypes(model), plan_recurrent=distribution is not None,
-                    criterion=criterion, q_star=q_star).run()
+                    criterion=criterion, q_star=q_star, distribution=distribution).run()
     rng = None if seed is None else np.random.default_rng(seed)
     seeds = {id(t): (None if rng is None else int(rng.integers(0, 2**31 - 1)),
                      None if rng is None else int(rng.integers(0, 2**31 - 1)))
@@ -524,8 +529,9 @@ class _Planner:
 
     def __init__(self, graph, targets, residual, inputs, head, training, attention_logits=1.0,
                  embeddings=False, input_dtypes=(), plan_recurrent=True, criterion="unit",
-                 q_star=None):
+                 q_star=None, distribution="orthogonal"):
         self.graph = graph
+        self.distribution = distribution
         self._values: dict[int, object] = {}
         self.input_dtypes = list(input_dtypes)
         self.patterns = _patterns.find(graph)
@@ -839,7 +845,8 @@ class _Planner:
         rule = step.rule
         unknown = signal.unknown
         if not unknown:
-            taps = rule.taps(step.layer, signal.power, self.graph.shapes[step.outputs[0]])
+            taps = rule.taps(step.layer, signal.power, self.graph.shapes[step.outputs[0]],
+                             _tap_profile(target, self.distribution))
         else:
             taps = np.full(rules.map_shape(self.graph.shapes[step.outputs[0]]), math.nan)
         bias = (np.zeros(1) if target.bias is None
@@ -1343,6 +1350,49 @@ def _depthwise_gain(layer) -> float:
     return float(np.mean(norms.astype(float) ** 2))
 
 
+def _distribution_for(target, distribution):
+    """`distribution`, but "orthogonal" for a convolution that widens its channels.
+
+    A delta-orthogonal kernel sees only its centre tap: on a layer with fewer input
+    than output channels (a stem on one to three image channels) its outputs are
+    copies of those few signals, unequal across units and blind to the
+    neighbourhood. An orthogonal kernel over all the taps embeds the patch.
+    """
+    if distribution != "delta_orthogonal" or getattr(target.inner, "kernel_size", None) is None:
+        return distribution
+    if target.kernel_layout == "depthwise" or isinstance(target.inner, _SEPARABLE):
+        return distribution
+    c_in, c_out = _layouts.channel_fans(tuple(target.direction_variable.shape),
+                                        target.kernel_layout)
+    return "orthogonal" if c_in < c_out else distribution
+
+
+def _tap_profile(target, distribution) -> np.ndarray | None:
+    """The share of a conv kernel's energy at each spatial tap, once written; None: alike.
+
+    Redrawn orthogonal or Gaussian kernels spread it evenly on average;
+    delta-orthogonal ones hold it all at the centre `(k - 1) // 2`; kept
+    directions (`distribution=None`) keep the kernel's own profile.
+    """
+    inner = target.inner
+    size = getattr(inner, "kernel_size", None)
+    if size is None:  # not a convolution
+        return None
+    size = tuple(size)
+    distribution = _distribution_for(target, distribution)
+    if distribution == "delta_orthogonal":
+        profile = np.zeros(size)
+        profile[tuple((k - 1) // 2 for k in size)] = 1.0
+        return profile
+    if distribution is not None:
+        return None
+    kernel = inner.depthwise_kernel if isinstance(inner, _SEPARABLE) else \
+        target.direction_variable
+    energy = np.sum(ops.convert_to_numpy(kernel).astype(float) ** 2, axis=(-2, -1))
+    total = float(np.sum(energy))
+    return energy / total if energy.shape == size and total > 0 else None
+
+
 def _write(target, decision: _Decision, distribution, seeds) -> float:
     """Sets the target's unit norms to `decision.norm`; returns new / old RMS unit norm."""
     old = math.sqrt(_mean_square_norm(target))
@@ -1354,6 +1404,7 @@ def _write(target, decision: _Decision, distribution, seeds) -> float:
     layout = target.kernel_layout
     kernel = target.direction_variable
     norm = decision.norm
+    distribution = _distribution_for(target, distribution)
     new = norm  # what a draw or a weight-norm `g` guarantees, to rounding
     if isinstance(target.inner, _SEPARABLE):
         depthwise = target.inner.depthwise_kernel

@@ -313,8 +313,14 @@ class KernelRule(LayerRule):
     def layout(self, layer) -> str:
         return self._layout
 
-    def taps(self, layer, power, out_shape) -> np.ndarray:
-        """Mean of the input's second moment over each output position's receptive field."""
+    def taps(self, layer, power, out_shape, profile=None) -> np.ndarray:
+        """Mean of the input's second moment over each output position's receptive field.
+
+        `profile` weighs the taps (an array of the kernel's spatial shape summing to
+        1: the share of the kernel's energy at each tap); None weighs them alike, as
+        a freshly drawn orthogonal or Gaussian kernel does on average. A
+        delta-orthogonal kernel has all of it at the centre: no border loss.
+        """
         power = np.asarray(power, float)
         out_map = map_shape(out_shape)
         rank = len(power.shape)
@@ -325,10 +331,11 @@ class KernelRule(LayerRule):
             return np.full(out_map, np.mean(power))
         if self.conv == "conv":
             y = _window_mean(power, kernel_size, _tuple(layer.strides, rank),
-                             _tuple(layer.dilation_rate, rank), layer.padding)
+                             _tuple(layer.dilation_rate, rank), layer.padding, profile)
             return y if y.shape == out_map else np.full(out_map, float(np.mean(y)))
         x = ops.convert_to_tensor(power[None, ..., None], "float32")
-        ones = np.full(kernel_size + (1, 1), 1.0 / math.prod(kernel_size), "float32")
+        ones = (np.full(kernel_size, 1.0 / math.prod(kernel_size)) if profile is None
+                else np.asarray(profile, float)).astype("float32")[..., None, None]
         if self.conv == "transpose":
             y = ops.conv_transpose(x, ones, strides=layer.strides, padding=layer.padding,
                                    output_padding=layer.output_padding,
@@ -344,9 +351,11 @@ def _tuple(value, rank: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
 
 
-def _window_mean(power: np.ndarray, kernel, strides, dilation, padding) -> np.ndarray:
+def _window_mean(power: np.ndarray, kernel, strides, dilation, padding,
+                 profile=None) -> np.ndarray:
     """The mean of `power` over each output position's receptive field, zero padding
-    counted, as a convolution with `padding` ("valid" or "same") places its windows.
+    counted, as a convolution with `padding` ("valid" or "same") places its windows;
+    weighted by `profile` (the taps' shares, summing to 1) where given.
 
     NumPy on the small position map: no backend op (and no compile) per layer.
     """
@@ -365,7 +374,9 @@ def _window_mean(power: np.ndarray, kernel, strides, dilation, padding) -> np.nd
     rank = power.ndim
     windows = windows[tuple(slice(None, None, s) for s in strides)
                       + tuple(slice(None, None, d) for d in dilation)]
-    return windows.mean(axis=tuple(range(rank, 2 * rank)))
+    if profile is None:
+        return windows.mean(axis=tuple(range(rank, 2 * rank)))
+    return np.tensordot(windows, np.asarray(profile, float), axes=rank)
 
 
 # --- activations ---------------------------------------------------------------------------
@@ -1360,8 +1371,8 @@ class _WrappedKernelRule(KernelRule):
     def layout(self, layer) -> str:
         return rule_for(layer.layer).layout(layer.layer)
 
-    def taps(self, layer, power, out_shape):
-        return rule_for(layer.layer).taps(layer.layer, power, out_shape)
+    def taps(self, layer, power, out_shape, profile=None):
+        return rule_for(layer.layer).taps(layer.layer, power, out_shape, profile)
 
 
 _builtin_rules()

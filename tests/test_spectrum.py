@@ -238,3 +238,16 @@ def test_the_compiled_programs_do_not_keep_the_model_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_a_batch_goes_through_in_chunks_with_the_same_result():
+    # 1,024 copies per pass: 32 directions an example makes chunks of 32 examples, so 45
+    # examples take two passes, the second padded. Each example's Jacobian is its own:
+    # the same per example however the batch is cut, up to the rounding order a matmul's
+    # batch size may change (depth 5 forward and back, sums of 32 terms: `reordered`).
+    model = _chain(32, 5, _orthogonal, activation="tanh")
+    x = _batch((45, 32), seed=3, scale=0.5)
+    whole = jacobian_spectrum(model, x).singular_values
+    parts = np.concatenate([jacobian_spectrum(model, x[:7]).singular_values,
+                            jacobian_spectrum(model, x[7:]).singular_values])
+    np.testing.assert_allclose(whole, parts, rtol=0, atol=reordered(2 * 5, 32))

@@ -441,10 +441,8 @@ _GRID_W = np.exp(-0.5 * _GRID**2) / math.sqrt(2 * math.pi) * (_GRID[1] - _GRID[0
 _GRID_W[[0, -1]] /= 2
 
 
-@lru_cache(maxsize=1024)  # per report row; specs hash by identity
-def _chi(spec: ActivationSpec, q: float, mean: float) -> float:
-    if spec.homogeneous and mean == 0.0:
-        return 1.0  # M(q) = q M(1): its elasticity is 1 whatever M(1) is
+def second_and_slope(spec: ActivationSpec, q: float, mean: float) -> tuple[float, float]:
+    """`(M(q), dM/dq)`, M(q) = E[phi(z)^2] for z ~ N(mean, q), to the accuracy `chi` says."""
     if spec.moments is None and spec.pieces is None:
         values = _evaluate(spec.fn, mean + math.sqrt(q) * _GRID)
         second = float(np.sum(_GRID_W * values**2))
@@ -454,6 +452,19 @@ def _chi(spec: ActivationSpec, q: float, mean: float) -> float:
         second = float(moments(spec, mean, q)[0])
         slope = (float(moments(spec, mean, q + h)[0])
                  - float(moments(spec, mean, q - h)[0])) / (2 * h)
+    return second, slope
+
+
+def second_slope(spec: ActivationSpec, q: float, mean: float) -> float:
+    """dM/dq, M(q) = E[phi(z)^2] for z ~ N(mean, q) (see `second_and_slope`)."""
+    return second_and_slope(spec, q, mean)[1]
+
+
+@lru_cache(maxsize=1024)  # per report row; specs hash by identity
+def _chi(spec: ActivationSpec, q: float, mean: float) -> float:
+    if spec.homogeneous and mean == 0.0:
+        return 1.0  # M(q) = q M(1): its elasticity is 1 whatever M(1) is
+    second, slope = second_and_slope(spec, q, mean)
     if not second > 0:
         raise ValueError(f"Argument `activation` maps N({mean:g}, {q:g}) to zero: its "
                          f"variance map has no fixed point there. Received: activation="

@@ -26,12 +26,16 @@ import math
 import keras
 import numpy as np
 
-from keras_goodinit import _moments, _validate
+from keras_goodinit import _backend, _moments, _validate
 from keras_goodinit.initializers import GoodInit
 
-# Central differences for phi': truncation h^2 phi'''/6 and rounding eps/h are both
-# about eps^(2/3) ~ 4e-11 at h = eps^(1/3) (per unit of the input's scale).
-_H = np.finfo(float).eps ** (1 / 3)
+
+def _step() -> float:
+    """Central differences for phi': truncation h^2 phi'''/6 and rounding eps/h are both
+    about eps^(2/3) at h = eps^(1/3) (per unit of the input's scale), eps that of the float
+    the backend evaluates activations in (4e-11 in float64; 2.4e-5 in float32, on JAX)."""
+    return float(np.finfo(_backend.wide()).eps) ** (1 / 3)
+
 # The fixed points are searched on q in [1e-8, 1e8]: far beyond any pre-activation
 # scale an init aims at.
 _Q_LOW, _Q_HIGH = 1e-8, 1e8
@@ -108,14 +112,8 @@ def _second(spec, q: np.ndarray) -> np.ndarray:
 
 
 def _slope_of_second(spec, q: np.ndarray) -> np.ndarray:
-    """d/dq E[phi(sqrt(q) u)^2] = E[phi(sqrt(q) u)^2 (u^2 - 1)] / (2 q) (integration by parts)."""
-    q = np.asarray(q, float)
-    if spec.pieces is not None or spec.moments is not None:
-        h = _moments._STEP * q
-        return (_second(spec, q + h) - _second(spec, q - h)) / (2 * h)
-    grid = _moments._GRID
-    values = _moments._evaluate(spec.fn, np.sqrt(q)[..., None] * grid)
-    return np.sum(_moments._GRID_W * values**2 * (grid**2 - 1), axis=-1) / (2 * q)
+    """d/dq E[phi(sqrt(q) u)^2], as `_moments.chi` takes it."""
+    return np.asarray(_moments.second_slope(spec, float(q), 0.0), float)
 
 
 def _derivative_square(spec, q: np.ndarray) -> np.ndarray:
@@ -129,7 +127,7 @@ def _derivative_square(spec, q: np.ndarray) -> np.ndarray:
             total = total + slope**2 * mass
         return total
     z = np.sqrt(q)[..., None] * _moments._GRID
-    step = _H * np.maximum(1.0, np.abs(z))
+    step = _step() * np.maximum(1.0, np.abs(z))
     slope = (_moments._evaluate(spec.fn, z + step)
              - _moments._evaluate(spec.fn, z - step)) / (2 * step)
     return np.sum(_moments._GRID_W * slope**2, axis=-1)
@@ -140,13 +138,27 @@ def _derivative_spec(spec) -> _moments.ActivationSpec:
     if spec.pieces is not None:
         pieces = tuple((lower, upper, 0.0, slope) for lower, upper, slope, _ in spec.pieces)
         return _moments.ActivationSpec(spec.name + "'", None, pieces)
-    fn = spec.fn
+    fn, h = spec.fn, _step()
 
     def derivative(x):
-        step = _H * keras.ops.maximum(1.0, keras.ops.abs(x))
+        step = h * keras.ops.maximum(1.0, keras.ops.abs(x))
         return (fn(x + step) - fn(x - step)) / (2 * step)
 
     return _moments.ActivationSpec(spec.name + "'", derivative)
+
+
+def _bisect_log(below, low: float, high: float) -> float:
+    """The point in [low, high] where `below(q)` turns False, by bisection in log q to the
+    float's resolution (`below(low)` True, `below(high)` False)."""
+    for _ in range(200):
+        mid = math.sqrt(low * high)
+        if below(mid):
+            low = mid
+        else:
+            high = mid
+        if high - low <= 4 * np.finfo(float).eps * high:
+            break
+    return 0.5 * (low + high)
 
 
 def _fixed_point(spec, sigma_w2: float, sigma_b2: float) -> tuple[float, str]:
@@ -165,16 +177,8 @@ def _fixed_point(spec, sigma_w2: float, sigma_b2: float) -> tuple[float, str]:
     crossings = np.nonzero((gap[:-1] > 0) & (gap[1:] <= 0))[0]
     if not crossings.size:
         return math.nan, "divergent"
-    low, high = _SCAN[crossings[0]], _SCAN[crossings[0] + 1]
-    for _ in range(200):  # bisection in log q to the float's resolution
-        mid = math.sqrt(low * high)
-        if sigma_w2 * float(_second(spec, np.asarray(mid))) + sigma_b2 - mid > 0:
-            low = mid
-        else:
-            high = mid
-        if high - low <= 4 * np.finfo(float).eps * high:
-            break
-    return 0.5 * (low + high), ""
+    return _bisect_log(lambda q: sigma_w2 * float(_second(spec, np.asarray(q))) + sigma_b2 > q,
+                       _SCAN[crossings[0]], _SCAN[crossings[0] + 1]), ""
 
 
 def _correlation(spec, sigma_w2: float, sigma_b2: float, q: float, chi_1: float):
@@ -185,7 +189,8 @@ def _correlation(spec, sigma_w2: float, sigma_b2: float, q: float, chi_1: float)
     def gap(c):
         return (sigma_w2 * _moments.cross_moment(spec, 0.0, q, c * q) + sigma_b2) / q - c
 
-    low, high = -1.0, 1.0 - 1e-6
+    # c = +-1 are fixed points too (c = -1 for an odd phi without bias), unstable here.
+    low, high = -1.0 + 1e-6, 1.0 - 1e-6
     if gap(high) >= 0 or gap(low) < 0:  # too close to 1 to resolve: treat c* as 1
         return 1.0, chi_1
     for _ in range(60):
@@ -240,6 +245,13 @@ def _phase(spec, sigma_w2: float, sigma_b2: float, q: float | None = None) -> Me
     slope_q = sigma_w2 * float(_slope_of_second(spec, probe)) if q > 0 else chi_1
     c_star, chi_c = _correlation(spec, sigma_w2, sigma_b2, q, chi_1)
     xi_c = _depth_scale(chi_c)
+    xi_q = _depth_scale(slope_q)
+    if slope_q > 1.0 + _CRITICAL_TOL:
+        xi_q = math.nan
+        note = (f"q* = {q:.4g} is an unstable fixed point of the variance map (slope "
+                f"{slope_q:.4g} > 1): a deviation from it grows like {slope_q:.4g}^depth, "
+                "so the variance drifts away (gelu, silu at small q*: a data-driven init, "
+                "lsuv_init, holds it)")
     if abs(chi_1 - 1.0) <= _CRITICAL_TOL:
         phase, xi_c = "critical", math.inf
     else:
@@ -248,8 +260,7 @@ def _phase(spec, sigma_w2: float, sigma_b2: float, q: float | None = None) -> Me
         note = ("q* = 0: without bias the signal decays to zero; chi_1 is that of the "
                 "linearised activation at 0")
     return MeanFieldPhase(spec.name, float(sigma_w2), float(sigma_b2), float(q), chi_1,
-                          float(c_star), float(chi_c), _depth_scale(slope_q), xi_c, phase,
-                          note)
+                          float(c_star), float(chi_c), xi_q, xi_c, phase, note)
 
 
 def mean_field_phase(activation, sigma_w2: float, sigma_b2: float = 0.0) -> MeanFieldPhase:
@@ -281,9 +292,18 @@ def mean_field_phase(activation, sigma_w2: float, sigma_b2: float = 0.0) -> Mean
     return _phase(_spec(activation), sigma_w2, sigma_b2)
 
 
+def _ends_at_zero(spec) -> bool:
+    """phi(0) = 0 and phi'(0) != 0: q = 0 is a fixed point without bias, the critical
+    line's end at sigma_w2 = 1 / phi'(0)^2."""
+    at_zero = float(_moments.values(spec, np.zeros(1))[0])
+    # phi'(0)^2 by central differences is good to ~eps^(2/3): below 1e-8 it is 0.
+    return at_zero == 0.0 and float(_derivative_square(spec, np.asarray(1e-300))) > 1e-8
+
+
 def _critical_bias(spec, q: np.ndarray) -> np.ndarray:
     """sigma_b2 on the critical line at fixed point q: q - E[phi^2] / E[phi'^2]."""
-    return q - _second(spec, q) / _derivative_square(spec, q)
+    with np.errstate(divide="ignore", invalid="ignore"):  # phi' = 0 near 0 (shrinks)
+        return q - _second(spec, q) / _derivative_square(spec, q)
 
 
 def critical_point(activation, *, q_star: float | None = None,
@@ -335,6 +355,10 @@ def critical_point(activation, *, q_star: float | None = None,
         sigma_b2 = _validate.number("sigma_b2", sigma_b2, minimum=0.0)
     if spec.homogeneous:
         gain = 1.0 / float(_derivative_square(spec, np.asarray(1.0)))
+        if q_star is not None:
+            raise ValueError(
+                f"Argument `q_star` has no meaning for {spec.name}: at its critical gain "
+                f"sigma_w2 = {gain:g} every q is a fixed point. Received: q_star={q_star!r}")
         if sigma_b2:
             raise ValueError(
                 f"Argument `sigma_b2` has no critical point for {spec.name}: chi_1 = 1 needs "
@@ -353,7 +377,7 @@ def critical_point(activation, *, q_star: float | None = None,
                 f"Argument `q_star` puts {spec.name}'s critical line at a negative bias "
                 f"variance ({bias:.3g}): {where}. Received: q_star={q!r}")
         bias = max(bias, 0.0)
-    elif sigma_b2 == 0.0:
+    elif sigma_b2 == 0.0 and _ends_at_zero(spec):
         # The critical line's end: q* = 0, where chi_1 = sigma_w2 phi'(0)^2.
         slope = float(_derivative_square(spec, np.asarray(1e-300)))
         return _phase(spec, 1.0 / slope, 0.0, 0.0)
@@ -365,16 +389,8 @@ def critical_point(activation, *, q_star: float | None = None,
             raise ValueError(
                 f"Argument `sigma_b2` meets no point of {spec.name}'s critical line with q* in "
                 f"[{_Q_LOW:g}, {_Q_HIGH:g}]. Received: sigma_b2={sigma_b2!r}")
-        low, high = _SCAN[crossings[0]], _SCAN[crossings[0] + 1]
-        for _ in range(200):
-            mid = math.sqrt(low * high)
-            if float(_critical_bias(spec, np.asarray(mid))) < bias:
-                low = mid
-            else:
-                high = mid
-            if high - low <= 4 * np.finfo(float).eps * high:
-                break
-        q = 0.5 * (low + high)
+        q = _bisect_log(lambda q: float(_critical_bias(spec, np.asarray(q))) < bias,
+                        _SCAN[crossings[0]], _SCAN[crossings[0] + 1])
     sigma_w2 = 1.0 / float(_derivative_square(spec, np.asarray(q)))
     return _phase(spec, sigma_w2, bias, q)
 
@@ -418,10 +434,12 @@ class CriticalInit(GoodInit):
     def __init__(self, activation="tanh", *, q_star: float | None = None,
                  sigma_b2: float | None = None, distribution: str = "orthogonal",
                  layout: str = "default", seed=None):
+        if isinstance(activation, dict):  # a serialized function, from get_config
+            activation = keras.saving.deserialize_keras_object(activation)
         point = critical_point(activation, q_star=q_star, sigma_b2=sigma_b2)
         super().__init__("wn_linear", gamma=point.sigma_w2, distribution=distribution,
                          layout=layout, seed=seed)
-        self.activation = activation if isinstance(activation, str) else point.activation
+        self.activation = activation
         self.q_star, self.sigma_b2 = q_star, sigma_b2
         self.point = point
         self._bias_seed = None
@@ -432,8 +450,10 @@ class CriticalInit(GoodInit):
             return keras.initializers.Zeros()
         if self._bias_seed is None:  # one stream for every layer's biases: each draw is fresh
             seed = self.seed
+            # Far from the kernel seeds `seed`, `seed + 1`... of neighbouring layers.
             self._bias_seed = (seed if isinstance(seed, keras.random.SeedGenerator) else
-                               keras.random.SeedGenerator(None if seed is None else seed + 1))
+                               keras.random.SeedGenerator(
+                                   None if seed is None else (seed + 2**30) % 2**31))
         return keras.initializers.RandomNormal(stddev=math.sqrt(self.point.sigma_b2),
                                                seed=self._bias_seed)
 
@@ -441,7 +461,10 @@ class CriticalInit(GoodInit):
         config = super().get_config()
         for key in ("scheme", "num_blocks", "block_index", "gamma"):
             config.pop(key)
-        config.update(activation=self.activation, q_star=self.q_star, sigma_b2=self.sigma_b2)
+        activation = self.activation
+        if not isinstance(activation, str):
+            activation = keras.saving.serialize_keras_object(activation)
+        config.update(activation=activation, q_star=self.q_star, sigma_b2=self.sigma_b2)
         return config
 
 

@@ -1194,6 +1194,9 @@ class _Planner:
                               f"{d.predicted:.4g} by a factor {d.measured / d.predicted:.3g} "
                               f"(tolerance +-{tolerance:.2g} at batch {batch}); {reason}")
             phase = d.phase or d.point
+            if d.point is None or d.status == "unanalysed" or (
+                    d.phase is None and d.point.phase != "marginal"):
+                phase = None  # no critical point, or this layer was not set at one
             critical = {} if phase is None else dict(
                 q_star=d.point.q_star, chi_1=phase.chi_1, xi_c=phase.xi_c,
                 trainable_depth=phase.trainable_depth,

@@ -168,10 +168,11 @@ def jacobian_spectrum(
 
     Examples go through in chunks of at most 1,024 copies (one example at a
     time where it has more directions), so the memory a pass needs is that
-    of the model's activations for 1,024 inputs. In training mode the copies
-    of a chunk share BatchNormalization's batch statistics (every example is
-    repeated as often), but Dropout draws a mask per copy, so use inference
-    mode (the default) for a model with dropout.
+    of the model's activations for 1,024 inputs. Use inference mode (the
+    default) for a model with BatchNormalization or Dropout: in training mode
+    each chunk has its own batch statistics (the last one's include its
+    padding copies, and reverse mode differentiates through them), and
+    Dropout draws a mask per copy.
 
     Every variable of the model is, bit for bit, as it was before the call.
 

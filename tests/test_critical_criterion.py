@@ -166,3 +166,22 @@ def test_a_failure_leaves_the_drawn_biases_as_they_were(monkeypatch):
         mean_field_init(model, criterion="critical", q_star=0.5, seed=0, verbose=0)
     for variable, old in zip(model.weights, before):
         np.testing.assert_array_equal(_numpy(variable), old)
+
+
+def test_a_layer_not_set_at_the_critical_point_claims_no_phase():
+    # A tanh Dense after a layer with no rule: its input's moments are unknown, the row is
+    # "unanalysed", and it must not carry the critical point's chi_1 = 1 as if it had one.
+    class Opaque(keras.layers.Layer):
+        def call(self, x):
+            return keras.ops.sort(x, axis=-1)
+
+    inputs = keras.Input((16,))
+    x = keras.layers.Dense(16, activation="tanh", name="first")(inputs)
+    x = Opaque()(x)
+    x = keras.layers.Dense(16, activation="tanh", name="after")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    rows = {row.name: row for row in
+            mean_field_init(model, criterion="critical", seed=0, verbose=0).rows}
+    assert rows["first"].phase == "critical"
+    assert rows["after"].status == "unanalysed"
+    assert rows["after"].phase == "" and math.isnan(rows["after"].chi_1)

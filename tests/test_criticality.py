@@ -153,3 +153,46 @@ def test_critical_init_kernels_and_biases():
     assert isinstance(again, CriticalInit) and again.get_config() == init.get_config()
     assert again.point.sigma_w2 == point.sigma_w2
     assert criticality.CriticalInit("tanh", sigma_b2=0.0).bias_initializer()((3,)).shape == (3,)
+
+
+def test_the_chaotic_phase_of_an_odd_activation_without_bias():
+    # tanh with no bias: c = 0 is the stable correlation (c = +-1 are unstable fixed points
+    # in the chaotic phase), so chi_c = sigma_w2 E[phi'(u)] E[phi'(v)] at independent u, v.
+    phase = mean_field_phase("tanh", 2.5, 0.0)
+    assert phase.phase == "chaotic" and abs(phase.c_star) < 1e-6
+    expected = 2.5 * _gauss(lambda z: 1 / math.cosh(z) ** 2, phase.q_star) ** 2
+    assert phase.chi_c == pytest.approx(expected, rel=1e-6)
+    assert phase.xi_c == pytest.approx(-1 / math.log(expected), rel=1e-5)
+
+
+def test_no_bias_ends_the_line_at_zero_only_where_phi_does():
+    # tanh: phi(0) = 0, phi'(0) = 1. tanh_shrink: phi'(0) = 0, and sigmoid: phi(0) = 1/2,
+    # where q = 0 is no fixed point: their points without bias are searched, or refused.
+    assert critical_point("tanh", sigma_b2=0.0).q_star == 0.0
+    with pytest.raises(ValueError, match="sigma_b2"):
+        critical_point("tanh_shrink", sigma_b2=0.0)
+    sigmoid = critical_point("sigmoid", sigma_b2=0.0)
+    assert sigmoid.q_star > 1 and sigmoid.sigma_w2 * _gauss(
+        lambda z: (0.25 / math.cosh(z / 2) ** 2) ** 2, sigmoid.q_star) == pytest.approx(
+            1, abs=1e-7)
+
+
+def test_an_unstable_fixed_point_is_said_and_relu_takes_no_q_star():
+    gelu = critical_point("gelu", q_star=0.01)
+    assert "unstable fixed point" in gelu.note and math.isnan(gelu.xi_q)
+    assert "unstable" not in critical_point("tanh", q_star=0.01).note
+    with pytest.raises(ValueError, match="Received: q_star=0.5"):
+        critical_point("relu", q_star=0.5)
+
+
+def test_critical_init_round_trips_a_registered_activation():
+    from keras_goodinit import register_activation
+
+    @keras.saving.register_keras_serializable(package="test_criticality")
+    def scaled_tanh(x):
+        return keras.ops.tanh(0.5 * x)
+
+    register_activation(scaled_tanh)
+    init = CriticalInit(scaled_tanh, q_star=0.04, seed=0)
+    again = CriticalInit.from_config(init.get_config())
+    assert again.point.sigma_w2 == init.point.sigma_w2

@@ -24,6 +24,9 @@ Examples:
   python examples/depth_frontier.py --depths=10,100,1000 --seeds=0,1,2 \
       --output=benchmarks/results/depth_frontier.json --plot=docs/depth_frontier.png
 
+  # The table and plot of runs made in several processes:
+  python examples/depth_frontier.py --report=a.json,b.json --plot=docs/depth_frontier.png
+
   # One network, quickly:
   python examples/depth_frontier.py --nets=tanh_mlp --depths=10,100 --seeds=0
 
@@ -67,13 +70,17 @@ flags.DEFINE_list("nets", list(NETS), "Networks to train: " + ", ".join(NETS))
 flags.DEFINE_list("depths", ["10", "100", "1000"], "Depths (layers; blocks for resnet).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each init is trained once per seed.")
 flags.DEFINE_list("inits", None, "Only these inits (default: every init of each network).")
-flags.DEFINE_integer("steps", 400, "SGD steps per run (batch 64).")
+flags.DEFINE_integer("steps", 400, "SGD steps per run (batch 64); 0: the spectrum at init "
+                     "only.")
 flags.DEFINE_float("lr0", 0.1, "SGD (momentum 0.9) runs at learning rate lr0 / depth: the "
                    "neural tangent kernel of each of these networks grows like its depth, so "
                    "the stable step shrinks like 1 / depth.")
 flags.DEFINE_integer("width", 64, "Units of the MLPs and of the ResNet's stream.")
 flags.DEFINE_integer("channels", 8, "Channels of the CNN.")
 flags.DEFINE_float("q_star", 0.01, "tanh's fixed point on the critical line.")
+flags.DEFINE_float("q_star_depth", None, "If set, q* = q_star_depth / depth instead of "
+                   "--q_star: the Jacobian's spread grows with depth x q* (Pennington et al. "
+                   "2017), so q* ~ 1/depth keeps it bounded.")
 flags.DEFINE_float("threshold", 0.5, "The training loss (EMA, 0.9) whose first crossing is "
                    "reported as steps to threshold.")
 flags.DEFINE_list("spectrum_seeds", None, "Measure the Jacobian's spectrum for these seeds "
@@ -81,6 +88,8 @@ flags.DEFINE_list("spectrum_seeds", None, "Measure the Jacobian's spectrum for t
                   "1,000.")
 flags.DEFINE_string("output", None, "Write the rows as JSON here (merged with its rows).")
 flags.DEFINE_string("plot", None, "Draw test accuracy against depth into this PNG.")
+flags.DEFINE_list("report", None, "Train nothing: print the table of these JSON files' rows "
+                  "together (and draw them with --plot).")
 
 _BATCH = 64
 _SPLIT_SEED = 0
@@ -155,7 +164,7 @@ def reinitialize(model: keras.Model, net: str, init: str, seed: int, x) -> None:
         # first layer from the data's own scale), biases N(0, sigma_b2), orthogonal kernels
         # (delta-orthogonal for convolutions).
         distribution = "delta_orthogonal" if net == "tanh_cnn" else "orthogonal"
-        kg.mean_field_init(model, criterion="critical", q_star=FLAGS.q_star,
+        kg.mean_field_init(model, criterion="critical", q_star=_q_star(model),
                            distribution=distribution, input_variance=float(np.mean(x**2)),
                            input_mean=float(np.mean(x)),
                            seed=seed, verbose=0)
@@ -165,6 +174,11 @@ def reinitialize(model: keras.Model, net: str, init: str, seed: int, x) -> None:
         return
     residual = {"mean_field": "scaled", "skipinit": "skipinit", "fixup": "fixup"}[init]
     kg.mean_field_init(model, residual=residual, seed=seed, verbose=0)
+
+
+def _q_star(model) -> float:
+    depth = sum(1 for _ in _kernel_layers(model)) - 1  # the hidden layers
+    return FLAGS.q_star if FLAGS.q_star_depth is None else FLAGS.q_star_depth / depth
 
 
 def _reset_optimizer(model) -> None:
@@ -237,9 +251,9 @@ def run_net(net: str, depth: int, data, seeds, inits, rows: list) -> None:
                         or str(seed) in FLAGS.spectrum_seeds else {})
             row = {"net": net, "init": init, "depth": depth, "seed": seed,
                    "lr": FLAGS.lr0 / depth, "batch": _BATCH, "width": FLAGS.width,
-                   "channels": FLAGS.channels, "q_star": FLAGS.q_star,
+                   "channels": FLAGS.channels, "q_star": _q_star(model),
                    "build_seconds": built, "init_seconds": init_seconds,
-                   **spectrum, **train(model, data, seed)}
+                   **spectrum, **(train(model, data, seed) if FLAGS.steps else {})}
             # The process's peak resident memory so far (Linux: KiB): what this depth needs.
             row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             rows.append(row)
@@ -248,6 +262,8 @@ def run_net(net: str, depth: int, data, seeds, inits, rows: list) -> None:
 
 
 def summarize(rows: list) -> str:
+    spectra = [r for r in rows if "test_accuracy" not in r]
+    rows = [r for r in rows if "test_accuracy" in r]
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["net"], row["init"], row["depth"]), []).append(row)
@@ -272,6 +288,12 @@ def summarize(rows: list) -> str:
             f"{per_step:.3f} | {len(group)} |" if ms else
             f"| {net} | {init} | {depth} | {np.mean(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) | "
             f"{steps_text} | - | - | {per_step:.3f} | {len(group)} |")
+    if spectra:
+        lines += ["", "| network | init | depth | q* | Jacobian mean sq. | spread |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['net']} | {r['init']} | {r['depth']} | {r['q_star']:.3g} | "
+                  f"{r['mean_squared']:.3g} | {r['spread']:.3g} |"
+                  for r in sorted(spectra, key=lambda r: (r["net"], r["depth"]))]
     return "\n".join(lines)
 
 
@@ -308,6 +330,15 @@ def main(argv) -> None:
     for net in FLAGS.nets:
         if net not in NETS:
             raise ValueError(f"Unknown network in --nets. Received: nets={FLAGS.nets!r}")
+    if FLAGS.report:
+        rows = []
+        for path in FLAGS.report:
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        print(summarize(rows))
+        if FLAGS.plot:
+            plot(rows, FLAGS.plot)
+        return
     data = digits()
     seeds = [int(s) for s in FLAGS.seeds]
     rows = []

@@ -301,6 +301,7 @@ def plot(rows: list, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = [r for r in rows if "test_accuracy" in r]  # not the spectrum-only rows
     nets = [n for n in NETS if any(r["net"] == n for r in rows)]
     fig, axes = plt.subplots(1, len(nets), figsize=(4 * len(nets), 3.4), squeeze=False)
     for ax, net in zip(axes[0], nets):
@@ -311,8 +312,8 @@ def plot(rows: list, path: str) -> None:
                 continue
             acc = [[r["test_accuracy"] for r in mine if r["depth"] == d] for d in depths]
             ax.errorbar(depths, [np.mean(a) for a in acc],
-                        yerr=[[np.mean(a) - min(a) for a in acc],
-                              [max(a) - np.mean(a) for a in acc]],
+                        yerr=[[max(np.mean(a) - min(a), 0.0) for a in acc],
+                              [max(max(a) - np.mean(a), 0.0) for a in acc]],
                         marker="o", capsize=3, label=init)
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)

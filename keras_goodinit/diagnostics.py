@@ -867,6 +867,14 @@ def signal_report(
     if not isinstance(spectrum, (bool, str)):
         raise ValueError("Argument `spectrum` must be True, False or a layer name. "
                          f"Received: spectrum={spectrum!r}")
+    if spectrum is not False:
+        from keras_goodinit import spectrum as _spectrum  # it imports this module
+
+        try:  # before the pass: a bad name should cost nothing and be called `spectrum`
+            _spectrum._output_layer(model, None if spectrum is True else spectrum)
+        except ValueError as error:
+            raise ValueError(f"Argument `spectrum` names no usable output ({error}). "
+                             f"Received: spectrum={spectrum!r}") from error
     x, labels = _data.first_element(data)
     _data.check_batch(x)
     if loss is not None and labels is None:
@@ -887,9 +895,7 @@ def signal_report(
     finally:
         _restore_changed(saved)
     if spectrum is not False:
-        from keras_goodinit.spectrum import jacobian_spectrum  # it imports this module
-
-        report.spectrum = jacobian_spectrum(
+        report.spectrum = _spectrum.jacobian_spectrum(
             model, x, output=None if spectrum is True else spectrum, training=training)
     return report
 

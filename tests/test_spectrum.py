@@ -187,6 +187,8 @@ def test_signal_report_carries_the_spectrum_on_the_same_batch():
     np.testing.assert_array_equal(report.spectrum.singular_values, direct.singular_values)
     assert "Input-output Jacobian of 'head'" in str(report)
     assert signal_report(model, x, spectrum="hidden").spectrum.output == "hidden"
+    with pytest.raises(ValueError, match="Received: spectrum='nowhere'"):
+        signal_report(model, x, spectrum="nowhere")
 
 
 def test_the_weights_are_left_as_they_were():

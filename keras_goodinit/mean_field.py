@@ -201,7 +201,10 @@ def mean_field_init(
       Schoenholz et al. 2017). Between layers of equal width this is
       `gamma = sigma_w2` exactly. The rows carry `q*`, `chi_1` at the
       predicted second moment, `xi_c` and the predicted trainable depth
-      (about `6 xi_c`), and the report a note per activation. An activation
+      (about `6 xi_c`), and the report a note per activation. A layer with
+      no bias holds `q*` with its kernel alone (`sigma_w2` times
+      `q* / (q* - sigma_b2)`): its row gives the `chi_1` just above 1 and
+      the finite `xi_c` of that point. An activation
       with no critical line (relu, leaky_relu: marginal) or none at `q_star`
       (sigmoid, softplus) keeps the default rule, and the row says why.
     - The head (a last kernel layer with no activation after it, or only a
@@ -881,9 +884,14 @@ class _Planner:
                                             mean=bias_mean)
             if decision.point is not None and decision.point.phase != "marginal":
                 point = decision.point
+                sigma_w2, sigma_b2 = point.sigma_w2, point.sigma_b2
+                if target.bias is None and point.q_star > sigma_b2:
+                    # The kernel alone holds q*: sigma_w2 grows by q* / (q* - sigma_b2), and
+                    # without a bias the layer sits a little off the critical line.
+                    sigma_w2, sigma_b2 = sigma_w2 * point.q_star / (point.q_star - sigma_b2), 0.0
                 # chi_1 and the depth scales where this layer's pre-activations are predicted.
-                decision.phase = criticality._phase(criticality._spec(spec), point.sigma_w2,
-                                                    point.sigma_b2, q=pre.q)
+                decision.phase = criticality._phase(criticality._spec(spec), sigma_w2,
+                                                    sigma_b2, q=pre.q)
         spec, _ = _moments.function_spec(getattr(target.inner, "activation", None))
         if spec is None:
             return Signal.unknown_after(f"after {decision.name}'s activation", out_map)

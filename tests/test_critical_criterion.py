@@ -185,3 +185,33 @@ def test_a_layer_not_set_at_the_critical_point_claims_no_phase():
     assert rows["first"].phase == "critical"
     assert rows["after"].status == "unanalysed"
     assert rows["after"].phase == "" and math.isnan(rows["after"].chi_1)
+
+
+def test_a_layer_without_bias_holds_q_star_and_reports_its_own_phase():
+    # Without a bias the kernel alone holds q*: sigma_w2 grows by q* / (q* - sigma_b2), so
+    # chi_1 = 1 + sigma_b2 / (q* - sigma_b2), just over 1 (chaotic, c* = 0) with a long but
+    # finite correlation depth; the row must say that, not the biased layer's "critical".
+    q_star = 0.01
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((256,))]
+        + [keras.layers.Dense(256, activation="tanh", use_bias=False, name=f"h{i}")
+           for i in range(5)]
+        + [keras.layers.Dense(10, name="head")])
+    x = _normal((256, 256)) * math.sqrt(q_star)
+    report = mean_field_init(model, criterion="critical", q_star=q_star, seed=0, verbose=0,
+                             data=x)
+    point = critical_point("tanh", q_star=q_star)
+    expected = 1 + point.sigma_b2 / (point.q_star - point.sigma_b2)
+    for layer in _hidden(model)[1:]:
+        row = report[layer.name]
+        assert row.rule == "critical" and "no bias to draw" in row.reason, row
+        assert row.predicted == pytest.approx(q_star, rel=1e-12)
+        assert row.status == "ok" and abs(row.measured / row.predicted - 1) <= row.tolerance
+        # Equal widths: gamma = sigma_w2 q* / (q* - sigma_b2).
+        assert row.gamma == pytest.approx(point.sigma_w2 * expected, rel=_QUADRATURE)
+        assert row.chi_1 == pytest.approx(expected, abs=1e-9) and row.chi_1 > 1 + 1e-5
+        assert row.phase == "chaotic"
+        # Chaotic: correlations decay towards c* = 0 over xi_c layers, finite but (at
+        # chi_1 - 1 ~ 1e-4) tens of thousands: far beyond these 5.
+        assert 1e3 < row.xi_c < math.inf

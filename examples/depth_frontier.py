@@ -27,6 +27,9 @@ Examples:
   # The table and plot of runs made in several processes:
   python examples/depth_frontier.py --report=a.json,b.json --plot=docs/depth_frontier.png
 
+  # The tanh networks with q* = 0.3 / depth and no biases (the isometric setting):
+  python examples/depth_frontier.py --nets=tanh_cnn,tanh_mlp --q_star_depth=0.3 --nobias
+
   # One network, quickly:
   python examples/depth_frontier.py --nets=tanh_mlp --depths=10,100 --seeds=0
 
@@ -81,6 +84,10 @@ flags.DEFINE_float("q_star", 0.01, "tanh's fixed point on the critical line.")
 flags.DEFINE_float("q_star_depth", None, "If set, q* = q_star_depth / depth instead of "
                    "--q_star: the Jacobian's spread grows with depth x q* (Pennington et al. "
                    "2017), so q* ~ 1/depth keeps it bounded.")
+flags.DEFINE_bool("bias", True, "Biases in the tanh networks. At q* ~ 1/depth a bias's gradient "
+                  "is not scaled down with the signal (sqrt(q*)) as a kernel's is, so its step is "
+                  "about 1/q* times larger: --nobias keeps such runs stable (the kernel alone "
+                  "then holds q*, critical to O(q*^2) per layer).")
 flags.DEFINE_float("threshold", 0.5, "The training loss (EMA, 0.9) whose first crossing is "
                    "reported as steps to threshold.")
 flags.DEFINE_list("spectrum_seeds", None, "Measure the Jacobian's spectrum for these seeds "
@@ -115,7 +122,7 @@ def build(net: str, depth: int) -> keras.Model:
         x = inputs
         for i in range(depth):
             x = keras.layers.Conv2D(FLAGS.channels, 3, padding="same", activation="tanh",
-                                    name=f"conv{i + 1}")(x)
+                                    use_bias=FLAGS.bias, name=f"conv{i + 1}")(x)
         x = keras.layers.Identity(name="features")(x)
         x = keras.layers.Flatten()(x)
         return keras.Model(inputs, keras.layers.Dense(10, name="head")(x))
@@ -123,7 +130,8 @@ def build(net: str, depth: int) -> keras.Model:
         inputs = keras.Input((64,))
         x = inputs
         for i in range(depth):
-            x = keras.layers.Dense(width, activation="tanh", name=f"dense{i + 1}")(x)
+            x = keras.layers.Dense(width, activation="tanh", use_bias=FLAGS.bias,
+                                   name=f"dense{i + 1}")(x)
         x = keras.layers.Identity(name="features")(x)
         return keras.Model(inputs, keras.layers.Dense(10, name="head")(x))
     if net == "wn_mlp":
@@ -179,6 +187,19 @@ def reinitialize(model: keras.Model, net: str, init: str, seed: int, x) -> None:
 def _q_star(model) -> float:
     depth = sum(1 for _ in _kernel_layers(model)) - 1  # the hidden layers
     return FLAGS.q_star if FLAGS.q_star_depth is None else FLAGS.q_star_depth / depth
+
+
+def _setting(net: str, init: str) -> str:
+    """How the run differs from the defaults, where it does ("" if not): part of its label."""
+    if not net.startswith("tanh"):
+        return ""
+    parts = [] if FLAGS.q_star_depth is None or init != "critical" else [
+        f"q* = {FLAGS.q_star_depth:g}/depth"]
+    return ", ".join(parts + ([] if FLAGS.bias else ["no bias"]))
+
+
+def _label(row: dict) -> str:
+    return row["init"] + (f" ({row['setting']})" if row.get("setting") else "")
 
 
 def _reset_optimizer(model) -> None:
@@ -249,7 +270,8 @@ def run_net(net: str, depth: int, data, seeds, inits, rows: list) -> None:
             init_seconds = time.perf_counter() - t0
             spectrum = (spectrum_of(model, x_spec) if FLAGS.spectrum_seeds is None
                         or str(seed) in FLAGS.spectrum_seeds else {})
-            row = {"net": net, "init": init, "depth": depth, "seed": seed,
+            row = {"net": net, "init": init, "setting": _setting(net, init), "depth": depth,
+                   "seed": seed,
                    "lr": FLAGS.lr0 / depth, "batch": _BATCH, "width": FLAGS.width,
                    "channels": FLAGS.channels, "q_star": _q_star(model),
                    "build_seconds": built, "init_seconds": init_seconds,
@@ -266,7 +288,7 @@ def summarize(rows: list) -> str:
     rows = [r for r in rows if "test_accuracy" in r]
     groups: dict = {}
     for row in rows:
-        groups.setdefault((row["net"], row["init"], row["depth"]), []).append(row)
+        groups.setdefault((row["net"], _label(row), row["depth"]), []).append(row)
     lines = ["| network | init | depth | test accuracy (mean, min-max) | steps to loss < "
              f"{FLAGS.threshold} | Jacobian mean sq. | spread | s/step | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -291,7 +313,7 @@ def summarize(rows: list) -> str:
     if spectra:
         lines += ["", "| network | init | depth | q* | Jacobian mean sq. | spread |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r['net']} | {r['init']} | {r['depth']} | {r['q_star']:.3g} | "
+        lines += [f"| {r['net']} | {_label(r)} | {r['depth']} | {r['q_star']:.3g} | "
                   f"{r['mean_squared']:.3g} | {r['spread']:.3g} |"
                   for r in sorted(spectra, key=lambda r: (r["net"], r["depth"]))]
     return "\n".join(lines)
@@ -305,8 +327,10 @@ def plot(rows: list, path: str) -> None:
     nets = [n for n in NETS if any(r["net"] == n for r in rows)]
     fig, axes = plt.subplots(1, len(nets), figsize=(4 * len(nets), 3.4), squeeze=False)
     for ax, net in zip(axes[0], nets):
-        for init in NETS[net]:
-            mine = [r for r in rows if r["net"] == net and r["init"] == init]
+        labels = sorted({_label(r) for r in rows if r["net"] == net},
+                        key=lambda label: (NETS[net].index(label.split(" (")[0]), label))
+        for init in labels:
+            mine = [r for r in rows if r["net"] == net and _label(r) == init]
             depths = sorted({r["depth"] for r in mine})
             if not depths:
                 continue
@@ -354,8 +378,9 @@ def main(argv) -> None:
             mine = (data if net != "tanh_cnn" else
                     (data[0].reshape(-1, 8, 8, 1), data[1], data[2].reshape(-1, 8, 8, 1),
                      data[3]))
-            rows = [r for r in rows if not (r["net"] == net and r["depth"] == depth
-                                            and r["init"] in inits and r["seed"] in seeds)]
+            rows = [r for r in rows if not (
+                r["net"] == net and r["depth"] == depth and r["init"] in inits
+                and r["seed"] in seeds and r.get("setting", "") == _setting(net, r["init"]))]
             run_net(net, depth, mine, seeds, inits, rows)
             if FLAGS.output:
                 with open(FLAGS.output, "w") as f:

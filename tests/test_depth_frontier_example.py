@@ -39,3 +39,22 @@ def test_depth_frontier_runs_and_reports(tmp_path):
     # value is 1 up to finite-width fluctuations (width 64, 3 layers: a few per cent).
     assert 0.8 < rows[("tanh_mlp", "critical")]["mean_squared"] < 1.25
     assert np.isfinite(rows[("resnet", "mean_field")]["spread"])
+
+
+def test_depth_frontier_q_star_per_depth_without_bias_is_labelled(tmp_path):
+    # --q_star_depth=c sets q* = c / depth; --nobias drops the tanh networks' biases. The
+    # rows carry both in their setting, and the table shows them beside the init.
+    output = tmp_path / "rows.json"
+    env = dict(os.environ, PYTHONPATH=str(_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, str(_ROOT / "examples" / "depth_frontier.py"),
+         "--nets=tanh_cnn", "--inits=critical", "--depths=4", "--seeds=0", "--steps=0",
+         "--q_star_depth=0.3", "--nobias", f"--output={output}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(output.read_text())["rows"]
+    assert row["setting"] == "q* = 0.3/depth, no bias"
+    assert row["q_star"] == 0.3 / 4 and "test_accuracy" not in row
+    assert "| tanh_cnn | critical (q* = 0.3/depth, no bias) | 4 | 0.075 |" in done.stdout
+    # The issue's isometry band for the critical orthogonal networks.
+    assert 0.5 <= row["mean_squared"] <= 2 and np.isfinite(row["spread"])

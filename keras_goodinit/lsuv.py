@@ -770,10 +770,13 @@ _NORMALIZED = ("a normalization layer follows: in training mode it re-normalizes
 
 def _mark_data_initialized(pairs) -> None:
     """Sets the `initialized` flag of the `data_init=True` wrappers this init set, so that
-    their first training batch does not overwrite it."""
+    their first training batch does not overwrite it. A pair's first item is a target,
+    or a recurrent wrapper itself."""
     for target, row in pairs:
-        if row.status == "ok" and isinstance(target.layer, WeightNormalization):
-            target.layer.mark_data_initialized()
+        layer = getattr(target, "layer", None) if not isinstance(
+            target, WeightNormalization) else target
+        if row.status == "ok" and isinstance(layer, WeightNormalization):
+            layer.mark_data_initialized()
 
 
 def _normalization_notes(model, pairs) -> list[str]:
@@ -1064,37 +1067,177 @@ def weightnorm_data_init(
     checked = _checked("weightnorm_data_init", dict(layers=layers, verbose=verbose,
                                                     compile=compile))
     layers, verbose, compile = checked["layers"], checked["verbose"], checked["compile"]
-    x, targets, other_rows = _prepare(model, _data.replayable(data), layers)
+    data = _data.replayable(data)
+    x = _data.first_batch(data)
+    _data.check_batch(x)
+    if not model.built:
+        model(x, training=False)
+    rnns, kernel_layers = _wrapped_rnns(model, layers)
+    if not rnns:
+        x, targets, other_rows = _prepare(model, data, layers)
+    else:
+        found = [] if kernel_layers == [] else _sweep.find_targets(model, kernel_layers)
+        targets = _scalable(found)
+        other_rows = [_skipped(t.path_name, t.class_name, t.unscalable_reason())
+                      for t in found if t.unscalable_reason()]
+        if layers is None:
+            inside = {id(sub) for wrapper, _ in rnns
+                      for sub in wrapper._flatten_layers(include_self=True, recursive=True)}
+            paths = _sweep._layer_paths(model)
+            other_rows += [_skipped(paths.get(id(layer), layer.name), type(layer).__name__,
+                                    reason)
+                           for layer, reason in _sweep.unscalable_layers(model, found)
+                           if id(layer) not in inside]
     variables = [v for t in targets for v in t.variables()]
+    variables += [v for wrapper, _ in rnns for v in wrapper.weights]
     with _sweep.atomic(variables):
-        result = _sweep.run(model, x, targets, _data_init_policy(), key=("data_init",),
-                            compile=compile)
-        order, missed = _reached(targets, result)
-        progbar = _progbar(len(targets), verbose, "layer")
-        pairs = []
-        for target in order:
-            state = result.states[id(target)]
-            pairs.append((target, _data_init_row(target, state, _shared_note(result, target))))
-            if target.is_weight_normalized and state["valid"].any():
-                g = target.layer.g
-                g.assign(np.reshape(state["g"], g.shape).astype(g.dtype))
-                if target.bias is not None:
-                    target.bias.assign(state["bias"].astype(target.bias.dtype))
+        progbar = _progbar(len(targets) + len(rnns), verbose, "layer")
+        if rnns:
+            callers = {id(caller): wrapper for wrapper, caller in rnns}
+            order = _recurrent.call_order(
+                model, x, [t.layer for t in targets] + [caller for _, caller in rnns])
+        else:
+            callers, order = {}, [t.layer for t in targets]
+        of_layer = {id(t.layer): t for t in targets}
+        pairs, notes, modes, pending = [], [], [], []
+
+        def flush(segment):
+            if segment:
+                found, note, mode = _kernel_data_init(model, x, segment, compile, progbar)
+                pairs.extend(found)
+                notes.extend([note] if note and note not in notes else [])
+                modes.append(mode)
+
+        paths = _sweep._layer_paths(model) if rnns else {}
+        done = set()
+        for layer in order:
+            wrapper = callers.get(id(layer))
+            if wrapper is None:
+                pending.append(of_layer[id(layer)])
+                continue
+            flush(pending)  # what feeds the recurrent layer first
+            pending = []
+            pairs.append((wrapper, _recurrent_data_init(
+                model, x, wrapper, layer, paths.get(id(wrapper), wrapper.name))))
+            done.add(id(wrapper))
             if progbar is not None:
                 progbar.add(1)
-        pairs += [(t, _not_called(t, result)) for t in missed]
-        estimates = {id(t): result.states[id(t)]["cells"] for t in order
-                     if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
-        if _sweep.in_flight_is_exact(targets):
-            measured = {key: {"mean": mean, "var": var} for key, (mean, var) in estimates.items()}
-        else:
-            measured = _measure_after(model, x, targets, pairs, estimates=estimates,
-                                      compile=result.mode)
-        _bias_free_notes(pairs, measured, estimates)
+        # Targets the pass never reached get their rows from the sweep.
+        reached = {id(layer) for layer in order}
+        flush(pending + [t for t in targets if id(t.layer) not in reached])
+        pairs += [(wrapper, _skipped(paths.get(id(wrapper), wrapper.name),
+                                     _class_name(wrapper), "not called in the forward pass"))
+                  for wrapper, _ in rnns if id(wrapper) not in done]
         _distribute.broadcast_from_chief(variables)
         _mark_data_initialized(pairs)
         return InitReport("weightnorm_data_init", [row for _, row in pairs] + other_rows,
-                          notes=[result.note] if result.note else [], mode=result.mode)
+                          notes=notes, mode=modes[-1] if modes else "eager")
+
+
+def _kernel_data_init(model, x, targets, compile, progbar) -> tuple:
+    """The data init of kernel targets in one sweep: `((target, row) pairs, note, mode)`."""
+    result = _sweep.run(model, x, targets, _data_init_policy(), key=("data_init",),
+                        compile=compile)
+    order, missed = _reached(targets, result)
+    pairs = []
+    for target in order:
+        state = result.states[id(target)]
+        pairs.append((target, _data_init_row(target, state, _shared_note(result, target))))
+        if target.is_weight_normalized and state["valid"].any():
+            g = target.layer.g
+            g.assign(np.reshape(state["g"], g.shape).astype(g.dtype))
+            if target.bias is not None:
+                target.bias.assign(state["bias"].astype(target.bias.dtype))
+        if progbar is not None:
+            progbar.add(1)
+    pairs += [(t, _not_called(t, result)) for t in missed]
+    estimates = {id(t): result.states[id(t)]["cells"] for t in order
+                 if t.is_weight_normalized and result.states[id(t)]["valid"].any()}
+    if _sweep.in_flight_is_exact(targets):
+        measured = {key: {"mean": mean, "var": var} for key, (mean, var) in estimates.items()}
+    else:
+        measured = _measure_after(model, x, targets, pairs, estimates=estimates,
+                                  compile=result.mode)
+    _bias_free_notes(pairs, measured, estimates)
+    return pairs, result.note, result.mode
+
+
+def _wrapped_rnns(model, layers) -> tuple[list, list | None]:
+    """`(wrapper, caller)` for each recurrent `WeightNormalization` the init does, and the
+    rest of `layers` (None: every target; [] none).
+
+    The caller is the layer whose call gets the sequence: the wrapper, or the
+    RNN of a wrapped cell. `layers` entries name a wrapper, its wrapped layer
+    or the RNN of a wrapped cell, by object or name.
+    """
+    found = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, WeightNormalization) and layer._cells is not None:
+            caller = layer
+            if layer.layer is layer._cells[0]:  # a cell: the RNN that runs it
+                caller = next((rnn for rnn in model._flatten_layers(include_self=True)
+                               if isinstance(rnn, keras.layers.RNN) and rnn.cell is layer),
+                              None)
+            if caller is not None and all(w is not layer for w, _ in found):
+                found.append((layer, caller))
+    if layers is None:
+        return found, None
+    chosen, rest = [], []
+    for item in layers:
+        match = [(w, c) for w, c in found
+                 if any(item is obj or item == getattr(obj, "name", None)
+                        for obj in (w, w.layer, c))]
+        if match:
+            chosen.extend(m for m in match if m not in chosen)
+        else:
+            rest.append(item)
+    return chosen, rest
+
+
+def _class_name(wrapper) -> str:
+    return f"WeightNormalization({type(wrapper.layer).__name__})"
+
+
+def _recurrent_data_init(model, x, wrapper, caller, name: str) -> LayerRecord:
+    """The data init of a recurrent wrapper from the sequence `caller` gets in a pass on `x`.
+
+    Eagerly, with the wrapper's own rule (`WeightNormalization._input_part_moments`):
+    per cell, g and the input bias from the statistics of the input part
+    `x_t W + b` over the unmasked steps. The row's variances are of that input
+    part (minus the bias offset kept), over every unit and step, before and after.
+    """
+    wrapper._fold_shift()
+    seen = _recurrent.layer_input(model, x, caller)
+    if seen is None:
+        return _skipped(name, _class_name(wrapper), "not called in the forward pass")
+    moments = wrapper._input_part_moments(seen["x"], seen["mask"])
+    states = []
+    values = wrapper._data_init_values(moments, states)
+    valid = np.concatenate([ops.convert_to_numpy(s["valid"]) for s in states])
+    scale = np.concatenate([np.reshape(ops.convert_to_numpy(s["scale"]), -1) for s in states])
+
+    def total(found):
+        return float(_sweep.total_variance(ops.concatenate([m for m, _ in found]),
+                                           ops.concatenate([v for _, v in found])))
+
+    before = total(moments)
+    mask = seen["mask"]
+    steps = (int(np.prod(np.shape(seen["x"])[:2])) if mask is None
+             else int(np.sum(ops.convert_to_numpy(mask))))
+    note = (f"input part x W + b over {steps} unmasked (sample, step) pairs; recurrent "
+            "gains kept")
+    if not valid.any():
+        return _skipped(name, _class_name(wrapper),
+                        "every unit's input part has a non-finite or zero std (dead layer); "
+                        + note)
+    for variable, value in zip(wrapper._init_variables(), values):
+        variable.assign(value)
+    after = total(wrapper._input_part_moments(seen["x"], seen["mask"]))
+    dead = int((~valid).sum())
+    if dead:
+        note = f"{dead} of {valid.size} units dead, kept as they were; " + note
+    return LayerRecord(name, _class_name(wrapper), before, after, 1, float(np.mean(scale)),
+                       "ok", note)
 
 
 def _bias_free_notes(pairs, measured, estimates) -> None:

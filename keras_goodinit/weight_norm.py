@@ -132,6 +132,29 @@ def _recurrent_cells(layer) -> list | None:
     return None
 
 
+def _bias_offset(cell) -> np.ndarray:
+    """The part of a cell's input bias that the data init keeps, `(gates * units,)`.
+
+    What the cell's bias initializer gives where that is a constant (Zeros,
+    Ones, Constant: Keras' default is zeros), with the forget gate's block at
+    1 where `unit_forget_bias` puts it there (LSTM, ConvLSTM); 0 for a random
+    initializer, whose draw carries no meaning to keep.
+    """
+    size = int(cell.kernel.shape[-1])
+    initializer = cell.bias_initializer
+    offset = np.zeros(size, "float64")
+    # From the config, not a call: inside a traced step a call gives a symbolic tensor.
+    if isinstance(initializer, keras.initializers.Ones):
+        offset[:] = 1.0
+    elif isinstance(initializer, keras.initializers.Constant):
+        offset[:] = np.broadcast_to(np.asarray(initializer.get_config()["value"], "float64"),
+                                    (size,))
+    if getattr(cell, "unit_forget_bias", False):
+        units = size // 4
+        offset[units:2 * units] = 1.0
+    return offset
+
+
 def _wrappable_layout(layer) -> str:
     """The kernel layout of a layer `WeightNormalization` can wrap; raises for others.
 
@@ -407,12 +430,12 @@ class WeightNormalization(keras.layers.Wrapper):
 
     def _check_recurrent(self, layer) -> None:
         """Raises for what a recurrent wrapper cannot do (see the class docstring)."""
-        if self.data_init:
+        if self.data_init and layer is self._cells[0]:
             raise ValueError(
-                "Argument `data_init=True` is not supported for recurrent layers: a gate's "
-                "pre-activation `x W + h U + b` depends on the state h, which the init "
-                "itself changes, so there is no per-unit statistic of one batch to "
-                "normalize; the wrapper keeps g = ||v|| (the standard init's norms). "
+                "Argument `data_init=True` needs the whole sequence, and a wrapped cell sees "
+                "one time step at a time: wrap the RNN layer instead "
+                "(`WeightNormalization(keras.layers.RNN(cell), data_init=True)`), or call "
+                "`weightnorm_data_init(model, x)`, which handles an RNN of a wrapped cell. "
                 f"Received: data_init=True for layer={layer!r}")
         if layer is self._cells[0] and (getattr(layer, "dropout", 0)
                                         or getattr(layer, "recurrent_dropout", 0)):
@@ -451,13 +474,21 @@ class WeightNormalization(keras.layers.Wrapper):
                 trainable=False, aggregation="only_first_replica")
             # Where a forward pass cannot keep an assignment to g and the bias (Keras' JAX
             # trainer), the init goes here, and into g and the bias at the next eager use.
-            self._g_shift = self.add_weight(
-                name="g_shift", shape=self._g.shape, initializer="zeros",
-                dtype=self._g.dtype, trainable=False, aggregation="only_first_replica")
-            bias = getattr(self.layer, "bias", None)
-            self._bias_shift = None if bias is None else self.add_weight(
-                name="bias_shift", shape=bias.shape, initializer="zeros", dtype=bias.dtype,
-                trainable=False, aggregation="only_first_replica")
+            shifts = []  # (variable, its shift), in `_init_targets` order
+            sides = ("", "backward_") if self._cells is not None and len(self._cells) == 2 \
+                else ("",)
+            for side, (g, bias) in zip(sides, self._init_targets()):
+                for kind, variable in (("g", g), ("bias", bias)):
+                    if variable is not None:
+                        shifts.append((variable, self.add_weight(
+                            name=f"{side}{kind}_shift", shape=variable.shape,
+                            initializer="zeros", dtype=variable.dtype, trainable=False,
+                            aggregation="only_first_replica")))
+            # Not tracked: the shifts are tracked as weights; g and the bias belong elsewhere.
+            object.__setattr__(self, "_shifts", tuple(shifts))
+            self._g_shift = shifts[0][1]
+            bias = getattr(self.layer, "bias", None) if self._cells is None else None
+            self._bias_shift = shifts[1][1] if bias is not None else None
             self._shift_pending = False
         self.built = True
 
@@ -481,6 +512,28 @@ class WeightNormalization(keras.layers.Wrapper):
         # Not tracked: the kernels are the wrapped layer's variables, not the wrapper's own.
         object.__setattr__(self, "_gains", tuple(gains))
         self._g = gains[0][1]
+
+    def _init_targets(self) -> list[tuple]:
+        """`(g, bias)` per side that the data init sets; bias None where there is none.
+
+        The layer's: its g and bias. A recurrent layer's, per cell (forward
+        first): the gain of its input kernel and its bias (the recurrent
+        gains are not set).
+        """
+        if self._cells is None:
+            return [(self._g, getattr(self.layer, "bias", None))]
+        step = 2 if self.recurrent else 1
+        return [(self._gains[i * step][1], cell.bias if cell.use_bias else None)
+                for i, cell in enumerate(self._cells)]
+
+    def _shifted(self, variable):
+        """The variable's value plus its data init shift not yet folded into it, if any."""
+        value = variable.value
+        if self.data_init:
+            for target, shift in self._shifts:
+                if target is variable:
+                    return value + shift.value
+        return value
 
     @property
     def g(self) -> keras.Variable:
@@ -512,8 +565,7 @@ class WeightNormalization(keras.layers.Wrapper):
 
     def _effective_g(self):
         """g, plus the init not yet folded into it (`data_init` under a stateless trainer)."""
-        g = self._g.value
-        return g + self._g_shift.value if self.data_init else g
+        return self._shifted(self._g)
 
     def normalized_kernel(self):
         """The effective kernel `g * v / ||v||`, in the variables' dtype."""
@@ -542,13 +594,14 @@ class WeightNormalization(keras.layers.Wrapper):
         """(variable, value) pairs under which the wrapped layer computes this layer."""
         if self._cells is not None:
             with _float32_reads():
-                return [(kernel, self._normalized(kernel.value, g.value))
-                        for kernel, g in self._gains]
-        pairs = [(self.v, self.normalized_kernel())]
-        if self.data_init and self._bias_shift is not None:
+                pairs = [(kernel, self._normalized(kernel.value, self._shifted(g)))
+                         for kernel, g in self._gains]
+        else:
+            pairs = [(self.v, self.normalized_kernel())]
+        if self.data_init:
             with _float32_reads():
-                pairs.append((self.layer.bias,
-                              self.layer.bias.value + self._bias_shift.value))
+                pairs += [(bias, self._shifted(bias)) for _, bias in self._init_targets()
+                          if bias is not None]
         return pairs
 
     def call(self, inputs, *args, training=None, mask=None, **kwargs):
@@ -654,45 +707,53 @@ class WeightNormalization(keras.layers.Wrapper):
 
         backend = keras.backend.backend()
         done = ops.convert_to_tensor(self.initialized)
+
+        def values():
+            return self._data_init_values(self._pre_activation_moments(inputs, args, kwargs))
+
         if in_stateless_scope():
             self._shift_pending = True
 
             def init():
-                g, bias = self._data_init_values(
-                    *self._pre_activation_moments(inputs, args, kwargs))
                 with _float32_reads():
-                    shifts = [g - self._g.value]
-                    if bias is not None:
-                        shifts.append(bias - self.layer.bias.value)
-                return shifts
+                    return [value - variable.value
+                            for (variable, _), value in zip(self._shifts, values())]
 
             def keep():
-                return [s.value for s in (self._g_shift, self._bias_shift) if s is not None]
+                return [shift.value for _, shift in self._shifts]
 
             shifts = ops.cond(done, keep, init)
-            for variable, value in zip((self._g_shift, self._bias_shift), shifts):
-                variable.assign(value)
+            for (_, shift), value in zip(self._shifts, shifts):
+                shift.assign(value)
             self.initialized.assign(True)
             return
         if backend != "tensorflow":
             if not bool(ops.convert_to_numpy(done)):
-                self._assign_data_init(*self._data_init_values(
-                    *self._pre_activation_moments(inputs, args, kwargs)))
+                self._assign_data_init(values())
             return
         from keras_goodinit._backend import tf
 
         context = tf.distribute.get_replica_context()
         if context is None or context.num_replicas_in_sync == 1:
             def init_now():
-                self._assign_data_init(*self._data_init_values(
-                    *self._pre_activation_moments(inputs, args, kwargs)))
+                self._assign_data_init(values())
                 return tf.constant(True)
 
             tf.cond(done, lambda: tf.constant(False), init_now)
             return
+        if self._cells is not None:
+            # Replicas' shares of the unmasked steps differ, so the mean of their moments
+            # is not the batch's: not done rather than done wrong.
+            raise ValueError(
+                "`data_init=True` on a recurrent layer is not supported under a "
+                "tf.distribute strategy with several replicas. Call "
+                "`weightnorm_data_init(model, x)` before `fit` instead (it sets the "
+                "`initialized` flag, so the first batch does not redo it). Received: "
+                f"layer={self.layer.name!r}, "
+                f"num_replicas_in_sync={context.num_replicas_in_sync}")
 
         def local():
-            mean, var = self._pre_activation_moments(inputs, args, kwargs)
+            (mean, var), = self._pre_activation_moments(inputs, args, kwargs)
             return mean, var + ops.square(mean)
 
         cells = self._target().cell_shape(
@@ -701,23 +762,27 @@ class WeightNormalization(keras.layers.Wrapper):
         mean, square = tf.cond(done, lambda: (zeros, zeros), local)
         # Replicas get equal shares of a batch: the mean of their moments is the batch's.
         mean, square = context.all_reduce("MEAN", [mean, square])
-        g, bias = self._data_init_values(mean, square - ops.square(mean))
+        new = self._data_init_values([(mean, square - ops.square(mean))])
         with _float32_reads():
-            g = tf.where(done, self._g.value, g)
-            if bias is not None:
-                bias = tf.where(done, self.layer.bias.value, bias)
-        self._assign_data_init(g, bias)
+            new = [tf.where(done, variable.value, value)
+                   for (variable, _), value in zip(self._shifts, new)]
+        self._assign_data_init(new)
 
     def _target(self):
         from keras_goodinit import _sweep
 
         return _sweep.Target(self, self.layer)
 
-    def _pre_activation_moments(self, inputs, args, kwargs):
-        """Per-unit mean and variance (float64 where the backend has it) of this batch's
-        pre-activation output."""
+    def _pre_activation_moments(self, inputs, args, kwargs) -> list[tuple]:
+        """Per side of `_init_targets`, the per-unit mean and variance (float64 where the
+        backend has it) of this batch's pre-activation output.
+
+        A recurrent layer's: of its input part (`_input_part_moments`).
+        """
         from keras_goodinit import _sweep
 
+        if self._cells is not None:
+            return self._input_part_moments(inputs, kwargs.get("mask"))
         layer, activation = self.layer, self.layer.activation
         layer.activation = keras.activations.linear
         try:
@@ -727,36 +792,102 @@ class WeightNormalization(keras.layers.Wrapper):
         finally:
             layer.activation = activation
         y = ops.stop_gradient(y)
-        return _sweep.moments_of(y, None, self._target().cell_axes(len(y.shape)))
+        return [_sweep.moments_of(y, None, self._target().cell_axes(len(y.shape)))]
 
-    def _data_init_values(self, mean, var):
-        """New g and bias from the pre-activation moments, by `weightnorm_data_init`'s rule."""
+    def _input_part_moments(self, inputs, mask=None) -> list[tuple]:
+        """Per cell (forward first), the per-unit mean and variance of `x_t W + b - o`.
+
+        Over the batch and every time step the mask keeps (and every position
+        of a ConvLSTM's output), with `W = g v/||v||` the effective input
+        kernel, `b` the input bias and `o` the offset the init keeps
+        (`_bias_offset`). `inputs`: the sequence the layer is called on,
+        `(batch, steps, ...)`; `mask`: `(batch, steps)`, or None for the
+        inputs' Keras mask, if any. Without dropout, whatever the mode.
+        """
+        from keras_goodinit import _sweep
+
+        x = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        x = ops.convert_to_tensor(x)
+        if mask is None:
+            mask = _sweep._input_mask(x)
+        if mask is not None:
+            mask = ops.convert_to_tensor(mask, "bool")
+        flat = ops.reshape(x, (-1,) + tuple(x.shape[2:]))  # every step a sample
+        moments = []
+        for cell, (g, bias) in zip(self._cells, self._init_targets()):
+            kernel = cell.kernel
+            with _float32_reads():
+                w = self._normalized(kernel.value, self._shifted(g))
+            w = ops.stop_gradient(w)
+            z = ops.cast(flat, w.dtype)
+            if isinstance(cell, _cell_classes()[-1]):  # ConvLSTM: the cell's own convolution
+                y = cell.input_conv(z, w, padding=cell.padding)
+                if cell.data_format == "channels_first":
+                    y = ops.moveaxis(y, 1, -1)
+            else:
+                y = ops.matmul(z, w)
+            if bias is not None:
+                with _float32_reads():
+                    b = ops.cast(self._input_row(self._shifted(bias)), w.dtype)
+                y = y + ops.stop_gradient(b) - ops.cast(_bias_offset(cell), w.dtype)
+            weights = None
+            if mask is not None:
+                if len(mask.shape) > 2:  # a Masking layer's on a ConvLSTM's input: a step
+                    mask = ops.any(mask, axis=tuple(range(2, len(mask.shape))))  # counts if any
+                weights = ops.reshape(ops.cast(mask, "float32"),
+                                      (-1,) + (1,) * (len(y.shape) - 1))
+            mean, var = _sweep.moments_of(y, weights, tuple(range(len(y.shape) - 1)))
+            moments.append((ops.reshape(mean, (-1,)), ops.reshape(var, (-1,))))
+        return moments
+
+    @staticmethod
+    def _input_row(bias):
+        """The input bias of a cell's bias (a GRU with `reset_after` has two rows)."""
+        return bias[0] if len(bias.shape) == 2 else bias
+
+    def _init_variables(self) -> list:
+        """The variables the data init sets (`_init_targets`, flat: g, bias, g, bias...)."""
+        return [v for pair in self._init_targets() for v in pair if v is not None]
+
+    def _data_init_values(self, moments, states=None) -> list:
+        """New values of the `_init_variables`, in their order, from the pre-activation
+        moments of each side, by `weightnorm_data_init`'s rule; each side's
+        `lsuv._unit_init` state is appended to `states` if given."""
         from keras_goodinit import _sweep, lsuv
 
-        cells = tuple(mean.shape)
-        has_bias = getattr(self.layer, "bias", None) is not None
-        with _float32_reads():
-            g = ops.reshape(ops.cast(self._effective_g(), mean.dtype), cells)
-            bias = None
-            if has_bias:
-                bias = self.layer.bias.value
-                if self._bias_shift is not None:
-                    bias = bias + self._bias_shift.value
-                bias = ops.reshape(ops.cast(bias, mean.dtype), cells)
-        state = lsuv._unit_init(mean, var, _sweep.with_zeros(bias, mean), g,
-                                lsuv._relative_floor(self.layer.compute_dtype),
-                                has_bias=has_bias)
-        new_g = ops.cast(ops.reshape(state["g"], self._g.shape), stored_dtype(self._g))
-        if not has_bias:
-            return new_g, None
-        bias = self.layer.bias
-        return new_g, ops.cast(ops.reshape(state["bias"], bias.shape), stored_dtype(bias))
+        floor = lsuv._relative_floor(self.layer.compute_dtype)
+        cells = self._cells if self._cells is not None else [None]
+        new = []
+        for cell, (g_var, bias_var), (mean, var) in zip(cells, self._init_targets(), moments):
+            shape = tuple(mean.shape)
+            bias = full = None
+            offset = 0.0
+            with _float32_reads():
+                g = ops.reshape(ops.cast(self._shifted(g_var), mean.dtype), shape)
+                if bias_var is not None:
+                    full = ops.cast(self._shifted(bias_var), mean.dtype)
+            if bias_var is not None:
+                if cell is not None:
+                    offset = ops.cast(_bias_offset(cell), mean.dtype)
+                bias = ops.reshape(self._input_row(full) - offset, shape)
+            state = lsuv._unit_init(mean, var, _sweep.with_zeros(bias, mean), g, floor,
+                                    has_bias=bias is not None)
+            if states is not None:
+                states.append(state)
+            new.append(ops.cast(ops.reshape(state["g"], g_var.shape), stored_dtype(g_var)))
+            if bias_var is not None:
+                value = ops.reshape(state["bias"], (-1,)) + offset
+                if len(bias_var.shape) == 2:  # the recurrent row is the recurrent part's
+                    value = ops.stack([value, full[1]])
+                new.append(ops.cast(ops.reshape(value, bias_var.shape),
+                                    stored_dtype(bias_var)))
+        return new
 
-    def _assign_data_init(self, g, bias) -> None:
-        """Assigns g, the bias and the flag (through the strategy's update under TF)."""
-        pairs = [(self._g, g), (self.initialized, ops.convert_to_tensor(True))]
-        if bias is not None:
-            pairs.append((self.layer.bias, bias))
+    def _assign_data_init(self, values) -> None:
+        """Assigns the `_shifts` variables' new values and the flag (through the strategy's
+        update under TF)."""
+        pairs = [(variable, value) for (variable, _), value in zip(self._shifts, values)]
+        pairs.append((self.initialized, ops.convert_to_tensor(True)))
         if keras.backend.backend() != "tensorflow":
             for variable, value in pairs:
                 variable.assign(value)
@@ -774,7 +905,7 @@ class WeightNormalization(keras.layers.Wrapper):
             update, tf.distribute.get_strategy(), [value for _, value in pairs])
 
     def _fold_shift(self) -> None:
-        """Moves an init held in `g_shift`/`bias_shift` into g and the bias, where it can.
+        """Moves an init held in the shifts (`g_shift`...) into g and the bias, where it can.
 
         Only eagerly and outside a stateless scope, where an assignment to g
         is kept; the pair's sum, which the layer computes with, is unchanged.
@@ -785,12 +916,9 @@ class WeightNormalization(keras.layers.Wrapper):
 
         if in_stateless_scope() or not _concrete(self._g_shift):
             return
-        shifts = [(self._g, self._g_shift)]
-        if self._bias_shift is not None:
-            shifts.append((self.layer.bias, self._bias_shift))
         values = [(ops.convert_to_numpy(v.value), ops.convert_to_numpy(s.value))
-                  for v, s in shifts]
-        for (variable, shift), (value, offset) in zip(shifts, values):
+                  for v, s in self._shifts]
+        for (variable, shift), (value, offset) in zip(self._shifts, values):
             if np.any(offset != 0):
                 variable.assign(value + offset)
                 shift.assign(np.zeros_like(offset))

@@ -165,6 +165,98 @@ def fit_with_dropout(bare=True) -> dict:
     return {**facts, "seed": seeds[0], "bare_seed": seeds[-1]}
 
 
+# The data init of a recurrent wrapper: the input part `x_t W + b` of every gate, with
+# the offsets it keeps (LSTM's unit_forget_bias: 1 on the forget gate; zeros otherwise).
+def _offset(cell) -> np.ndarray:
+    size = int(cell.kernel.shape[-1])
+    offset = np.zeros(size)
+    if isinstance(cell, L.LSTMCell) or type(cell).__name__ == "ConvLSTMCell":
+        offset[size // 4:size // 2] = 1.0
+    return offset
+
+
+def _conv_same_1d(x, kernel):
+    """`padding="same"`, stride 1, channels-last 1-D convolution in float64."""
+    taps = kernel.shape[0]
+    pad = np.pad(x, ((0, 0), ((taps - 1) // 2, taps // 2), (0, 0)))
+    return sum(pad[:, k:k + x.shape[1]] @ kernel[k] for k in range(taps))
+
+
+def input_parts(wrapper, x, mask=None) -> list[np.ndarray]:
+    """Per cell, float64 `x_t W + b - offset` at every unmasked (sample, step[, position]),
+    `(positions, gates * units)`, from the wrapper's float32 effective kernel and bias."""
+    keep = np.ones(x.shape[:2], bool) if mask is None else np.asarray(mask, bool)
+    with wrapper.effective_kernel_scope():
+        kernels = [numpy(cell.kernel).astype("float64") for cell in wrapper._cells]
+    parts = []
+    for cell, kernel in zip(wrapper._cells, kernels):
+        flat = x.reshape(-1, *x.shape[2:]).astype("float64")[keep.reshape(-1)]
+        y = _conv_same_1d(flat, kernel) if kernel.ndim == 3 else flat @ kernel
+        if cell.use_bias:
+            bias = numpy(cell.bias).astype("float64")
+            y = y + (bias[0] if bias.ndim == 2 else bias) - _offset(cell)
+        parts.append(y.reshape(-1, y.shape[-1]))
+    return parts
+
+
+def standardization_bound(wrapper, x, parts) -> tuple[float, float]:
+    """Bounds on |mean| and |var - 1| per unit of `input_parts` after the init.
+
+    The init standardizes the same batch, so only rounding is left: float32 entries of
+    `g v/||v||` (a few roundings each), dot products of n = fan-in terms, and float32
+    reductions over the N positions, chained: depth 3 of `reordered`, n the longer sum,
+    at the size of the values m (the mean), or of their squares (the variance, twice:
+    it is quadratic in the entries).
+    """
+    n = max(int(np.prod(wrapper._cells[0].kernel.shape[:-1])), parts[0].shape[0])
+    m = max(magnitude(part) for part in parts)
+    return reordered(3, n, m), 2 * reordered(3, n, m * m)
+
+
+def data_init_pairs(name, masked=False, batch=16, seed=11):
+    """The same model twice, and a batch: one to init in `fit`, one by weightnorm_data_init.
+
+    `masked`: a Masking layer before, and half the samples padded over their last two steps.
+    Inputs are far from zero-mean (as features often are), so the bias has work to do.
+    """
+    factory, shape = CASES[name]
+    x = _inputs(shape, batch=batch, seed=seed) * 2.0 + 1.0
+    mask = None
+    if masked:
+        x[: batch // 2, -2:] = 0.0
+        mask = np.any(x != 0, axis=tuple(range(2, x.ndim)))
+    models = []
+    for _ in range(2):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input(shape)
+        h = L.Masking(0.0)(inputs) if masked else inputs
+        wrapper = WeightNormalization(factory(), data_init=True)
+        model = keras.Model(inputs, L.Dense(1)(L.Flatten()(wrapper(h))))
+        models.append((model, wrapper))
+    return models, x, mask
+
+
+def data_init_in_fit_and_eagerly(name, masked=False) -> dict:
+    """g and the bias after one `fit` step with `data_init=True` (learning rate 0, so the
+    step moves nothing but the init), against `weightnorm_data_init` on the same batch."""
+    from keras_goodinit import weightnorm_data_init
+
+    ((fitted, a), (eager, b)), x, mask = data_init_pairs(name, masked)
+    built = [numpy(v).astype("float64") for v in a._init_variables()]
+    fitted.compile(keras.optimizers.SGD(0.0), "mse")
+    fitted.fit(x, np.zeros((len(x), 1), "float32"), batch_size=len(x), epochs=1,
+               shuffle=False, verbose=0)
+    report = weightnorm_data_init(eager, x, verbose=0)
+    values = [[numpy(v).astype("float64") for v in w._init_variables()] for w in (a, b)]
+    parts = input_parts(a, x, mask)
+    return {"diff": max(float(np.abs(p - q).max()) for p, q in zip(*values)),
+            "scale": max(magnitude(v) for v in values[1]),
+            "bound": standardization_bound(a, x, parts)[0],
+            "flags": [bool(numpy(a.initialized)), bool(numpy(b.initialized))],
+            "status": report[b.name].status,
+            "moved": max(float(np.abs(p - q).max()) for p, q in zip(values[0], built))}
+
+
 # ---------------------------------------------------------------------------------------
 # The worker (run as a script under another backend). JAX compiles every eager RNN call
 # (a scan): a few cases, one of each cell family and the Bidirectional, keep it short.
@@ -188,6 +280,10 @@ if __name__ == "__main__":
     @scenario
     def fit():
         return fit_with_dropout(bare=False)  # the bare layer's seed: TensorFlow's test
+
+    @scenario
+    def data_init():
+        return data_init_in_fit_and_eagerly("LSTM", masked=True)
 
     print("DONE", flush=True)
     sys.exit(0)
@@ -467,12 +563,12 @@ def _rules_see_wrapped_rnns() -> bool:
 @pytest.mark.xfail(not _rules_see_wrapped_rnns(), strict=True,
                    reason="needs the rules.py/_sweep.py change for WeightNormalization(RNN)")
 def test_init_tools_and_signal_report_leave_wrapped_rnns_as_they_are():
-    from keras_goodinit import lsuv_init, mean_field_init, signal_report, weightnorm_data_init
+    # Not weightnorm_data_init: it does the data init of wrapped RNNs (tests below).
+    from keras_goodinit import lsuv_init, mean_field_init, signal_report
 
     x = _inputs((5, 4), batch=16)
     tools = {"mean_field_init": lambda m: mean_field_init(m, verbose=0),
              "lsuv_init": lambda m: lsuv_init(m, x, verbose=0),
-             "weightnorm_data_init": lambda m: weightnorm_data_init(m, x, verbose=0),
              "signal_report": lambda m: signal_report(m, x)}
     for name, tool in tools.items():
         keras.utils.set_random_seed(0)
@@ -484,17 +580,157 @@ def test_init_tools_and_signal_report_leave_wrapped_rnns_as_they_are():
         report = tool(model)
         for value, w in zip(before, recurrent):
             np.testing.assert_array_equal(numpy(w), value, err_msg=f"{name}: {w.path}")
-        if name in ("lsuv_init", "weightnorm_data_init"):
+        if name == "lsuv_init":
             assert report[model.layers[2].name].status == "ok", (name, str(report))
             row = report[model.layers[0].name]
             assert row.status == "skipped" and "recurrent" in row.reason, (name, str(report))
 
 
 # ---------------------------------------------------------------------------------------
+# The data-dependent init (`data_init=True` in fit, `weightnorm_data_init`).
+
+DATA_INIT_CASES = ("SimpleRNN", "LSTM", "GRU", "GRU_reset_before", "ConvLSTM1D",
+                   "Bidirectional")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_steps", "masked"])
+@pytest.mark.parametrize("name", DATA_INIT_CASES)
+def test_data_init_standardizes_every_gates_input_part_per_unit(name, masked):
+    from keras_goodinit import weightnorm_data_init
+
+    ((model, wrapper), _), x, mask = data_init_pairs(name, masked)
+    report = weightnorm_data_init(model, x, verbose=0)
+    assert report[wrapper.name].status == "ok", str(report)
+    parts = input_parts(wrapper, x, mask)
+    mean_bound, var_bound = standardization_bound(wrapper, x, parts)
+    for part in parts:  # each direction of a Bidirectional on its own statistics
+        np.testing.assert_allclose(part.mean(0), 0.0, rtol=0, atol=mean_bound)
+        np.testing.assert_allclose(part.var(0), 1.0, rtol=0, atol=var_bound)
+    if masked:  # the padded steps would move every unit's statistics if they counted
+        everything = input_parts(wrapper, x)
+        assert min(np.abs(p.mean(0)).min() for p in everything) > 100 * mean_bound
+    assert bool(numpy(wrapper.initialized))
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_data_init_keeps_the_forget_bias_the_recurrent_row_and_gains(name):
+    from keras_goodinit import weightnorm_data_init
+
+    ((model, wrapper), _), x, _ = data_init_pairs(name)
+    cell = wrapper._cells[0]
+    kept = {"v": wrapper.v, "recurrent_v": wrapper.recurrent_v,
+            "recurrent_g": wrapper.recurrent_g}
+    before = {key: numpy(v).copy() for key, v in kept.items()}
+    bias_before = numpy(cell.bias).copy()
+    weightnorm_data_init(model, x, verbose=0)
+    for key, variable in kept.items():
+        np.testing.assert_array_equal(numpy(variable), before[key], err_msg=key)
+    (part,) = input_parts(wrapper, x)
+    mean_bound, _ = standardization_bound(wrapper, x, [part])
+    units = cell.units
+    if name == "LSTM":  # x W + b: the forget gate's units average 1 (unit_forget_bias)
+        np.testing.assert_allclose((part + _offset(cell)).mean(0),
+                                   np.repeat([0.0, 1.0, 0.0, 0.0], units), atol=mean_bound)
+    else:  # reset_after: the recurrent bias row, inside the reset gate, is kept
+        np.testing.assert_array_equal(numpy(cell.bias)[1], bias_before[1])
+        assert np.abs(numpy(cell.bias)[0] - bias_before[0]).max() > 0.1
+
+
+@pytest.mark.parametrize("name,masked", [("LSTM", True), ("GRU", False),
+                                         ("Bidirectional", True)])
+def test_the_init_in_fit_sets_what_weightnorm_data_init_sets_on_the_same_batch(name, masked):
+    facts = data_init_in_fit_and_eagerly(name, masked)
+    assert facts["flags"] == [True, True] and facts["status"] == "ok", facts
+    assert facts["moved"] > 0.1, facts  # the init did something
+    # Same float32 statistics of the same batch through two graphs (the train step's and
+    # the eager pass's): rounding order only, at the size of the values.
+    assert facts["diff"] <= facts["bound"] * facts["scale"], facts
+
+
+def test_the_init_in_fit_runs_once_and_a_second_weightnorm_data_init_is_a_no_op():
+    from keras_goodinit import weightnorm_data_init
+
+    ((model, wrapper), _), x, _ = data_init_pairs("LSTM")
+    weightnorm_data_init(model, x, verbose=0)
+    first = [numpy(v).copy() for v in wrapper._init_variables()]
+    # The offset is kept, not added again: the same batch gives the same values.
+    weightnorm_data_init(model, x, verbose=0)
+    for value, variable in zip(first, wrapper._init_variables()):
+        np.testing.assert_allclose(numpy(variable), value, rtol=1e-5, atol=1e-6)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    model.fit(x + 5.0, np.zeros((len(x), 1), "float32"), epochs=1, verbose=0)
+    for value, variable in zip(first, wrapper._init_variables()):  # `initialized` was set
+        np.testing.assert_allclose(numpy(variable), value, rtol=1e-5, atol=1e-6)
+
+
+def test_weightnorm_data_init_does_the_rnn_of_a_wrapped_cell_and_orders_layers():
+    from keras_goodinit import weightnorm_data_init
+
+    keras.utils.set_random_seed(2)
+    x = _inputs((5, 4), batch=16, seed=3) * 2.0 + 1.0
+    model = keras.Sequential([
+        keras.Input((5, 4)), WeightNormalization(L.Dense(4)),
+        L.RNN(WeightNormalization(L.GRUCell(3)), return_sequences=True),
+        L.Bidirectional(WeightNormalization(L.LSTM(3)))])
+    report = weightnorm_data_init(model, x, verbose=0)
+    assert [row.status for row in report.rows] == ["ok"] * 4, str(report)
+    # Each recurrent layer's statistics are of its input after the layers before it were
+    # initialized: recompute them on that input.
+    h = model.layers[0](x)
+    for wrapper, inputs in ((model.layers[1].cell, h),
+                            (model.layers[2].forward_layer, model.layers[1](h))):
+        parts = input_parts(wrapper, numpy(inputs))
+        mean_bound, var_bound = standardization_bound(wrapper, numpy(inputs), parts)
+        for part in parts:
+            np.testing.assert_allclose(part.mean(0), 0.0, atol=mean_bound)
+            np.testing.assert_allclose(part.var(0), 1.0, atol=var_bound)
+
+
+def test_a_failed_weightnorm_data_init_leaves_every_weight_as_it_was(monkeypatch):
+    from keras_goodinit import lsuv, weightnorm_data_init
+
+    ((model, _), _), x, _ = data_init_pairs("Bidirectional")
+    model = keras.Sequential([model.layers[0], model.layers[1],
+                              WeightNormalization(L.LSTM(2, return_sequences=True)),
+                              L.Dense(1)])
+    before = [numpy(w).copy() for w in model.weights]
+    calls = []
+    original = lsuv._recurrent_data_init
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first wrapper is done by now
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lsuv, "_recurrent_data_init", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        weightnorm_data_init(model, x, verbose=0)
+    assert len(calls) == 2
+    for value, w in zip(before, model.weights):
+        np.testing.assert_array_equal(numpy(w), value, err_msg=w.path)
+
+
+def test_data_init_on_a_cell_raises_and_points_at_the_rnn():
+    with pytest.raises(ValueError, match=r"wrap the RNN layer instead.*"
+                                         r"Received: data_init=True"):
+        WeightNormalization(L.LSTMCell(2), data_init=True)
+
+
+def test_weightnorm_data_init_names_a_bad_layers_entry():
+    from keras_goodinit import weightnorm_data_init
+
+    ((model, _), _), x, _ = data_init_pairs("LSTM")
+    with pytest.raises(ValueError, match=r"Received: layers entry 'nope'"):
+        weightnorm_data_init(model, x, layers=["nope"], verbose=0)
+
+
+# ---------------------------------------------------------------------------------------
 # tensorflow-addons' own RNN cases (tensorflow_addons/layers/tests/wrappers_test.py), as
 # this package does them: `remove()` is `bake_weight_norm`, `.h5` weights are
 # `.weights.h5`, and `data_init=True` (TFA: a warning that the paper advises against it,
-# then g rescaled by the statistics of the RNN's output) is a ValueError here.
+# then g rescaled by the statistics of the RNN's output) is the data init of the input part
+# on the first training batch here (tests above).
 TFA_RNNS = {
     "SimpleRNN": (lambda: L.SimpleRNN(1), [10, 10]),
     "LSTM": (lambda: L.LSTM(1), [10, 10]),
@@ -513,11 +749,6 @@ def test_tfa_serialization(name):
 @pytest.mark.parametrize("data_init", [False, True])
 @pytest.mark.parametrize("name,shape", [("SimpleRNN", [None, 10]), ("LSTM", [10, 10])])
 def test_tfa_model_build(name, shape, data_init):
-    if data_init:
-        with pytest.raises(ValueError, match=r"`data_init=True` is not supported for "
-                                             r"recurrent layers.*Received: data_init=True"):
-            WeightNormalization(TFA_RNNS[name][0](), data_init)
-        return
     model = keras.Sequential([keras.Input(shape), WeightNormalization(TFA_RNNS[name][0](),
                                                                       data_init)])
     model.build()
@@ -552,10 +783,6 @@ def test_tfa_forward_pass(name):
 @pytest.mark.parametrize("name", TFA_RNNS)
 def test_tfa_removal(name, data_init):
     factory, shape = TFA_RNNS[name]
-    if data_init:
-        with pytest.raises(ValueError, match=r"data_init=True"):
-            WeightNormalization(factory(), data_init)
-        return
     x = np.ones([1] + shape, dtype=np.float32)
     base = factory()
     model = keras.Sequential([keras.Input(shape), WeightNormalization(base, data_init)])
@@ -694,3 +921,11 @@ def test_other_backends_bake_save_and_fit(workers, backend):
     # wrapper must hand on; PyTorch's dropout keeps no state in the seed (bare layers too).
     if backend == "jax":
         assert fit["seed"] != fit["seed_before"], fit
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_backends_do_the_data_init_in_fit_as_weightnorm_data_init_does(workers, backend):
+    facts = _fact(workers, backend, "data_init")
+    assert facts["flags"] == [True, True] and facts["status"] == "ok", facts
+    assert facts["moved"] > 0.1, facts
+    assert facts["diff"] <= facts["bound"] * facts["scale"], facts

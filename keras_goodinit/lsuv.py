@@ -1039,6 +1039,16 @@ def weightnorm_data_init(
     precision or with subclassed layers), and a layer without a bias says
     by how much it cannot centre its units.
 
+    A weight-normalized recurrent layer (an RNN, a `Bidirectional`, an RNN
+    of a wrapped cell) gets the init `WeightNormalization` describes: each
+    gate's input part `x_t W + b` standardized per unit over the batch and
+    the steps its Keras mask keeps, the bias offsets (`unit_forget_bias`)
+    and the recurrent gains kept. Its output is not an affine map of the
+    new values, so the pass stops at it (one more forward pass per
+    recurrent layer): what feeds it is initialized first, and what it
+    feeds after it. Its row's variances are of that input part, over every
+    unit and step, before and after.
+
     Examples:
 
     >>> from keras_goodinit import WeightNormalization

@@ -283,13 +283,31 @@ class WeightNormalization(keras.layers.Wrapper):
     recurrent kernel. (tensorflow-addons normalized only the cell's
     `recurrent_kernel`, as a single gain per column, and `W` not at all.)
     At build `g = ||v||` and `r = ||u||`, so the wrapped RNN computes what
-    the bare one computes. `data_init=True` raises for recurrent layers: a
-    gate's pre-activation depends on the state, which the init would change,
-    so one batch gives no per-unit statistic of the whole pre-activation to
-    normalize; only the input part `x W` has one, and an init of `g` alone
-    from it is not offered (tensorflow-addons warned that the paper advises
-    against data init for RNNs, then rescaled the recurrent gains by the
-    statistics of the layer's output, tiled over the gates).
+    the bare one computes.
+
+    The data init of a recurrent layer (`data_init=True`, or
+    `weightnorm_data_init`) standardizes the input part of every gate. The
+    whole pre-activation `x_t W + h_{t-1} U + b` has no per-unit statistic
+    one batch could fix, as the state it depends on moves with the init;
+    the input part has: per gate and unit, the mean mu and std sigma of
+    `x_t . v/||v||` over the batch and every time step (every position of a
+    ConvLSTM's output too), leaving out the steps the layer's Keras mask
+    pads, then `g = 1/sigma` and the input bias `b = o - mu/sigma`, so that
+    `x_t W + b - o` has zero mean and unit variance per unit on that batch,
+    without dropout. `o` is the offset the cell's bias carries by design,
+    kept on top: the 1 that `unit_forget_bias` puts on the forget gate
+    (LSTM, ConvLSTM), plus a constant `bias_initializer`'s value (Keras'
+    default is zeros; a random initializer counts as 0). The same batch
+    gives the same values again. A GRU with `reset_after` keeps its second
+    bias row: that recurrent bias sits inside the reset gate's product with
+    `h U`, the recurrent part. The recurrent gains `r` stay as they are:
+    they set the gain of the step-to-step Jacobian, and Salimans & Kingma
+    advise against a data-dependent scale of recurrent weights
+    (tensorflow-addons warned so, then rescaled the recurrent gains by the
+    statistics of the layer's output, tiled over the gates). Each direction
+    of a `Bidirectional` gets the statistics of its own kernel. A wrapped
+    cell sees one step at a time, so `data_init=True` on it raises (wrap
+    the RNN; `weightnorm_data_init` does an RNN of a wrapped cell).
     The wrapper forwards what `keras.layers.RNN` asks of a cell and
     `Bidirectional` of an RNN (`state_size`, `return_sequences`,
     `go_backwards`...), and the wrapped layer's dropout and stateful states
@@ -312,8 +330,12 @@ class WeightNormalization(keras.layers.Wrapper):
     pass assigns: there the init goes into the non-trainable `g_shift` and
     `bias_shift`, which the layer adds to `g` and the bias, and which its
     next eager use (reading `wrapper.g`, calling it, saving, baking) folds
-    into them; the layer computes the same before and after. Statistics
-    count every position of the batch (a Keras mask is not applied). A
+    into them; the layer computes the same before and after. Statistics of
+    a layer that is not recurrent count every position of the batch (a
+    Keras mask is not applied). Recurrent layers under a strategy with
+    several replicas raise instead (their replicas' shares of unmasked
+    steps differ, so the mean of their moments is not the batch's): call
+    `weightnorm_data_init` before `fit` there. A
     wrapper that is quantized or has LoRA enabled does no data init (its
     `g` is frozen, or its output is not linear in `g`).
 
@@ -350,11 +372,23 @@ class WeightNormalization(keras.layers.Wrapper):
     >>> tuple(lstm.g.shape), tuple(lstm.recurrent_g.shape)  # 4 gates x 8 units
     ((32,), (32,))
 
+    >>> rnn = WeightNormalization(keras.layers.LSTM(4), data_init=True)
+    >>> seq = np.random.default_rng(0).normal(1.0, 2.0, size=(16, 5, 3))
+    >>> _ = rnn(seq, training=True)  # the first training batch: init
+    >>> cell = rnn.layer.cell
+    >>> with rnn.effective_kernel_scope():
+    ...     kernel = keras.ops.convert_to_numpy(cell.kernel)
+    >>> part = seq.reshape(-1, 3) @ kernel + keras.ops.convert_to_numpy(cell.bias)
+    >>> np.round(part.mean(0).reshape(4, 4).mean(1), 4)  # per gate: i, f, c, o
+    array([0., 1., 0., 0.])
+    >>> bool(np.allclose(part.std(0), 1, atol=1e-4))
+    True
+
     Args:
         layer: The layer to wrap.
         data_init: Whether to do the data-dependent init on the first
             training batch (see above). Defaults to `False`; `True` raises
-            for recurrent layers.
+            for a recurrent cell on its own (wrap its RNN).
         recurrent: For recurrent layers, whether the recurrent kernel is
             normalized too (see above); `False` is an error for other
             layers. Defaults to `True`.

@@ -21,6 +21,7 @@ import keras
 from keras import ops
 from keras.src.initializers import constant_initializers, random_initializers
 
+from keras_goodinit import rules
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.weight_norm import (
     WeightNormalization,
@@ -57,52 +58,6 @@ def _redraw_cost(initializer) -> int | None:
     return None
 
 
-def _faithful_builds() -> frozenset:
-    """`build` methods known to draw each weight `name` from `layer.<name>_initializer`.
-
-    A layer whose build draws from something else (a cloned or wrapped
-    initializer) would look changed while fresh, so other layers, and
-    subclasses that override `build`, count as "cannot tell".
-    """
-    layers = keras.layers
-    classes = (layers.Dense, layers.EinsumDense, layers.Conv1D, layers.Conv2D, layers.Conv3D,
-               layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose,
-               layers.DepthwiseConv1D, layers.DepthwiseConv2D, layers.SeparableConv1D,
-               layers.SeparableConv2D, layers.BatchNormalization, layers.LayerNormalization,
-               layers.GroupNormalization, layers.Embedding, layers.PReLU,
-               layers.SimpleRNNCell, layers.GRUCell, layers.LSTMCell)
-    return frozenset(cls.build for cls in classes)
-
-
-_FAITHFUL = _faithful_builds()
-
-
-def _initializer_of(layer, variable):
-    """The initializer a layer built `variable` with, or None where that is not known."""
-    if type(layer).build not in _FAITHFUL:
-        return None
-    name = variable.name
-    if name == "bias" and getattr(layer, "unit_forget_bias", False):
-        return None  # LSTMCell builds this bias with a local function, not the attribute.
-    candidates = [f"{name}_initializer"]
-    if name.endswith("_kernel"):  # depthwise_kernel -> depthwise_initializer, ...
-        candidates.append(f"{name[:-len('_kernel')]}_initializer")
-    if name == "kernel" and isinstance(layer, (keras.layers.DepthwiseConv1D,
-                                               keras.layers.DepthwiseConv2D)):
-        candidates = ["depthwise_initializer"]
-    for attribute in candidates:
-        initializer = getattr(layer, attribute, None)
-        if isinstance(initializer, keras.initializers.Initializer):
-            break
-    else:
-        return None
-    if (isinstance(layer, keras.layers.EinsumDense) and name == "kernel"
-            and isinstance(initializer, random_initializers.VarianceScaling)
-            and (initializer.input_axes is None or initializer.output_axes is None)):
-        return None  # EinsumDense.build draws from a copy given the einsum's fan axes.
-    return initializer
-
-
 def _checks(model):
     """(cost, variable, dtype, function returning its build-time value), cheapest first."""
     checks = []
@@ -116,7 +71,9 @@ def _checks(model):
                 checks.append((0, variable, dtype, lambda layer=layer: unit_norms(
                     layer.v.value, layer.layout)))
                 continue
-            initializer = _initializer_of(layer, variable)
+            # What its build drew it from, as the layer's rule knows; None: cannot tell.
+            rule = rules.rule_for(layer)
+            initializer = None if rule is None else rule.build_initializer(layer, variable)
             cost = None if initializer is None else _redraw_cost(initializer)
             if cost is not None:
                 # In the stored dtype, as `add_weight` drew it: a float16 draw is not a

@@ -34,7 +34,7 @@ from keras import ops
 from keras_goodinit import _backend, _graph, rules
 from keras_goodinit._backend import tf  # TensorFlow, imported on first use
 from keras_goodinit._compiled import per_signature
-from keras_goodinit.weight_norm import WeightNormalization, kernel_variable
+from keras_goodinit.weight_norm import WeightNormalization
 
 
 @dataclasses.dataclass(eq=False)
@@ -72,11 +72,14 @@ class Target:
         return isinstance(self.layer, WeightNormalization)
 
     @property
+    def rule(self) -> rules.LayerRule:
+        """The kernel rule of the layer that holds the kernel (`inner`)."""
+        return rules.rule_for(self.inner)
+
+    @property
     def direction_variable(self) -> keras.Variable:
         """The kernel that sets the layer's directions (`v` under weight norm)."""
-        if isinstance(self.inner, (klayers.SeparableConv1D, klayers.SeparableConv2D)):
-            return self.inner.pointwise_kernel
-        return kernel_variable(self.inner)
+        return self.rule.direction_variable(self.inner)
 
     @property
     def scale_variable(self) -> keras.Variable:
@@ -113,7 +116,7 @@ class Target:
 
     @property
     def kernel_layout(self) -> str:
-        return rules.rule_for(self.inner).layout(self.inner)
+        return self.rule.layout(self.inner)
 
     @property
     def bias(self) -> keras.Variable | None:
@@ -121,16 +124,11 @@ class Target:
 
     @property
     def channel_axis(self) -> int:
-        return 1 if getattr(self.inner, "data_format", None) == "channels_first" else -1
+        return rules.channel_axis(self.inner)
 
     def cell_axes(self, rank: int) -> tuple[int, ...]:
         """Output axes along which the bias is constant: statistics per cell suffice."""
-        bias = self.bias
-        if bias is not None and isinstance(self.inner, klayers.EinsumDense):
-            shape = (1,) * (rank - len(bias.shape)) + tuple(bias.shape)
-            return tuple(i for i, d in enumerate(shape) if d == 1)
-        channel = self.channel_axis % rank
-        return tuple(i for i in range(rank) if i != channel)
+        return self.rule.bias_cell_axes(self.inner, rank)
 
     def bias_cells(self, cell_shape: tuple[int, ...]) -> np.ndarray:
         """The bias as float64, in the keepdims shape of per-cell statistics."""
@@ -347,14 +345,12 @@ def find_targets(model: keras.layers.Layer,
     return chosen
 
 
-_RNN_CELLS = (klayers.SimpleRNNCell, klayers.LSTMCell, klayers.GRUCell)
-
-
 def unscalable_layers(model: keras.layers.Layer,
                       targets: Sequence[Target]) -> list[tuple[keras.layers.Layer, str]]:
     """Layers under `model` with trainable weights of their own that are no target, and why.
 
-    Normalization layers are left out: they are not kernels, by design.
+    Normalization layers are left out: they are not kernels, by design. The
+    reason is the layer's rule's (`rules.unscalable_reason`).
     """
     covered = set()
     for target in targets:
@@ -367,18 +363,7 @@ def unscalable_layers(model: keras.layers.Layer,
             continue
         if not getattr(layer, "_trainable_variables", None):
             continue
-        if rule is not None and rule.family == "embedding":
-            reason = ("an embedding lookup, not a linear map of the layer's input: "
-                      "no output variance a kernel scale sets")
-        elif isinstance(layer, WeightNormalization):
-            reason = ("weight-normalized recurrent layer: its gains act through time, so one "
-                      "scale does not set its output variance")
-        elif isinstance(layer, _RNN_CELLS):
-            reason = ("recurrent cell: its kernels act through time, so one scale does not "
-                      "set its output variance")
-        else:
-            reason = f"no kernel the sweep can scale ({type(layer).__name__})"
-        found.append((layer, reason))
+        found.append((layer, rules.unscalable_reason(layer)))
     return found
 
 

@@ -152,6 +152,17 @@ class LayerRule:
     `NotImplementedError`, which the sweep reports as unanalysed), and the
     family's own method (`layout`, `activation`, `terms`, `scale`).
 
+    The sweep that `lsuv_init`, the data-dependent weight-norm init and the
+    diagnostics share reads a kernel layer's rule for which variable to
+    rescale (`direction_variable`) and along which output axes its bias is
+    constant (`bias_cell_axes`). For every layer with weights of its own,
+    `build_initializer` says which initializer its `build` drew each weight
+    from (`LSUVCallback` re-draws it to tell a fresh model from a trained
+    one), and `unscalable_reason` why a layer that is no kernel target is
+    left alone. Their defaults fit a layer with one `kernel` variable and
+    channels on its last (or, under `data_format="channels_first"`, its
+    first) output axis, and say "cannot tell" for any initializer.
+
     Attributes:
         family: `"kernel"`, `"activation"`, `"normalization"`, `"merge"`,
             `"scale"`, `"rearrange"`, `"dropout"`, `"pool"`, `"padding"`,
@@ -167,6 +178,54 @@ class LayerRule:
 
     def layout(self, layer) -> str:
         raise NotImplementedError
+
+    def direction_variable(self, layer) -> keras.Variable:
+        """The kernel variable that sets `layer`'s output directions (a kernel layer).
+
+        Multiplying it by `c` multiplies the layer's output before the bias
+        by `c`: LSUV rescales it, and weight normalization's data init reads
+        it. Default: the layer's `kernel` variable (the base kernel under LoRA).
+        """
+        from keras_goodinit.weight_norm import kernel_variable  # it needs `_layouts`, not us
+
+        return kernel_variable(layer)
+
+    def bias_cell_axes(self, layer, rank: int) -> tuple[int, ...]:
+        """The axes of a rank-`rank` output of `layer` along which its bias is constant.
+
+        The sweep's statistics are taken per cell (over these axes), so that
+        a layer's bias can centre each cell. Default: every axis but the
+        channel axis (`channel_axis`).
+        """
+        channel = channel_axis(layer) % rank
+        return tuple(i for i in range(rank) if i != channel)
+
+    def build_initializer(self, layer, variable: keras.Variable):
+        """The initializer `layer`'s `build` drew `variable` from; None where that is not known.
+
+        `LSUVCallback` calls it again and compares, to tell weights still as
+        built from trained or loaded ones, so it must be exactly what the
+        build called: return None for a weight drawn from a copy, a wrapped
+        initializer or a local function (the weight is then "cannot tell",
+        never "changed"). Default: `layer.<name>_initializer` (or
+        `<stem>_initializer` for a `<stem>_kernel`) where `layer` is built by
+        one of the Keras layers' own `build` methods known to draw from
+        these attributes (`_ATTRIBUTE_BUILDS`); None for any other layer.
+        """
+        name = variable.name
+        names = [f"{name}_initializer"]
+        if name.endswith("_kernel"):  # depthwise_kernel -> depthwise_initializer, ...
+            names.append(f"{name[:-len('_kernel')]}_initializer")
+        return _attribute_initializer(layer, names)
+
+    def unscalable_reason(self, layer) -> str:
+        """Why the sweep cannot set the output variance of `layer`, a layer of this rule
+        with trainable weights of its own that is no kernel target (`lsuv_init` reports it).
+        """
+        if self.family == "embedding":
+            return ("an embedding lookup, not a linear map of the layer's input: "
+                    "no output variance a kernel scale sets")
+        return f"no kernel the sweep can scale ({type(layer).__name__})"
 
     def activation(self, layer) -> tuple[_moments.ActivationSpec | None, str]:
         return None, f"{type(layer).__name__} is no activation"
@@ -244,6 +303,24 @@ def is_kernel(layer) -> bool:
     return rule is not None and rule.family == "kernel"
 
 
+def unscalable_reason(layer) -> str:
+    """`LayerRule.unscalable_reason` from the rule of `layer`'s own class.
+
+    Unlike `rule_for`, a `WeightNormalization` of a layer that is no kernel
+    answers for itself, as the wrapper: its gains are its own weights.
+    """
+    for cls in type(layer).__mro__:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule.unscalable_reason(layer)
+    return LayerRule().unscalable_reason(layer)
+
+
+def channel_axis(layer) -> int:
+    """The channel axis of `layer`'s output: 1 under `data_format="channels_first"`, else -1."""
+    return 1 if getattr(layer, "data_format", None) == "channels_first" else -1
+
+
 def map_shape(shape) -> tuple:
     """The positions of a channels-last tensor: its shape without batch and channel axes."""
     inner = tuple(shape[1:-1])
@@ -302,7 +379,45 @@ def _channels_last(layer) -> bool:
 # --- kernels -------------------------------------------------------------------------------
 
 class KernelRule(LayerRule):
-    """A kernel applied linearly: `E[y^2] = ||w||^2 E[x^2]` per unit, plus the bias."""
+    """A kernel applied linearly: `E[y^2] = ||w||^2 E[x^2]` per unit, plus the bias.
+
+    Register it (or a subclass) for a kernel layer of your own, which
+    applies `self.activation` to its output as Keras' layers do: `lsuv_init`,
+    `mean_field_init` and the diagnostics then treat it as one of theirs.
+    Override `direction_variable` where scaling the `kernel` variable does
+    not scale the output (SeparableConv's rule returns the pointwise
+    kernel), `bias_cell_axes` where the bias is not one value per channel
+    (EinsumDense's rule reads the bias's shape), and `build_initializer`
+    where `LSUVCallback` can re-draw a weight from the initializer its
+    build used.
+
+    Args:
+        layout: How the kernel holds one unit's fan-in vector:
+            `"default"` (all axes but the last), `"conv_transpose"` or
+            `"depthwise"` (see `GoodInit`'s `layout`).
+        conv: `"conv"` or `"transpose"` for a convolution, whose receptive
+            field `taps` averages; None for a map of each position alone.
+
+    Examples:
+
+    >>> class Mixer(keras.layers.Layer):
+    ...     def __init__(self, units, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.units, self.activation = units, keras.activations.linear
+    ...     def build(self, input_shape):
+    ...         self.kernel = self.add_weight((input_shape[-1], self.units), name="kernel")
+    ...         self.mix = self.add_weight((self.units, self.units), name="mix")
+    ...     def call(self, x):
+    ...         return self.activation(ops.matmul(ops.matmul(x, self.kernel), self.mix))
+    >>> class MixerRule(KernelRule):
+    ...     def direction_variable(self, layer):
+    ...         return layer.mix  # LSUV rescales `mix`, and leaves `kernel` as it is
+    >>> _ = register_layer_rule(Mixer, MixerRule())
+    >>> layer = Mixer(4)
+    >>> layer.build((None, 3))
+    >>> rule_for(layer).direction_variable(layer).name
+    'mix'
+    """
 
     family = "kernel"
 
@@ -1264,17 +1379,107 @@ class SoftmaxRule(ActivationRule):
                        scores=dataclasses.replace(scores, stage="weights", visible=visible))]
 
 
+class _SeparableRule(KernelRule):
+    """SeparableConv: a depthwise kernel, then a pointwise one that mixes the channels."""
+
+    def direction_variable(self, layer):
+        # The pointwise kernel sets the output's directions; scaling it scales the output.
+        return layer.pointwise_kernel
+
+
+class _DepthwiseRule(KernelRule):
+    """DepthwiseConv: one kernel per input channel."""
+
+    def build_initializer(self, layer, variable):
+        if variable.name != "kernel":
+            return super().build_initializer(layer, variable)
+        # Keras names the variable `kernel` but its initializer `depthwise_initializer`.
+        return _attribute_initializer(layer, ["depthwise_initializer"])
+
+
+class _EinsumDenseRule(KernelRule):
+    """EinsumDense: its equation places the fan-in axes (`einsum_axes`) and the bias's."""
+
+    def bias_cell_axes(self, layer, rank):
+        bias = getattr(layer, "bias", None)
+        if bias is None:
+            return super().bias_cell_axes(layer, rank)
+        # The bias broadcasts against the output's last axes: constant where it has size 1.
+        shape = (1,) * (rank - len(bias.shape)) + tuple(bias.shape)
+        return tuple(i for i, d in enumerate(shape) if d == 1)
+
+    def build_initializer(self, layer, variable):
+        initializer = super().build_initializer(layer, variable)
+        if (variable.name == "kernel"
+                and isinstance(initializer, keras.initializers.VarianceScaling)
+                and (initializer.input_axes is None or initializer.output_axes is None)):
+            return None  # EinsumDense.build draws from a copy given the einsum's fan axes.
+        return initializer
+
+
+class _RecurrentCellRule(LayerRule):
+    """SimpleRNNCell, LSTMCell, GRUCell: a cell's weights, met inside its RNN layer (whose
+    rule, `_recurrent.RecurrentRule`, follows the moments through time)."""
+
+    def build_initializer(self, layer, variable):
+        if variable.name == "bias" and getattr(layer, "unit_forget_bias", False):
+            return None  # LSTMCell builds this bias with a local function, not the attribute.
+        return super().build_initializer(layer, variable)
+
+    def unscalable_reason(self, layer):
+        return ("recurrent cell: its kernels act through time, so one scale does not "
+                "set its output variance")
+
+
+def _attribute_initializers() -> frozenset:
+    """`build` methods known to draw each weight `name` from `layer.<name>_initializer`.
+
+    A layer whose build draws from something else (a cloned or wrapped
+    initializer) would look changed while fresh, so other layers, and
+    subclasses that override `build`, count as "cannot tell"
+    (`LayerRule.build_initializer`).
+    """
+    classes = (klayers.Dense, klayers.EinsumDense, klayers.Conv1D, klayers.Conv2D,
+               klayers.Conv3D, klayers.Conv1DTranspose, klayers.Conv2DTranspose,
+               klayers.Conv3DTranspose, klayers.DepthwiseConv1D, klayers.DepthwiseConv2D,
+               klayers.SeparableConv1D, klayers.SeparableConv2D, klayers.BatchNormalization,
+               klayers.LayerNormalization, klayers.GroupNormalization, klayers.Embedding,
+               klayers.PReLU, klayers.SimpleRNNCell, klayers.GRUCell, klayers.LSTMCell)
+    return frozenset(cls.build for cls in classes)
+
+
+_ATTRIBUTE_BUILDS = _attribute_initializers()
+
+
+def _attribute_initializer(layer, names):
+    """The first of `layer`'s attributes `names` that holds an initializer, where `layer`'s
+    `build` is one of `_ATTRIBUTE_BUILDS`; else None."""
+    if type(layer).build not in _ATTRIBUTE_BUILDS:
+        return None
+    for name in names:
+        initializer = getattr(layer, name, None)
+        if isinstance(initializer, keras.initializers.Initializer):
+            return initializer
+    return None
+
+
 def _builtin_rules() -> None:
     a = keras.activations
     _RULES[klayers.Dense] = KernelRule()
-    _RULES[klayers.EinsumDense] = KernelRule()  # its fans: `einsum_axes`
-    for cls in (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D, klayers.SeparableConv1D,
-                klayers.SeparableConv2D):
+    _RULES[klayers.EinsumDense] = _EinsumDenseRule()  # its fans: `einsum_axes`
+    for cls in (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D):
         _RULES[cls] = KernelRule("default", "conv")
+    for cls in (klayers.SeparableConv1D, klayers.SeparableConv2D):
+        _RULES[cls] = _SeparableRule("default", "conv")
     for cls in (klayers.Conv1DTranspose, klayers.Conv2DTranspose, klayers.Conv3DTranspose):
         _RULES[cls] = KernelRule("conv_transpose", "transpose")
     for cls in (klayers.DepthwiseConv1D, klayers.DepthwiseConv2D):
-        _RULES[cls] = KernelRule("depthwise", "conv")
+        _RULES[cls] = _DepthwiseRule("depthwise", "conv")
+    # Inside its RNN layer (`_recurrent.RecurrentRule`, one step); called on its own, one step
+    # without moments.
+    cell = _RecurrentCellRule()
+    for cls in (klayers.SimpleRNNCell, klayers.LSTMCell, klayers.GRUCell):
+        _RULES[cls] = cell
     from keras_goodinit.weight_norm import WeightNormalization
     _RULES[WeightNormalization] = _WrappedKernelRule()
 
@@ -1373,6 +1578,18 @@ class _WrappedKernelRule(KernelRule):
 
     def taps(self, layer, power, out_shape, profile=None):
         return rule_for(layer.layer).taps(layer.layer, power, out_shape, profile)
+
+    def direction_variable(self, layer):
+        return rule_for(layer.layer).direction_variable(layer.layer)
+
+    def bias_cell_axes(self, layer, rank):
+        return rule_for(layer.layer).bias_cell_axes(layer.layer, rank)
+
+    def unscalable_reason(self, layer):
+        # A wrapper is a target where it wraps a kernel layer; it wraps nothing else but
+        # recurrent layers and cells (`weight_norm._recurrent_cells`).
+        return ("weight-normalized recurrent layer: its gains act through time, so one "
+                "scale does not set its output variance")
 
 
 _builtin_rules()

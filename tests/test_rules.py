@@ -15,11 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _rounding import magnitude, reordered  # noqa: E402
 from keras import layers, ops  # noqa: E402
 from keras.src.ops import nn as knn  # noqa: E402
 from keras.src.ops import numpy as knp  # noqa: E402
 
-from keras_goodinit import _graph, rules  # noqa: E402
+from keras_goodinit import _graph, lsuv_init, rules  # noqa: E402
 from keras_goodinit.rules import Context, Input, LayerRule, Signal  # noqa: E402
 
 # A handful of float64 operations on values of order 1: a few ulps (2.2e-16 each) apart.
@@ -171,6 +172,52 @@ def test_a_rule_registered_after_flatten_is_seen():
     assert len(_graph.flatten(model).steps) == 3  # block/d, block/add, head
     rules.register_layer_rule(Block, Tripler())
     assert [s.name for s in _graph.flatten(model).steps] == ["block", "head"]
+
+
+class Mixer(layers.Layer):
+    """A user's kernel layer, `x A B + b`: scaling `B` (`mix`) scales its output."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.activation = units, keras.activations.linear
+
+    def build(self, input_shape):
+        normal = keras.initializers.RandomNormal
+        self.kernel = self.add_weight((input_shape[-1], self.units), normal(stddev=1.0, seed=1),
+                                     name="kernel")
+        # Output variance about 16 * 8 * 9: far from the target, so LSUV must rescale.
+        self.mix = self.add_weight((self.units, self.units), normal(stddev=3.0, seed=2),
+                                   name="mix")
+        self.bias = self.add_weight((self.units,), "zeros", name="bias")
+
+    def call(self, x):
+        return self.activation(ops.matmul(ops.matmul(x, self.kernel), self.mix) + self.bias)
+
+
+class MixerRule(rules.KernelRule):
+    def direction_variable(self, layer):
+        return layer.mix
+
+
+def test_lsuv_scales_the_variable_a_user_kernel_rule_names():
+    rules.register_layer_rule(Mixer, MixerRule())
+    x = keras.Input((16,))
+    model = keras.Model(x, Mixer(8, name="mixer")(x))
+    layer = model.get_layer("mixer")
+    kernel = ops.convert_to_numpy(layer.kernel)
+    mix = ops.convert_to_numpy(layer.mix).astype("float64")
+    batch = np.random.default_rng(0).normal(size=(256, 16)).astype("float32")
+    report = lsuv_init(model, batch, pre_init=None, verbose=0)
+    (row,) = report.rows
+    # Measured on the batch by a second pass (a user's layer), within lsuv_init's tol.
+    assert row.status == "ok" and abs(row.var_after - 1.0) <= 0.1, row
+    # The default rule would have scaled `kernel`: it is as built, bit for bit.
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.kernel), kernel)
+    after = ops.convert_to_numpy(layer.mix).astype("float64")
+    c = float(np.sum(after * mix) / np.sum(mix * mix))
+    assert c < 0.5, c
+    # `mix` times one factor: a float32 rounding per rescale (max_iter=10) and one for c.
+    np.testing.assert_allclose(after, c * mix, rtol=0, atol=reordered(11) * magnitude(after))
 
 
 # --- sums --------------------------------------------------------------------------------------

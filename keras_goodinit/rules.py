@@ -186,7 +186,7 @@ class LayerRule:
         by `c`: LSUV rescales it, and weight normalization's data init reads
         it. Default: the layer's `kernel` variable (the base kernel under LoRA).
         """
-        from keras_goodinit.weight_norm import kernel_variable  # it needs `_layouts`, not us
+        from keras_goodinit.weight_norm import kernel_variable  # as `_builtin_rules` does
 
         return kernel_variable(layer)
 

@@ -1431,7 +1431,7 @@ class _RecurrentCellRule(LayerRule):
                 "set its output variance")
 
 
-def _attribute_initializers() -> frozenset:
+def _attribute_builds() -> frozenset:
     """`build` methods known to draw each weight `name` from `layer.<name>_initializer`.
 
     A layer whose build draws from something else (a cloned or wrapped
@@ -1448,7 +1448,7 @@ def _attribute_initializers() -> frozenset:
     return frozenset(cls.build for cls in classes)
 
 
-_ATTRIBUTE_BUILDS = _attribute_initializers()
+_ATTRIBUTE_BUILDS = _attribute_builds()
 
 
 def _attribute_initializer(layer, names):

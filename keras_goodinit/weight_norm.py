@@ -379,7 +379,7 @@ class WeightNormalization(keras.layers.Wrapper):
     >>> with rnn.effective_kernel_scope():
     ...     kernel = keras.ops.convert_to_numpy(cell.kernel)
     >>> part = seq.reshape(-1, 3) @ kernel + keras.ops.convert_to_numpy(cell.bias)
-    >>> np.round(part.mean(0).reshape(4, 4).mean(1), 4)  # per gate: i, f, c, o
+    >>> np.round(part.mean(0).reshape(4, 4).mean(1), 4) + 0.0  # per gate: i, f, c, o
     array([0., 1., 0., 0.])
     >>> bool(np.allclose(part.std(0), 1, atol=1e-4))
     True

@@ -82,6 +82,18 @@ class Target:
         return self.rule.direction_variable(self.inner)
 
     @property
+    def depthwise_variable(self) -> keras.Variable | None:
+        """A depthwise kernel applied before `direction_variable` (SeparableConv's), or None."""
+        return self.rule.depthwise_variable(self.inner)
+
+    @property
+    def fan_axes(self) -> tuple[list[int], list[int]] | None:
+        """(fan-in axes, unit axes) of `direction_variable` where the rule places them (an
+        EinsumDense's equation); None where `kernel_layout` does. Raises a ValueError for
+        an equation without both."""
+        return self.rule.fan_axes(self.inner, len(self.direction_variable.shape))
+
+    @property
     def scale_variable(self) -> keras.Variable:
         """Multiplying this variable by c multiplies the pre-bias output by c (no LoRA)."""
         return self.layer.g if self.is_weight_normalized else self.direction_variable

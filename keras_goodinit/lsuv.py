@@ -21,7 +21,6 @@ from keras_goodinit import (
     _sweep,
     _tables,
     _validate,
-    rules,
 )
 from keras_goodinit.initializers import GoodInit
 from keras_goodinit.report import InitReport, LayerRecord
@@ -910,8 +909,9 @@ def _draw_plan(target):
     variable = target.direction_variable
     shape = tuple(variable.shape)
     inner = target.inner
-    if isinstance(inner, keras.layers.EinsumDense):
-        fan_in, units = rules.einsum_axes(inner.equation, len(shape))
+    axes = target.fan_axes  # where the rule places them (an EinsumDense's equation)
+    if axes is not None:
+        fan_in, units = axes
         sizes = [shape[i] for i in fan_in + units]
         inverse = [int(i) for i in np.argsort(fan_in + units)]
 

@@ -31,7 +31,6 @@ from keras_goodinit.weight_norm import unit_norms
 
 RESIDUAL = ("scaled", "deepnorm", "skipinit", "rezero", "fixup", None)
 CRITERIA = ("unit", "critical")
-_SEPARABLE = (klayers.SeparableConv1D, klayers.SeparableConv2D)
 # A non-homogeneous activation's pre-activations are set to this second moment.
 TARGET_Q = 1.0
 # A measured second moment within this many sampling standard deviations of its
@@ -385,7 +384,7 @@ def mean_field_init(
                      None if rng is None else int(rng.integers(0, 2**31 - 1)))
              for t in targets}
     written = [v for t in targets for v in t.variables()]
-    written += [t.inner.depthwise_kernel for t in targets if isinstance(t.inner, _SEPARABLE)]
+    written += [t.depthwise_variable for t in targets if t.depthwise_variable is not None]
     written += [table.variable for table in plan.tables.values()]
     recurrent = list(plan.recurrent.values()) if distribution is not None else []
     written += [v for layer, _ in recurrent for v in _recurrent.variables(layer)]
@@ -1306,32 +1305,40 @@ def _container(target, graph) -> tuple[str, str]:
 
 
 def _unsupported(target) -> str:
-    if _einsum(target):
-        try:
-            rules.einsum_axes(target.inner.equation, len(target.direction_variable.shape))
-        except ValueError as error:
-            return str(error).split(" Received")[0]
+    try:
+        _rule_axes(target)
+    except ValueError as error:
+        return str(error).split(" Received")[0]
     return ""
 
 
+def _rule_axes(target) -> tuple[list[int], list[int]] | None:
+    """`target.fan_axes` of a kernel of rank > 2 (an EinsumDense's, from its equation);
+    None for a matrix, whose fans the layout gives."""
+    return None if len(target.direction_variable.shape) == 2 else target.fan_axes
+
+
 def _einsum(target) -> bool:
-    """An EinsumDense kernel of rank > 2: its fans come from its equation."""
-    return (isinstance(target.inner, klayers.EinsumDense)
-            and len(target.direction_variable.shape) != 2)
+    """A kernel of rank > 2 whose fans its rule places (an EinsumDense's equation)."""
+    try:
+        return _rule_axes(target) is not None
+    except ValueError:  # fans the equation cannot give: `_unsupported` says so
+        return True
 
 
 def _einsum_view(target) -> tuple[list[int], list[int], tuple[int, int]]:
-    """(fan-in axes, output axes, (C_in, C_out)) of an EinsumDense kernel."""
+    """(fan-in axes, output axes, (C_in, C_out)) of a kernel its rule places the fans of."""
     shape = tuple(target.direction_variable.shape)
-    fan_in, units = rules.einsum_axes(target.inner.equation, len(shape))
+    fan_in, units = target.fan_axes
     return fan_in, units, (math.prod(shape[i] for i in fan_in),
                            math.prod(shape[i] for i in units))
 
 
 def _fan_ratio(target) -> float:
     """C_in / C_out of the layer (for a separable conv, of the whole layer)."""
-    if isinstance(target.inner, _SEPARABLE):
-        return target.inner.depthwise_kernel.shape[-2] / target.direction_variable.shape[-1]
+    depthwise = target.depthwise_variable
+    if depthwise is not None:
+        return depthwise.shape[-2] / target.direction_variable.shape[-1]
     if _einsum(target):
         c_in, c_out = _einsum_view(target)[2]
         return c_in / c_out
@@ -1351,13 +1358,14 @@ def _current_gain(target) -> float:
         norms = ops.convert_to_numpy(unit_norms(target.direction_variable.value,
                                                 target.kernel_layout)).astype(float)
     gain = float(np.mean(norms**2))
-    if isinstance(target.inner, _SEPARABLE):
-        gain *= _depthwise_gain(target.inner)
+    if target.depthwise_variable is not None:
+        gain *= _depthwise_gain(target.depthwise_variable)
     return gain
 
 
-def _depthwise_gain(layer) -> float:
-    norms = ops.convert_to_numpy(unit_norms(layer.depthwise_kernel.value, "depthwise"))
+def _depthwise_gain(depthwise) -> float:
+    """Mean squared unit norm of a depthwise kernel (`LayerRule.depthwise_variable`)."""
+    norms = ops.convert_to_numpy(unit_norms(depthwise.value, "depthwise"))
     return float(np.mean(norms.astype(float) ** 2))
 
 
@@ -1371,7 +1379,7 @@ def _distribution_for(target, distribution):
     """
     if distribution != "delta_orthogonal" or getattr(target.inner, "kernel_size", None) is None:
         return distribution
-    if target.kernel_layout == "depthwise" or isinstance(target.inner, _SEPARABLE):
+    if target.kernel_layout == "depthwise" or target.depthwise_variable is not None:
         return distribution
     c_in, c_out = _layouts.channel_fans(tuple(target.direction_variable.shape),
                                         target.kernel_layout)
@@ -1397,8 +1405,8 @@ def _tap_profile(target, distribution) -> np.ndarray | None:
         return profile
     if distribution is not None:
         return None
-    kernel = inner.depthwise_kernel if isinstance(inner, _SEPARABLE) else \
-        target.direction_variable
+    kernel = target.depthwise_variable
+    kernel = target.direction_variable if kernel is None else kernel  # its taps come first
     energy = np.sum(ops.convert_to_numpy(kernel).astype(float) ** 2, axis=(-2, -1))
     total = float(np.sum(energy))
     return energy / total if energy.shape == size and total > 0 else None
@@ -1417,15 +1425,15 @@ def _write(target, decision: _Decision, distribution, seeds) -> float:
     norm = decision.norm
     distribution = _distribution_for(target, distribution)
     new = norm  # what a draw or a weight-norm `g` guarantees, to rounding
-    if isinstance(target.inner, _SEPARABLE):
-        depthwise = target.inner.depthwise_kernel
+    depthwise = target.depthwise_variable
+    if depthwise is not None:
         if distribution is not None:
             multiplier = depthwise.shape[-1]
             # Unit-norm depthwise vectors (gamma = multiplier gives g = 1 there).
             depthwise.assign(GoodInit("wn_linear", gamma=float(multiplier), layout="depthwise",
                                       distribution=distribution, seed=seeds[1]).draw(
                 tuple(depthwise.shape), depthwise.dtype))
-        norm = norm / math.sqrt(_depthwise_gain(target.inner))
+        norm = norm / math.sqrt(_depthwise_gain(depthwise))
         c_in, c_out = _layouts.channel_fans(tuple(kernel.shape), "default")
         gamma = norm**2 * c_out / c_in
     else:
@@ -1485,8 +1493,8 @@ def _mean_square_norm(target) -> float:
             else _layouts.norm_axes(len(kernel.shape), target.kernel_layout))
     units = math.prod(kernel.shape) // math.prod(kernel.shape[i] for i in axes)
     gain = float(ops.convert_to_numpy(ops.sum(ops.square(ops.cast(kernel, dtype))))) / units
-    if isinstance(target.inner, _SEPARABLE):
-        gain *= _depthwise_gain(target.inner)
+    if target.depthwise_variable is not None:
+        gain *= _depthwise_gain(target.depthwise_variable)
     return gain
 
 

@@ -154,7 +154,10 @@ class LayerRule:
 
     The sweep that `lsuv_init`, the data-dependent weight-norm init and the
     diagnostics share reads a kernel layer's rule for which variable to
-    rescale (`direction_variable`) and along which output axes its bias is
+    rescale (`direction_variable`, after a `depthwise_variable`), which
+    kernel axes hold a unit's fan-in where `layout` does not say
+    (`fan_axes`), whether `WeightNormalization` can wrap it
+    (`weight_norm_refusal`) and along which output axes its bias is
     constant (`bias_cell_axes`). For every layer with weights of its own,
     `build_initializer` says which initializer its `build` drew each weight
     from (`LSUVCallback` re-draws it to tell a fresh model from a trained
@@ -189,6 +192,32 @@ class LayerRule:
         from keras_goodinit.weight_norm import kernel_variable  # as `_builtin_rules` does
 
         return kernel_variable(layer)
+
+    def depthwise_variable(self, layer) -> keras.Variable | None:
+        """A depthwise kernel `layer` applies before `direction_variable`, or None.
+
+        SeparableConv's: its norms multiply the layer's gain, so the
+        analytic init redraws it (unit-norm) and divides it out, and its
+        spatial taps are the layer's receptive field. Default: None.
+        """
+        return None
+
+    def fan_axes(self, layer, rank: int) -> tuple[list[int], list[int]] | None:
+        """(fan-in axes, unit axes) of `layer`'s rank-`rank` kernel where the rule, not
+        the `layout` table, places them; None where `layout` does.
+
+        EinsumDense's equation places them (`einsum_axes`, which raises a
+        ValueError for an equation without both). Default: None.
+        """
+        return None
+
+    def weight_norm_refusal(self, layer) -> str:
+        """Why `WeightNormalization` cannot wrap `layer`, a layer of this kernel rule; "" if
+        it can. It normalizes one kernel variable whose fan-in axes `layout` gives.
+
+        Asked of the layer before it is built. Default: "".
+        """
+        return ""
 
     def bias_cell_axes(self, layer, rank: int) -> tuple[int, ...]:
         """The axes of a rank-`rank` output of `layer` along which its bias is constant.
@@ -386,10 +415,13 @@ class KernelRule(LayerRule):
     `mean_field_init` and the diagnostics then treat it as one of theirs.
     Override `direction_variable` where scaling the `kernel` variable does
     not scale the output (SeparableConv's rule returns the pointwise
-    kernel), `bias_cell_axes` where the bias is not one value per channel
-    (EinsumDense's rule reads the bias's shape), and `build_initializer`
-    where `LSUVCallback` can re-draw a weight from the initializer its
-    build used.
+    kernel), `depthwise_variable` where a depthwise kernel comes first
+    (SeparableConv), `fan_axes` where the layout table does not place the
+    fan-in axes (EinsumDense's equation does), `weight_norm_refusal` where
+    `WeightNormalization` cannot wrap the layer, `bias_cell_axes` where the
+    bias is not one value per channel (EinsumDense's rule reads the bias's
+    shape), and `build_initializer` where `LSUVCallback` can re-draw a
+    weight from the initializer its build used.
 
     Args:
         layout: How the kernel holds one unit's fan-in vector:
@@ -1386,6 +1418,12 @@ class _SeparableRule(KernelRule):
         # The pointwise kernel sets the output's directions; scaling it scales the output.
         return layer.pointwise_kernel
 
+    def depthwise_variable(self, layer):
+        return layer.depthwise_kernel
+
+    def weight_norm_refusal(self, layer):
+        return "two kernels (depthwise, then pointwise)"
+
 
 class _DepthwiseRule(KernelRule):
     """DepthwiseConv: one kernel per input channel."""
@@ -1399,6 +1437,12 @@ class _DepthwiseRule(KernelRule):
 
 class _EinsumDenseRule(KernelRule):
     """EinsumDense: its equation places the fan-in axes (`einsum_axes`) and the bias's."""
+
+    def fan_axes(self, layer, rank):
+        return einsum_axes(layer.equation, rank)
+
+    def weight_norm_refusal(self, layer):
+        return "its equation, not a kernel layout, places the kernel's fan-in axes"
 
     def bias_cell_axes(self, layer, rank):
         bias = getattr(layer, "bias", None)
@@ -1584,6 +1628,15 @@ class _WrappedKernelRule(KernelRule):
 
     def bias_cell_axes(self, layer, rank):
         return rule_for(layer.layer).bias_cell_axes(layer.layer, rank)
+
+    def depthwise_variable(self, layer):
+        return rule_for(layer.layer).depthwise_variable(layer.layer)
+
+    def fan_axes(self, layer, rank):
+        return rule_for(layer.layer).fan_axes(layer.layer, rank)
+
+    def weight_norm_refusal(self, layer):
+        return "already weight-normalized"
 
     def unscalable_reason(self, layer):
         # A wrapper is a target where it wraps a kernel layer; it wraps nothing else but

@@ -158,21 +158,21 @@ def _bias_offset(cell) -> np.ndarray:
 def _wrappable_layout(layer) -> str:
     """The kernel layout of a layer `WeightNormalization` can wrap; raises for others.
 
-    Its rule must be a kernel rule (`_layouts.layout_of`), and its kernel one
-    `kernel` variable whose fan-in axes the layout gives: not a SeparableConv
-    (two kernels), an EinsumDense (its equation places the fan-in axes) or a
-    wrapper already.
+    Its rule must be a kernel rule (`_layouts.layout_of`) that does not
+    refuse the wrapper (`LayerRule.weight_norm_refusal`: SeparableConv's two
+    kernels, EinsumDense's equation, a wrapper already).
     """
-    layers = keras.layers
-    layout = None
-    if not isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D,
-                              layers.EinsumDense, WeightNormalization)):
-        with contextlib.suppress(ValueError):
-            layout = _layouts.layout_of(layer)
-    if layout is None:
+    from keras_goodinit import rules  # rules imports this module
+
+    layout, why = None, ""
+    with contextlib.suppress(ValueError):
+        layout = _layouts.layout_of(layer)
+    if layout is not None:
+        why = rules.rule_for(layer).weight_norm_refusal(layer)
+    if layout is None or why:
         raise ValueError(
-            f"Unsupported layer type {type(layer).__name__}. Supported: {_SUPPORTED}. "
-            f"Received: layer={layer!r}"
+            f"Unsupported layer type {type(layer).__name__}{': ' + why if why else ''}. "
+            f"Supported: {_SUPPORTED}. Received: layer={layer!r}"
         )
     return layout
 

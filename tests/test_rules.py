@@ -20,7 +20,7 @@ from keras import layers, ops  # noqa: E402
 from keras.src.ops import nn as knn  # noqa: E402
 from keras.src.ops import numpy as knp  # noqa: E402
 
-from keras_goodinit import _graph, lsuv_init, rules  # noqa: E402
+from keras_goodinit import WeightNormalization, _graph, lsuv_init, rules  # noqa: E402
 from keras_goodinit.rules import Context, Input, LayerRule, Signal  # noqa: E402
 
 # A handful of float64 operations on values of order 1: a few ulps (2.2e-16 each) apart.
@@ -218,6 +218,73 @@ def test_lsuv_scales_the_variable_a_user_kernel_rule_names():
     assert c < 0.5, c
     # `mix` times one factor: a float32 rounding per rescale (max_iter=10) and one for c.
     np.testing.assert_allclose(after, c * mix, rtol=0, atol=reordered(11) * magnitude(after))
+
+
+def test_kernel_rules_say_what_the_kernel_layout_does_not():
+    x = keras.Input((6, 5, 3))
+    separable = layers.SeparableConv2D(4, 3, depth_multiplier=2)
+    einsum = layers.EinsumDense("abcd,de->abce", (6, 5, 4))
+    dense = layers.Dense(4)
+    keras.Model(x, [separable(x), einsum(x), dense(x)])
+    rule = rules.rule_for(separable)
+    assert rule.direction_variable(separable) is separable.pointwise_kernel
+    assert rule.depthwise_variable(separable) is separable.depthwise_kernel
+    assert rules.rule_for(einsum).fan_axes(einsum, 2) == ([0], [1])
+    assert rules.rule_for(dense).fan_axes(dense, 2) is None
+    assert rules.rule_for(dense).depthwise_variable(dense) is None
+    wrapped = WeightNormalization(layers.Dense(4))
+    assert rules.rule_for(wrapped).weight_norm_refusal(wrapped) == "already weight-normalized"
+
+
+@pytest.mark.parametrize("layer, why", [
+    (layers.SeparableConv2D(4, 3), "two kernels"),
+    (layers.SeparableConv1D(4, 3), "two kernels"),
+    (layers.EinsumDense("ab,bc->ac", 4), "its equation"),
+    (WeightNormalization(layers.Dense(4)), "already weight-normalized"),
+])
+def test_weight_normalization_refuses_what_the_rule_refuses(layer, why):
+    with pytest.raises(ValueError, match=f"Unsupported layer type {type(layer).__name__}: {why}"):
+        WeightNormalization(layer)
+
+
+class Transposed(layers.Layer):
+    """A user's kernel layer whose kernel is `(units, fan_in)`: `x K^T`."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.activation = units, keras.activations.linear
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight((self.units, input_shape[-1]), name="kernel")
+
+    def call(self, x):
+        return self.activation(ops.matmul(x, ops.transpose(self.kernel)))
+
+
+class TransposedRule(rules.KernelRule):
+    def fan_axes(self, layer, rank):
+        return [1], [0]
+
+    def weight_norm_refusal(self, layer):
+        return "its units are the kernel's first axis"
+
+
+def test_a_user_rules_fan_axes_place_the_orthogonal_pre_init():
+    rules.register_layer_rule(Transposed, TransposedRule())
+    x = keras.Input((8,))
+    model = keras.Model(x, Transposed(16, name="t")(x))
+    batch = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+    lsuv_init(model, batch, pre_init="orthogonal", seed=0, verbose=0)
+    kernel = ops.convert_to_numpy(model.get_layer("t").kernel).astype("float64")
+    # Each unit's fan-in vector (a row) is drawn to one norm, then all are scaled by one
+    # factor. Float32 roundings of each row's norm: the draw's normalization (a sum of 8
+    # squares, a square root, a division) and up to 10 rescales (max_iter), 21 in all.
+    # Read as the default layout (units on the last axis), the rows of 8 orthonormal
+    # columns would differ in norm by far more.
+    norms = np.linalg.norm(kernel, axis=1)
+    np.testing.assert_allclose(norms, norms[0], rtol=reordered(21), atol=0)
+    with pytest.raises(ValueError, match="its units are the kernel's first axis"):
+        WeightNormalization(Transposed(4))
 
 
 # --- sums --------------------------------------------------------------------------------------

@@ -58,6 +58,14 @@ def _redraw_cost(initializer) -> int | None:
     return None
 
 
+def _recurrent_gain_kernel(layer, variable):
+    """The kernel whose unit norms `variable`, a gain of a weight-normalized recurrent
+    layer (`recurrent_g`, `backward_g`, ...), started as; None for any other variable."""
+    if not isinstance(layer, WeightNormalization) or layer._cells is None:
+        return None
+    return next((kernel for kernel, g in layer._gains if g is variable), None)
+
+
 def _checks(model):
     """(cost, variable, dtype, function returning its build-time value), cheapest first."""
     checks = []
@@ -70,6 +78,11 @@ def _checks(model):
                 # `g` starts as ||v|| of the current v, whatever drew v.
                 checks.append((0, variable, dtype, lambda layer=layer: unit_norms(
                     layer.v.value, layer.layout)))
+                continue
+            kernel = _recurrent_gain_kernel(layer, variable)
+            if kernel is not None:  # a recurrent wrapper's other gains, alike
+                checks.append((0, variable, dtype, lambda layer=layer, kernel=kernel: unit_norms(
+                    kernel.value, layer.layout)))
                 continue
             # What its build drew it from, as the layer's rule knows; None: cannot tell.
             rule = rules.rule_for(layer)

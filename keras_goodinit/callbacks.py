@@ -23,7 +23,8 @@ def _optimizer_steps(model) -> int:
     return 0 if iterations is None else int(keras.ops.convert_to_numpy(iterations))
 
 
-def _stand_down_reason(model: keras.Model, method: str, layers=None) -> str | None:
+def _stand_down_reason(model: keras.Model, method: str, layers=None,
+                       embeddings: bool = True) -> str | None:
     """Why `LSUVCallback` must not initialize `model`, or None if its weights are fresh."""
     if getattr(model, _DONE, False):
         return "it was already initialized by keras-goodinit"
@@ -38,8 +39,8 @@ def _stand_down_reason(model: keras.Model, method: str, layers=None) -> str | No
                 "built, so the weights were trained, set (set_weights), loaded (load_weights, "
                 "load_model) or initialized since")
     # Fresh weights elsewhere say nothing about a layer the init would overwrite.
-    blind = [t.name for t in written_targets(model, method, layers)
-             if not any(id(v) in checked for v in t.variables())]
+    blind = [name for name, variables in written_targets(model, method, layers, embeddings)
+             if not any(id(v) in checked for v in variables)]
     if blind:
         return (f"no weight of its layer(s) {blind}, which the init would overwrite, can be "
                 "checked (a kernel initializer that draws new values on every call, such as "
@@ -90,8 +91,10 @@ class LSUVCallback(keras.callbacks.Callback):
        (including after `clone_model`, `compile=False` or a custom training
        loop) or trained in any way do not match;
     4. a layer the init would overwrite (for `"lsuv"` every target kernel,
-       for `"weightnorm_data_init"` every `WeightNormalization` layer,
-       within `layers` if given) has no weight that can be checked.
+       recurrent layer and rescaled embedding table, for
+       `"weightnorm_data_init"` every `WeightNormalization` layer, recurrent
+       ones included, within `layers` if given) has no weight that can be
+       checked.
 
     Weights whose initializer draws new values on every call
     (`GoodInit(seed=None)`, a `SeedGenerator` seed, a custom initializer)
@@ -178,7 +181,7 @@ class LSUVCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         self.reason = None if self.force else _stand_down_reason(
-            model, self.method, self.kwargs.get("layers"))
+            model, self.method, self.kwargs.get("layers"), self.kwargs.get("embeddings", True))
         # Workers hold the chief's initial values but re-draw from their own seeds: the
         # chief's verdict is the one that matches the weights, and all must agree on it.
         if not _distribute.chief_decides(self.reason is None, model.weights):

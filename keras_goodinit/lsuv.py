@@ -439,17 +439,30 @@ def _scalable(found):
     return [t for t in found if not t.unscalable_reason()]
 
 
-def written_targets(model: keras.layers.Layer, method: str, layers=None) -> list:
-    """The targets whose weights `method` would write, found as the init finds them.
+def written_targets(model: keras.layers.Layer, method: str, layers=None,
+                    embeddings: bool = True) -> list[tuple[str, list]]:
+    """`(name, variables)` of each layer whose weights `method` would write, found as the
+    init finds them.
 
-    `lsuv_init` writes every scalable target's kernel (or `g`);
-    `weightnorm_data_init` only the weight-normalized ones' `g` and bias.
-    `model` must be built.
+    `lsuv_init` writes every scalable target's kernel (or `g`) and, with
+    `layers` None, each plain recurrent layer's kernels and (with
+    `embeddings`) each embedding table it rescales; `weightnorm_data_init`
+    the weight-normalized targets' `g` and bias, and each weight-normalized
+    recurrent layer's weights. `model` must be built.
     """
-    targets = _scalable(_sweep.find_targets(model, layers))
     if method == "weightnorm_data_init":
-        targets = [t for t in targets if t.is_weight_normalized]
-    return targets
+        rnns, kernel_layers = _wrapped_rnns(model, layers)
+        found = [] if kernel_layers == [] else _sweep.find_targets(model, kernel_layers)
+        return ([(t.name, t.variables()) for t in _scalable(found) if t.is_weight_normalized]
+                + [(wrapper.name, list(wrapper.weights)) for wrapper, _ in rnns])
+    written = [(t.name, t.variables()) for t in _scalable(_sweep.find_targets(model, layers))]
+    if layers is None:
+        written += [(name, _recurrent.variables(rnn))
+                    for rnn, name, _ in _recurrent.model_layers(model)]
+        if embeddings:  # which tables, not their factors: any target will do
+            written += [(table.name, [table.variable])
+                        for table in _planned_tables(model, 1.0).values()]
+    return written
 
 
 def _skipped(name, class_name, reason) -> LayerRecord:

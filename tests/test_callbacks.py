@@ -19,7 +19,8 @@ from _training import Peek, frozen_body_trained_head, same, values  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 from keras_goodinit import GoodInit, LSUVCallback, WeightNormalization, lsuv_init  # noqa: E402
-from keras_goodinit._freshness import first_changed  # noqa: E402
+from keras_goodinit._freshness import first_changed, verify  # noqa: E402
+from keras_goodinit.lsuv import written_targets  # noqa: E402
 
 X = np.random.default_rng(0).normal(size=(64, 16)).astype("float32") * 3.0
 Y = np.random.default_rng(1).normal(size=(64, 4)).astype("float32")
@@ -380,3 +381,96 @@ def test_force_true_resets_the_optimizers_steps_and_moments():
     assert init.report is not None
     assert seen["steps"] == 0 and max(seen["slots"]) == 0.0
     assert seen["learning_rate"] == pytest.approx(1e-2)
+
+
+# ----------------------------------------------------------------------------
+# Recurrent layers: the init overwrites them too, so the check covers them.
+
+SEQ = np.random.default_rng(2).normal(size=(32, 6, 16)).astype("float32")
+
+
+def _recurrent_model(seed, recurrent, body_trainable=True):
+    keras.utils.set_random_seed(seed)
+    body = L.Dense(16, name="body_dense", trainable=body_trainable)
+    model = keras.Sequential([keras.Input((6, 16)), body, recurrent], name="seq")
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    return model
+
+
+def _fit_sequences(model, callbacks=()):
+    model.fit(SEQ, Y[:32], batch_size=16, epochs=1, verbose=0, callbacks=list(callbacks))
+
+
+def _wn_lstm():
+    return WeightNormalization(L.LSTM(4), name="wn_lstm")
+
+
+def test_a_trained_weight_normalized_lstm_makes_the_data_init_stand_down():
+    fresh = _recurrent_model(0, _wn_lstm())
+    assert "wn_lstm" in [name for name, _ in written_targets(fresh, "weightnorm_data_init")]
+    _fit_sequences(fresh)
+    _fit_sequences(fresh)
+    trained = values(fresh)
+    model = _recurrent_model(1, _wn_lstm())
+    model.set_weights(trained)
+    init, peek = LSUVCallback(SEQ, method="weightnorm_data_init", verbose=0), Peek()
+    _fit_sequences(model, [init, peek])
+    assert_stood_down(init, peek, trained)
+
+
+def test_every_gain_of_a_weight_normalized_recurrent_layer_is_checked():
+    # Each gain (input and recurrent, forward and backward) starts as ||v|| of its kernel,
+    # so each one tells a change, not only the forward input gain `g`.
+    model = _recurrent_model(0, WeightNormalization(L.Bidirectional(L.LSTM(4)), name="wn"))
+    wrapper = model.get_layer("wn")
+    gains = [g for _, g in wrapper._gains]
+    assert len(gains) == 4
+    changed, checked = verify(model)
+    assert changed is None and all(id(g) in checked for g in gains)
+    gains[-1].assign(gains[-1] * 1.5)  # backward recurrent_g
+    assert first_changed(model)[0] == gains[-1].path
+
+
+def test_a_trained_lstm_that_cannot_be_checked_is_not_redrawn_by_lsuv():
+    # lsuv_init also fits plain recurrent layers: a trained one whose weights cannot be
+    # checked (unseeded GoodInit kernels, no bias), after a fresh frozen body, must not
+    # be overwritten on the strength of the body's fresh weights.
+    def lstm():
+        return L.LSTM(4, kernel_initializer=GoodInit("wn_linear"),
+                      recurrent_initializer=GoodInit("wn_linear"), use_bias=False, name="lstm")
+
+    model = _recurrent_model(0, lstm(), body_trainable=False)
+    assert "lstm" in [name for name, _ in written_targets(model, "lsuv")]
+    _fit_sequences(model)
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)  # steps back at 0
+    trained = values(model)
+    assert first_changed(model) == (None, 2)  # the body is fresh: its weights say nothing
+    init, peek = LSUVCallback(SEQ, verbose=0), Peek()
+    _fit_sequences(model, [init, peek])
+    assert init.report is None and "['lstm']" in init.reason
+    assert same(peek.weights, trained)
+
+
+def test_a_trained_embedding_table_that_cannot_be_checked_is_not_rescaled_by_lsuv():
+    # lsuv_init rescales embedding tables (embeddings=True): one drawn from a SeedGenerator
+    # cannot be checked, so a fresh frozen layer after it must not vouch for it.
+    keras.utils.set_random_seed(0)
+    table = keras.initializers.RandomNormal(seed=keras.random.SeedGenerator(0))
+    model = keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        L.Embedding(10, 16, embeddings_initializer=table, name="embed"),
+        L.Dense(4, name="frozen_dense", trainable=False),
+    ])
+    tokens = np.random.default_rng(3).integers(0, 10, size=(32, 6)).astype("int32")
+    targets = np.random.default_rng(4).normal(size=(32, 6, 4)).astype("float32")
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)
+    model.fit(tokens, targets, batch_size=16, epochs=1, verbose=0)
+    model.compile(keras.optimizers.Adam(1e-2), "mse", jit_compile=False)  # steps back at 0
+    trained = values(model)
+    assert first_changed(model) == (None, 2)  # the frozen Dense: fresh, says nothing
+    assert "embed" in [name for name, _ in written_targets(model, "lsuv")]
+    assert "embed" not in [name for name, _ in written_targets(model, "lsuv", embeddings=False)]
+    init, peek = LSUVCallback(tokens, verbose=0), Peek()
+    model.fit(tokens, targets, batch_size=16, epochs=1, verbose=0, callbacks=[init, peek])
+    assert init.report is None and "['embed']" in init.reason
+    assert same(peek.weights, trained)

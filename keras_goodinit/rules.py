@@ -219,6 +219,13 @@ class LayerRule:
         """
         return ""
 
+    def per_position(self, layer) -> bool:
+        """Whether `layer` maps each position (token) of its input on its own, so that the
+        cross moment between positions scales as the second moment does (the attention
+        rules read it). Default: False, which follows no cross moment.
+        """
+        return False
+
     def bias_cell_axes(self, layer, rank: int) -> tuple[int, ...]:
         """The axes of a rank-`rank` output of `layer` along which its bias is constant.
 
@@ -1411,6 +1418,13 @@ class SoftmaxRule(ActivationRule):
                        scores=dataclasses.replace(scores, stage="weights", visible=visible))]
 
 
+class _DenseRule(KernelRule):
+    """Dense: a map of each position alone."""
+
+    def per_position(self, layer):
+        return True
+
+
 class _SeparableRule(KernelRule):
     """SeparableConv: a depthwise kernel, then a pointwise one that mixes the channels."""
 
@@ -1440,6 +1454,16 @@ class _EinsumDenseRule(KernelRule):
 
     def fan_axes(self, layer, rank):
         return einsum_axes(layer.equation, rank)
+
+    def per_position(self, layer):
+        # Position-wise where the input's position axis (its second letter, or `...`) is
+        # carried to the output's and not contracted with the kernel.
+        inputs, output = layer.equation.split("->")
+        letters = inputs.split(",")[0]
+        if letters.startswith("...") or len(letters) < 3:
+            return letters.startswith("...") or len(letters) == 2
+        return len(output) > 1 and output[1] == letters[1] and letters[1] not in (
+            inputs.split(",")[1])
 
     def weight_norm_refusal(self, layer):
         return "its equation, not a kernel layout, places the kernel's fan-in axes"
@@ -1509,7 +1533,7 @@ def _attribute_initializer(layer, names):
 
 def _builtin_rules() -> None:
     a = keras.activations
-    _RULES[klayers.Dense] = KernelRule()
+    _RULES[klayers.Dense] = _DenseRule()
     _RULES[klayers.EinsumDense] = _EinsumDenseRule()  # its fans: `einsum_axes`
     for cls in (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D):
         _RULES[cls] = KernelRule("default", "conv")
@@ -1635,6 +1659,9 @@ class _WrappedKernelRule(KernelRule):
     def fan_axes(self, layer, rank):
         return rule_for(layer.layer).fan_axes(layer.layer, rank)
 
+    def per_position(self, layer):
+        return rule_for(layer.layer).per_position(layer.layer)
+
     def weight_norm_refusal(self, layer):
         return "already weight-normalized"
 
@@ -1649,19 +1676,9 @@ _builtin_rules()
 
 
 def per_position(layer) -> bool:
-    """A kernel layer that maps each position on its own (Dense, a position-wise EinsumDense):
-    the cross moment between positions scales as the second moment does."""
-    inner = getattr(layer, "layer", layer)  # WeightNormalization
-    if isinstance(inner, klayers.Dense):
-        return True
-    if isinstance(inner, klayers.EinsumDense):
-        inputs, output = inner.equation.split("->")
-        letters = inputs.split(",")[0]
-        if letters.startswith("...") or len(letters) < 3:
-            return letters.startswith("...") or len(letters) == 2
-        return len(output) > 1 and output[1] == letters[1] and letters[1] not in (
-            inputs.split(",")[1])
-    return False
+    """`LayerRule.per_position` from `layer`'s rule (False for a layer without one)."""
+    rule = rule_for(layer)
+    return rule is not None and rule.per_position(layer)
 
 
 def measured_cross(array: np.ndarray) -> float:

@@ -236,6 +236,30 @@ def test_kernel_rules_say_what_the_kernel_layout_does_not():
     assert rules.rule_for(wrapped).weight_norm_refusal(wrapped) == "already weight-normalized"
 
 
+@pytest.mark.parametrize("layer, expected", [
+    (layers.Dense(4), True),
+    (WeightNormalization(layers.Dense(4)), True),
+    (layers.EinsumDense("abc,cd->abd", (None, 4)), True),  # each position on its own
+    (layers.EinsumDense("abc,bd->acd", (None, 4)), False),  # contracts the positions
+    (layers.Conv1D(4, 3), False),
+    (layers.ReLU(), False),
+])
+def test_per_position_is_the_rules(layer, expected):
+    assert rules.per_position(layer) is expected
+
+
+def test_a_user_rule_says_its_layer_is_per_position():
+    rules.register_layer_rule(Mixer, MixerRule())
+    assert not rules.per_position(Mixer(4))
+
+    class PositionwiseMixerRule(MixerRule):
+        def per_position(self, layer):
+            return True
+
+    rules.register_layer_rule(Mixer, PositionwiseMixerRule())
+    assert rules.per_position(Mixer(4))
+
+
 @pytest.mark.parametrize("layer, why", [
     (layers.SeparableConv2D(4, 3), "two kernels"),
     (layers.SeparableConv1D(4, 3), "two kernels"),

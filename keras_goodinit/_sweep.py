@@ -82,6 +82,11 @@ class Target:
         return self.rule.direction_variable(self.inner)
 
     @property
+    def is_convolution(self) -> bool:
+        """Its rule averages a receptive field (`KernelRule.conv`): it has spatial taps."""
+        return getattr(self.rule, "conv", None) is not None
+
+    @property
     def depthwise_variable(self) -> keras.Variable | None:
         """A depthwise kernel applied before `direction_variable` (SeparableConv's), or None."""
         return self.rule.depthwise_variable(self.inner)

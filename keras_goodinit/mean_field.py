@@ -1377,7 +1377,7 @@ def _distribution_for(target, distribution):
     copies of those few signals, unequal across units and blind to the
     neighbourhood. An orthogonal kernel over all the taps embeds the patch.
     """
-    if distribution != "delta_orthogonal" or getattr(target.inner, "kernel_size", None) is None:
+    if distribution != "delta_orthogonal" or not target.is_convolution:
         return distribution
     if target.kernel_layout == "depthwise" or target.depthwise_variable is not None:
         return distribution
@@ -1393,11 +1393,9 @@ def _tap_profile(target, distribution) -> np.ndarray | None:
     delta-orthogonal ones hold it all at the centre `(k - 1) // 2`; kept
     directions (`distribution=None`) keep the kernel's own profile.
     """
-    inner = target.inner
-    size = getattr(inner, "kernel_size", None)
-    if size is None:  # not a convolution
+    if not target.is_convolution:
         return None
-    size = tuple(size)
+    size = tuple(target.inner.kernel_size)
     distribution = _distribution_for(target, distribution)
     if distribution == "delta_orthogonal":
         profile = np.zeros(size)

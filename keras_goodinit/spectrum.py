@@ -59,6 +59,11 @@ class JacobianSpectrum:
         out_dim: Size of one example of the output (flattened).
         output: The name of the layer whose output the Jacobian is of.
         training: The mode of the forward pass.
+        note: Why a statistic is not finite, or "": an example whose Jacobian
+            has an infinite or NaN entry (the forward or backward pass
+            overflowed) has NaN singular values and spread, and makes
+            `mean_squared` infinite; the spread's median and the quantiles
+            are then those of the finite examples (NaN if there are none).
     """
 
     singular_values: np.ndarray = dataclasses.field(repr=False)
@@ -70,6 +75,7 @@ class JacobianSpectrum:
     out_dim: int
     output: str
     training: bool = False
+    note: str = ""
 
     def summary(self) -> str:
         """One paragraph: what the Jacobian is of, its mean squared singular value and spread."""
@@ -81,7 +87,7 @@ class JacobianSpectrum:
             f"value {self.mean_squared:.4g} (1 for an isometry); spread (max/min of the "
             f"largest 90%) median {self.spread:.4g}, range "
             f"{np.min(self.spreads):.4g} to {np.max(self.spreads):.4g}; singular value "
-            f"quantiles {levels}.")
+            f"quantiles {levels}." + (f" {self.note}" if self.note else ""))
 
     def __str__(self) -> str:
         return self.summary()
@@ -91,7 +97,8 @@ class JacobianSpectrum:
         from keras_goodinit.report import json_safe
 
         return {"output": self.output, "in_dim": self.in_dim, "out_dim": self.out_dim,
-                "training": self.training, "mean_squared": json_safe(self.mean_squared),
+                "training": self.training, "note": self.note,
+                "mean_squared": json_safe(self.mean_squared),
                 "spread": json_safe(self.spread),
                 "quantiles": {str(q): json_safe(v) for q, v in self.quantiles.items()}}
 
@@ -218,7 +225,12 @@ def jacobian_spectrum(
         model(x[:1], training=False)
     target = _target(model, output)
     jacobian = _jacobian(model, target, x, training)
-    values = np.linalg.svd(jacobian, compute_uv=False)  # (batch, k), decreasing
+    # An overflowed pass leaves inf or NaN entries, which the SVD cannot take: those
+    # examples get NaN singular values, and the note says so.
+    finite = np.all(np.isfinite(jacobian), axis=(1, 2))
+    values = np.full((jacobian.shape[0], min(jacobian.shape[1:])), np.nan)
+    if finite.any():
+        values[finite] = np.linalg.svd(jacobian[finite], compute_uv=False)  # decreasing
     return _spectrum(values, jacobian.shape[2], jacobian.shape[1], target.name, training)
 
 
@@ -490,13 +502,20 @@ def _spectrum(values: np.ndarray, in_dim: int, out_dim: int, output: str,
               training: bool) -> JacobianSpectrum:
     """The statistics of singular values `(batch, k)`, each row decreasing."""
     kept = max(1, math.ceil(_KEPT * values.shape[1]))
+    finite = ~np.isnan(values[:, 0])
     with np.errstate(divide="ignore", invalid="ignore"):
         spreads = np.where(values[:, kept - 1] > 0, values[:, 0] / values[:, kept - 1], np.inf)
-    pooled = values.ravel()
+    spreads[~finite] = np.nan
+    pooled = values[finite].ravel()
+    note = "" if finite.all() else (
+        f"{int(np.sum(~finite))} of {len(values)} examples' Jacobians are not finite (the "
+        "pass overflowed): their gain is beyond float range, so mean_squared is inf; the "
+        "spread and quantiles are the finite examples'.")
     return JacobianSpectrum(
         singular_values=values,
-        mean_squared=float(np.mean(values**2)),
-        spread=float(np.median(spreads)),
+        mean_squared=float(np.mean(values**2)) if finite.all() else math.inf,
+        spread=float(np.median(spreads[finite])) if finite.any() else math.nan,
         spreads=spreads,
-        quantiles={q: float(np.quantile(pooled, q)) for q in _QUANTILES},
-        in_dim=in_dim, out_dim=out_dim, output=output, training=training)
+        quantiles={q: float(np.quantile(pooled, q)) if pooled.size else math.nan
+                   for q in _QUANTILES},
+        in_dim=in_dim, out_dim=out_dim, output=output, training=training, note=note)

@@ -253,3 +253,43 @@ def test_a_batch_goes_through_in_chunks_with_the_same_result():
     parts = np.concatenate([jacobian_spectrum(model, x[:7]).singular_values,
                             jacobian_spectrum(model, x[7:]).singular_values])
     np.testing.assert_allclose(whole, parts, rtol=0, atol=reordered(2 * 5, 32))
+
+
+def test_an_overflowed_jacobian_is_reported_not_raised(tmp_path):
+    # Two layers of gain 1e30 per entry: the forward pass overflows float32 (max 3.4e38), so
+    # the Jacobian has inf or NaN entries. The SVD cannot take them: the spectrum says so
+    # (mean square inf, a note) instead of failing, and keeps the finite examples' figures.
+    width = 4
+    big = keras.initializers.Constant(1e30)
+    model = keras.Sequential([keras.Input((width,)),
+                              keras.layers.Dense(width, kernel_initializer=big, name="a"),
+                              keras.layers.Dense(width, kernel_initializer=big, name="b")])
+    x = _batch((3, width))
+    x[0] = 0.0  # a zero example still overflows in the Jacobian (1e30 * 1e30 per entry)
+    spectrum = jacobian_spectrum(model, x)
+    assert spectrum.mean_squared == math.inf
+    assert math.isnan(spectrum.spread) and np.all(np.isnan(spectrum.singular_values))
+    assert "3 of 3 examples' Jacobians are not finite" in spectrum.note
+    assert spectrum.note in spectrum.summary()
+    assert spectrum.to_dict()["note"] == spectrum.note
+    spectrum.plot().figure.savefig(tmp_path / "empty.png")
+    # A healthy model has no note.
+    assert jacobian_spectrum(_chain(width, 2, _orthogonal), x).note == ""
+
+
+def test_the_finite_examples_keep_their_figures_beside_an_overflowed_one():
+    # exp after an orthogonal kernel: at x = 0 the Jacobian is the kernel itself (every
+    # singular value 1, up to the float32 QR's orthogonality error: a rounding per entry of
+    # a width-long sum, `reordered(width)`); at x = 200 the pre-activations
+    # reach hundreds and exp overflows float32 (above 88.7), so that example is not finite.
+    width = 4
+    model = _chain(width, 1, _orthogonal, activation="exponential")
+    x = np.zeros((2, width), "float32")
+    x[1] = 200.0
+    spectrum = jacobian_spectrum(model, x)
+    assert spectrum.mean_squared == math.inf
+    assert "1 of 2 examples' Jacobians are not finite" in spectrum.note
+    assert np.all(np.isnan(spectrum.singular_values[1]))
+    np.testing.assert_allclose(spectrum.singular_values[0], 1.0, atol=reordered(width))
+    assert spectrum.spread == pytest.approx(1.0, abs=2 * reordered(width))
+    assert spectrum.quantiles[0.5] == pytest.approx(1.0, abs=reordered(width))

@@ -80,7 +80,8 @@ flags.DEFINE_float("lr0", 0.1, "SGD (momentum 0.9) runs at learning rate lr0 / d
                    "the stable step shrinks like 1 / depth.")
 flags.DEFINE_integer("width", 64, "Units of the MLPs and of the ResNet's stream.")
 flags.DEFINE_integer("channels", 8, "Channels of the CNN.")
-flags.DEFINE_float("q_star", 0.01, "tanh's fixed point on the critical line.")
+_DEFAULT_Q_STAR = 0.01
+flags.DEFINE_float("q_star", _DEFAULT_Q_STAR, "tanh's fixed point on the critical line.")
 flags.DEFINE_float("q_star_depth", None, "If set, q* = q_star_depth / depth instead of "
                    "--q_star: the Jacobian's spread grows with depth x q* (Pennington et al. "
                    "2017), so q* ~ 1/depth keeps it bounded.")
@@ -193,13 +194,22 @@ def _setting(net: str, init: str) -> str:
     """How the run differs from the defaults, where it does ("" if not): part of its label."""
     if not net.startswith("tanh"):
         return ""
-    parts = [] if FLAGS.q_star_depth is None or init != "critical" else [
-        f"q* = {FLAGS.q_star_depth:g}/depth"]
+    parts = []
+    if init == "critical" and FLAGS.q_star_depth is not None:
+        parts = [f"q* = {FLAGS.q_star_depth:g}/depth"]
+    elif init == "critical" and FLAGS.q_star != _DEFAULT_Q_STAR:
+        parts = [f"q* = {FLAGS.q_star:g}"]
     return ", ".join(parts + ([] if FLAGS.bias else ["no bias"]))
 
 
 def _label(row: dict) -> str:
     return row["init"] + (f" ({row['setting']})" if row.get("setting") else "")
+
+
+def _order(net: str, label: str) -> int:
+    """Where a label's init stands among its network's (rows from elsewhere go last)."""
+    init = label.split(" (")[0]
+    return NETS[net].index(init) if init in NETS.get(net, ()) else len(NETS.get(net, ()))
 
 
 def _reset_optimizer(model) -> None:
@@ -328,7 +338,7 @@ def plot(rows: list, path: str) -> None:
     fig, axes = plt.subplots(1, len(nets), figsize=(4 * len(nets), 3.4), squeeze=False)
     for ax, net in zip(axes[0], nets):
         labels = sorted({_label(r) for r in rows if r["net"] == net},
-                        key=lambda label: (NETS[net].index(label.split(" (")[0]), label))
+                        key=lambda label: (_order(net, label), label))
         for init in labels:
             mine = [r for r in rows if r["net"] == net and _label(r) == init]
             depths = sorted({r["depth"] for r in mine})

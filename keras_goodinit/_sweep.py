@@ -79,7 +79,8 @@ class Target:
     @property
     def direction_variable(self) -> keras.Variable:
         """The kernel that sets the layer's directions (`v` under weight norm)."""
-        return self.rule.direction_variable(self.inner)
+        # The layer's own rule: a wrapper's says `v`, whatever the wrapped layer's says.
+        return rules.rule_for(self.layer).direction_variable(self.layer)
 
     @property
     def is_convolution(self) -> bool:
@@ -96,7 +97,7 @@ class Target:
         """(fan-in axes, unit axes) of `direction_variable` where the rule places them (an
         EinsumDense's equation); None where `kernel_layout` does. Raises a ValueError for
         an equation without both."""
-        return self.rule.fan_axes(self.inner, len(self.direction_variable.shape))
+        return rules.rule_for(self.layer).fan_axes(self.layer, len(self.direction_variable.shape))
 
     @property
     def scale_variable(self) -> keras.Variable:

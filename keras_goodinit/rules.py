@@ -187,11 +187,21 @@ class LayerRule:
 
         Multiplying it by `c` multiplies the layer's output before the bias
         by `c`: LSUV rescales it, and weight normalization's data init reads
-        it. Default: the layer's `kernel` variable (the base kernel under LoRA).
+        it. Default: the layer's `kernel` variable (the base kernel under LoRA);
+        a ValueError for a layer without one.
         """
         from keras_goodinit.weight_norm import kernel_variable  # as `_builtin_rules` does
 
-        return kernel_variable(layer)
+        try:
+            return kernel_variable(layer)
+        except AttributeError as error:
+            # A subclass of SeparableConv (pointwise_kernel) given a plain KernelRule, say.
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) has no `kernel` variable "
+                f"for its rule ({type(self).__name__}) to rescale: override the rule's "
+                "`direction_variable`, or, for a subclass of a Keras layer, register a "
+                "subclass of that layer's built-in rule (e.g. `rules.SeparableConvRule`). "
+                f"Received: layer={layer.name!r}") from error
 
     def depthwise_variable(self, layer) -> keras.Variable | None:
         """A depthwise kernel `layer` applies before `direction_variable`, or None.
@@ -1418,15 +1428,45 @@ class SoftmaxRule(ActivationRule):
                        scores=dataclasses.replace(scores, stage="weights", visible=visible))]
 
 
-class _DenseRule(KernelRule):
-    """Dense: a map of each position alone."""
+class DenseRule(KernelRule):
+    """The rule of Keras' `Dense`: a map of each position alone (`per_position`).
+
+    Subclass it for the rule of a subclass of `Dense`, as for every Keras
+    kernel layer's built-in rule: a plain `KernelRule` would lose what this
+    one knows of the layer.
+    """
 
     def per_position(self, layer):
         return True
 
 
-class _SeparableRule(KernelRule):
-    """SeparableConv: a depthwise kernel, then a pointwise one that mixes the channels."""
+class SeparableConvRule(KernelRule):
+    """The rule of Keras' `SeparableConv1D` and `SeparableConv2D`: a depthwise kernel, then
+    a pointwise one that mixes the channels.
+
+    The pointwise kernel is the `direction_variable` and the depthwise one
+    the `depthwise_variable`; `WeightNormalization` refuses the two kernels.
+    A layer of this rule has no `kernel`: register it, or a subclass, for a
+    subclass of a SeparableConv layer.
+
+    Args:
+        layout: As `KernelRule`'s (the pointwise kernel's).
+        conv: As `KernelRule`'s (the depthwise kernel's receptive field).
+
+    Examples:
+
+    >>> class MySeparable(keras.layers.SeparableConv2D):
+    ...     pass
+    >>> _ = register_layer_rule(MySeparable, SeparableConvRule())
+    >>> layer = MySeparable(4, 3)
+    >>> layer.build((None, 8, 8, 3))
+    >>> rule = rule_for(layer)
+    >>> rule.direction_variable(layer).name, rule.depthwise_variable(layer).name
+    ('pointwise_kernel', 'depthwise_kernel')
+    """
+
+    def __init__(self, layout: str = "default", conv: str | None = "conv"):
+        super().__init__(layout, conv)
 
     def direction_variable(self, layer):
         # The pointwise kernel sets the output's directions; scaling it scales the output.
@@ -1439,8 +1479,17 @@ class _SeparableRule(KernelRule):
         return "two kernels (depthwise, then pointwise)"
 
 
-class _DepthwiseRule(KernelRule):
-    """DepthwiseConv: one kernel per input channel."""
+class DepthwiseConvRule(KernelRule):
+    """The rule of Keras' `DepthwiseConv1D` and `DepthwiseConv2D`: one kernel per input
+    channel, drawn from `depthwise_initializer` (`build_initializer`).
+
+    Args:
+        layout: As `KernelRule`'s.
+        conv: As `KernelRule`'s.
+    """
+
+    def __init__(self, layout: str = "depthwise", conv: str | None = "conv"):
+        super().__init__(layout, conv)
 
     def build_initializer(self, layer, variable):
         if variable.name != "kernel":
@@ -1449,8 +1498,14 @@ class _DepthwiseRule(KernelRule):
         return _attribute_initializer(layer, ["depthwise_initializer"])
 
 
-class _EinsumDenseRule(KernelRule):
-    """EinsumDense: its equation places the fan-in axes (`einsum_axes`) and the bias's."""
+class EinsumDenseRule(KernelRule):
+    """The rule of Keras' `EinsumDense`: its equation places the kernel's fan-in axes
+    (`fan_axes`, from `einsum_axes`), its bias's shape the bias's axes (`bias_cell_axes`).
+
+    Register it, or a subclass, for a subclass of `EinsumDense`: a plain
+    `KernelRule` would take the kernel's axes from the layout table, not
+    from the equation.
+    """
 
     def fan_axes(self, layer, rank):
         return einsum_axes(layer.equation, rank)
@@ -1486,8 +1541,14 @@ class _EinsumDenseRule(KernelRule):
 
 
 class _RecurrentCellRule(LayerRule):
-    """SimpleRNNCell, LSTMCell, GRUCell: a cell's weights, met inside its RNN layer (whose
-    rule, `_recurrent.RecurrentRule`, follows the moments through time)."""
+    """SimpleRNNCell, LSTMCell, GRUCell, ConvLSTMCell: a cell's weights, met inside its RNN
+    layer (whose rule, `_recurrent.RecurrentRule`, follows the moments through time)."""
+
+    def propagate(self, ctx, ins):
+        # Called by a layer of its own (one step), the cell is one step with no moments.
+        raise NotImplementedError(
+            f"{type(ctx.layer).__name__}: a recurrent cell called on its own, not by its "
+            "RNN layer: no moment rule for one step")
 
     def build_initializer(self, layer, variable):
         if variable.name == "bias" and getattr(layer, "unit_forget_bias", False):
@@ -1512,8 +1573,10 @@ def _attribute_builds() -> frozenset:
                klayers.Conv3DTranspose, klayers.DepthwiseConv1D, klayers.DepthwiseConv2D,
                klayers.SeparableConv1D, klayers.SeparableConv2D, klayers.BatchNormalization,
                klayers.LayerNormalization, klayers.GroupNormalization, klayers.Embedding,
-               klayers.PReLU, klayers.SimpleRNNCell, klayers.GRUCell, klayers.LSTMCell)
-    return frozenset(cls.build for cls in classes)
+               klayers.PReLU)
+    from keras_goodinit.weight_norm import _cell_classes  # Keras' cells, ConvLSTMCell too
+
+    return frozenset(cls.build for cls in classes + _cell_classes())
 
 
 _ATTRIBUTE_BUILDS = _attribute_builds()
@@ -1533,22 +1596,23 @@ def _attribute_initializer(layer, names):
 
 def _builtin_rules() -> None:
     a = keras.activations
-    _RULES[klayers.Dense] = _DenseRule()
-    _RULES[klayers.EinsumDense] = _EinsumDenseRule()  # its fans: `einsum_axes`
+    _RULES[klayers.Dense] = DenseRule()
+    _RULES[klayers.EinsumDense] = EinsumDenseRule()  # its fans: `einsum_axes`
     for cls in (klayers.Conv1D, klayers.Conv2D, klayers.Conv3D):
         _RULES[cls] = KernelRule("default", "conv")
     for cls in (klayers.SeparableConv1D, klayers.SeparableConv2D):
-        _RULES[cls] = _SeparableRule("default", "conv")
+        _RULES[cls] = SeparableConvRule()
     for cls in (klayers.Conv1DTranspose, klayers.Conv2DTranspose, klayers.Conv3DTranspose):
         _RULES[cls] = KernelRule("conv_transpose", "transpose")
     for cls in (klayers.DepthwiseConv1D, klayers.DepthwiseConv2D):
-        _RULES[cls] = _DepthwiseRule("depthwise", "conv")
+        _RULES[cls] = DepthwiseConvRule()
+    from keras_goodinit.weight_norm import WeightNormalization, _cell_classes
+
     # Inside its RNN layer (`_recurrent.RecurrentRule`, one step); called on its own, one step
     # without moments.
     cell = _RecurrentCellRule()
-    for cls in (klayers.SimpleRNNCell, klayers.LSTMCell, klayers.GRUCell):
+    for cls in _cell_classes():
         _RULES[cls] = cell
-    from keras_goodinit.weight_norm import WeightNormalization
     _RULES[WeightNormalization] = _WrappedKernelRule()
 
     activation = ActivationRule()
@@ -1648,7 +1712,9 @@ class _WrappedKernelRule(KernelRule):
         return rule_for(layer.layer).taps(layer.layer, power, out_shape, profile)
 
     def direction_variable(self, layer):
-        return rule_for(layer.layer).direction_variable(layer.layer)
+        # The wrapper normalizes `v` (the wrapped layer's `kernel`), whichever variable the
+        # wrapped layer's rule rescales on its own: g scales the output through `v`.
+        return layer.v
 
     def bias_cell_axes(self, layer, rank):
         return rule_for(layer.layer).bias_cell_axes(layer.layer, rank)
@@ -1657,7 +1723,12 @@ class _WrappedKernelRule(KernelRule):
         return rule_for(layer.layer).depthwise_variable(layer.layer)
 
     def fan_axes(self, layer, rank):
-        return rule_for(layer.layer).fan_axes(layer.layer, rank)
+        # The wrapped rule's axes are those of its own direction variable: `v`'s only where
+        # that is `v`; else the layout places them, as the wrapper's norms do.
+        rule = rule_for(layer.layer)
+        if rule.direction_variable(layer.layer) is not layer.v:
+            return None
+        return rule.fan_axes(layer.layer, rank)
 
     def per_position(self, layer):
         return rule_for(layer.layer).per_position(layer.layer)

@@ -190,6 +190,9 @@ class Mixer(layers.Layer):
                                    name="mix")
         self.bias = self.add_weight((self.units,), "zeros", name="bias")
 
+    def compute_output_shape(self, input_shape):  # for WeightNormalization
+        return (*input_shape[:-1], self.units)
+
     def call(self, x):
         return self.activation(ops.matmul(ops.matmul(x, self.kernel), self.mix) + self.bias)
 
@@ -218,6 +221,92 @@ def test_lsuv_scales_the_variable_a_user_kernel_rule_names():
     assert c < 0.5, c
     # `mix` times one factor: a float32 rounding per rescale (max_iter=10) and one for c.
     np.testing.assert_allclose(after, c * mix, rtol=0, atol=reordered(11) * magnitude(after))
+
+
+def test_weight_normalization_of_a_user_kernel_layer_normalizes_its_kernel():
+    # Mixer's rule rescales `mix`; the wrapper normalizes `v` (Mixer's `kernel`), and g
+    # scales the output through `v`: the sweep's direction variable under it is `v`.
+    rules.register_layer_rule(Mixer, MixerRule())
+    x = keras.Input((16,))
+    wrapped = WeightNormalization(Mixer(8, name="mixer"))
+    model = keras.Model(x, wrapped(x))
+    assert rules.rule_for(wrapped).direction_variable(wrapped) is wrapped.layer.kernel
+    kernel = ops.convert_to_numpy(wrapped.layer.kernel)
+    mix = ops.convert_to_numpy(wrapped.layer.mix)
+    batch = np.random.default_rng(0).normal(size=(256, 16)).astype("float32")
+    (row,) = lsuv_init(model, batch, pre_init="orthogonal", seed=0, verbose=0).rows
+    assert row.status == "ok", row
+    np.testing.assert_array_equal(ops.convert_to_numpy(wrapped.layer.mix), mix)
+    v = ops.convert_to_numpy(wrapped.layer.kernel).astype("float64")
+    assert not np.array_equal(v, kernel)
+    norms = np.linalg.norm(v, axis=0)
+    # The pre-init drew v orthonormal (unit columns) and set g = ||v|| per unit (float32: a
+    # sum of 16 squares and a square root), then LSUV multiplied g by one factor per rescale
+    # (max_iter=10): g / ||v|| is one number to those roundings. Had the pre-init drawn
+    # `mix`, g would be ||mix|| = 1 over the kernel's columns as built, ~10% apart.
+    ratio = ops.convert_to_numpy(wrapped.g).astype("float64").reshape(-1) / norms
+    np.testing.assert_allclose(ratio, ratio[0], rtol=reordered(1, n=16) + reordered(11),
+                               atol=0)
+    np.testing.assert_allclose(v.T @ v, np.eye(8), rtol=0, atol=reordered(2, n=16))
+
+
+class PointwiseSeparable(layers.SeparableConv2D):
+    """A user's subclass of a Keras layer whose rule subclasses the built-in rule."""
+
+
+def test_a_plain_kernel_rule_for_a_layer_without_kernel_names_the_layer():
+    rules.register_layer_rule(PointwiseSeparable, rules.KernelRule("default", "conv"))
+    x = keras.Input((8, 8, 3))
+    model = keras.Model(x, PointwiseSeparable(4, 3, name="sep")(x))
+    batch = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+    with pytest.raises(ValueError, match=r"'sep' \(PointwiseSeparable\) has no `kernel`.*"
+                       r"override the rule's `direction_variable`"):
+        lsuv_init(model, batch, verbose=0)
+
+
+def test_a_subclass_of_the_separable_rule_sweeps_a_separable_subclass():
+    class PointwiseSeparableRule(rules.SeparableConvRule):
+        pass
+
+    rules.register_layer_rule(PointwiseSeparable, PointwiseSeparableRule())
+    x = keras.Input((8, 8, 3))
+    # Output variance about (3 * 3 taps) * 9 * 3: far from the target, so LSUV must rescale.
+    layer = PointwiseSeparable(4, 3, padding="same", name="sep",
+                               depthwise_initializer=keras.initializers.RandomNormal(
+                                   stddev=1.0, seed=1),
+                               pointwise_initializer=keras.initializers.RandomNormal(
+                                   stddev=3.0, seed=2))
+    model = keras.Model(x, layer(x))
+    depthwise = ops.convert_to_numpy(layer.depthwise_kernel)
+    pointwise = ops.convert_to_numpy(layer.pointwise_kernel).astype("float64")
+    batch = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+    (row,) = lsuv_init(model, batch, pre_init=None, verbose=0).rows
+    assert row.status == "ok" and abs(row.var_after - 1.0) <= 0.1, row
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.depthwise_kernel), depthwise)
+    after = ops.convert_to_numpy(layer.pointwise_kernel).astype("float64")
+    c = float(np.sum(after * pointwise) / np.sum(pointwise * pointwise))
+    assert c < 0.5, c
+    # The pointwise kernel times one factor: a float32 rounding per rescale and one for c.
+    np.testing.assert_allclose(after, c * pointwise, rtol=0,
+                               atol=reordered(11) * magnitude(after))
+
+
+def test_a_recurrent_cell_called_on_its_own_is_one_step_without_moments():
+    from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
+
+    cell = layers.GRUCell(4)
+    with pytest.raises(NotImplementedError, match="GRUCell: a recurrent cell called on its "
+                       "own, not by its RNN layer: no moment rule for one step"):
+        rules.rule_for(cell).propagate(Context(cell), [])
+    # ConvLSTM's cell has the other cells' rule: its build draws as LSTMCell's does.
+    conv = ConvLSTMCell(2, filters=3, kernel_size=3)
+    conv.build((None, 6, 6, 2))
+    rule = rules.rule_for(conv)
+    assert rule is rules.rule_for(cell)
+    assert rule.build_initializer(conv, conv.kernel) is conv.kernel_initializer
+    assert rule.build_initializer(conv, conv.recurrent_kernel) is conv.recurrent_initializer
+    assert rule.build_initializer(conv, conv.bias) is None  # unit_forget_bias: a local function
+    assert rules.unscalable_reason(conv).startswith("recurrent cell")
 
 
 def test_kernel_rules_say_what_the_kernel_layout_does_not():

@@ -241,8 +241,17 @@ class LayerRule:
 
         The sweep's statistics are taken per cell (over these axes), so that
         a layer's bias can centre each cell. Default: every axis but the
-        channel axis (`channel_axis`).
+        channel axis (`channel_axis`); a ValueError for a bias that varies
+        along more than one axis (an EinsumDense's, under a plain `KernelRule`).
         """
+        bias = getattr(layer, "bias", None)
+        if bias is not None and sum(d != 1 for d in bias.shape) > 1:
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) has a bias of shape "
+                f"{tuple(bias.shape)}, not one value per channel: override its rule's "
+                f"({type(self).__name__}) `bias_cell_axes`, or, for a subclass of a Keras "
+                "layer, register a subclass of that layer's built-in rule (e.g. "
+                f"`rules.EinsumDenseRule`). Received: layer={layer.name!r}")
         channel = channel_axis(layer) % rank
         return tuple(i for i in range(rank) if i != channel)
 

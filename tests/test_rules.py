@@ -264,6 +264,30 @@ def test_a_plain_kernel_rule_for_a_layer_without_kernel_names_the_layer():
         lsuv_init(model, batch, verbose=0)
 
 
+class PerTokenEinsum(layers.EinsumDense):
+    """A user's subclass of EinsumDense, whose bias varies over two output axes."""
+
+
+@pytest.mark.parametrize("rule, error", [
+    (rules.KernelRule(), r"'e' \(PerTokenEinsum\) has a bias of shape \(2, 3\), not one "
+                         r"value per channel: override its rule's \(KernelRule\) "
+                         r"`bias_cell_axes`"),
+    (type("PerTokenEinsumRule", (rules.EinsumDenseRule,), {})(), None),
+])
+def test_an_einsum_subclass_needs_the_einsum_rules_bias_cells(rule, error):
+    rules.register_layer_rule(PerTokenEinsum, rule)
+    x = keras.Input((5, 6))
+    model = keras.Model(x, PerTokenEinsum("abc,cde->abde", (5, 2, 3), bias_axes="de",
+                                          name="e")(x))
+    batch = np.random.default_rng(0).normal(size=(16, 5, 6)).astype("float32")
+    if error is not None:
+        with pytest.raises(ValueError, match=error):
+            lsuv_init(model, batch, seed=0, verbose=0)
+        return
+    (row,) = lsuv_init(model, batch, seed=0, verbose=0).rows
+    assert row.status == "ok" and abs(row.var_after - 1.0) <= 0.1, row
+
+
 def test_a_subclass_of_the_separable_rule_sweeps_a_separable_subclass():
     class PointwiseSeparableRule(rules.SeparableConvRule):
         pass

@@ -451,8 +451,7 @@ def written_targets(model: keras.layers.Layer, method: str, layers=None,
     recurrent layer's weights. `model` must be built.
     """
     if method == "weightnorm_data_init":
-        rnns, kernel_layers = _wrapped_rnns(model, layers)
-        found = [] if kernel_layers == [] else _sweep.find_targets(model, kernel_layers)
+        rnns, found = _wrapped_rnns(model, layers)
         return ([(t.name, t.variables()) for t in _scalable(found) if t.is_weight_normalized]
                 + [(wrapper.name, list(wrapper.weights)) for wrapper, _ in rnns])
     written = [(t.name, t.variables()) for t in _scalable(_sweep.find_targets(model, layers))]
@@ -1095,11 +1094,10 @@ def weightnorm_data_init(
     _data.check_batch(x)
     if not model.built:
         model(x, training=False)
-    rnns, kernel_layers = _wrapped_rnns(model, layers)
+    rnns, found = _wrapped_rnns(model, layers)
     if not rnns:
         x, targets, other_rows = _prepare(model, data, layers)
     else:
-        found = [] if kernel_layers == [] else _sweep.find_targets(model, kernel_layers)
         targets = _scalable(found)
         other_rows = [_skipped(t.path_name, t.class_name, t.unscalable_reason())
                       for t in found if t.unscalable_reason()]
@@ -1185,13 +1183,15 @@ def _kernel_data_init(model, x, targets, compile, progbar) -> tuple:
     return pairs, result.note, result.mode
 
 
-def _wrapped_rnns(model, layers) -> tuple[list, list | None]:
+def _wrapped_rnns(model, layers) -> tuple[list, list]:
     """`(wrapper, caller)` for each recurrent `WeightNormalization` the init does, and the
-    rest of `layers` (None: every target; [] none).
+    kernel targets (`_sweep.find_targets`) of the rest of `layers` (every target for None).
 
     The caller is the layer whose call gets the sequence: the wrapper, or the
-    RNN of a wrapped cell. `layers` entries name a wrapper, its wrapped layer
-    or the RNN of a wrapped cell, by object or name.
+    RNN of a wrapped cell. `layers` entries name a wrapper, its wrapped layer,
+    the RNN of a wrapped cell or a `Bidirectional` of wrappers (both of its
+    sides), by object or name; an entry that is neither such a layer nor a
+    kernel target raises, listing both kinds.
     """
     found = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -1204,17 +1204,32 @@ def _wrapped_rnns(model, layers) -> tuple[list, list | None]:
             if caller is not None and all(w is not layer for w, _ in found):
                 found.append((layer, caller))
     if layers is None:
-        return found, None
+        return found, _sweep.find_targets(model)
+    # `Bidirectional(WeightNormalization(LSTM(8)))`: the layer a user names holds the wrappers.
+    holders = {id(side): layer for layer in model._flatten_layers(include_self=True)
+               if isinstance(layer, keras.layers.Bidirectional)
+               for side in (layer.forward_layer, layer.backward_layer)}
+    entries = [[obj for obj in dict.fromkeys((w, w.layer, c, holders.get(id(w)),
+                                              holders.get(id(c))))
+                if obj is not None] for w, c in found]
     chosen, rest = [], []
     for item in layers:
-        match = [(w, c) for w, c in found
-                 if any(item is obj or item == getattr(obj, "name", None)
-                        for obj in (w, w.layer, c))]
+        match = [pair for pair, objs in zip(found, entries)
+                 if any(item is obj or item == obj.name for obj in objs)]
         if match:
             chosen.extend(m for m in match if m not in chosen)
         else:
             rest.append(item)
-    return chosen, rest
+    if not rest:
+        return chosen, []
+    try:
+        return chosen, _sweep.find_targets(model, rest)
+    except ValueError as error:
+        if not found:
+            raise
+        names = list(dict.fromkeys(obj.name for objs in entries for obj in objs))
+        raise ValueError(f"{error}; weight-normalized recurrent layers (also valid entries) "
+                         f"are {names}") from None
 
 
 def _class_name(wrapper) -> str:

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_goodinit import _layouts
+from keras_goodinit import _backend, _layouts
 
 _REGISTERED_NAME = "keras_goodinit>WeightNormalization"
 
@@ -138,21 +138,62 @@ def _bias_offset(cell) -> np.ndarray:
     What the cell's bias initializer gives where that is a constant (Zeros,
     Ones, Constant: Keras' default is zeros), with the forget gate's block at
     1 where `unit_forget_bias` puts it there (LSTM, ConvLSTM); 0 for a random
-    initializer, whose draw carries no meaning to keep.
+    initializer, whose draw carries no meaning to keep. A GRU with
+    `reset_after` keeps its first (input) row of a constant's value.
     """
     size = int(cell.kernel.shape[-1])
     initializer = cell.bias_initializer
     offset = np.zeros(size, "float64")
-    # From the config, not a call: inside a traced step a call gives a symbolic tensor.
+    # From the initializer's value, not a call: inside a traced step a call gives a
+    # symbolic tensor.
     if isinstance(initializer, keras.initializers.Ones):
         offset[:] = 1.0
     elif isinstance(initializer, keras.initializers.Constant):
-        offset[:] = np.broadcast_to(np.asarray(initializer.get_config()["value"], "float64"),
-                                    (size,))
+        value = initializer.value
+        shape = tuple(cell.bias.shape)  # (2, size) for a GRU with reset_after
+        try:
+            full = np.broadcast_to(np.asarray(value, "float64"), shape)
+        except ValueError:
+            raise ValueError(
+                "The data init keeps a constant `bias_initializer`'s value as the offset "
+                f"of the input bias of layer {cell.name!r}, so the value must broadcast to "
+                f"the bias shape {shape}. Received: bias_initializer=Constant(value={value!r}) "
+                f"of shape {np.shape(value)}") from None
+        offset[:] = full[0] if len(shape) == 2 else full
     if getattr(cell, "unit_forget_bias", False):
         units = size // 4
         offset[units:2 * units] = 1.0
     return offset
+
+
+def _positions(y, axes):
+    """The number of entries of `y` along `axes` (dynamic sizes too), as a wide float."""
+    shape = ops.shape(y)
+    count = ops.convert_to_tensor(1.0, _backend.wide())
+    for axis in axes:
+        count = count * ops.cast(shape[axis], _backend.wide())
+    return count
+
+
+def _sums_of(mean, var, count) -> tuple:
+    """`(n, sum y, sum y^2)` of `n = count` terms with this mean and variance, wide.
+
+    From the two-pass moments rather than summed in float32: the same sums,
+    without the overflow or underflow of float32 squares of huge or tiny `y`.
+    """
+    wide = _backend.wide()
+    mean, var, count = ops.cast(mean, wide), ops.cast(var, wide), ops.cast(count, wide)
+    return count, count * mean, count * (var + ops.square(mean))
+
+
+def _moments_of_sums(count, first, second) -> tuple:
+    """`(mean, var)` of the terms `_sums_of` summed (over replicas); 0 and 0 for none."""
+    some = count > 0
+    safe = ops.where(some, count, ops.ones_like(count))
+    mean = ops.where(some, first / safe, ops.zeros_like(first))
+    var = ops.where(some, second / safe - ops.square(mean), ops.zeros_like(second))
+    # The difference of two sums can round below 0 for a constant unit: its variance is 0.
+    return mean, ops.maximum(var, ops.zeros_like(var))
 
 
 def _wrappable_layout(layer) -> str:
@@ -323,21 +364,20 @@ class WeightNormalization(keras.layers.Wrapper):
     values. A non-trainable boolean `initialized` records that it was done:
     it is saved with the model's weights, so a reloaded model does not redo
     it, and `weightnorm_data_init` sets it too. Under a `tf.distribute`
-    strategy the statistics are those of the global batch (a cross-replica
-    mean of every replica's moments; replicas get equal shares of the first
-    batch), so every replica gets the same `g` and bias. Keras' JAX trainer
+    strategy the statistics are those of the global batch, so every replica
+    gets the same `g` and bias: each replica counts the positions of its
+    share (a recurrent layer's unmasked steps) and sums `y` and `y^2` over
+    them, the counts and sums are added across replicas, and mu and sigma
+    come from the totals, exact however unequal the shares. Keras' JAX trainer
     (any stateless scope) keeps only the non-trainable variables a forward
     pass assigns: there the init goes into the non-trainable `g_shift` and
     `bias_shift`, which the layer adds to `g` and the bias, and which its
     next eager use (reading `wrapper.g`, calling it, saving, baking) folds
     into them; the layer computes the same before and after. Statistics of
     a layer that is not recurrent count every position of the batch (a
-    Keras mask is not applied). Recurrent layers under a strategy with
-    several replicas raise instead (their replicas' shares of unmasked
-    steps differ, so the mean of their moments is not the batch's): call
-    `weightnorm_data_init` before `fit` there. A
-    wrapper that is quantized or has LoRA enabled does no data init (its
-    `g` is frozen, or its output is not linear in `g`).
+    Keras mask is not applied). A wrapper that is quantized or has LoRA
+    enabled does no data init (its `g` is frozen, or its output is not
+    linear in `g`).
 
     The default is `data_init=False`, unlike tensorflow-addons' `True`:
     a model of this package built before `data_init` existed, or loaded
@@ -731,10 +771,11 @@ class WeightNormalization(keras.layers.Wrapper):
           eager use folds into g and the bias (`_fold_shift`).
         - TensorFlow branches on the flag with a `cond`, so a `tf.function`
           (XLA included) runs the init only on its first call. A strategy's
-          cross-replica mean and assignment are synchronization points, which
+          cross-replica sum and assignment are synchronization points, which
           TensorFlow does not allow inside a `cond`: with several replicas the
-          `cond` only computes the local moments, and the all-reduced values
-          are assigned on every step (the current ones once done).
+          `cond` only computes the local count and sums (zeros once done),
+          and the values from their all-reduced totals are assigned on every
+          step (the current ones once done).
         - Eager JAX and torch: a Python branch.
         """
         from keras.src.backend.common.stateless_scope import in_stateless_scope
@@ -743,7 +784,8 @@ class WeightNormalization(keras.layers.Wrapper):
         done = ops.convert_to_tensor(self.initialized)
 
         def values():
-            return self._data_init_values(self._pre_activation_moments(inputs, args, kwargs))
+            return self._data_init_values(
+                [(mean, var) for mean, var, _ in self._pre_activation_stats(inputs, args, kwargs)])
 
         if in_stateless_scope():
             self._shift_pending = True
@@ -775,48 +817,44 @@ class WeightNormalization(keras.layers.Wrapper):
 
             tf.cond(done, lambda: tf.constant(False), init_now)
             return
-        if self._cells is not None:
-            # Replicas' shares of the unmasked steps differ, so the mean of their moments
-            # is not the batch's: not done rather than done wrong.
-            raise ValueError(
-                "`data_init=True` on a recurrent layer is not supported under a "
-                "tf.distribute strategy with several replicas. Call "
-                "`weightnorm_data_init(model, x)` before `fit` instead (it sets the "
-                "`initialized` flag, so the first batch does not redo it). Received: "
-                f"layer={self.layer.name!r}, "
-                f"num_replicas_in_sync={context.num_replicas_in_sync}")
-
-        def local():
-            (mean, var), = self._pre_activation_moments(inputs, args, kwargs)
-            return mean, var + ops.square(mean)
-
-        cells = self._target().cell_shape(
-            tuple(self.layer.compute_output_shape(tuple(inputs.shape))))
-        zeros = tf.zeros(cells, tf.float64)
-        mean, square = tf.cond(done, lambda: (zeros, zeros), local)
-        # Replicas get equal shares of a batch: the mean of their moments is the batch's.
-        mean, square = context.all_reduce("MEAN", [mean, square])
-        new = self._data_init_values([(mean, square - ops.square(mean))])
+        # Per side, the count and the first two sums over this replica's share (zeros once
+        # done), summed over the replicas: exact whatever the shares, a masked sequence's
+        # unmasked steps included.
+        shapes = self._stat_shapes(inputs)
+        zeros = [(tf.zeros((), tf.float64), tf.zeros(shape, tf.float64),
+                  tf.zeros(shape, tf.float64)) for shape in shapes]
+        sums = tf.cond(done, lambda: zeros, lambda: [
+            _sums_of(*stats) for stats in self._pre_activation_stats(inputs, args, kwargs)])
+        sums = context.all_reduce("SUM", sums)
+        new = self._data_init_values([_moments_of_sums(*side) for side in sums])
         with _float32_reads():
             new = [tf.where(done, variable.value, value)
                    for (variable, _), value in zip(self._shifts, new)]
         self._assign_data_init(new)
+
+    def _stat_shapes(self, inputs) -> list[tuple]:
+        """Per side of `_init_targets`, the shape of `_pre_activation_stats`' mean."""
+        if self._cells is not None:
+            return [(int(cell.kernel.shape[-1]),) for cell in self._cells]
+        return [self._target().cell_shape(
+            tuple(self.layer.compute_output_shape(tuple(inputs.shape))))]
 
     def _target(self):
         from keras_goodinit import _sweep
 
         return _sweep.Target(self, self.layer)
 
-    def _pre_activation_moments(self, inputs, args, kwargs) -> list[tuple]:
-        """Per side of `_init_targets`, the per-unit mean and variance (float64 where the
-        backend has it) of this batch's pre-activation output.
+    def _pre_activation_stats(self, inputs, args, kwargs) -> list[tuple]:
+        """Per side of `_init_targets`, `(mean, var, count)` (float64 where the backend has
+        it) of this batch's pre-activation output per unit: the mean and variance
+        over the `count` positions that count.
 
-        A recurrent layer's: of its input part (`_input_part_moments`).
+        A recurrent layer's: of its input part (`_input_part_stats`).
         """
         from keras_goodinit import _sweep
 
         if self._cells is not None:
-            return self._input_part_moments(inputs, kwargs.get("mask"))
+            return self._input_part_stats(inputs, kwargs.get("mask"))
         layer, activation = self.layer, self.layer.activation
         layer.activation = keras.activations.linear
         try:
@@ -826,17 +864,24 @@ class WeightNormalization(keras.layers.Wrapper):
         finally:
             layer.activation = activation
         y = ops.stop_gradient(y)
-        return [_sweep.moments_of(y, None, self._target().cell_axes(len(y.shape)))]
+        axes = self._target().cell_axes(len(y.shape))
+        return [(*_sweep.moments_of(y, None, axes), _positions(y, axes))]
 
     def _input_part_moments(self, inputs, mask=None) -> list[tuple]:
-        """Per cell (forward first), the per-unit mean and variance of `x_t W + b - o`.
+        """Per cell (forward first), the per-unit mean and variance of `x_t W + b - o`
+        (`_input_part_stats` without the counts)."""
+        return [(mean, var) for mean, var, _ in self._input_part_stats(inputs, mask)]
+
+    def _input_part_stats(self, inputs, mask=None) -> list[tuple]:
+        """Per cell (forward first), the per-unit `(mean, var, count)` of `x_t W + b - o`.
 
         Over the batch and every time step the mask keeps (and every position
         of a ConvLSTM's output), with `W = g v/||v||` the effective input
         kernel, `b` the input bias and `o` the offset the init keeps
         (`_bias_offset`). `inputs`: the sequence the layer is called on,
         `(batch, steps, ...)`; `mask`: `(batch, steps)`, or None for the
-        inputs' Keras mask, if any. Without dropout, whatever the mode.
+        inputs' Keras mask, if any. Without dropout, whatever the mode. `count`:
+        the number of (sample, step, position) terms of each unit's statistics.
         """
         from keras_goodinit import _sweep
 
@@ -870,8 +915,12 @@ class WeightNormalization(keras.layers.Wrapper):
                     mask = ops.any(mask, axis=tuple(range(2, len(mask.shape))))  # counts if any
                 weights = ops.reshape(ops.cast(mask, "float32"),
                                       (-1,) + (1,) * (len(y.shape) - 1))
-            mean, var = _sweep.moments_of(y, weights, tuple(range(len(y.shape) - 1)))
-            moments.append((ops.reshape(mean, (-1,)), ops.reshape(var, (-1,))))
+            axes = tuple(range(len(y.shape) - 1))
+            mean, var = _sweep.moments_of(y, weights, axes)
+            count = _positions(y, axes)
+            if weights is not None:  # the unmasked steps, times each one's positions
+                count = ops.sum(ops.cast(weights, _backend.wide())) * _positions(y, axes[1:])
+            moments.append((ops.reshape(mean, (-1,)), ops.reshape(var, (-1,)), count))
         return moments
 
     @staticmethod

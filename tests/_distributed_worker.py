@@ -313,6 +313,76 @@ def mirrored():
                 "redone": max_diff(again, mirrored_g)}
 
 
+    @scenario
+    def data_init_fit_mirrored_rnn():
+        # WeightNormalization(LSTM, data_init=True) behind a Masking layer in model.fit: the
+        # first 8 samples are padded over 3 of their 6 steps, so replica 0 (samples 0-7)
+        # has 24 unmasked steps and replica 1 has 48; the init must be the whole batch's.
+        from keras_goodinit.weight_norm import _bias_offset
+
+        seq = np.random.default_rng(1).normal(1.0, 2.0, size=(16, 6, 3)).astype("float32")
+        seq[:8, 3:] = 0.0
+        keep = np.any(seq != 0, axis=-1)
+        target = np.zeros((16, 1), "float32")
+
+        def rnn_model():
+            inputs = keras.Input((6, 3))
+            h = WeightNormalization(L.LSTM(4), data_init=True, name="wn_lstm")(
+                L.Masking(0.0)(inputs))
+            model = keras.Model(inputs, L.Dense(1, name="out")(h))
+            model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=False)
+            return model
+
+        def init_values(model):
+            wrapper = model.get_layer("wn_lstm")
+            return [local(v)[0].astype("float64") for v in wrapper._init_variables()]
+
+        def parts(model):
+            """x_t W + b - offset at the unmasked steps, from the first replica's weights."""
+            wrapper = model.get_layer("wn_lstm")
+            cell = wrapper.layer.cell
+            with wrapper.effective_kernel_scope():
+                kernel = local(cell.kernel)[0].astype("float64")
+            bias = local(cell.bias)[0].astype("float64") - _bias_offset(cell)
+            return seq[keep].astype("float64") @ kernel + bias
+
+        keras.utils.set_random_seed(4)
+        with strategy.scope():
+            fitted, prepared = rnn_model(), rnn_model()
+        start = first_copies(fitted)
+        prepared.set_weights(start)
+        eager = rnn_model()
+        eager.set_weights(start)
+        # What averaging the replicas' means (equal shares assumed) would get wrong, in
+        # units of each unit's std on the whole batch, from the starting weights.
+        before = parts(fitted)
+        shares = [before[: int(keep[:8].sum())], before[int(keep[:8].sum()):]]
+        equal_share_gap = float(np.max(np.abs(
+            (shares[0].mean(0) + shares[1].mean(0)) / 2 - before.mean(0)) / before.std(0)))
+        built = init_values(fitted)
+        fitted.fit(seq, target, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        weightnorm_data_init(eager, seq, verbose=0)
+        expected = init_values(eager)
+        got = init_values(fitted)
+        after = parts(eager)
+        # A model initialized by weightnorm_data_init trains under the strategy: its
+        # `initialized` flag is set, so other data (x3) in fit does not redo the init.
+        weightnorm_data_init(prepared, seq, verbose=0)
+        initialized = init_values(prepared)
+        prepared.fit(seq * 3.0, target, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        return {"identical": replicas_identical(fitted) and replicas_identical(prepared),
+                "flags": [bool(c) for m in (fitted, prepared)
+                          for c in local(m.get_layer("wn_lstm").initialized)],
+                "vs_eager": max_diff(got, expected),
+                "scale": max(float(np.max(np.abs(v))) for v in expected),
+                "positions": int(keep.sum()), "fan_in": 3,
+                "part_magnitude": float(np.max(np.abs(after))),
+                "moved": max_diff(got, built),
+                "equal_share_gap": equal_share_gap,
+                "prepared_steps": int(prepared.optimizer.iterations.numpy()),
+                "prepared_redone": max_diff(init_values(prepared), initialized)}
+
+
 # ----------------------------------------------------------------------------
 # MultiWorkerMirroredStrategy: this process is one worker.
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 from _figures import emit
+from _rounding import reordered
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 TIMEOUT = 240  # seconds, for each process (measured ~15 s each on 2 shared cores)
@@ -243,6 +244,28 @@ def test_mirrored_weight_norm_data_init_in_fit_uses_the_global_batch(results):
         assert r["redone"] == 0.0, r
 
     cell("mirrored", "WN data_init in fit", check)
+
+
+def test_mirrored_weight_norm_rnn_data_init_in_fit_uses_the_unmasked_steps_of_the_batch(
+        results):
+    r = scenario(results, "mirrored", "data_init_fit_mirrored_rnn")
+
+    def check():
+        assert r["identical"] and r["flags"] == [True] * 4, r
+        assert r["moved"] > 0.1, r  # the init did something
+        # The replicas hold 24 and 48 unmasked steps: averaging their moments would be
+        # off by this many stds per unit, as the bias (-mu/sigma) would be.
+        assert r["equal_share_gap"] > CONTRAST, r
+        # weightnorm_data_init on the whole batch: the same float32 statistics summed in
+        # another order (per replica, then across), as in test_weight_norm_rnn's
+        # standardization_bound: depth 3, n the longer sum, at the size of the parts.
+        n = max(r["positions"], r["fan_in"])
+        bound = reordered(3, n, max(1.0, r["part_magnitude"])) * max(1.0, r["scale"])
+        assert r["vs_eager"] <= bound, (r, bound)
+        # Initialized by weightnorm_data_init, it trains under the strategy, not redone.
+        assert r["prepared_steps"] == 1 and r["prepared_redone"] == 0.0, r
+
+    cell("mirrored", "WN(LSTM) data_init in fit, masked", check)
 
 
 # ----------------------------------------------------------------------------

@@ -633,7 +633,8 @@ def _peak_moments(y, axes, weights):
     y = ops.cast(y, "float32")
     # Divided by the peak before squaring, so neither 1e20 (overflow) nor 1e-20
     # (underflow) inputs break float32; float64 undoes it.
-    peak = ops.max(ops.abs(y))
+    # initial=0: an empty y (a replica's empty share of a batch) has peak 0, not an error.
+    peak = ops.max(ops.abs(y), initial=0.0)
     peak = ops.where(peak > 0, peak, ops.ones_like(peak))
     z = y / peak
     if weights is None:

@@ -183,6 +183,9 @@ def _sums_of(mean, var, count) -> tuple:
     """
     wide = _backend.wide()
     mean, var, count = ops.cast(mean, wide), ops.cast(var, wide), ops.cast(count, wide)
+    # No terms (a replica's empty share): its moments are NaN, its sums 0, not 0 * NaN.
+    mean = ops.where(count > 0, mean, ops.zeros_like(mean))
+    var = ops.where(count > 0, var, ops.zeros_like(var))
     return count, count * mean, count * (var + ops.square(mean))
 
 

@@ -977,3 +977,23 @@ def test_other_backends_do_the_data_init_in_fit_as_weightnorm_data_init_does(wor
     assert facts["flags"] == [True, True] and facts["status"] == "ok", facts
     assert facts["moved"] > 0.1, facts
     assert facts["diff"] <= facts["bound"] * facts["scale"], facts
+
+
+def test_an_empty_share_of_a_batch_adds_nothing_to_the_summed_statistics():
+    # Under tf.distribute a replica can get no examples (a batch smaller than the replica
+    # count): its moments must neither raise nor poison the sum with 0 * NaN.
+    from keras_goodinit import _sweep
+    from keras_goodinit.weight_norm import _moments_of_sums, _sums_of
+
+    mean, var = _sweep.moments_of(keras.ops.zeros((0, 3)), None, (0,))
+    empty = [np.asarray(keras.ops.convert_to_numpy(v)) for v in _sums_of(mean, var, 0.0)]
+    assert [float(np.max(np.abs(v))) for v in empty] == [0.0, 0.0, 0.0]
+    y = np.random.default_rng(0).normal(3.0, 2.0, size=(64, 3)).astype("float32")
+    full = _sums_of(*_sweep.moments_of(keras.ops.convert_to_tensor(y), None, (0,)), 64.0)
+    got_mean, got_var = (np.asarray(keras.ops.convert_to_numpy(v)) for v in
+                         _moments_of_sums(*(a + b for a, b in zip(full, empty))))
+    # The empty share changes nothing: exactly the 64 values' own moments.
+    alone_mean, alone_var = (np.asarray(keras.ops.convert_to_numpy(v)) for v in
+                             _moments_of_sums(*full))
+    np.testing.assert_array_equal(got_mean, alone_mean)
+    np.testing.assert_array_equal(got_var, alone_var)
